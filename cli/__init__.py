@@ -1,0 +1,1 @@
+"""The ``fasttrunc`` command line (Typer): parse options, call fasttrunc, print or save."""

@@ -1,0 +1,58 @@
+"""Rank semantics, in one place.
+
+An ``int`` is an absolute number of singular values in ``[0, min(out, in)]``; a ``float`` in
+``[0, 1]`` is LASER's rho, the fraction of ``min(out, in)`` kept, ``int(rho * min(out, in))``.
+Anything else (negative, above the maximum, NaN, infinite, bool, a string) is a ValueError that
+names the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+Rank = int | float
+
+
+def validate_rank_spec(rank: object) -> None:
+    """Check the type and range a rank can have before any matrix is known."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+        raise ValueError(
+            f"rank {rank!r} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]"
+        )
+    if isinstance(rank, numbers.Integral):
+        if rank < 0:
+            raise ValueError(f"rank {rank} is negative; an int rank must be >= 0")
+        return
+    if not math.isfinite(rank) or not 0.0 <= rank <= 1.0:
+        raise ValueError(f"rank {rank!r} is not a fraction in [0, 1]; a float rank is rho, the kept fraction")
+
+
+def resolve_rank(rank: object, out_features: int, in_features: int) -> int:
+    """The absolute rank that ``rank`` means for an ``out_features x in_features`` matrix."""
+    validate_rank_spec(rank)
+    max_rank = min(out_features, in_features)
+    if isinstance(rank, numbers.Integral):
+        if rank > max_rank:
+            raise ValueError(
+                f"rank {rank} exceeds the maximum rank {max_rank} of a {out_features}x{in_features} matrix; "
+                f"allowed: 0..{max_rank} or a float in [0, 1]"
+            )
+        return int(rank)
+    return int(float(rank) * max_rank)
+
+
+def parse_rank(text: str) -> Rank:
+    """Parse a rank typed on a command line: ``"12"`` is an int, ``"0.05"`` or ``"1.0"`` a rho."""
+    text = text.strip()
+    try:
+        value: Rank = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(
+                f"rank {text!r} is not a number; give an int (absolute rank) or a float rho in [0, 1]"
+            ) from None
+    validate_rank_spec(value)
+    return value

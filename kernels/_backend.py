@@ -1,0 +1,59 @@
+"""The one place that decides Triton vs torch for a tensor.
+
+Rules (DESIGN.md section 4):
+- ``FASTTRUNC_BACKEND=torch`` forces the torch reference, ``FASTTRUNC_BACKEND=triton`` forces
+  Triton (on a CPU tensor that needs ``TRITON_INTERPRET=1``, set before triton is imported);
+- otherwise CUDA tensors use Triton, CPU tensors use torch unless Triton's interpreter is on.
+
+The environment is read at call time, never at import time, and no hardware is probed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_BACKENDS = ("torch", "triton")
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run on the given tensors."""
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str | None:
+    """The backend forced by ``FASTTRUNC_BACKEND``, or None when it is unset or empty."""
+    value = os.environ.get("FASTTRUNC_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in _BACKENDS:
+        raise ValueError(
+            f"FASTTRUNC_BACKEND={value!r} is not a backend; allowed: {', '.join(_BACKENDS)} (or unset)"
+        )
+    return value
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should serve these tensors (all on one device)."""
+    device = tensors[0].device
+    forced = requested_backend()
+    if forced == "torch":
+        return False
+    runnable = _triton_installed() and (device.type == "cuda" or (device.type == "cpu" and _interpreter_on()))
+    if forced == "triton":
+        if not runnable:
+            raise BackendError(
+                f"FASTTRUNC_BACKEND=triton cannot run on device {device}: Triton needs CUDA, or "
+                "TRITON_INTERPRET=1 set before triton is imported for CPU tensors"
+            )
+        return True
+    return runnable
