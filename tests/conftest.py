@@ -1,0 +1,37 @@
+"""Test setup: Triton's CPU interpreter on (before triton is imported), gpu marker, shared data."""
+
+import os
+from pathlib import Path
+
+# Must precede any import of triton: the interpreter is chosen when triton loads. A GPU run
+# leaves it off so the same files exercise the native kernels.
+if os.environ.get("FASTTRUNC_TEST_NATIVE", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOKENIZER_JSON = SHARED_DATA / "gpt-neox-20b-tokenizer.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def neox_tokenizer_path() -> Path:
+    """The real GPT-NeoX tokenizer from ../shared/data; the test skips when it is absent."""
+    if not TOKENIZER_JSON.is_file():
+        pytest.skip(f"{TOKENIZER_JSON} is absent (only present beside a development checkout)")
+    return TOKENIZER_JSON
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
