@@ -1,0 +1,1 @@
+"""Commands of this module are registered on the apps in fasttrunc.cli.apps."""
