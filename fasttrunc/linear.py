@@ -96,8 +96,8 @@ class TruncatedLinear(nn.Module):
         module.in_features, module.out_features = in_features, out_features
         compute = torch.float64 if s.dtype == torch.float64 else torch.float32
         root = s.to(compute).clamp_min(0).sqrt()
-        module.a = nn.Parameter((root[:, None] * vh.to(compute)).to(dtype))
-        module.b = nn.Parameter((u.to(compute) * root[None, :]).to(dtype))
+        module.a = nn.Parameter((root[:, None] * vh.to(compute)).to(dtype).contiguous())
+        module.b = nn.Parameter((u.to(compute) * root[None, :]).to(dtype).contiguous())
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().clone().to(dtype))
         else:

@@ -150,7 +150,7 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
                 raise ValueError(f"already truncated (restore first): {_describe(truncated)}")
             raise ValueError(f"no nn.Linear at {_describe(missing)}; linears that exist: {_describe(linears)}")
         return wanted
-    patterns = [targets] if isinstance(targets, str) else list(targets)
+    patterns = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"targets {targets!r} must be a regex, a list of regexes, or Targets(...)")
     compiled = []
