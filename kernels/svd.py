@@ -1,20 +1,347 @@
 """Batched randomized truncated SVD.
 
 Layers of this file (DESIGN.md section 4):
-1-2. Triton kernels and launchers -- not yet: the batched GPU path lands with its own issue;
-3.   torch reference              -- :func:`randomized_svd_reference`, the oracle and CPU path.
-No gradients are needed here.
+1. Triton kernels  -- ``_bmm_kernel`` (batched ``A @ X`` reading ``A`` as stored, any strides)
+                      and ``_jacobi_kernel`` (one-sided Jacobi SVD of a small square matrix, one
+                      program per matrix, every sweep inside one launch);
+2. launchers       -- :func:`batched_matmul`, :func:`jacobi_svd`, and the pieces built from them:
+                      :func:`cholesky_qr` and :func:`randomized_svd_triton`;
+3. torch reference -- :func:`randomized_svd_reference` (Householder QR, ``torch.linalg.svd``),
+                      the oracle in tests and the CPU path; :func:`batched_matmul_reference`;
+4. no autograd: nothing here needs gradients;
+5. public functional -- :func:`randomized_svd`, which dispatches with ``use_triton``.
 
-The reference is the randomized range finder with power iterations (Halko, Martinsson, Tropp
-2011, algorithms 4.4 and 5.1): sample ``Y = W G`` with a Gaussian ``G`` of ``l = k + oversample``
+Both paths run the randomized range finder with power iterations (Halko, Martinsson, Tropp 2011,
+algorithms 4.4 and 5.1): sample ``Y = W G`` with a Gaussian ``G`` of ``l = k + oversample``
 columns, orthonormalize, alternate ``W^T Q`` / ``W Z`` ``n_iter`` times re-orthonormalizing after
 every half step (without it the columns collapse onto the top singular vector in finite
-precision), then take the exact SVD of the small ``l x n`` matrix ``Q^T W``.
+precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
+
+The Triton path differs only in how the small problems are solved, so that nothing loops over the
+batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, BASELINES.md section 2):
+- orthonormalization is CholeskyQR2: Gram ``Y^T Y`` in fp32 with IEEE products, Cholesky of the
+  small ``l x l`` Gram in fp64 (batched in torch), ``Q = Y R^-1``; repeated while ``R`` is far
+  from the identity; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
+  CholeskyQR3), and only a matrix that still fails (e.g. all zeros) goes to Householder QR;
+- the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
+  one-sided Jacobi SVD on the ``l x l`` ``R`` in Triton: ``U = Q V_R``, ``Vh = (Q2 U_R)^T``, both
+  orthonormal by construction (up to the Jacobi tolerance).
+Weights are read in their stored dtype (fp32, bf16, fp16): the kernels cast tiles to fp32 in
+registers, so no fp32 copy of a bf16 model is made.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+
+from fasttrunc.kernels._backend import use_triton
+
+# ---------------------------------------------------------------------------------------------
+# 1. Triton kernels (built on first use: importing this module never imports triton)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kernels():
+    """Import triton and define the kernels; cached, so each is defined (and compiled) once."""
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bmm_kernel(
+        a_ptr, x_ptr, c_ptr, M, N, K,
+        s_ab, s_am, s_ak, s_xb, s_xk, s_xn, s_cb, s_cm, s_cn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
+        # nothing), X fp32, accumulation and C in fp32.
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // tiles_n
+        pid_n = pid % tiles_n
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + b * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
+        x_ptrs = x_ptr + b * s_xb + rk[:, None] * s_xk + rn[None, :] * s_xn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+            x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * s_ak
+            x_ptrs += BLOCK_K * s_xk
+        c_ptrs = c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn
+        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _jacobi_kernel(
+        x_ptr, v_ptr, info_ptr, L, NPAIR, tol, floor, max_sweeps,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
+        # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced.
+        # Round-robin ordering: each round rotates NPAIR disjoint column pairs at once; N - 1
+        # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
+        # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps).
+        b = tl.program_id(0).to(tl.int64)
+        n_cols = 2 * NPAIR
+        x_base = x_ptr + b * n_cols * n_cols
+        v_base = v_ptr + b * n_cols * n_cols
+        i = tl.arange(0, BLOCK_P)
+        pmask = i < NPAIR
+        sweep = tl.program_id(0) * 0
+        off = tol * 2.0
+        while (sweep < max_sweeps) & (off > tol):
+            off = tol * 0.0
+            for r in range(0, n_cols - 1):
+                pb = n_cols - 1 - i
+                ca = tl.where(i == 0, 0, (i - 1 + r) % (n_cols - 1) + 1)
+                cb = (pb - 1 + r) % (n_cols - 1) + 1
+                alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                beta = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                for r0 in range(0, L, BLOCK_R):
+                    rows = r0 + tl.arange(0, BLOCK_R)
+                    m2 = pmask[:, None] & (rows[None, :] < L)
+                    xa = tl.load(x_base + ca[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
+                    xb = tl.load(x_base + cb[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
+                    alpha += tl.sum(xa * xa, axis=1)
+                    beta += tl.sum(xb * xb, axis=1)
+                    gamma += tl.sum(xa * xb, axis=1)
+                norm = tl.sqrt(alpha * beta)
+                rotate = (tl.abs(gamma) > tol * norm) & (tl.abs(gamma) > floor) & pmask
+                ratio = tl.where(rotate, tl.abs(gamma) / tl.where(rotate, norm, 1.0), 0.0)
+                off = tl.maximum(off, tl.max(ratio, axis=0))
+                g = tl.where(rotate, gamma, 1.0)
+                zeta = (beta - alpha) / (2.0 * g)
+                t = tl.where(zeta >= 0, 1.0, -1.0) / (tl.abs(zeta) + tl.sqrt(1.0 + zeta * zeta))
+                c = 1.0 / tl.sqrt(1.0 + t * t)
+                s = tl.where(rotate, c * t, 0.0)
+                c = tl.where(rotate, c, 1.0)
+                for r0 in range(0, L, BLOCK_R):
+                    rows = r0 + tl.arange(0, BLOCK_R)
+                    m2 = pmask[:, None] & (rows[None, :] < L)
+                    pa_x = x_base + ca[:, None] * n_cols + rows[None, :]
+                    pb_x = x_base + cb[:, None] * n_cols + rows[None, :]
+                    xa = tl.load(pa_x, mask=m2, other=0.0)
+                    xb = tl.load(pb_x, mask=m2, other=0.0)
+                    tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
+                    tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
+                    pa_v = v_base + ca[:, None] * n_cols + rows[None, :]
+                    pb_v = v_base + cb[:, None] * n_cols + rows[None, :]
+                    va = tl.load(pa_v, mask=m2, other=0.0)
+                    vb = tl.load(pb_v, mask=m2, other=0.0)
+                    tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
+                    tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
+                # The next round reads columns other threads of this program just wrote.
+                tl.debug_barrier()
+            sweep += 1
+        tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
+        tl.store(info_ptr + 2 * b + 1, off)
+
+    return _bmm_kernel, _jacobi_kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Launchers
+# ---------------------------------------------------------------------------------------------
+
+# Tile of the batched product: 64 x 64 fp32 accumulators over 4 warps (32 registers a thread)
+# with 32-deep K steps keeps register pressure low enough for 2+ CTAs per SM; l = k + oversample
+# is 74..266 here, so the N side is 2..5 tiles. Untuned: no GPU timing has been taken yet.
+_BLOCK_M, _BLOCK_N, _BLOCK_K, _BMM_WARPS = 64, 64, 32, 4
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
+
+    ``precision`` is Triton's dot input precision: ``"ieee"`` (true fp32 products), ``"tf32"``
+    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy).
+    """
+    if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
+        raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
+    if a.dtype not in _FLOAT_DTYPES or x.dtype != torch.float32:
+        raise ValueError(f"batched_matmul needs a in float32/bfloat16/float16 and x in float32; got {a.dtype} and {x.dtype}")
+    if a.device != x.device:
+        raise ValueError(f"a and x must be on one device; got {a.device} and {x.device}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not a dot precision; allowed: {', '.join(_PRECISIONS)}")
+    bmm_kernel, _ = _kernels()
+    batch, m, k = a.shape
+    n = x.shape[2]
+    c = torch.empty(batch, m, n, dtype=torch.float32, device=a.device)
+    if c.numel() == 0:
+        return c
+    if k == 0:
+        return c.zero_()
+    grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N), batch)
+    bmm_kernel[grid](
+        a, x, c, m, n, k, *a.stride(), *x.stride(), *c.stride(),
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PRECISION=precision, num_warps=_BMM_WARPS,
+    )
+    return c
+
+
+def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Torch oracle of :func:`batched_matmul`: the product in fp64, returned in fp32."""
+    return (a.double() @ x.double()).float()
+
+
+# Rows of a column pair loaded per step of the Jacobi kernel: 32 rows x up to 256 pairs x 4
+# tiles stays within one CTA's registers at 8 warps. A column pair converges to |a_p.a_q| <=
+# tol |a_p||a_q| with tol = max(l, 16) * 2^-24 (LAPACK's m * eps criterion in fp32); 30 sweeps is
+# far above the 6-10 that one-sided Jacobi needs in practice (quadratic convergence).
+_JACOBI_BLOCK_R, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 32, 8, 30
+
+
+def jacobi_svd(r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD ``r = u diag(s) v^T`` of a batch of small square fp32 matrices ``(B, l, l)``, one program each.
+
+    Returns ``u, s, v, sweeps`` with ``s`` sorted descending and ``sweeps`` the number of
+    Jacobi sweeps each matrix took. ``v`` is a product of rotations (orthonormal to rounding);
+    the columns of ``u`` are those of ``r v`` normalized, orthonormal to the Jacobi tolerance,
+    and zero where the singular value is zero (a rank-deficient ``r`` gives no NaN).
+    """
+    if r.dim() != 3 or r.shape[1] != r.shape[2]:
+        raise ValueError(f"jacobi_svd needs a batch of square matrices (B, l, l); got {tuple(r.shape)}")
+    if r.dtype != torch.float32:
+        raise ValueError(f"jacobi_svd needs float32 input; got {r.dtype}")
+    _, jacobi_kernel = _kernels()
+    batch, l, _ = r.shape
+    npair = (l + 1) // 2
+    n_cols = 2 * npair
+    # Transposed, zero-padded to an even column count: row j of the buffer is column j of r.
+    x = torch.zeros(batch, n_cols, n_cols, dtype=torch.float32, device=r.device)
+    x[:, :l, :l] = r.mT
+    v = torch.eye(n_cols, dtype=torch.float32, device=r.device).repeat(batch, 1, 1)
+    info = torch.zeros(batch, 2, dtype=torch.float32, device=r.device)
+    if batch and l:
+        tol = max(l, 16) * 2.0**-24
+        # Pairs whose inner product is below eps^2 |r|_F^2 are rounding noise: leave them be.
+        floor = float(2.0**-48 * torch.linalg.matrix_norm(r).max().square().item())
+        jacobi_kernel[(batch,)](
+            x, v, info, l, npair, tol, floor, max_sweeps,
+            BLOCK_P=triton.next_power_of_2(npair), BLOCK_R=_JACOBI_BLOCK_R, num_warps=_JACOBI_WARPS,
+        )
+    rot = x[:, :l, :l].mT  # columns of r v
+    vr = v[:, :l, :l].mT
+    s = torch.linalg.vector_norm(rot, dim=1)
+    s, order = torch.sort(s, dim=-1, descending=True)
+    idx = order[:, None, :].expand(batch, l, l)
+    rot, vr = rot.gather(2, idx), vr.gather(2, idx)
+    u = torch.where(s[:, None, :] > 0, rot / torch.where(s > 0, s, 1.0)[:, None, :], torch.zeros_like(rot))
+    return u, s, vr, info[:, 0]
+
+
+def _gram(y: torch.Tensor) -> torch.Tensor:
+    """``y^T y`` in fp32 with IEEE products, symmetrized, returned in fp64."""
+    g = batched_matmul(y.mT, y, "ieee").double()
+    return 0.5 * (g + g.mT)
+
+
+def _upper_inverse(r: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    return torch.linalg.solve_triangular(r, eye, upper=True)
+
+
+# CholeskyQR repeats while a step's R differs from the identity by more than this (max entry):
+# a step whose input has Q^T Q = I + E with |E| < 0.2 leaves an fp32-rounding-level error behind.
+_CHOLQR_DONE = 0.1
+# At most this many CholeskyQR steps: a Gram with condition number up to 1/eps_fp32 needs 3
+# (shifted CholeskyQR3); a matrix still not orthonormal after 5 goes to Householder QR.
+_CHOLQR_MAX_STEPS = 5
+
+
+def cholesky_qr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
+
+    CholeskyQR2 (Gram in fp32 with IEEE products, Cholesky in fp64), repeated until a step's ``R``
+    is close to the identity. A Gram that is not numerically positive definite is retried with the
+    shift ``s = (m l + l (l + 1)) 2^-24 |y|_F^2 / l`` (shifted CholeskyQR3); a matrix that fails
+    even then (all zeros, or never converging) is factored with Householder QR.
+    """
+    batch, m, l = y.shape
+    q = y
+    r = torch.eye(l, dtype=torch.float64, device=y.device).repeat(batch, 1, 1)
+    done = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    failed = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    eye = torch.eye(l, dtype=torch.float64, device=y.device)
+    for _ in range(_CHOLQR_MAX_STEPS):
+        g = _gram(q)
+        rs, info = torch.linalg.cholesky_ex(g, upper=True)
+        bad = (info != 0) | ~torch.isfinite(rs).flatten(1).all(1)
+        if bool(bad.any()):
+            shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
+            shifted, info2 = torch.linalg.cholesky_ex(g + shift[:, None, None] * eye, upper=True)
+            rs = torch.where(bad[:, None, None], shifted, rs)
+            failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
+        rs = torch.where(failed[:, None, None], eye, rs)
+        rs = torch.where(done[:, None, None], eye, rs)  # converged matrices stay as they are
+        q = batched_matmul(q, _upper_inverse(rs).float(), "ieee")
+        r = rs @ r
+        step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
+        done |= step_ok & ~failed
+        if bool((done | failed).all()):
+            break
+    failed |= ~done | ~torch.isfinite(q).flatten(1).all(1)
+    if bool(failed.any()):
+        qh, rh = torch.linalg.qr(y[failed].double(), mode="reduced")
+        q = q.clone()
+        q[failed], r[failed] = qh.float(), rh
+    return q, r
+
+
+# Passes over W that only find the range (sketch, power iterations) run on tf32 tensor cores:
+# their rounding (~5e-4 relative) perturbs the subspace far less than the iterations refine it,
+# and it is ~2.6x faster than fp32 FMA (BASELINES.md 2b). The projection Q^T W that the factors
+# are read from uses IEEE fp32, so U, S, Vh are as accurate as the subspace.
+RANGE_PRECISION = "tf32"
+PROJECTION_PRECISION = "ieee"
+
+
+def randomized_svd_triton(
+    w: torch.Tensor, k: int, *, n_iter: int, oversample: int, generator: torch.Generator | None = None,
+    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` ``U, S, Vh`` (fp32) of a batch ``w (B, m, n)`` in fp32/bf16/fp16, read as stored.
+
+    Same contract as :func:`randomized_svd_reference` (``0 < k``, ``k + oversample < min(m, n)``,
+    finite input); the Gaussian sketch is drawn the same way, so a generator gives the same
+    subspace up to rounding on either path.
+    """
+    m, n = w.shape[-2:]
+    transpose = m < n  # sketch the smaller side: Q is (B, max, l) and the small problems are l x l
+    if transpose:
+        w = w.mT  # a strided view: the kernels read it in place
+        m, n = n, m
+    l = k + oversample
+    g = gaussian_sketch(w.shape[:-2], n, l, dtype=torch.float32, device=w.device, generator=generator)
+    q, _ = cholesky_qr(batched_matmul(w, g, range_precision))
+    for _ in range(n_iter):
+        z, _ = cholesky_qr(batched_matmul(w.mT, q, range_precision))
+        q, _ = cholesky_qr(batched_matmul(w, z, range_precision))
+    q2, r = cholesky_qr(batched_matmul(w.mT, q, projection_precision))  # B^T = (Q^T W)^T = Q2 R
+    # B = R^T Q2^T and R = U_R S V_R^T, so W ~ Q B = (Q V_R) S (Q2 U_R)^T.
+    u_r, s, v_r, _ = jacobi_svd(r.float())
+    u = batched_matmul(q, v_r[..., :k].contiguous(), "ieee")
+    v = batched_matmul(q2, u_r[..., :k].contiguous(), "ieee")
+    s = s[..., :k]
+    if transpose:
+        return v, s, u.mT
+    return u, s, v.mT
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Torch reference
+# ---------------------------------------------------------------------------------------------
 
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -61,3 +388,38 @@ def randomized_svd_reference(
     if transpose:
         return vh.mT, s, u.mT
     return u, s, vh
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Public functional
+# ---------------------------------------------------------------------------------------------
+
+
+def randomized_svd(
+    w: torch.Tensor, k: int, *, n_iter: int, oversample: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` triplets of ``w (..., m, n)``: the Triton path where ``use_triton`` says so, else torch.
+
+    Triton reads fp32 / bf16 / fp16 weights as stored and returns fp32; the torch path computes
+    in fp32 (fp64 for fp64 input, which always takes the torch path). Same caller contract as
+    :func:`randomized_svd_reference`.
+    """
+    if w.dtype in _FLOAT_DTYPES and use_triton(w):
+        batch = w.shape[:-2]
+        flat = w.reshape(-1, *w.shape[-2:]) if len(batch) != 1 else w
+        u, s, vh = randomized_svd_triton(flat, k, n_iter=n_iter, oversample=oversample, generator=generator)
+        return u.reshape(*batch, *u.shape[-2:]), s.reshape(*batch, k), vh.reshape(*batch, *vh.shape[-2:])
+    work = w if w.dtype == torch.float64 else w.float()
+    return randomized_svd_reference(work, k, n_iter=n_iter, oversample=oversample, generator=generator)
+
+
+__all__ = [
+    "batched_matmul",
+    "batched_matmul_reference",
+    "cholesky_qr",
+    "gaussian_sketch",
+    "jacobi_svd",
+    "randomized_svd",
+    "randomized_svd_reference",
+    "randomized_svd_triton",
+]
