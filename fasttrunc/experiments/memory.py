@@ -1,0 +1,268 @@
+"""Associative memory: where the noise association lives in W, and which truncation removes it.
+
+Trains :class:`fasttrunc.models.memory.AssociativeMemory` from ``W = 0`` by plain SGD on sampled
+pairs (or by full-batch gradient descent on the exact expected loss) with the shared loop of
+:mod:`fasttrunc.experiments.training`, and every ``record_every`` steps records, from one SVD of
+W (:func:`fasttrunc.truncated_svd`):
+
+- all singular values of W;
+- for each of the top components ``s_i u_i v_i^T``, its *noise share*: the fraction of the mean
+  noise margin it carries. The noise margin of input x is the noise token's logit minus the mean
+  clean logit, ``(u_noise - mean_j u_j) . W e_x``; averaged over inputs it is ``c . W mu`` with
+  ``c = u_noise - mean_j u_j`` and ``mu`` the mean input embedding, and it splits exactly over the
+  components as ``s_i (c . u_i)(v_i . mu)``. Shares sum to 1 over all components (NaN while the
+  margin is 0, e.g. at W = 0). Also the *alignment* ``|c . u_i| |v_i . mu| / (|c| |mu|)``, the
+  cosine between ``u_i v_i^T`` and the direction ``c mu^T`` (sign-free);
+- clean-data metrics (accuracy, P(noise), P(f(x)), association accuracy) of W, of W with its top-k
+  components removed, and of its top-k components alone, for each k in ``ks``.
+
+Why the noise takes the top component: from W = 0 all logits are equal, so the expected gradient
+step is ``lr/N sum_x (E[u_y | x] - mean_j u_j) e_x^T = lr [(1-alpha)/N sum_x u_f(x) e_x^T +
+alpha u_noise mu^T - ubar mu^T]``. With near-orthonormal embeddings the clean part has N singular
+values ~ ``(1-alpha)/N`` each, while the noise part is rank one with singular value
+``~alpha |mu| ~ alpha/sqrt(N)``: ``alpha sqrt(N)/(1-alpha)`` times larger, because one direction
+serves every input. With SGD, every noisy sample adds to that same left vector ``u_noise``, so the
+direction is in place after a handful of samples, while a clean association ``x -> f(x)`` needs x
+itself to be drawn (about N log N samples to see them all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fasttrunc.experiments.common import Progress, ResultMixin, resolve_device
+from fasttrunc.experiments.training import OptimConfig, train
+from fasttrunc.models.memory import AssociativeMemory, prediction_metrics
+from fasttrunc.svd import truncated_svd
+
+METRICS = ("accuracy", "p_noise", "p_clean", "association_accuracy")
+# A component "holds" the noise association once it carries at least half of the mean noise margin.
+HOLDS_NOISE = 0.5
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} {value!r} is outside [{low}, {high}]; an integer is required")
+    return value
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """One training run of the associative memory and what it records."""
+
+    d: int = 128  # d > N: room for every clean association (near-orthogonal inputs)
+    n_tokens: int = 64
+    alpha: float = 0.3  # PAPER.md 1a's default noise level
+    lr: float = 1.0  # plain SGD at lr 1 learns the clean map in ~1000 steps of batch 4 and never diverged in trials
+    steps: int = 2000
+    batch_size: int = 4  # small batches: samples seen grow slowly, so the two speeds separate
+    full_batch: bool = False
+    record_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    ks: tuple[int, ...] = (1, 2, 3, 4)
+    top_components: int = 8
+
+    def __post_init__(self) -> None:
+        _check_int("d", self.d, 2, 4096)
+        _check_int("n_tokens", self.n_tokens, 2, 65536)
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a < 1:
+            raise ValueError(f"alpha {a!r} is outside (0, 1): the noise needs some pairs and the clean map the rest")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr {self.lr!r} must be a finite number > 0")
+        _check_int("steps", self.steps, 1, 1_000_000)
+        _check_int("batch_size", self.batch_size, 1, 1_000_000)
+        _check_int("record_every", self.record_every, 1, self.steps)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if not self.ks:
+            raise ValueError("ks is empty; give at least one number of top components")
+        for k in self.ks:
+            _check_int("k", k, 1, self.d - 1)
+        if list(self.ks) != sorted(set(self.ks)):
+            raise ValueError(f"ks {self.ks!r} must be strictly increasing")
+        _check_int("top_components", self.top_components, 1, self.d)
+
+
+@dataclass
+class MemoryResult(ResultMixin):
+    """Everything recorded, lined up with ``steps`` (optimizer steps before each measurement).
+
+    ``samples[i]``: training pairs drawn by then (SGD; None with full batch). ``singular_values[i]``:
+    all d singular values of W, descending. ``noise_share[i][j]`` / ``noise_alignment[i][j]``: of
+    component j + 1. ``metrics[variant][metric][i]`` with variants ``full``, ``remove_top_<k>``,
+    ``keep_top_<k>``. ``summary``: the outcome in numbers (see :func:`summarize`).
+    """
+
+    config: MemoryConfig
+    steps: list[int]
+    samples: list[int] | None
+    losses: list[float]
+    singular_values: list[list[float]]
+    noise_share: list[list[float]]
+    noise_alignment: list[list[float]]
+    metrics: dict[str, dict[str, list[float]]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def variants(ks: tuple[int, ...]) -> list[str]:
+    return ["full"] + [f"remove_top_{k}" for k in ks] + [f"keep_top_{k}" for k in ks]
+
+
+def noise_components(model: AssociativeMemory, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per component of ``W = u diag(s) vh``: its share of the mean noise margin, and its alignment."""
+    c, mu = model.noise_direction()
+    out_part, in_part = c @ u, vh @ mu  # (d,), (d,)
+    parts = s * out_part * in_part
+    total = float(parts.sum())
+    share = (parts / total).tolist() if total != 0 else [math.nan] * len(parts)
+    alignment = ((out_part.abs() * in_part.abs()) / (c.norm() * mu.norm())).tolist()
+    return share, alignment
+
+
+def _first_step(steps: list[int], ok: list[bool], *, stays: bool = False) -> int | None:
+    """First step where ``ok`` holds (and, with ``stays``, holds at every later record)."""
+    found = None
+    for step, good in zip(steps, ok):
+        if good and found is None:
+            found = step
+            if not stays:
+                return found
+        elif not good and stays:
+            found = None
+    return found
+
+
+def summarize(result: MemoryResult) -> dict[str, Any]:
+    """The outcome: where the noise lives, how fast each part is learned, what truncation does.
+
+    ``noise_component``: 1-based index of the component with the largest final noise share.
+    ``step_noise_component_first``: first record at which one component holds >= HOLDS_NOISE of
+    the noise margin; ``step_noise_component``: first record from which that holds at every later
+    record. ``step_association_half`` / ``_90``: first record with
+    association accuracy >= 0.5 / 0.9. ``step_p_noise_half`` / ``step_p_clean_half``: first record
+    where P(noise) / P(f(x)) reaches half of its final value. With SGD each ``step_*`` has a
+    ``samples_*`` twin (training pairs drawn by then). ``final``: last record of every variant. ``restoring_truncation``:
+    the truncated variant with the lowest final P(noise) among those whose final clean accuracy
+    is at least that of W (None if none is).
+    """
+    cfg, steps = result.config, result.steps
+    shares = result.noise_share
+    last = shares[-1]
+    finite = [(v if math.isfinite(v) else -math.inf) for v in last]
+    top = max(range(len(finite)), key=lambda i: finite[i])
+    holds = [any(math.isfinite(v) and v >= HOLDS_NOISE for v in row) for row in shares]
+    full = result.metrics["full"]
+    p_noise_final = full["p_noise"][-1]
+    final = {name: {m: values[-1] for m, values in per.items()} for name, per in result.metrics.items()}
+    full_acc = final["full"]["accuracy"]
+    candidates = [n for n in final if n != "full" and final[n]["accuracy"] >= full_acc]
+    restoring = min(candidates, key=lambda n: (final[n]["p_noise"], -final[n]["p_clean"])) if candidates else None
+    s_last = result.singular_values[-1]
+    out = {
+        "noise_component": top + 1,
+        "noise_share_final": last[top],
+        "noise_alignment_final": result.noise_alignment[-1][top],
+        "singular_gap_final": s_last[0] / s_last[1] if s_last[1] > 0 else math.inf,
+        "step_noise_component_first": _first_step(steps, holds),
+        "step_noise_component": _first_step(steps, holds, stays=True),
+        "step_association_half": _first_step(steps, [a >= 0.5 for a in full["association_accuracy"]]),
+        "step_association_90": _first_step(steps, [a >= 0.9 for a in full["association_accuracy"]]),
+        "step_p_noise_half": _first_step(steps, [p >= p_noise_final / 2 for p in full["p_noise"]]),
+        "step_p_clean_half": _first_step(steps, [p >= full["p_clean"][-1] / 2 for p in full["p_clean"]]),
+        "final": final,
+        "restoring_truncation": restoring,
+    }
+    if not cfg.full_batch:
+        for key in [k for k in out if k.startswith("step_")]:
+            step = out[key]
+            out[key.replace("step_", "samples_")] = None if step is None else step * cfg.batch_size
+    return out
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on CPU for the run, restored after.
+
+    Every product here is at most d x d with d in the hundreds: too small for intra-op threads to
+    pay, and on a busy machine their synchronisation made each step ~30x slower (measured).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(config: MemoryConfig, progress: Progress = None) -> MemoryResult:
+    """Train the memory from W = 0 and record its singular structure and predictions over steps."""
+    device = resolve_device(config.device)
+    with _one_cpu_thread(device):
+        return _run(config, device, progress)
+
+
+def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> MemoryResult:
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    model = AssociativeMemory(config.d, config.n_tokens, generator).to(device)
+    targets = model.target_distribution(config.alpha)
+
+    def loss_at(step: int) -> torch.Tensor:
+        if config.full_batch:  # the exact expected loss: every input, its whole target law
+            return F.cross_entropy(model.logits(), targets)
+        x, y = model.sample(config.batch_size, config.alpha, generator)
+        return F.cross_entropy(model(x), y)
+
+    k_top = config.top_components
+    names = variants(config.ks)
+    record: dict[str, Any] = {"sv": [], "share": [], "align": [], "metrics": {n: {m: [] for m in METRICS} for n in names}}
+
+    def track(step: int) -> dict[str, float]:
+        w = model.memory.weight.detach()
+        u, s, vh = truncated_svd(w, config.d)  # all components, exact, sorted descending
+        share, align = noise_components(model, u, s, vh)
+        record["sv"].append(s.tolist())
+        record["share"].append(share[:k_top])
+        record["align"].append(align[:k_top])
+        weights = {"full": w}
+        for k in config.ks:
+            top = (u[:, :k] * s[:k]) @ vh[:k]
+            weights[f"remove_top_{k}"] = w - top
+            weights[f"keep_top_{k}"] = top
+        for name, weight in weights.items():
+            for metric, value in prediction_metrics(model, weight).items():
+                record["metrics"][name][metric].append(value)
+        return {}
+
+    optim = OptimConfig(name="sgd", lr=float(config.lr), momentum=0.0)  # plain SGD / GD, as in the model's analysis
+    history = train(
+        model, loss_at, steps=config.steps, optim=optim, progress=progress, description="memory: training",
+        track=track, track_every=config.record_every, progress_every=max(1, config.steps // 100),
+    )
+    steps = list(history.track_steps)
+    result = MemoryResult(
+        config=config,
+        steps=steps,
+        samples=None if config.full_batch else [t * config.batch_size for t in steps],
+        losses=history.losses,
+        singular_values=record["sv"],
+        noise_share=record["share"],
+        noise_alignment=record["align"],
+        metrics=record["metrics"],
+    )
+    result.summary = summarize(result)
+    result.seconds = time.perf_counter() - start
+    return result
