@@ -21,7 +21,7 @@ def _tables(result: Any) -> list:
         return "never" if value is None else str(value)
 
     learned = make_table(
-        f"Associative memory: d={cfg.d}, N={cfg.n_tokens}, alpha={cfg.alpha}, "
+        f"Associative memory: d={cfg.d}, N={cfg.n_tokens}, alpha={cfg.alpha}, shared={cfg.shared}, "
         f"{'full-batch GD' if cfg.full_batch else f'SGD batch {cfg.batch_size}'}, lr={cfg.lr}, {cfg.steps} steps",
         ["what", "value"],
         [
@@ -29,8 +29,8 @@ def _tables(result: Any) -> list:
             ["its share of the mean noise margin", s["noise_share_final"]],
             ["its alignment with (u_noise - mean u) mu^T", s["noise_alignment_final"]],
             ["sigma_1 / sigma_2 at the end", s["singular_gap_final"]],
-            [f"{unit}: one component first holds >= half the noise", when("noise_component_first")],
-            [f"{unit}: ... and for good", when("noise_component")],
+            [f"{unit}: top component first holds >= half the noise", when("noise_on_top_first")],
+            [f"{unit}: ... and for good", when("noise_on_top")],
             [f"{unit}: half the clean associations stored", when("association_half")],
             [f"{unit}: 90% of the clean associations stored", when("association_90")],
             [f"{unit}: P(noise) at half its final value", when("p_noise_half")],
@@ -63,6 +63,9 @@ def memory(
     d: int = typer.Option(128, "--d", help="Embedding dimension; W is d x d."),
     n_tokens: int = typer.Option(64, "--n-tokens", help="Number of input tokens N (the clean outputs are N more, plus one noise token)."),
     alpha: float = typer.Option(0.3, "--alpha", help="Probability that a training pair's output is the noise token, in (0, 1)."),
+    shared: float = typer.Option(
+        0.0, "--shared", help="Weight in [0, 1) of a direction common to all input embeddings; 0 keeps them near-orthogonal.",
+    ),
     lr: float = typer.Option(1.0, "--lr", help="Learning rate of plain SGD (or of full-batch gradient descent)."),
     steps: int = typer.Option(2000, "--steps", help="Number of optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Training pairs per SGD step; ignored with --full-batch."),
@@ -77,7 +80,7 @@ def memory(
     from fasttrunc.plots import plot_memory
 
     config = MemoryConfig(
-        d=d, n_tokens=n_tokens, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size, full_batch=full_batch,
+        d=d, n_tokens=n_tokens, alpha=alpha, shared=shared, lr=lr, steps=steps, batch_size=batch_size, full_batch=full_batch,
         record_every=record_every, seed=seed, device=device,
     )
     with progress_bar(enabled=not as_json) as progress:

@@ -98,7 +98,7 @@ def test_json_schema(sgd_result):
     assert data["config"]["alpha"] == 0.3 and data["config"]["ks"] == [1, 2]
     assert data["noise_share"][0] == [None] * 4  # undefined at W = 0, written as null
     s = data["summary"]
-    for key in ("noise_component", "noise_share_final", "step_noise_component", "samples_association_90", "final", "restoring_truncation"):
+    for key in ("noise_component", "noise_share_final", "step_noise_on_top", "samples_association_90", "final", "restoring_truncation"):
         assert key in s
     assert set(s["final"]) == set(data["metrics"])
 
@@ -142,8 +142,8 @@ def test_noise_lives_in_the_top_component(sgd_result):
 def test_noise_direction_forms_before_the_clean_map_is_stored(sgd_result, noisy_result):
     for r in (sgd_result, noisy_result):
         s = r.summary
-        assert s["step_noise_component_first"] is not None and s["step_association_90"] is not None
-        assert s["step_noise_component_first"] < s["step_association_90"]
+        assert s["step_noise_on_top_first"] is not None and s["step_association_90"] is not None
+        assert s["step_noise_on_top_first"] < s["step_association_90"]
 
 
 def test_removing_the_top_component_restores_the_clean_map(noisy_result):
@@ -161,6 +161,21 @@ def test_removal_lowers_p_noise_at_low_alpha_too(sgd_result):
     assert final["remove_top_1"]["p_noise"] < 0.5 * final["full"]["p_noise"]
     assert final["remove_top_1"]["p_clean"] > final["full"]["p_clean"]
     assert final["remove_top_1"]["accuracy"] >= final["full"]["accuracy"]
+
+
+def test_shared_input_direction_makes_the_noise_global_and_early():
+    # With a direction common to all inputs, the noise association reaches every input at once:
+    # P(noise) rises before half the clean associations are stored, W predicts the noise token
+    # almost everywhere early on, and removing its top component then restores the clean map.
+    shared = run(MemoryConfig(alpha=0.3, shared=0.3, seed=1, **SMALL))
+    plain = run(MemoryConfig(alpha=0.3, shared=0.0, seed=1, **SMALL))
+    s = shared.summary
+    assert s["samples_p_noise_half"] < s["samples_association_half"]
+    assert s["samples_p_noise_half"] < plain.summary["samples_p_noise_half"]
+    i = shared.steps.index(50)
+    assert shared.metrics["full"]["accuracy"][i] < 0.1
+    assert shared.metrics["remove_top_1"]["accuracy"][i] > 0.5
+    assert shared.noise_share[i][0] > 0.9
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -184,6 +199,7 @@ def test_removal_lowers_p_noise_at_low_alpha_too(sgd_result):
         ({"ks": (2, 1)}, "strictly increasing"),
         ({"top_components": 0}, "top_components 0"),
         ({"d": 2.5}, "d 2.5"),
+        ({"shared": 1.0}, "shared 1.0"),
     ],
 )
 def test_bad_config_is_a_one_line_value_error(kwargs, words):
@@ -222,6 +238,7 @@ def test_cli_json_and_out(tmp_path):
     [
         (["--alpha", "1.5"], "alpha 1.5"),
         (["--d", "1"], "d 1"),
+        (["--shared", "-0.5"], "shared -0.5"),
         (["--steps", "0"], "steps 0"),
         (["--lr", "-1"], "lr -1.0"),
         (["--record-every", "100"], "record_every 100"),

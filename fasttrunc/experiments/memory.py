@@ -44,7 +44,7 @@ from fasttrunc.models.memory import AssociativeMemory, prediction_metrics
 from fasttrunc.svd import truncated_svd
 
 METRICS = ("accuracy", "p_noise", "p_clean", "association_accuracy")
-# A component "holds" the noise association once it carries at least half of the mean noise margin.
+# The top component "holds" the noise association once it carries at least half of the mean noise margin.
 HOLDS_NOISE = 0.5
 
 
@@ -61,6 +61,7 @@ class MemoryConfig:
     d: int = 128  # d > N: room for every clean association (near-orthogonal inputs)
     n_tokens: int = 64
     alpha: float = 0.3  # PAPER.md 1a's default noise level
+    shared: float = 0.0  # weight of a direction common to all inputs; 0 = near-orthogonal inputs
     lr: float = 1.0  # plain SGD at lr 1 learns the clean map in ~1000 steps of batch 4 and never diverged in trials
     steps: int = 2000
     batch_size: int = 4  # small batches: samples seen grow slowly, so the two speeds separate
@@ -77,6 +78,9 @@ class MemoryConfig:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a < 1:
             raise ValueError(f"alpha {a!r} is outside (0, 1): the noise needs some pairs and the clean map the rest")
+        sh = self.shared
+        if isinstance(sh, bool) or not isinstance(sh, (int, float)) or not math.isfinite(sh) or not 0 <= sh < 1:
+            raise ValueError(f"shared {sh!r} is outside [0, 1)")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr {self.lr!r} must be a finite number > 0")
         _check_int("steps", self.steps, 1, 1_000_000)
@@ -146,9 +150,9 @@ def summarize(result: MemoryResult) -> dict[str, Any]:
     """The outcome: where the noise lives, how fast each part is learned, what truncation does.
 
     ``noise_component``: 1-based index of the component with the largest final noise share.
-    ``step_noise_component_first``: first record at which one component holds >= HOLDS_NOISE of
-    the noise margin; ``step_noise_component``: first record from which that holds at every later
-    record. ``step_association_half`` / ``_90``: first record with
+    ``step_noise_on_top_first``: first record at which the top component (largest singular value)
+    holds >= HOLDS_NOISE of the noise margin; ``step_noise_on_top``: first record from which that
+    holds at every later record. ``step_association_half`` / ``_90``: first record with
     association accuracy >= 0.5 / 0.9. ``step_p_noise_half`` / ``step_p_clean_half``: first record
     where P(noise) / P(f(x)) reaches half of its final value. With SGD each ``step_*`` has a
     ``samples_*`` twin (training pairs drawn by then). ``final``: last record of every variant. ``restoring_truncation``:
@@ -160,7 +164,7 @@ def summarize(result: MemoryResult) -> dict[str, Any]:
     last = shares[-1]
     finite = [(v if math.isfinite(v) else -math.inf) for v in last]
     top = max(range(len(finite)), key=lambda i: finite[i])
-    holds = [any(math.isfinite(v) and v >= HOLDS_NOISE for v in row) for row in shares]
+    on_top = [math.isfinite(row[0]) and row[0] >= HOLDS_NOISE for row in shares]
     full = result.metrics["full"]
     p_noise_final = full["p_noise"][-1]
     final = {name: {m: values[-1] for m, values in per.items()} for name, per in result.metrics.items()}
@@ -173,8 +177,8 @@ def summarize(result: MemoryResult) -> dict[str, Any]:
         "noise_share_final": last[top],
         "noise_alignment_final": result.noise_alignment[-1][top],
         "singular_gap_final": s_last[0] / s_last[1] if s_last[1] > 0 else math.inf,
-        "step_noise_component_first": _first_step(steps, holds),
-        "step_noise_component": _first_step(steps, holds, stays=True),
+        "step_noise_on_top_first": _first_step(steps, on_top),
+        "step_noise_on_top": _first_step(steps, on_top, stays=True),
         "step_association_half": _first_step(steps, [a >= 0.5 for a in full["association_accuracy"]]),
         "step_association_90": _first_step(steps, [a >= 0.9 for a in full["association_accuracy"]]),
         "step_p_noise_half": _first_step(steps, [p >= p_noise_final / 2 for p in full["p_noise"]]),
@@ -217,7 +221,7 @@ def run(config: MemoryConfig, progress: Progress = None) -> MemoryResult:
 def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> MemoryResult:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
-    model = AssociativeMemory(config.d, config.n_tokens, generator).to(device)
+    model = AssociativeMemory(config.d, config.n_tokens, generator, shared=float(config.shared)).to(device)
     targets = model.target_distribution(config.alpha)
 
     def loss_at(step: int) -> torch.Tensor:

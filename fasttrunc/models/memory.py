@@ -6,6 +6,10 @@
 ``W`` (``memory.weight``, an ``nn.Linear`` without bias, zero at initialisation) and the logits
 of input ``x`` are ``u_j . W e_x``.
 
+With ``shared = s > 0`` every input embedding also carries a common unit direction ``m``:
+``e_x ~ sqrt(s) m + sqrt(1 - s) z_x`` (renormalised), so ``e_x . e_x' ~ s``: the inputs then share
+a feature, as the trigger does at every trigger position of the recall model.
+
 Data: ``x`` uniform over the ``N`` inputs; the target is the clean output ``f(x)`` (a fixed random
 permutation) with probability ``1 - alpha`` and the noise token with probability ``alpha``.
 """
@@ -24,14 +28,19 @@ def _unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
 class AssociativeMemory(nn.Module):
     """``forward(x (B,)) -> logits (B, N + 1)``; ``logits(weight=...)`` scores any ``d x d`` matrix."""
 
-    def __init__(self, d: int, n_tokens: int, generator: torch.Generator) -> None:
+    def __init__(self, d: int, n_tokens: int, generator: torch.Generator, shared: float = 0.0) -> None:
         super().__init__()
         self.d, self.n_tokens = d, n_tokens
         self.noise_token = n_tokens
         # Frozen embeddings (buffers): only the memory W learns.
-        self.register_buffer("inputs", _unit_rows(n_tokens, d, generator))
+        inputs = _unit_rows(n_tokens, d, generator)
         self.register_buffer("outputs", _unit_rows(n_tokens + 1, d, generator))
         self.register_buffer("clean_map", torch.randperm(n_tokens, generator=generator))
+        if shared > 0:  # a direction common to every input, like the trigger in the recall model's FF2 input
+            common = _unit_rows(1, d, generator)
+            inputs = shared**0.5 * common + (1 - shared) ** 0.5 * inputs
+            inputs = inputs / inputs.norm(dim=1, keepdim=True)
+        self.register_buffer("inputs", inputs)
         self.memory = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.memory.weight)
 
