@@ -247,7 +247,7 @@ def truncate_(
 
     Every check (targets, rank for each shape, method) runs before the model is touched, so a
     bad call leaves the model as it was. Matrices of one shape, dtype and device are factorized
-    in one batched ``truncated_svd`` call.
+    in one batched SVD (the list form of ``truncated_svd``).
     """
     check_method(method)
     validate_rank_spec(rank)
@@ -255,22 +255,16 @@ def truncate_(
     linears: dict[str, nn.Linear] = {name: model.get_submodule(name) for name in names}
     for linear in linears.values():
         resolve_rank(rank, linear.out_features, linear.in_features)
-    groups: dict[tuple, list[str]] = {}
-    for name, linear in linears.items():
-        w = linear.weight
-        groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(name)
     replacements: dict[str, TruncatedLinear] = {}
     with torch.no_grad():
-        for group in groups.values():
-            stacked = torch.stack([linears[name].weight.detach() for name in group])
-            u, s, vh = truncated_svd(stacked, rank, method=method, **svd_options)
-            for i, name in enumerate(group):
-                bias = linears[name].bias
-                replacements[name] = TruncatedLinear.from_svd(
-                    u[i], s[i], vh[i], bias=None if bias is None else bias.detach(),
-                    method=method, dtype=stacked.dtype,
-                )
+        # The list form factorizes all matrices of one shape, dtype and device in one batched call.
+        weights = [linears[name].weight.detach() for name in names]
+        factors = truncated_svd(weights, rank, method=method, **svd_options)
+        for name, (u, s, vh) in zip(names, factors):
+            bias = linears[name].bias
+            replacements[name] = TruncatedLinear.from_svd(
+                u, s, vh, bias=None if bias is None else bias.detach(), method=method, dtype=u.dtype,
+            )
     for name, module in replacements.items():
         module.train(linears[name].training)
-    ordered = {name: replacements[name] for name in names}
-    return replace_modules_(model, ordered)
+    return replace_modules_(model, replacements)

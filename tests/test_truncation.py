@@ -160,16 +160,16 @@ def test_restore_refuses_when_module_was_replaced_again():
 
 
 def test_randomized_uses_one_batched_call_per_shape(monkeypatch):
-    import fasttrunc.truncation as module
+    import fasttrunc.svd as svd_module
 
     calls = []
-    real = module.truncated_svd
+    real = svd_module.randomized_svd
 
     def counting(w, *args, **kwargs):
         calls.append(tuple(w.shape))
         return real(w, *args, **kwargs)
 
-    monkeypatch.setattr(module, "truncated_svd", counting)
+    monkeypatch.setattr(svd_module, "randomized_svd", counting)
     model = tiny_neox()
     truncate_(model, Targets(matrices="mlp"), 0.25, method="randomized", generator=torch.Generator().manual_seed(0))
     assert sorted(calls) == sorted([(4, 80, 32), (4, 32, 80)])
