@@ -1,0 +1,245 @@
+"""Benchmark of the batched randomized SVD against torch, on the weight shapes of Pythia MLPs (CUDA).
+
+Every case factorizes a set of matrices with a prescribed slowly decaying spectrum
+(``sigma_i = i^-0.5``, like trained weights), so the optimal rank-k error is known exactly, and
+times in the same run, on the same card:
+- fasttrunc, ``n_iter=2, oversample=10`` (the settings of the torch baseline), with the range
+  passes on tf32 (the default) and in IEEE fp32, and at fasttrunc's defaults;
+- ``torch.svd_lowrank(q=k+10, niter=2)`` looped over the matrices (LASER's routine, oversampled);
+- plain-torch batched randomized SVD (bmm + Householder ``linalg.qr``, the CPU path run on CUDA);
+- ``torch.linalg.svd`` of every matrix (once per matrix set: it does not depend on k);
+plus bf16-stored weights, and a breakdown of one fasttrunc call into its stages.
+Times are medians of ``reps`` timed calls after one warm-up, with ``torch.cuda.synchronize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fasttrunc.experiments.common import Progress, ResultMixin, report
+
+# name -> list of (count, m, n): the MLP matrices of one model.
+MATRIX_SETS = {
+    "pythia-1.4b-mlp": [(24, 8192, 2048), (24, 2048, 8192)],
+    "pythia-12b-mlp": [(4, 20480, 5120)],
+}
+QUICK_SETS = {"pythia-1.4b-mlp-x4": [(4, 8192, 2048), (4, 2048, 8192)]}
+# Small enough for Triton's CPU interpreter: checks the benchmark itself, not the speed.
+TINY_SETS = {"tiny": [(2, 48, 40), (1, 40, 56)]}
+
+
+@dataclasses.dataclass
+class SvdBenchConfig:
+    sets: tuple[str, ...] = ("pythia-1.4b-mlp", "pythia-12b-mlp")
+    ranks: tuple[int, ...] = (64, 256)
+    reps: int = 3
+    bf16: bool = True
+    full_svd: bool = True
+    seed: int = 0
+    device: str = "cuda"
+
+    def validate(self) -> None:
+        known = MATRIX_SETS | QUICK_SETS | TINY_SETS
+        for name in self.sets:
+            if name not in known:
+                raise ValueError(f"matrix set {name!r} is unknown; allowed: {', '.join(known)}")
+        for k in self.ranks:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1024:
+                raise ValueError(f"rank {k!r} is outside 1..1024")
+        if isinstance(self.reps, bool) or not isinstance(self.reps, int) or not 1 <= self.reps <= 100:
+            raise ValueError(f"reps {self.reps!r} is outside 1..100")
+
+
+@dataclasses.dataclass
+class SvdBenchResult(ResultMixin):
+    config: SvdBenchConfig
+    device: str
+    rows: list[dict[str, Any]]
+    stages: list[dict[str, Any]]
+
+
+def _spectrum_matrices(count: int, m: int, n: int, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` fp32 ``m x n`` matrices ``U diag(i^-0.5) V^T`` on ``device``, and the spectrum."""
+    r = min(m, n)
+    sigma = torch.arange(1, r + 1, dtype=torch.float64, device=device).pow(-0.5)
+    out = torch.empty(count, m, n, dtype=torch.float32, device=device)
+    for i in range(count):
+        u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, device="cpu", dtype=torch.float32).to(device))
+        v, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, device="cpu", dtype=torch.float32).to(device))
+        out[i] = (u * sigma.float()) @ v.mT
+    return out, sigma
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    """Median seconds of ``reps`` calls after one warm-up, and the last call's result."""
+    out = fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        _sync()
+        start = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _error_ratio(groups: list[torch.Tensor], factors: list[tuple], optimal: list[float]) -> float:
+    """Worst ``|W - U S Vh|_F / optimal`` over every matrix (computed in fp32 on the device)."""
+    worst = 0.0
+    for w, (u, s, vh), opt in zip(groups, factors, optimal):
+        for i in range(w.shape[0]):
+            approx = (u[i].float() * s[i].float()) @ vh[i].float()
+            worst = max(worst, torch.linalg.matrix_norm(w[i].float() - approx).item() / opt)
+    return worst
+
+
+def _sketch_variants(k: int) -> list[tuple[str, dict[str, Any]]]:
+    from fasttrunc.svd import DEFAULT_N_ITER, default_oversample
+
+    return [
+        ("fasttrunc n_iter=2 os=10 (tf32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "tf32"}),
+        ("fasttrunc n_iter=2 os=10 (fp32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "ieee"}),
+        (
+            f"fasttrunc defaults n_iter={DEFAULT_N_ITER} os={default_oversample(k)}",
+            {"n_iter": DEFAULT_N_ITER, "oversample": default_oversample(k), "range_precision": "tf32"},
+        ),
+    ]
+
+
+def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
+    """One fasttrunc call split into its stages, on one batch of same-shape matrices."""
+    from fasttrunc.kernels.svd import batched_matmul, cholesky_qr, jacobi_svd
+
+    batch, m, n = w.shape
+    if m < n:
+        w = w.mT
+        m, n = n, m
+    l = k + 10
+    g = torch.randn(batch, n, l, device=w.device)
+    y = batched_matmul(w, g, "tf32")
+    q, _ = cholesky_qr(y)
+    _, r = cholesky_qr(batched_matmul(w.mT, q, "ieee"))
+    shape = f"{batch}x{m}x{n}"
+    stages = [
+        ("one pass W @ G, tf32", lambda: batched_matmul(w, g, "tf32")),
+        ("one pass W @ G, fp32", lambda: batched_matmul(w, g, "ieee")),
+        ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
+        (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
+        (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
+        (f"Jacobi SVD of {batch}x{l}x{l}", lambda: jacobi_svd(r.float())),
+        (f"torch.linalg.svd of {batch}x{l}x{l}", lambda: torch.linalg.svd(r.float())),
+    ]
+    rows = []
+    for name, fn in stages:
+        seconds, _ = _timed(fn, reps)
+        rows.append({"shape": shape, "k": k, "stage": name, "ms": 1e3 * seconds})
+    _, _, _, sweeps = jacobi_svd(r.float())
+    rows.append({"shape": shape, "k": k, "stage": "Jacobi sweeps (max over batch)", "ms": float(sweeps.max().item())})
+    return rows
+
+
+def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
+    """Time and score every variant on every matrix set and rank of ``config``.
+
+    Meant for CUDA; ``device="cpu"`` works only under ``TRITON_INTERPRET=1`` and with the tiny
+    set, to test the benchmark itself.
+    """
+    from fasttrunc.experiments.common import resolve_device
+    from fasttrunc.kernels._backend import use_triton
+    from fasttrunc.kernels.svd import randomized_svd_reference, randomized_svd_triton
+
+    config.validate()
+    device = resolve_device(config.device)
+    if not use_triton(torch.empty(0, device=device)):
+        raise ValueError(f"device {config.device!r} cannot run the Triton kernels; the SVD benchmark needs a CUDA device")
+    gen = torch.Generator().manual_seed(config.seed)
+    sets = MATRIX_SETS | QUICK_SETS | TINY_SETS
+    steps = len(config.sets) * (len(config.ranks) * (6 + config.bf16) + config.full_svd)
+    done = 0
+    rows: list[dict[str, Any]] = []
+    stages: list[dict[str, Any]] = []
+
+    def step(description: str) -> None:
+        nonlocal done
+        done += 1
+        report(progress, done, steps, f"bench svd: {description}")
+
+    for set_name in config.sets:
+        groups, spectra = zip(*[_spectrum_matrices(c, m, n, gen, device) for c, m, n in sets[set_name]])
+        count = sum(c for c, _, _ in sets[set_name])
+        set_rows: list[dict[str, Any]] = []
+        full_seconds = None
+        if config.full_svd:
+            seconds, _ = _timed(lambda: [torch.linalg.svd(w, full_matrices=False) for w in groups], 1)
+            full_seconds = seconds
+            step(f"{set_name} linalg.svd")
+        for k in config.ranks:
+            optimal = [sig[k:].pow(2).sum().sqrt().item() for sig in spectra]
+            sketch_gen = lambda: torch.Generator(device=device).manual_seed(config.seed)  # noqa: E731
+
+            def ours(options: dict[str, Any], weights=groups) -> list[tuple]:
+                return [randomized_svd_triton(w, k, generator=sketch_gen(), **options) for w in weights]
+
+            for label, options in _sketch_variants(k):
+                seconds, out = _timed(lambda: ours(options), config.reps)
+                set_rows.append({"method": label, "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+                step(f"{set_name} k={k} {label}")
+
+            def lowrank() -> list[tuple]:
+                out = []
+                for w in groups:
+                    factors = [torch.svd_lowrank(w[i], q=k + 10, niter=2) for i in range(w.shape[0])]
+                    u = torch.stack([f[0][:, :k] for f in factors])
+                    s = torch.stack([f[1][:k] for f in factors])
+                    vh = torch.stack([f[2][:, :k].mT for f in factors])
+                    out.append((u, s, vh))
+                return out
+
+            seconds, out = _timed(lowrank, config.reps)
+            baseline = seconds
+            set_rows.append({"method": "torch.svd_lowrank(q=k+10, niter=2) looped", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+            step(f"{set_name} k={k} svd_lowrank")
+            seconds, out = _timed(
+                lambda: [randomized_svd_reference(w, k, n_iter=2, oversample=10, generator=sketch_gen()) for w in groups], config.reps
+            )
+            set_rows.append({"method": "plain-torch batched randomized n_iter=2 os=10", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+            step(f"{set_name} k={k} plain torch")
+            if config.bf16:
+                stored = [w.to(torch.bfloat16) for w in groups]
+                seconds, out = _timed(lambda: ours({"n_iter": 2, "oversample": 10}, stored), config.reps)
+                # Scored against the fp32 matrices' optimum: includes the bf16 rounding of the weights.
+                set_rows.append({"method": "fasttrunc bf16 weights n_iter=2 os=10 (tf32 range)", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+                del stored
+                step(f"{set_name} k={k} bf16")
+            for row in set_rows:
+                row.update(
+                    set=set_name, matrices=count, k=k,
+                    speedup_vs_svd_lowrank=baseline / row["seconds"],
+                    speedup_vs_linalg_svd=None if full_seconds is None else full_seconds / row["seconds"],
+                )
+            rows.extend(set_rows)
+            set_rows = []
+            stages.extend(_stage_times(groups[0], k, config.reps))
+            step(f"{set_name} k={k} stages")
+        if full_seconds is not None:
+            rows.append({
+                "set": set_name, "matrices": count, "k": None, "method": "torch.linalg.svd, every matrix",
+                "seconds": full_seconds, "error_ratio": 1.0, "speedup_vs_svd_lowrank": None, "speedup_vs_linalg_svd": 1.0,
+            })
+        del groups
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    return SvdBenchResult(config=config, device=name, rows=rows, stages=stages)
