@@ -103,7 +103,7 @@ def test_json_schema(sgd_result):
     assert set(s["final"]) == set(data["metrics"])
 
 
-def test_full_batch_has_no_sample_axis_and_rejects_nothing_else():
+def test_full_batch_has_no_sample_axis():
     r = run(MemoryConfig(d=24, n_tokens=16, steps=5, record_every=2, full_batch=True, ks=(1,), top_components=2))
     assert r.steps == [0, 2, 4, 5] and r.samples is None
     assert "samples_association_half" not in r.summary
@@ -176,6 +176,17 @@ def test_shared_input_direction_makes_the_noise_global_and_early():
     assert shared.metrics["full"]["accuracy"][i] < 0.1
     assert shared.metrics["remove_top_1"]["accuracy"][i] > 0.5
     assert shared.noise_share[i][0] > 0.9
+
+
+@pytest.mark.gpu
+def test_cuda_run_matches_cpu_run():
+    # Embeddings and pairs come from the same CPU generator, so both devices train on the same data.
+    cfg = dict(d=32, n_tokens=16, steps=40, record_every=10, ks=(1,), top_components=2)
+    gpu = run(MemoryConfig(device="cuda", **cfg))
+    cpu = run(MemoryConfig(device="cpu", **cfg))
+    assert gpu.steps == cpu.steps
+    assert gpu.singular_values[-1][:4] == pytest.approx(cpu.singular_values[-1][:4], rel=1e-3)
+    assert gpu.metrics["full"]["p_noise"] == pytest.approx(cpu.metrics["full"]["p_noise"], rel=1e-3)
 
 
 # --- validation --------------------------------------------------------------------------------
