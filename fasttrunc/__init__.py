@@ -3,29 +3,56 @@
 Public API (DESIGN.md section 3): :class:`TruncatedLinear`, :func:`truncate_`, :class:`Targets`,
 :class:`Truncation`, :func:`truncated_svd`, :func:`lowrank_linear`, :func:`resolve_rank`,
 :func:`save_truncated`, :func:`load_truncated`.
+
+Names are resolved on first use (PEP 562), so ``import fasttrunc`` and ``fasttrunc --help`` do
+not pay for importing torch until something needs it.
 """
 
-from fasttrunc.io import load_truncated, save_truncated
-from fasttrunc.kernels.lowrank import lowrank_linear
-from fasttrunc.linear import TruncatedLinear
-from fasttrunc.ranks import resolve_rank
-from fasttrunc.svd import truncated_svd
-from fasttrunc.truncation import FAMILIES, Family, Targets, Truncation, replace_modules_, resolve_targets, truncate_
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FAMILIES",
-    "Family",
-    "Targets",
-    "TruncatedLinear",
-    "Truncation",
-    "load_truncated",
-    "lowrank_linear",
-    "replace_modules_",
-    "resolve_rank",
-    "resolve_targets",
-    "save_truncated",
-    "truncate_",
-    "truncated_svd",
-]
+_EXPORTS = {
+    "FAMILIES": "fasttrunc.truncation",
+    "Family": "fasttrunc.truncation",
+    "Targets": "fasttrunc.truncation",
+    "Truncation": "fasttrunc.truncation",
+    "replace_modules_": "fasttrunc.truncation",
+    "resolve_targets": "fasttrunc.truncation",
+    "truncate_": "fasttrunc.truncation",
+    "TruncatedLinear": "fasttrunc.linear",
+    "lowrank_linear": "fasttrunc.kernels.lowrank",
+    "resolve_rank": "fasttrunc.ranks",
+    "truncated_svd": "fasttrunc.svd",
+    "load_truncated": "fasttrunc.io",
+    "save_truncated": "fasttrunc.io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fasttrunc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from fasttrunc.io import load_truncated, save_truncated
+    from fasttrunc.kernels.lowrank import lowrank_linear
+    from fasttrunc.linear import TruncatedLinear
+    from fasttrunc.ranks import resolve_rank
+    from fasttrunc.svd import truncated_svd
+    from fasttrunc.truncation import (
+        FAMILIES, Family, Targets, Truncation, replace_modules_, resolve_targets, truncate_,
+    )
