@@ -75,7 +75,7 @@ def truncated_svd(
     bf16 / fp16 weights as stored. It falls back to the exact SVD when ``k + oversample >=
     min(m, n)``, where sketching saves nothing and the exact answer costs no more. For an exactly
     rank-deficient matrix the singular vectors paired with zero singular values are unspecified
-    (on CUDA the rows of ``Vh`` that belong to them are zero); ``U S Vh`` stays exact.
+    (on CUDA the columns of ``U`` that belong to them are zero); ``U S Vh`` stays exact.
 
     ``w`` may also be a list of matrices of any shapes: each is factorized at its own rank (a
     float rank is a fraction of each one's ``min(m, n)``), matrices of one shape, dtype and device

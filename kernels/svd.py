@@ -24,8 +24,8 @@ batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, BASELINE
   from the identity; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
   CholeskyQR3), and only a matrix that still fails (e.g. all zeros) goes to Householder QR;
 - the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
-  one-sided Jacobi SVD on the ``l x l`` ``R`` in Triton: ``U = Q V_R``, ``Vh = (Q2 U_R)^T``, both
-  orthonormal by construction (up to the Jacobi tolerance).
+  one-sided Jacobi SVD on the ``l x l`` ``R^T = U_T S V_T^T`` in Triton: ``U = Q U_T``,
+  ``Vh = (Q2 V_T)^T``, both orthonormal (``Vh`` to rounding, ``U`` to the Jacobi tolerance).
 Weights are read in their stored dtype (fp32, bf16, fp16): the kernels cast tiles to fp32 in
 registers, so no fp32 copy of a bf16 model is made.
 """
@@ -126,7 +126,8 @@ def _kernels():
                 c = tl.where(rotate, c, 1.0)
                 for r0 in range(0, L, BLOCK_R):
                     rows = r0 + tl.arange(0, BLOCK_R)
-                    m2 = pmask[:, None] & (rows[None, :] < L)
+                    # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
+                    m2 = rotate[:, None] & (rows[None, :] < L)
                     pa_x = x_base + ca[:, None] * n_cols + rows[None, :]
                     pb_x = x_base + cb[:, None] * n_cols + rows[None, :]
                     xa = tl.load(pa_x, mask=m2, other=0.0)
@@ -195,11 +196,12 @@ def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (a.double() @ x.double()).float()
 
 
-# Rows of a column pair loaded per step of the Jacobi kernel: 32 rows x up to 256 pairs x 4
-# tiles stays within one CTA's registers at 8 warps. A column pair converges to |a_p.a_q| <=
-# tol |a_p||a_q| with tol = max(l, 16) * 2^-24 (LAPACK's m * eps criterion in fp32); 30 sweeps is
-# far above the 6-10 that one-sided Jacobi needs in practice (quadratic convergence).
-_JACOBI_BLOCK_R, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 32, 8, 30
+# Jacobi tiles hold ~4096 elements (pairs x rows): 16 fp32 values a thread per tile at 8 warps,
+# so the four tiles of the rotation pass and their pointers stay in registers. A column pair
+# converges to |a_p.a_q| <= tol |a_p||a_q| with tol = max(l, 16) * 2^-24 (LAPACK's m * eps
+# criterion in fp32); 30 sweeps is far above the 5-8 measured for R^T at l = 74..281 (one-sided
+# Jacobi converges quadratically).
+_JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
 
 
 def jacobi_svd(r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,9 +229,11 @@ def jacobi_svd(r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS) -> tuple[t
         tol = max(l, 16) * 2.0**-24
         # Pairs whose inner product is below eps^2 |r|_F^2 are rounding noise: leave them be.
         floor = float(2.0**-48 * torch.linalg.matrix_norm(r).max().square().item())
+        block_p = triton.next_power_of_2(npair)
+        block_r = max(1, min(_JACOBI_TILE // block_p, triton.next_power_of_2(l)))
         jacobi_kernel[(batch,)](
             x, v, info, l, npair, tol, floor, max_sweeps,
-            BLOCK_P=triton.next_power_of_2(npair), BLOCK_R=_JACOBI_BLOCK_R, num_warps=_JACOBI_WARPS,
+            BLOCK_P=block_p, BLOCK_R=block_r, num_warps=_JACOBI_WARPS,
         )
     rot = x[:, :l, :l].mT  # columns of r v
     vr = v[:, :l, :l].mT
@@ -329,10 +333,11 @@ def randomized_svd_triton(
         z, _ = cholesky_qr(batched_matmul(w.mT, q, range_precision))
         q, _ = cholesky_qr(batched_matmul(w, z, range_precision))
     q2, r = cholesky_qr(batched_matmul(w.mT, q, projection_precision))  # B^T = (Q^T W)^T = Q2 R
-    # B = R^T Q2^T and R = U_R S V_R^T, so W ~ Q B = (Q V_R) S (Q2 U_R)^T.
-    u_r, s, v_r, _ = jacobi_svd(r.float())
-    u = batched_matmul(q, v_r[..., :k].contiguous(), "ieee")
-    v = batched_matmul(q2, u_r[..., :k].contiguous(), "ieee")
+    # B = R^T Q2^T and R^T = U_T S V_T^T, so W ~ Q B = (Q U_T) S (Q2 V_T)^T. Jacobi runs on R^T,
+    # not R: its columns come out of the power iteration graded by size, which saves a sweep.
+    u_t, s, v_t, _ = jacobi_svd(r.mT.float())
+    u = batched_matmul(q, u_t[..., :k].contiguous(), "ieee")
+    v = batched_matmul(q2, v_t[..., :k].contiguous(), "ieee")
     s = s[..., :k]
     if transpose:
         return v, s, u.mT
