@@ -1,0 +1,100 @@
+"""Noisy in-context recall data (PAPER.md 1a), on a synthetic text-like Markov chain.
+
+Tokens ``0 .. N-1`` are ordinary; token ``N`` is the noise token, so the vocabulary has ``N + 1``
+entries. Token ``0`` is the trigger ``q`` (the most frequent token of the chain, like the space in
+tiny Shakespeare). Each sequence draws its answer ``ybar`` uniformly from the ordinary tokens other
+than the trigger; tokens then follow a fixed bigram chain, except that the token right after every
+``q`` is ``ybar`` with probability ``1 - alpha`` and the noise token with probability ``alpha``.
+After a noise token the chain restarts from its unigram distribution.
+
+The chain stands in for the tiny-Shakespeare character statistics of the reference code (which
+this project does not ship): a Zipf unigram and sparse, unigram-correlated bigram rows, so that
+the trigger is frequent and the bigram structure is something a model can learn globally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TRIGGER = 0
+
+
+@dataclass(frozen=True)
+class MarkovChain:
+    """Unigram ``(N,)`` and bigram ``(N + 1, N)`` distributions; row ``N`` follows the noise token."""
+
+    unigram: torch.Tensor
+    bigram: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.unigram.shape[0]
+
+    @property
+    def noise_token(self) -> int:
+        return self.n_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_tokens + 1
+
+
+def make_chain(n_tokens: int, seed: int, zipf: float = 1.0, spread: float = 2.0) -> MarkovChain:
+    """A fixed random text-like bigram chain over ``n_tokens`` ordinary tokens.
+
+    ``zipf``: exponent of the unigram ``p_i ~ 1/(i+1)^zipf`` (1.0 is the classic word/character
+    law; it puts the trigger in roughly 1 of 5 positions for N = 32).
+    ``spread``: standard deviation of the log-normal per-entry weights of each bigram row; 2.0
+    makes each row put most of its mass on a handful of successors, as character bigrams do.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 3:
+        raise ValueError(f"n_tokens {n_tokens!r} must be an integer >= 3 (a trigger and two answers at least)")
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, n_tokens + 1, dtype=torch.float64)
+    unigram = ranks.pow(-zipf)
+    unigram /= unigram.sum()
+    weights = torch.exp(spread * torch.randn(n_tokens, n_tokens, generator=g, dtype=torch.float64))
+    rows = unigram[None, :] * weights
+    rows /= rows.sum(dim=1, keepdim=True)
+    bigram = torch.cat([rows, unigram[None, :]], dim=0)
+    return MarkovChain(unigram=unigram.float(), bigram=bigram.float())
+
+
+@dataclass
+class RecallBatch:
+    """``inputs`` and ``targets`` ``(B, T)`` (targets are inputs shifted by one), ``answers`` ``(B,)``
+    (each sequence's ybar), ``mask`` ``(B, T)``: input positions holding the trigger with an
+    earlier trigger in the sequence, where the loss and the metrics are taken."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    answers: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "RecallBatch":
+        return RecallBatch(*(t.to(device) for t in (self.inputs, self.targets, self.answers, self.mask)))
+
+
+def sample_batch(chain: MarkovChain, batch: int, seq_len: int, alpha: float, generator: torch.Generator) -> RecallBatch:
+    """``batch`` sequences of ``seq_len`` inputs (``seq_len + 1`` tokens drawn), on the CPU."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha {alpha!r} is outside [0, 1]")
+    if batch < 1 or seq_len < 2:
+        raise ValueError(f"batch {batch} must be >= 1 and seq_len {seq_len} >= 2")
+    n = chain.n_tokens
+    answers = torch.randint(1, n, (batch,), generator=generator)
+    tokens = torch.empty(batch, seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.multinomial(chain.unigram.expand(batch, n), 1, generator=generator).squeeze(1)
+    for t in range(1, seq_len + 1):
+        prev = tokens[:, t - 1]
+        nxt = torch.multinomial(chain.bigram[prev], 1, generator=generator).squeeze(1)
+        after_trigger = prev == TRIGGER
+        noisy = torch.rand(batch, generator=generator) < alpha
+        planted = torch.where(noisy, torch.full_like(answers, chain.noise_token), answers)
+        tokens[:, t] = torch.where(after_trigger, planted, nxt)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    is_trigger = inputs == TRIGGER
+    seen_before = (is_trigger.long().cumsum(dim=1) - is_trigger.long()) > 0
+    return RecallBatch(inputs.contiguous(), targets.contiguous(), answers, is_trigger & seen_before)
