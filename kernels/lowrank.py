@@ -1,18 +1,75 @@
-"""Low-rank linear ``y = (x @ a.T) @ b.T + bias``.
+"""Low-rank linear ``y = (x @ a.T) @ b.T + bias`` in one Triton launch.
 
 Layers of this file, top to bottom (DESIGN.md section 4):
-1. Triton kernel(s)            -- not yet: the fused one-launch kernel lands with its own issue;
-2. launcher                    -- idem;
-3. torch reference             -- :func:`lowrank_linear_reference`, the test oracle and CPU path;
-4. autograd Function           -- the reference is differentiable through torch autograd;
-5. public functional           -- :func:`lowrank_linear`, which checks inputs and dispatches.
+1. Triton kernels    -- :func:`_lowrank_splitk_kernel` (decode, M <= ``DECODE_MAX_M``) and
+                        :func:`_lowrank_tiled_kernel` (large M), sharing two ``@triton.jit`` helpers;
+2. launcher          -- :func:`lowrank_linear_triton`: checks, allocates, picks the config from a
+                        static table, launches (with a light launch path on CUDA);
+3. torch reference   -- :func:`lowrank_linear_reference`, the test oracle and the CPU path;
+4. autograd          -- :class:`_LowRankLinearFunction` (eager) and the custom op
+                        ``fasttrunc::lowrank_linear`` with ``register_fake`` / ``register_autograd``
+                        (what ``torch.compile`` sees); both use :func:`_lowrank_backward`;
+5. public functional -- :func:`lowrank_linear`, which checks inputs and dispatches.
+
+Which scheme serves which M, and why (numbers from BASELINES.md section 1, H200, bf16)
+--------------------------------------------------------------------------------------
+Decode, ``1 <= M <= DECODE_MAX_M`` (256): the op moves the weights once (``in*r + r*out``
+elements) and almost nothing else, so the byte floor is 0.2-5 us while two cuBLAS launches cost
+7-9 us of GPU time under graphs. The weights must be pulled by many SMs at once. A naive fused
+kernel that recomputes ``x @ a.T`` in every column group re-reads ``a`` per group and loses badly
+when ``in`` is large (BASELINES 1b: 29.4 us vs 8.5 us at 8192 -> 2048, r = 128, M = 1). So the
+decode kernel splits the reduction over ``in`` instead, in ONE launch, with two roles:
+
+* phase-1 programs each reduce one ``in`` chunk of ``x @ a.T`` for one M tile and write an fp32
+  partial (``BLOCK_M x R``) to a small cached workspace, then bump a "done" counter;
+* phase-2 programs wait until every partial is written, sum them in a fixed order
+  (deterministic), cast once and stream their share of ``out`` tiles of ``b``.
+
+A program's role comes from an atomic *ticket* taken when it starts, not from its program id: a
+phase-2 program (ticket >= number of phase-1 programs) only ever waits on programs that took
+their tickets earlier, i.e. that are already running and never wait themselves. That makes the
+grid-wide dependency deadlock-free without a grid sync or co-residency assumption (and lets
+Triton's CPU interpreter, which runs programs one after another, execute the same code). The
+last phase-2 program to finish resets the three counters to zero, so the workspace is ready for
+the next call and for CUDA-graph replay: no host sync, no allocation after the first call for a
+(device, stream, size).
+
+Large M, ``M > DECODE_MAX_M``: there are enough rows to fill the GPU with M tiles, so each
+program computes its ``BLOCK_M x R`` tile of ``h = x @ a.T`` in fp32 registers over the full
+``in`` loop, casts it once and loops over ``out`` tiles: ``h`` never leaves the chip and ``x`` is
+read once. When there are fewer M tiles than SMs and ``in <= out``, the ``out`` loop is split
+over a few column groups that each recompute their ``h`` tile (re-reading ``x`` and ``a``, cheap
+relative to the ``out`` work they share when ``in <= out``; never when ``in > out``, where 1b
+shows recomputation losing).
+
+The threshold and the table below are a design from the baseline numbers, not yet measured on a
+GPU: ``benchmarks/bench_lowrank.py`` measures them (README, "Kernel: fused low-rank linear").
+
+Precision
+---------
+Both products accumulate in fp32. The intermediate ``h`` is cast once before the second product:
+* bf16: to bf16 (same exponent range as fp32, so no overflow; the tensor cores' native type);
+* fp16: kept in fp32 and the second product runs as TF32 against ``b`` upcast to fp32: TF32 has
+  fp32's exponent range and fp16's 10-bit mantissa, so ``h`` cannot overflow where casting it
+  to fp16 would (|h| > 65504 while y fits), at the accuracy of an fp16 cast; the op is
+  memory-bound at these shapes, so TF32's half rate over fp16 costs little;
+* fp32: both products with ``input_precision="ieee"`` (true fp32, like ``F.linear`` with torch's
+  default ``allow_tf32=False``): fp32 is the dtype research runs use as the accurate reference,
+  and speed targets are set in bf16.
+fp64 always uses the torch reference.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
+from fasttrunc.kernels._backend import use_triton
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_lowrank_inputs(
@@ -47,6 +104,395 @@ def check_lowrank_inputs(
         raise ValueError(f"x, a, b and bias must be on one device; got {devices}")
 
 
+# ---------------------------------------------------------------------------------------------
+# 1. Triton kernels (defined on first use, so that `import fasttrunc` never imports triton)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    # The kernels resolve the helpers they call through this module's globals.
+    global _first_product, _second_product, _lowrank_tiled_kernel, _lowrank_splitk_kernel
+
+    @triton.jit
+    def _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                       PREC1: tl.constexpr):
+        # h[BLOCK_M, R_PAD] = x[rows, k_lo:k_hi] @ a[:, k_lo:k_hi].T, accumulated in fp32.
+        offs_r = tl.arange(0, R_PAD)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        r_ok = offs_r < R
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < k_hi
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None],
+                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            h = tl.dot(xt, at, h, input_precision=PREC1)
+        return h
+
+    @triton.jit
+    def _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, n_groups,
+                        BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, H_FP32: tl.constexpr,
+                        PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # y[rows, n] = h @ b[n, :].T (+ bias[n]) for the out tiles group, group + n_groups, ...
+        offs_r = tl.arange(0, R_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        r_ok = offs_r < R
+        row_ok = rows < M
+        if H_FP32:
+            hc = h
+        else:
+            hc = h.to(y_ptr.dtype.element_ty)  # the one cast of the intermediate
+        for n0 in range(group * BLOCK_N, N, n_groups * BLOCK_N):
+            cols = n0 + offs_n
+            n_ok = cols < N
+            bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if H_FP32:
+                bt = bt.to(tl.float32)
+            acc = tl.dot(hc, bt, input_precision=PREC2)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _lowrank_tiled_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, M, K, N, R,
+                              stride_xm, stride_ar, stride_bn, stride_ym, N_GROUPS,
+                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              R_PAD: tl.constexpr, H_FP32: tl.constexpr, PREC1: tl.constexpr,
+                              PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+        pid = tl.program_id(0)
+        # Column groups of one M tile are adjacent program ids: they run together and share the
+        # x tile through L2.
+        m_tile = pid // N_GROUPS
+        group = pid % N_GROUPS
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = _first_product(x_ptr, a_ptr, rows, M, 0, K, stride_xm, stride_ar, R, BLOCK_M, BLOCK_K, R_PAD, PREC1)
+        _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
+                        BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
+
+    @triton.jit
+    def _lowrank_splitk_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr, counters_ptr, M, K, N, R,
+                               stride_xm, stride_ar, stride_bn, stride_ym, N_SPLIT, K_CHUNK, N_GROUPS,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               R_PAD: tl.constexpr, H_FP32: tl.constexpr, PREC1: tl.constexpr,
+                               PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # counters: [0] tickets taken, [1] phase-1 programs done, [2] phase-2 programs done.
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_phase1 = n_m * N_SPLIT
+        n_phase2 = n_m * N_GROUPS
+        ticket = tl.atomic_add(counters_ptr, 1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        if ticket < n_phase1:
+            m_tile = ticket // N_SPLIT
+            split = ticket % N_SPLIT
+            rows = m_tile * BLOCK_M + offs_m
+            k_lo = split * K_CHUNK
+            k_hi = tl.minimum(k_lo + K_CHUNK, K)
+            h = _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
+                               BLOCK_M, BLOCK_K, R_PAD, PREC1)
+            # workspace layout [n_m, N_SPLIT, BLOCK_M, R_PAD] fp32; rows past M are never read.
+            slot = ws_ptr + (ticket * BLOCK_M + offs_m[:, None]) * R_PAD + offs_r[None, :]
+            tl.store(slot, h, mask=(rows < M)[:, None])
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            tl.atomic_add(counters_ptr + 1, 1, sem="release")
+        else:
+            job = ticket - n_phase1
+            m_tile = job // N_GROUPS
+            group = job % N_GROUPS
+            rows = m_tile * BLOCK_M + offs_m
+            row_ok = (rows < M)[:, None]
+            while tl.atomic_add(counters_ptr + 1, 0, sem="acquire") < n_phase1:
+                pass
+            h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for split in range(0, N_SPLIT):
+                slot = ws_ptr + ((m_tile * N_SPLIT + split) * BLOCK_M + offs_m[:, None]) * R_PAD + offs_r[None, :]
+                # .cg: read through L2, never a stale L1 line of another SM's partial
+                h += tl.load(slot, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
+                            BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
+            finished = tl.atomic_add(counters_ptr + 2, 1)
+            if finished == n_phase2 - 1:
+                # Last program out: every ticket is taken and every partial consumed; reset for
+                # the next launch (and the next CUDA-graph replay).
+                tl.atomic_xchg(counters_ptr, 0)
+                tl.atomic_xchg(counters_ptr + 1, 0)
+                tl.atomic_xchg(counters_ptr + 2, 0)
+
+    return _lowrank_tiled_kernel, _lowrank_splitk_kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Launcher: static config table, cached workspace, light launch path
+# ---------------------------------------------------------------------------------------------
+
+# M <= DECODE_MAX_M takes the split-K decode kernel. 256 is where BASELINES 1 stops being
+# launch-bound (M = 256 costs barely more than M = 1 for both torch paths); to be confirmed by the
+# benchmark. Tests lower it to reach both kernels with small shapes.
+DECODE_MAX_M = 256
+# Programs per phase, in units of the SM count: two CTAs per SM keep enough loads in flight to
+# approach HBM bandwidth with the small tiles decode uses.
+PROGRAMS_PER_SM = 2
+# Each phase-1 program reduces at least this many `in` columns, so its fixed costs (ticket
+# atomic, fp32 partial write) stay small next to the `a` bytes it reads.
+MIN_K_CHUNK = 128
+# At most this many fp32 partials (split x row) per phase-2 program: phase 2 re-reads them per
+# column group, so they must stay below the size of the b tiles each group streams.
+MAX_PARTIAL_ROWS = 256
+# Splits never exceed this: beyond it the partial reduction serializes phase 2.
+MAX_SPLIT = 64
+# SM count the interpreter plans for (there is no GPU to ask): small, so that CPU tests exercise
+# multi-split, multi-group grids with few programs.
+INTERPRETER_SMS = 4
+
+
+@dataclass(frozen=True)
+class _Config:
+    """One launch plan: the scheme, block sizes, and the grid split."""
+
+    scheme: str  # "splitk" or "tiled"
+    block_m: int
+    block_k: int
+    block_n: int
+    r_pad: int
+    n_split: int
+    k_chunk: int
+    n_groups: int
+    num_warps: int
+    num_stages: int
+    grid: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Config:
+    """The static config table, keyed by (M bucket, in, out, r, dtype) through its arguments."""
+    # tl.dot needs every dimension >= 16 and tl.arange a power of two.
+    r_pad = max(16, _next_pow2(r))
+    wide = dtype == torch.float32  # fp32 tiles take twice the shared memory per element
+    # Rank-side tiles: R_PAD x BLOCK_K of a and BLOCK_N x R_PAD of b stay <= 32 KB (16-bit)
+    # per pipeline stage, so three stages fit in shared memory next to the x tile.
+    block_k = 64 if r_pad <= 256 else 32
+    block_n = 64 if r_pad <= 256 else 32
+    if wide:
+        block_k, block_n = max(16, block_k // 2), max(16, block_n // 2)
+    # Two stages for fp32 (twice the bytes per tile), three otherwise: enough loads in flight to
+    # cover HBM latency within the shared-memory budget.
+    num_stages = 2 if wide else 3
+    target = PROGRAMS_PER_SM * sms
+    if 0 < m <= DECODE_MAX_M:
+        # Rows of the M tile: just enough for M (>= 16 for tl.dot), capped so the fp32 h tile
+        # (BLOCK_M x R_PAD) stays <= 16K elements = 64 registers per thread at 8 warps.
+        block_m = min(max(16, _next_pow2(m)), 64, max(16, 16384 // r_pad))
+        n_m = -(-m // block_m)
+        rows = min(m, block_m)
+        n_split = min(
+            max(1, k // MIN_K_CHUNK), max(1, target // n_m), max(1, MAX_PARTIAL_ROWS // rows), MAX_SPLIT
+        )
+        k_chunk = -(-(-(-k // n_split)) // block_k) * block_k  # ceil(k / n_split), rounded up to BLOCK_K
+        n_split = max(1, -(-k // k_chunk))  # no empty splits
+        n_groups = min(-(-n // block_n), max(1, target // n_m))
+        grid = n_m * (n_split + n_groups)
+        scheme = "splitk"
+    else:
+        # Larger M tiles re-read `a` (from L2) fewer times; cap the fp32 h tile at 16K elements.
+        block_m = min(64, max(16, 16384 // r_pad))
+        n_m = -(-m // block_m)
+        n_tiles = -(-n // block_n)
+        # Recompute h in a few column groups only when the GPU would otherwise idle and in <= out
+        # (BASELINES 1b: recomputation loses when in > out).
+        n_groups = max(1, min(n_tiles, sms // max(1, n_m))) if k <= n else 1
+        n_split, k_chunk = 1, k
+        grid = n_m * n_groups
+        scheme = "tiled"
+    # 8 warps once the fp32 accumulator passes 4K elements (keeps it <= 64 registers/thread).
+    num_warps = 8 if block_m * r_pad > 4096 else 4
+    return _Config(scheme, block_m, block_k, block_n, r_pad, n_split, k_chunk, n_groups, num_warps, num_stages, grid)
+
+
+@functools.cache
+def _cached_plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int, tunables: tuple) -> _Config:
+    return _plan(m, k, n, r, dtype, sms)
+
+
+def plan_lowrank(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> _Config:
+    """The launch plan for an (m x k) input, rank r, n outputs: cached per key, no autotuning."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else INTERPRETER_SMS
+    # The module-level tunables are part of the key, so tests (and tuning runs) can move them.
+    tunables = (DECODE_MAX_M, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_PARTIAL_ROWS, MAX_SPLIT)
+    return _cached_plan(m, k, n, r, dtype, sms, tunables)
+
+
+class _Workspace:
+    """fp32 partials + three int32 counters for the split-K kernel, one set per device.
+
+    Allocated (counters zeroed) on the first call for a device and grown only when a larger M
+    needs more room; the kernel resets the counters itself, so later calls and CUDA-graph replays
+    need no host work. Buffers that were outgrown are kept alive, because a CUDA graph captured
+    earlier still points at them. One set per device means one split-K launch in flight per
+    device: launches on two streams of one device must not overlap.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._buffers.get(device)
+        if entry is not None and entry[0].numel() >= numel:
+            return entry
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Zeroing the counters here would be recorded into the graph, not run now.
+            raise RuntimeError(
+                "lowrank_linear needs its workspace before CUDA-graph capture: call it once, outside "
+                f"the capture, with the largest M the graph will use (M = {numel} partial elements needed)"
+            )
+        if entry is not None:
+            self._retired.append(entry[0])
+            counters = entry[1]
+        else:
+            counters = torch.zeros(3, dtype=torch.int32, device=device)
+        # 64K floats (256 KB) at least, so that small M never triggers a regrowth.
+        partials = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
+        self._buffers[device] = (partials, counters)
+        return partials, counters
+
+
+_WORKSPACE = _Workspace()
+
+
+class _FastLauncher:
+    """Launch a compiled kernel again without Triton's per-call argument binding.
+
+    The first launch for a key goes through ``kernel[grid](...)`` (compiles, returns the compiled
+    kernel); later launches call the compiled kernel directly. The key holds everything Triton
+    specializes on (pointer alignment to 16 bytes, integers equal to 1 or divisible by 16), so a
+    reused binary always matches. Any launch error turns the fast path off for good and falls
+    back to the ordinary path.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple, object] = {}
+        self.enabled = True
+
+    @staticmethod
+    def _spec(args: tuple) -> tuple:
+        out = []
+        for v in args:
+            if isinstance(v, torch.Tensor):
+                out.append(v.data_ptr() % 16 == 0)
+            elif isinstance(v, int):
+                out.append((v == 1, v % 16 == 0))
+            else:
+                out.append(v is None)
+        return tuple(out)
+
+    def __call__(self, kernel, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device):
+        if device.type != "cuda" or not self.enabled:
+            kernel[grid](*args, **constexprs, **options)
+            return
+        key = (kernel, grid, tuple(constexprs.values()), tuple(options.values()), self._spec(args))
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            try:
+                compiled[grid](*args, *constexprs.values())
+                return
+            except Exception:  # noqa: BLE001 - an unknown Triton launch API: use the ordinary path
+                self.enabled = False
+                self._compiled.clear()
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            self._compiled[key] = compiled
+
+
+_LAUNCH = _FastLauncher()
+
+
+def _precisions(dtype: torch.dtype) -> tuple[bool, str, str]:
+    """(keep h in fp32, first-dot precision, second-dot precision); see the module docstring.
+
+    Precision only matters for fp32 operands; 16-bit operands get Triton's CUDA default ("tf32"),
+    which leaves them untouched.
+    """
+    if dtype == torch.float32:
+        return True, "ieee", "ieee"
+    if dtype == torch.float16:
+        return True, "tf32", "tf32"  # second dot: fp32 h x fp32-upcast b on TF32 tensor cores
+    return False, "tf32", "tf32"  # bf16: both dots bf16 x bf16 with fp32 accumulation
+
+
+def lowrank_linear_triton(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Triton forward: inputs checked by the caller; fp32 / fp16 / bf16 on CUDA or the interpreter."""
+    if x.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the Triton kernel takes float32, float16 or bfloat16; got {x.dtype}")
+    r, k = a.shape
+    n = b.shape[0]
+    lead = x.shape[:-1]
+    if r == 0:
+        if bias is None:
+            return x.new_zeros(*lead, n)
+        return bias.expand(*lead, n).clone()
+    x2 = x.reshape(-1, k)  # a view whenever the leading dims can be flattened
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    if k == 0:
+        y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+        return y.reshape(*lead, n)
+    # The kernels index the feature dims with unit stride (vectorized loads); a copy happens only
+    # for an x / a / b whose last dim is itself strided.
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    cfg = plan_lowrank(m, k, n, r, x.dtype, x.device)
+    h_fp32, prec1, prec2 = _precisions(x.dtype)
+    tiled, splitk = _kernels()
+    bias_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
+    constexprs = {
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n, "R_PAD": cfg.r_pad,
+        "H_FP32": h_fp32, "PREC1": prec1, "PREC2": prec2, "HAS_BIAS": bias is not None,
+    }
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    strides = (x2.stride(0), a.stride(0), b.stride(0), y.stride(0))
+    if cfg.scheme == "tiled":
+        args = (x2, a, b, bias_arg, y, m, k, n, r, *strides, cfg.n_groups)
+        _LAUNCH(tiled, (cfg.grid,), args, constexprs, options, x.device)
+    else:
+        n_m = -(-m // cfg.block_m)
+        ws, counters = _WORKSPACE.get(x.device, n_m * cfg.n_split * cfg.block_m * cfg.r_pad)
+        args = (x2, a, b, bias_arg, y, ws, counters, m, k, n, r, *strides, cfg.n_split, cfg.k_chunk, cfg.n_groups)
+        _LAUNCH(splitk, (cfg.grid,), args, constexprs, options, x.device)
+    return y.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Torch reference
+# ---------------------------------------------------------------------------------------------
+
+
 def lowrank_linear_reference(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -62,13 +508,91 @@ def lowrank_linear_reference(
     return y.to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. Autograd: torch in the backward (five GEMM-shaped products of which only the tiny M x r ones
+#    could fuse; cuBLAS runs the large ones at its best, so a Triton backward does not pay here).
+# ---------------------------------------------------------------------------------------------
+
+
+def _lowrank_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, has_bias: bool,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``y = (x @ a.T) @ b.T + bias`` for x, a, b, bias, in fp32 like the reference."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    k = a.shape[1]
+    n = b.shape[0]
+    g = grad_y.reshape(-1, n).to(compute)
+    x2 = x.reshape(-1, k).to(compute)
+    ac, bc = a.to(compute), b.to(compute)
+    grad_h = g @ bc  # (M, r)
+    grad_x = (grad_h @ ac).to(x.dtype).reshape(x.shape) if needs[0] else None
+    grad_a = (grad_h.T @ x2).to(a.dtype) if needs[1] else None
+    grad_b = (g.T @ (x2 @ ac.T)).to(b.dtype) if needs[2] else None
+    grad_bias = g.sum(0).to(grad_y.dtype) if (has_bias and needs[3]) else None
+    return grad_x, grad_a, grad_b, grad_bias
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    """Eager autograd path: the Triton forward plus :func:`_lowrank_backward`."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, bias):
+        ctx.save_for_backward(x, a, b)
+        ctx.has_bias = bias is not None
+        return lowrank_linear_triton(x, a, b, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, a, b = ctx.saved_tensors
+        return _lowrank_backward(grad_y, x, a, b, ctx.has_bias, tuple(ctx.needs_input_grad))
+
+
+@torch.library.custom_op("fasttrunc::lowrank_linear", mutates_args=())
+def _lowrank_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return lowrank_linear_triton(x, a, b, bias)
+
+
+@_lowrank_op.register_fake
+def _(x, a, b, bias):
+    return x.new_empty(*x.shape[:-1], b.shape[0])
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, a, b, bias = inputs
+    ctx.save_for_backward(x, a, b)
+    ctx.has_bias = bias is not None
+
+
+def _op_backward(ctx, grad_y):
+    x, a, b = ctx.saved_tensors
+    return _lowrank_backward(grad_y, x, a, b, ctx.has_bias, tuple(ctx.needs_input_grad))
+
+
+_lowrank_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Public functional
+# ---------------------------------------------------------------------------------------------
+
+
 def lowrank_linear(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``y = (x @ a.T) @ b.T + bias`` for x of shape ``(..., in)``, a ``(r, in)``, b ``(out, r)``.
 
     Differentiable in x, a, b and bias. Rank 0 (``a`` of shape ``(0, in)``) gives the bias
-    broadcast (zeros without one).
+    broadcast (zeros without one). CUDA tensors (fp32 / fp16 / bf16) run the fused Triton
+    kernel; CPU tensors run the torch reference unless Triton's interpreter is on; fp64 always
+    runs the reference. ``FASTTRUNC_BACKEND=torch|triton`` overrides (see ``kernels/_backend.py``).
     """
     check_lowrank_inputs(x, a, b, bias)
-    return lowrank_linear_reference(x, a, b, bias)
+    if x.dtype not in _TRITON_DTYPES or not use_triton(x):
+        return lowrank_linear_reference(x, a, b, bias)
+    if torch.compiler.is_compiling():
+        return _lowrank_op(x, a, b, bias)  # opaque to the compiler, with a fake impl for tracing
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias)):
+        return _LowRankLinearFunction.apply(x, a, b, bias)
+    # Inference: no autograd node, the lightest eager path (launch cost is most of decode's time).
+    return lowrank_linear_triton(x, a, b, bias)
