@@ -62,6 +62,7 @@ fp64 always uses the torch reference.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,8 @@ def _kernels():
     import triton.language as tl
 
     # The kernels resolve the helpers they call through this module's globals.
-    global _first_product, _second_product, _lowrank_tiled_kernel, _lowrank_splitk_kernel
+    global _first_product, _load_b, _out_tile, _cast_h, _second_product
+    global _lowrank_tiled_kernel, _lowrank_splitk_kernel
 
     @triton.jit
     def _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
@@ -130,7 +132,7 @@ def _kernels():
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < k_hi
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None],
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)
@@ -138,30 +140,41 @@ def _kernels():
         return h
 
     @triton.jit
+    def _load_b(b_ptr, cols, N, R, stride_bn, R_PAD: tl.constexpr, H_FP32: tl.constexpr):
+        # The (R_PAD, BLOCK_N) tile b[cols, :].T, upcast to fp32 when h stays fp32.
+        offs_r = tl.arange(0, R_PAD)
+        bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None],
+                     mask=(offs_r < R)[:, None] & (cols < N)[None, :], other=0.0)
+        if H_FP32:
+            bt = bt.to(tl.float32)
+        return bt
+
+    @triton.jit
+    def _out_tile(hc, bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym,
+                  PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # y[rows, cols] = hc @ bt (+ bias[cols]), fp32 accumulation, one cast on store.
+        acc = tl.dot(hc, bt, input_precision=PREC2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+    @triton.jit
+    def _cast_h(h, y_ptr, H_FP32: tl.constexpr):
+        if H_FP32:
+            return h
+        return h.to(y_ptr.dtype.element_ty)  # the one cast of the intermediate
+
+    @triton.jit
     def _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, n_groups,
                         BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, H_FP32: tl.constexpr,
                         PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
         # y[rows, n] = h @ b[n, :].T (+ bias[n]) for the out tiles group, group + n_groups, ...
-        offs_r = tl.arange(0, R_PAD)
-        offs_n = tl.arange(0, BLOCK_N)
-        r_ok = offs_r < R
-        row_ok = rows < M
-        if H_FP32:
-            hc = h
-        else:
-            hc = h.to(y_ptr.dtype.element_ty)  # the one cast of the intermediate
+        hc = _cast_h(h, y_ptr, H_FP32)
         for n0 in range(group * BLOCK_N, N, n_groups * BLOCK_N):
-            cols = n0 + offs_n
-            n_ok = cols < N
-            bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None],
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            if H_FP32:
-                bt = bt.to(tl.float32)
-            acc = tl.dot(hc, bt, input_precision=PREC2)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & n_ok[None, :])
+            cols = n0 + tl.arange(0, BLOCK_N)
+            bt = _load_b(b_ptr, cols, N, R, stride_bn, R_PAD, H_FP32)
+            _out_tile(hc, bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym, PREC2, HAS_BIAS)
 
     @triton.jit
     def _lowrank_tiled_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, M, K, N, R,
@@ -184,7 +197,7 @@ def _kernels():
                                stride_xm, stride_ar, stride_bn, stride_ym, N_SPLIT, K_CHUNK, N_GROUPS,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                R_PAD: tl.constexpr, H_FP32: tl.constexpr, PREC1: tl.constexpr,
-                               PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+                               PREC2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH_B: tl.constexpr):
         # counters: [0] tickets taken, [1] phase-1 programs done, [2] phase-2 programs done.
         n_m = tl.cdiv(M, BLOCK_M)
         n_phase1 = n_m * N_SPLIT
@@ -211,6 +224,11 @@ def _kernels():
             group = job % N_GROUPS
             rows = m_tile * BLOCK_M + offs_m
             row_ok = (rows < M)[:, None]
+            if PREFETCH_B:
+                # One out tile per program: fetch its b tile before waiting, hiding that load
+                # behind phase 1.
+                cols = group * BLOCK_N + tl.arange(0, BLOCK_N)
+                bt = _load_b(b_ptr, cols, N, R, stride_bn, R_PAD, H_FP32)
             while tl.atomic_add(counters_ptr + 1, 0, sem="acquire") < n_phase1:
                 pass
             h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -218,8 +236,11 @@ def _kernels():
                 slot = ws_ptr + ((m_tile * N_SPLIT + split) * BLOCK_M + offs_m[:, None]) * R_PAD + offs_r[None, :]
                 # .cg: read through L2, never a stale L1 line of another SM's partial
                 h += tl.load(slot, mask=row_ok, other=0.0, cache_modifier=".cg")
-            _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
-                            BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
+            if PREFETCH_B:
+                _out_tile(_cast_h(h, y_ptr, H_FP32), bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym, PREC2, HAS_BIAS)
+            else:
+                _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
+                                BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
             finished = tl.atomic_add(counters_ptr + 2, 1)
             if finished == n_phase2 - 1:
                 # Last program out: every ticket is taken and every partial consumed; reset for
@@ -245,9 +266,6 @@ PROGRAMS_PER_SM = 2
 # Each phase-1 program reduces at least this many `in` columns, so its fixed costs (ticket
 # atomic, fp32 partial write) stay small next to the `a` bytes it reads.
 MIN_K_CHUNK = 128
-# At most this many fp32 partials (split x row) per phase-2 program: phase 2 re-reads them per
-# column group, so they must stay below the size of the b tiles each group streams.
-MAX_PARTIAL_ROWS = 256
 # Splits never exceed this: beyond it the partial reduction serializes phase 2.
 MAX_SPLIT = 64
 # SM count the interpreter plans for (there is no GPU to ask): small, so that CPU tests exercise
@@ -270,6 +288,7 @@ class _Config:
     num_warps: int
     num_stages: int
     grid: int
+    prefetch_b: bool  # split-K: each phase-2 program owns one out tile and loads it before waiting
 
 
 def _next_pow2(n: int) -> int:
@@ -285,16 +304,11 @@ def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Conf
     """The static config table, keyed by (M bucket, in, out, r, dtype) through its arguments."""
     # tl.dot needs every dimension >= 16 and tl.arange a power of two.
     r_pad = max(16, _next_pow2(r))
-    wide = dtype == torch.float32  # fp32 tiles take twice the shared memory per element
-    # Rank-side tiles: R_PAD x BLOCK_K of a and BLOCK_N x R_PAD of b stay <= 32 KB (16-bit)
-    # per pipeline stage, so three stages fit in shared memory next to the x tile.
-    block_k = 64 if r_pad <= 256 else 32
-    block_n = 64 if r_pad <= 256 else 32
-    if wide:
-        block_k, block_n = max(16, block_k // 2), max(16, block_n // 2)
-    # Two stages for fp32 (twice the bytes per tile), three otherwise: enough loads in flight to
-    # cover HBM latency within the shared-memory budget.
-    num_stages = 2 if wide else 3
+    itemsize = 4 if dtype == torch.float32 else 2
+    # Rank-side tiles (R_PAD x BLOCK_K of a, BLOCK_N x R_PAD of b) stay <= 32 KB per pipeline
+    # stage: 64 columns up to R_PAD = 256 (16-bit), halved per doubling of R_PAD or of the
+    # element size, never below tl.dot's 16.
+    block_k = block_n = max(16, min(64, (32 * 1024) // (r_pad * itemsize)))
     target = PROGRAMS_PER_SM * sms
     if 0 < m <= DECODE_MAX_M:
         # Rows of the M tile: just enough for M (>= 16 for tl.dot), capped so the fp32 h tile
@@ -302,12 +316,14 @@ def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Conf
         block_m = min(max(16, _next_pow2(m)), 64, max(16, 16384 // r_pad))
         n_m = -(-m // block_m)
         rows = min(m, block_m)
-        n_split = min(
-            max(1, k // MIN_K_CHUNK), max(1, target // n_m), max(1, MAX_PARTIAL_ROWS // rows), MAX_SPLIT
-        )
+        n_groups = min(-(-n // block_n), max(1, target // n_m))
+        # A program's critical path is about A / n_split (its share of a's bytes in phase 1) plus
+        # n_split * P (phase 2 re-reads every split's fp32 partial, P = rows x R x 4 bytes):
+        # minimal at n_split = sqrt(A / P).
+        balance = round(math.sqrt((k * r * itemsize) / (rows * r_pad * 4)))
+        n_split = max(1, min(balance, k // MIN_K_CHUNK, target // n_m, MAX_SPLIT))
         k_chunk = -(-(-(-k // n_split)) // block_k) * block_k  # ceil(k / n_split), rounded up to BLOCK_K
         n_split = max(1, -(-k // k_chunk))  # no empty splits
-        n_groups = min(-(-n // block_n), max(1, target // n_m))
         grid = n_m * (n_split + n_groups)
         scheme = "splitk"
     else:
@@ -323,7 +339,15 @@ def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Conf
         scheme = "tiled"
     # 8 warps once the fp32 accumulator passes 4K elements (keeps it <= 64 registers/thread).
     num_warps = 8 if block_m * r_pad > 4096 else 4
-    return _Config(scheme, block_m, block_k, block_n, r_pad, n_split, k_chunk, n_groups, num_warps, num_stages, grid)
+    # Up to three stages (loads in flight to cover HBM latency) while the pipelined operand
+    # buffers stay <= 96 KB: that leaves room for the layout conversion of h (up to 64 KB)
+    # within an A100's 164 KB of shared memory per SM (227 KB on H100 / H200).
+    per_stage = (max(block_k, block_n) * r_pad + block_m * block_k) * itemsize
+    num_stages = max(1, min(3, (96 * 1024) // per_stage))
+    prefetch_b = scheme == "splitk" and n_groups * block_n >= n
+    return _Config(
+        scheme, block_m, block_k, block_n, r_pad, n_split, k_chunk, n_groups, num_warps, num_stages, grid, prefetch_b
+    )
 
 
 @functools.cache
@@ -336,7 +360,7 @@ def plan_lowrank(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: tor
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
     # The module-level tunables are part of the key, so tests (and tuning runs) can move them.
-    tunables = (DECODE_MAX_M, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_PARTIAL_ROWS, MAX_SPLIT)
+    tunables = (DECODE_MAX_M, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_SPLIT)
     return _cached_plan(m, k, n, r, dtype, sms, tunables)
 
 
@@ -484,7 +508,7 @@ def lowrank_linear_triton(
         n_m = -(-m // cfg.block_m)
         ws, counters = _WORKSPACE.get(x.device, n_m * cfg.n_split * cfg.block_m * cfg.r_pad)
         args = (x2, a, b, bias_arg, y, ws, counters, m, k, n, r, *strides, cfg.n_split, cfg.k_chunk, cfg.n_groups)
-        _LAUNCH(splitk, (cfg.grid,), args, constexprs, options, x.device)
+        _LAUNCH(splitk, (cfg.grid,), args, {**constexprs, "PREFETCH_B": cfg.prefetch_b}, options, x.device)
     return y.reshape(*lead, n)
 
 

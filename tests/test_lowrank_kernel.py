@@ -78,23 +78,40 @@ def test_matches_reference(scheme, dtype, m, k, n, r):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wide_rank_and_many_rows(dtype):
-    """r = 300 pads to 512 (narrow tiles); M = 300 > DECODE_MAX_M takes the tiled kernel by default."""
+def test_wide_rank_and_many_rows(scheme, dtype):
+    """r = 300 pads to 512 (narrow tiles, h tile capped at 32 rows): M = 300 spans many M tiles."""
     x, a, b, bias = _operands(300, 70, 45, 300, dtype)
-    assert lk.plan_lowrank(300, 70, 45, 300, dtype, DEVICE).scheme == "tiled"
+    cfg = lk.plan_lowrank(300, 70, 45, 300, dtype, DEVICE)
+    assert cfg.scheme == scheme and -(-300 // cfg.block_m) > 1
     assert _rel_err(fasttrunc.lowrank_linear(x, a, b, bias), x, a, b, bias) < RTOL[dtype]
 
 
-def test_splitk_grid_is_reusable_and_deterministic(monkeypatch):
-    """The kernel resets its counters: repeated calls (different shapes too) agree bit for bit."""
+def test_default_threshold_routes_by_rows():
+    assert lk.plan_lowrank(lk.DECODE_MAX_M, 64, 64, 8, torch.float16, DEVICE).scheme == "splitk"
+    assert lk.plan_lowrank(lk.DECODE_MAX_M + 1, 64, 64, 8, torch.float16, DEVICE).scheme == "tiled"
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_splitk_grid_is_reusable_and_deterministic(monkeypatch, prefetch):
+    """The kernel resets its counters: repeated calls (different shapes too) agree bit for bit.
+
+    With one program per SM, phase 2 has fewer programs than out tiles and loops over them
+    instead of prefetching its single b tile.
+    """
     monkeypatch.setattr(lk, "DECODE_MAX_M", 1 << 30)
-    x, a, b, bias = _operands(17, 100, 33, 7, torch.float32)
-    cfg = lk.plan_lowrank(17, 100, 33, 7, torch.float32, DEVICE)
-    assert cfg.n_split > 1 and cfg.n_groups > 1
+    n = 100 if prefetch else 200
+    if not prefetch:  # 2 programs per phase: 2 column groups for 4 out tiles of 64
+        monkeypatch.setattr(lk, "PROGRAMS_PER_SM", 1)
+        monkeypatch.setattr(lk, "INTERPRETER_SMS", 2)
+    x, a, b, bias = _operands(17, 100, n, 7, torch.float32)
+    cfg = lk.plan_lowrank(17, 100, n, 7, torch.float32, DEVICE)
+    if not NATIVE:  # the SM count of a real GPU decides the grid there
+        assert cfg.n_split > 1 and cfg.n_groups > 1 and cfg.prefetch_b == prefetch
     y1 = fasttrunc.lowrank_linear(x, a, b, bias)
     y_other = fasttrunc.lowrank_linear(x[:3, :], a, b, None)
     y2 = fasttrunc.lowrank_linear(x, a, b, bias)
     assert torch.equal(y1, y2)
+    assert _rel_err(y1, x, a, b, bias) < RTOL[torch.float32]
     assert _rel_err(y_other, x[:3], a, b, None) < RTOL[torch.float32]
     _, counters = lk._WORKSPACE.get(DEVICE, 1)
     assert counters.tolist() == [0, 0, 0]
