@@ -26,8 +26,16 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# find_spec costs microseconds per call and an eager decode step asks once per layer: the answer
+# is kept after the first call (a plain global, which torch.compile traces without warnings).
+_TRITON_FOUND: bool | None = None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def requested_backend() -> str | None:
