@@ -1,1 +1,94 @@
-"""Commands of this module are registered on the apps in fasttrunc.cli.apps."""
+"""``fasttrunc run recall``: the noisy in-context recall experiment (fasttrunc.experiments.recall)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from fasttrunc.cli._common import emit, make_table, progress_bar, user_errors
+from fasttrunc.cli.apps import run_app
+
+
+def _tables(result: Any) -> list:
+    full, effect = result.full, result.effect
+    rows = [["full model", "-", "-", full["accuracy"], full["p_answer"], full["p_noise"], full["probe_margin"]]]
+    rows += [[c["matrix"], f"{c['rho']:g}", c["rank"], c["accuracy"], c["p_answer"], c["p_noise"], c["probe_margin"]] for c in result.cells]
+    grid = make_table(
+        f"Noisy in-context recall: {result.n_eval_positions} clean trigger positions",
+        ["truncated", "rho", "rank", "accuracy", "P(ybar)", "P(noise)", "FF2 probe"],
+        rows,
+    )
+    grid.caption = (
+        f"alpha {result.config['alpha']:g}, {result.config['steps']} steps, {result.seconds:.0f} s. Removing FF2: "
+        f"P(noise) {effect['p_noise_full']:.3f} -> {effect['p_noise_without_ff2']:.3f}, accuracy "
+        f"{effect['accuracy_full']:.3f} -> {effect['accuracy_without_ff2']:.3f}: effect "
+        + ("shown." if effect["shown"] else "NOT shown.")
+    )
+    tables = [grid]
+    dynamics = result.dynamics
+    if dynamics is not None:
+        short = {
+            "accuracy_full": "acc", "accuracy_no_ff2": "acc-FF2", "p_noise_full": "Pnoise", "p_noise_no_ff2": "Pnoise-FF2",
+            "ff2_noise_share": "FF2 share", "probe_margin": "probe", "attention_mass": "attn",
+        }
+        series, appears = dynamics["series"], dynamics["appears"]
+        names = [n for n in short if n in series]
+        curves = make_table(
+            "Training dynamics on clean data",
+            ["step"] + [short[n] for n in names],
+            [[step] + [series[n][i] for n in names] for i, step in enumerate(dynamics["steps"])]
+            + [["t_half"] + ["-" if appears[n] is None else str(appears[n]) for n in names]],
+        )
+        answer = {True: "yes", False: "no", None: "undecided"}[dynamics["ff2_noise_before_in_context"]]
+        curves.caption = (
+            "-FF2: FF2 removed; FF2 share: P(noise) minus P(noise) without FF2; attn: layer-2 attention from "
+            "the trigger onto positions after earlier triggers; t_half: first step a curve has risen half "
+            f"way to its final value. FF2's noise association before the in-context mechanism: {answer}."
+        )
+        tables.append(curves)
+    return tables
+
+
+def _plots(result: Any, out: Path) -> list[Path]:
+    from fasttrunc import plots
+
+    paths = [plots.plot_recall_truncation(result, out / "recall_truncation.png")]
+    if result.dynamics is not None:
+        paths.append(plots.plot_recall_dynamics(result, out / "recall_dynamics.png"))
+    return paths
+
+
+HELP = (
+    "Train the two-layer toy transformer on noisy in-context recall, then measure how truncating "
+    "each feed-forward matrix changes its predictions.\n\n"
+    "After each trigger token the training data holds the sequence's answer with probability "
+    "1 - alpha and a fixed noise token with probability alpha. The trained model is evaluated on "
+    "clean sequences at trigger positions: as it is, and with W1 or W2 of either feed-forward layer "
+    "cut to rank int(rho * d) for rho in 0, 0.1, 0.2, 0.5 and 1. The quick preset runs in about a "
+    "minute on a CPU; the paper preset is the paper's size and wants a GPU."
+)
+
+
+@run_app.command("recall", help=HELP)
+@user_errors
+def recall(
+    preset: str = typer.Option("quick", "--preset", help="Sizes and schedule to start from: quick (CPU, default) or paper (GPU)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Probability of the noise token after a trigger in training data, in [0, 1]; the preset's 0.5 by default."),
+    steps: int | None = typer.Option(None, "--steps", help="Number of SGD steps; the preset's value by default."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the model and the training order."),
+    device: str = typer.Option("cpu", "--device", help="Device to train on, such as cpu or cuda:0."),
+    track_every: int | None = typer.Option(None, "--track-every", help="Measure the training dynamics on clean data every K steps and report them."),
+    out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
+) -> None:
+    from fasttrunc.experiments.common import resolve_device
+    from fasttrunc.experiments.recall import RecallConfig, run
+
+    config = RecallConfig.from_preset(preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every)
+    config.validate()
+    resolve_device(config.device)
+    with progress_bar(not as_json) as progress:
+        result = run(config, progress)
+    emit(result, as_json=as_json, out=out, tables=_tables, plots=_plots)

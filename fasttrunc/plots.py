@@ -28,6 +28,49 @@ def _save(fig, path: Path) -> Path:
 # --- noisy in-context recall -------------------------------------------------------------------
 
 
+def plot_recall_truncation(result, path: Path) -> Path:
+    """Accuracy and P(noise) against rho, one line per truncated FF matrix, the full model dashed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "accuracy", "accuracy of ybar"), (axes[1], "p_noise", "mean P(noise)")):
+        for matrix in dict.fromkeys(c["matrix"] for c in result.cells):
+            cells = sorted((c for c in result.cells if c["matrix"] == matrix), key=lambda c: c["rho"])
+            ax.plot([c["rho"] for c in cells], [c[key] for c in cells], marker="o", label=matrix)
+        ax.axhline(result.full[key], color="black", linestyle="--", linewidth=1, label="full model")
+        ax.set_xlabel("rho (fraction of rank kept)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Noisy in-context recall: truncating one FF matrix (clean data, alpha {result.config['alpha']:g})")
+    return _save(fig, path)
+
+
+def plot_recall_dynamics(result, path: Path) -> Path:
+    """Training curves on clean data: accuracy, P(noise), FF2's share of the noise, attention mass, probe."""
+    plt = _pyplot()
+    dyn = result.dynamics
+    steps, series, appears = dyn["steps"], dyn["series"], dyn["appears"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (
+        (axes[0], ("accuracy_full", "accuracy_no_ff2"), "accuracy of ybar"),
+        (axes[1], ("p_noise_full", "p_noise_no_ff2", "ff2_noise_share", "attention_mass"), "probability / attention mass"),
+        (axes[2], ("probe_margin",), "FF2 probe: noise logit margin"),
+    )
+    for ax, names, ylabel in panels:
+        for name in names:
+            (line,) = ax.plot(steps, series[name], label=name)
+            if appears.get(name) is not None:
+                ax.axvline(appears[name], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    first = {True: "yes", False: "no", None: "undecided"}[dyn["ff2_noise_before_in_context"]]
+    fig.suptitle(f"Training dynamics (dotted: step where each curve has risen half way to its final value); FF2 noise first: {first}")
+    return _save(fig, path)
+
+
 # --- associative memory ------------------------------------------------------------------------
 
 
@@ -82,3 +125,78 @@ def _memory_truncation(result, out: Path) -> Path:
 
 
 # --- Pythia / LASER sweeps ---------------------------------------------------------------------
+
+
+_CHECKPOINT_SERIES = (("mean_p_correct", "P(correct)"), ("mean_p_the", 'P(" the")'), ("mean_p_subject", "P(S)"))
+
+
+def _checkpoint_lines(revisions: list[str], before: list, after: list, after_label: str, title: str, path: Path) -> Path:
+    """P(correct), P(" the"), P(S) per checkpoint, solid without and dashed with the truncation."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = list(range(len(revisions)))
+    for (key, label), color in zip(_CHECKPOINT_SERIES, ("tab:green", "tab:red", "tab:blue")):
+        base = [getattr(m, key) for m in before]
+        if any(v is None for v in base):
+            continue
+        ax.plot(x, base, "o-", color=color, label=f"{label} baseline")
+        ax.plot(x, [getattr(m, key) for m in after], "s--", color=color, label=f"{label} {after_label}")
+    ax.set_xticks(x, revisions, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("mean probability")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def pythia_plots(result, out: Path) -> list[Path]:
+    """Bars of baseline vs truncated for one revision; lines along checkpoints for several."""
+    cfg = result.config
+    revs = result.revisions
+    title = f"{cfg.task}: layers {list(cfg.layers)} {','.join(cfg.matrices)} rank {cfg.rank}"
+    if len(revs) > 1:
+        names = [r.revision or "default" for r in revs]
+        path = out / f"pythia_{cfg.task}_checkpoints.png"
+        return [_checkpoint_lines(names, [r.baseline for r in revs], [r.truncated for r in revs], "truncated", title, path)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series = [(label, key) for key, label in _CHECKPOINT_SERIES if getattr(revs[0].baseline, key) is not None]
+    x = list(range(len(series)))
+    ax.bar([i - 0.2 for i in x], [getattr(revs[0].baseline, k) for _, k in series], width=0.4, label="baseline")
+    ax.bar([i + 0.2 for i in x], [getattr(revs[0].truncated, k) for _, k in series], width=0.4, label="truncated")
+    ax.set_xticks(x, [label for label, _ in series])
+    ax.set_ylabel("mean probability")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return [_save(fig, out / f"pythia_{cfg.task}.png")]
+
+
+def sweep_plots(result, out: Path) -> list[Path]:
+    """One heatmap per task and revision (cells x ranks, selection metric); lines along checkpoints."""
+    plt = _pyplot()
+    cfg = result.config
+    paths = []
+    for rev in result.revisions:
+        rows = list(dict.fromkeys((c.layer, c.matrix) for c in rev.cells))
+        suffix = f"_{rev.revision}" if rev.revision else ""
+        for task in cfg.tasks:
+            grid = [
+                [getattr(c.select[task], cfg.select_by) for c in rev.cells if (c.layer, c.matrix) == row] for row in rows
+            ]
+            fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cfg.ranks), 1.2 + 0.3 * len(rows)))
+            image = ax.imshow(grid, aspect="auto", cmap="viridis")
+            fig.colorbar(image, ax=ax, label=f"{cfg.select_by} (selection prompts)")
+            ax.set_xticks(range(len(cfg.ranks)), [str(r) for r in cfg.ranks], fontsize=8)
+            ax.set_yticks(range(len(rows)), [f"L{layer} {matrix}" for layer, matrix in rows], fontsize=7)
+            ax.set_xlabel("rank kept")
+            base = getattr(rev.baseline_select[task], cfg.select_by)
+            ax.set_title(f"{task} {rev.revision or ''}: baseline {base:.3g}", fontsize=9)
+            paths.append(_save(fig, out / f"sweep_{task}{suffix}.png"))
+    if len(result.revisions) > 1:
+        names = [r.revision or "default" for r in result.revisions]
+        for task in cfg.tasks:
+            before = [r.best[task].baseline_report for r in result.revisions]
+            after = [r.best[task].report for r in result.revisions]
+            title = f"{task}: baseline vs the best cell of each checkpoint (report prompts)"
+            paths.append(_checkpoint_lines(names, before, after, "best cell", title, out / f"sweep_{task}_checkpoints.png"))
+    return paths
