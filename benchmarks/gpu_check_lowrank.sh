@@ -18,10 +18,10 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
 PY
 # Native kernels (the interpreter off): the whole file, so the CPU tests also run compiled.
-FASTTRUNC_TEST_NATIVE=1 timeout 240 python -m pytest -q -x -p no:cacheprovider \
+FASTTRUNC_TEST_NATIVE=1 timeout 180 python -m pytest -q -x -p no:cacheprovider \
     tests/test_lowrank_kernel.py 2>&1 | tail -n 40 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 420 python benchmarks/bench_lowrank.py $quick --json "$out/lowrank.json" \
+timeout 380 python benchmarks/bench_lowrank.py $quick --json "$out/lowrank.json" \
     2>"$out/bench_stderr.txt" | tee "$out/table.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "tests exit $tests_rc, bench exit $bench_rc"

@@ -73,10 +73,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _operands_fit(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The common case of :func:`check_lowrank_inputs`, in few cheap comparisons (eager decode)."""
+    if a.dim() != 2 or b.dim() != 2 or x.dim() < 1:
+        return False
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOAT_DTYPES or a.dtype is not dtype or b.dtype is not dtype:
+        return False
+    if a.device != device or b.device != device or x.shape[-1] != a.shape[1] or b.shape[1] != a.shape[0]:
+        return False
+    return bias is None or (
+        bias.dtype is dtype and bias.device == device and bias.dim() == 1 and bias.shape[0] == b.shape[0]
+    )
+
+
 def check_lowrank_inputs(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
 ) -> None:
     """Raise a one-line ValueError when the operands of the low-rank linear do not fit together."""
+    if _operands_fit(x, a, b, bias):
+        return
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(
             f"a must be (rank, in) and b (out, rank); got a {tuple(a.shape)} and b {tuple(b.shape)}"
@@ -260,6 +276,9 @@ def _kernels():
 # launch-bound (M = 256 costs barely more than M = 1 for both torch paths); to be confirmed by the
 # benchmark. Tests lower it to reach both kernels with small shapes.
 DECODE_MAX_M = 256
+# None, "splitk" or "tiled": run every M with one kernel. Tests use it to reach both kernels with
+# small shapes; the benchmark times both schemes at every cell to check DECODE_MAX_M.
+FORCE_SCHEME: str | None = None
 # Programs per phase, in units of the SM count: two CTAs per SM keep enough loads in flight to
 # approach HBM bandwidth with the small tiles decode uses.
 PROGRAMS_PER_SM = 2
@@ -303,6 +322,8 @@ def _sm_count(device_index: int) -> int:
 def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Config:
     """The static config table, keyed by (M bucket, in, out, r, dtype) through its arguments."""
     # tl.dot needs every dimension >= 16 and tl.arange a power of two.
+    if FORCE_SCHEME not in (None, "splitk", "tiled"):
+        raise ValueError(f"FORCE_SCHEME {FORCE_SCHEME!r} is not a scheme; allowed: None, 'splitk', 'tiled'")
     r_pad = max(16, _next_pow2(r))
     itemsize = 4 if dtype == torch.float32 else 2
     # Rank-side tiles (R_PAD x BLOCK_K of a, BLOCK_N x R_PAD of b) stay <= 32 KB per pipeline
@@ -310,7 +331,7 @@ def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Conf
     # element size, never below tl.dot's 16.
     block_k = block_n = max(16, min(64, (32 * 1024) // (r_pad * itemsize)))
     target = PROGRAMS_PER_SM * sms
-    if 0 < m <= DECODE_MAX_M:
+    if FORCE_SCHEME == "splitk" or (FORCE_SCHEME is None and m <= DECODE_MAX_M):
         # Rows of the M tile: just enough for M (>= 16 for tl.dot), capped so the fp32 h tile
         # (BLOCK_M x R_PAD) stays <= 16K elements = 64 registers per thread at 8 warps.
         block_m = min(max(16, _next_pow2(m)), 64, max(16, 16384 // r_pad))
@@ -360,7 +381,7 @@ def plan_lowrank(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: tor
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
     # The module-level tunables are part of the key, so tests (and tuning runs) can move them.
-    tunables = (DECODE_MAX_M, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_SPLIT)
+    tunables = (DECODE_MAX_M, FORCE_SCHEME, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_SPLIT)
     return _cached_plan(m, k, n, r, dtype, sms, tunables)
 
 
@@ -407,8 +428,8 @@ class _FastLauncher:
 
     The first launch for a key goes through ``kernel[grid](...)`` (compiles, returns the compiled
     kernel); later launches call the compiled kernel directly. The key holds everything Triton
-    specializes on (pointer alignment to 16 bytes, integers equal to 1 or divisible by 16), so a
-    reused binary always matches. Any launch error turns the fast path off for good and falls
+    specializes on (pointer alignment to 16 bytes, the integers themselves, the dtype and the
+    constexprs), so a reused binary always matches. Any launch error turns the fast path off for good and falls
     back to the ordinary path.
     """
 
@@ -418,21 +439,15 @@ class _FastLauncher:
 
     @staticmethod
     def _spec(args: tuple) -> tuple:
-        out = []
-        for v in args:
-            if isinstance(v, torch.Tensor):
-                out.append(v.data_ptr() % 16 == 0)
-            elif isinstance(v, int):
-                out.append((v == 1, v % 16 == 0))
-            else:
-                out.append(v is None)
-        return tuple(out)
+        # Integers as themselves (finer than Triton's ==1 / %16 classes, so still exact), tensors
+        # as "aligned to 16 bytes"; the arguments hold nothing else.
+        return tuple([v if type(v) is int else v.data_ptr() % 16 == 0 for v in args])
 
     def __call__(self, kernel, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device):
         if device.type != "cuda" or not self.enabled:
             kernel[grid](*args, **constexprs, **options)
             return
-        key = (kernel, grid, tuple(constexprs.values()), tuple(options.values()), self._spec(args))
+        key = (kernel, grid, args[0].dtype, tuple(constexprs.values()), tuple(options.values()), self._spec(args))
         compiled = self._compiled.get(key)
         if compiled is not None:
             try:

@@ -39,8 +39,8 @@ def _triton_small_tiles(monkeypatch):
 
 @pytest.fixture(params=["splitk", "tiled"])
 def scheme(request, monkeypatch):
-    """Route every M >= 1 to one kernel: DECODE_MAX_M = huge (split-K) or 0 (tiled)."""
-    monkeypatch.setattr(lk, "DECODE_MAX_M", 1 << 30 if request.param == "splitk" else 0)
+    """Route every M to one kernel."""
+    monkeypatch.setattr(lk, "FORCE_SCHEME", request.param)
     return request.param
 
 
@@ -98,7 +98,7 @@ def test_splitk_grid_is_reusable_and_deterministic(monkeypatch, prefetch):
     With one program per SM, phase 2 has fewer programs than out tiles and loops over them
     instead of prefetching its single b tile.
     """
-    monkeypatch.setattr(lk, "DECODE_MAX_M", 1 << 30)
+    monkeypatch.setattr(lk, "FORCE_SCHEME", "splitk")
     n = 100 if prefetch else 200
     if not prefetch:  # 2 programs per phase: 2 column groups for 4 out tiles of 64
         monkeypatch.setattr(lk, "PROGRAMS_PER_SM", 1)
@@ -275,6 +275,43 @@ def test_triton_launcher_rejects_fp64():
     x, a, b, bias = (t.double() for t in _operands(3, 33, 5, 7, torch.float32))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16; got torch.float64"):
         lk.lowrank_linear_triton(x, a, b, bias)
+
+
+def test_fast_launcher_reuses_binaries_only_for_matching_keys():
+    """The light launch path's bookkeeping, with stand-ins for a Triton kernel and its binary."""
+    log = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("fast", grid, args))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                log.append(("jit", grid, args))
+                return Compiled()
+
+            return launch
+
+    launcher, kernel, cuda = lk._FastLauncher(), Kernel(), torch.device("cuda")
+    t = torch.zeros(64)
+    const, opts = {"BLOCK": 16}, {"num_warps": 4}
+    launcher(kernel, (2,), (t, 5), const, opts, cuda)
+    launcher(kernel, (2,), (t, 5), const, opts, cuda)
+    launcher(kernel, (2,), (t[1:], 5), const, opts, cuda)  # misaligned pointer: another binary
+    launcher(kernel, (2,), (t, 6), const, opts, cuda)  # another integer: another binary
+    assert [entry[0] for entry in log] == ["jit", "fast", "jit", "jit"]
+    assert log[1][2] == (t, 5, 16)  # runtime arguments, then the constexpr values
+    launcher(kernel, (2,), (t, 5), {"BLOCK": 32}, opts, cuda)
+    assert log[-1][0] == "jit"
+
+    class Broken(Compiled):
+        def __getitem__(self, grid):
+            raise TypeError("another launch API")
+
+    launcher._compiled = {key: Broken() for key in launcher._compiled}
+    launcher(kernel, (2,), (t, 5), const, opts, cuda)
+    assert log[-1][0] == "jit" and not launcher.enabled
 
 
 # ------------------------------------------------------------------ CUDA only -----------------

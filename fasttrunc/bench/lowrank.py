@@ -10,6 +10,8 @@ For every cell (in -> out, rank r, rows M) of the grid, in one run on one card:
    ``graph``: kernel time under CUDA-graph replay (``triton.testing.do_bench_cudagraph``, median);
    ``eager``: wall-clock per call of back-to-back calls with no sync in between, what a
    ``generate()`` loop sees (host launch cost and GPU time overlap; median of ``reps`` loops);
+   with ``compare_schemes``, the fused kernel is also checked and graph-timed with each scheme
+   forced (split-K and tiled), the data that sets ``DECODE_MAX_M``;
 3. the byte / FLOP floor of BASELINES.md: ``max(bytes / copy bandwidth, flops / matmul peak)``
    with bytes = ``size * (M*in + in*r + r*out + M*out)`` and flops = ``2*M*r*(in + out)``, where
    the copy bandwidth and the matmul peak are measured in the same run on the same card.
@@ -78,6 +80,7 @@ class LowrankBenchConfig:
     reps: int = 5  # eager: timed loops per variant, the median is reported
     calls: int = 200  # eager: back-to-back calls per timed loop
     graph_ms: int = 50  # do_bench_cudagraph's `rep`: milliseconds of replays per measurement
+    compare_schemes: bool = True  # also graph-time the fused kernel with each scheme forced
     seed: int = 0
     device: str = "cuda"
 
@@ -136,6 +139,21 @@ def _graph_us(fn: Callable[[], Any], graph_ms: int, device: torch.device) -> flo
     import triton.testing
 
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=graph_ms, return_mode="median")
+
+
+def _forced_scheme_us(scheme: str, x, a, b, ref, rtol: float, graph_ms: int) -> float | None:
+    """Graph time of the fused kernel with ``scheme`` forced; None when it fails the check."""
+    from fasttrunc.kernels import lowrank as lk
+
+    saved = lk.FORCE_SCHEME
+    lk.FORCE_SCHEME = scheme
+    try:
+        got = lk.lowrank_linear(x, a, b).float()
+        if not (got - ref).norm().item() / ref.norm().item() < rtol:
+            return None
+        return _graph_us(lambda: lk.lowrank_linear(x, a, b), graph_ms, x.device)
+    finally:
+        lk.FORCE_SCHEME = saved
 
 
 def _ceilings(dtype: torch.dtype, device: torch.device) -> dict[str, float]:
@@ -243,6 +261,8 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
                     continue
                 row[f"{name}_eager_us"] = _eager_us(fn, config.calls, config.reps, device)
                 row[f"{name}_graph_us"] = _graph_us(fn, config.graph_ms, device)
+            for scheme in ("splitk", "tiled") if config.compare_schemes else ():
+                row[f"{scheme}_graph_us"] = _forced_scheme_us(scheme, x, a, b, ref, _RTOL[config.dtype], config.graph_ms)
             floor = _floor_us(m, k, n, r, x.element_size(), ceilings)
             row["floor_us"] = floor if math.isfinite(floor) else None
             fused_graph, fused_eager = row["fused_graph_us"], row["fused_eager_us"]
@@ -269,15 +289,21 @@ def table_rows(result: LowrankBenchResult) -> tuple[list[str], list[list[str]]]:
         "shape", "r", "M", "scheme", "err", "dense eager", "2-GEMM eager", "fused eager", "eager x",
         "dense graph", "2-GEMM graph", "fused graph", "graph x", "floor", "% floor",
     ]
+    compared = result.config.compare_schemes
+    if compared:
+        columns += ["split-K graph", "tiled graph"]
     rows = []
     for row in result.rows:
-        rows.append([
+        cells = [
             row["shape"], str(row["r"]), str(row["m"]), row["scheme"], f"{row['rel_err']:.1e}",
             us(row["dense_eager_us"]), us(row["two_gemms_eager_us"]), us(row["fused_eager_us"]),
             ratio(row["speedup_eager"]), us(row["dense_graph_us"]), us(row["two_gemms_graph_us"]),
             us(row["fused_graph_us"]), ratio(row["speedup_graph"]), us(row["floor_us"]),
             "-" if row["floor_pct"] is None else f"{row['floor_pct']:.0f}%",
-        ])
+        ]
+        if compared:
+            cells += [us(row.get("splitk_graph_us")), us(row.get("tiled_graph_us"))]
+        rows.append(cells)
     return columns, rows
 
 
