@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fasttrunc.kernels.svd import randomized_svd
+from fasttrunc.kernels.svd import randomized_svd, randomized_svd_many
 from fasttrunc.ranks import resolve_rank
 
 METHODS = ("exact", "randomized")
@@ -117,7 +117,14 @@ def _truncated_svd_list(
     ws: Sequence[torch.Tensor], rank: int | float, method: str, n_iter: int | None,
     oversample: int | None, generator: torch.Generator | None,
 ) -> list[Triplets]:
-    """The list form: every check first, then one batched call per (shape, dtype, device) group."""
+    """The list form: every check first, then the matrices grouped by (shape, dtype, device).
+
+    Groups that take the randomized path go to one :func:`randomized_svd_many` call (on CUDA their
+    small SVDs share launches); the others (exact, rank 0, rank near full) one call each.
+    """
+    for name, value in (("n_iter", n_iter), ("oversample", oversample)):
+        if value is not None:
+            _check_count(name, value)
     for i, w in enumerate(ws):
         _check_matrix(w, f"w[{i}]")
         if w.dim() != 2:
@@ -129,9 +136,26 @@ def _truncated_svd_list(
     for i, w in enumerate(ws):
         groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(i)
     out: list[Triplets | None] = [None] * len(ws)
+    sketched: list[tuple[list[int], torch.Tensor, int, int]] = []
     for members in groups.values():
         stacked = torch.stack([ws[i] for i in members])
+        m, n = stacked.shape[-2:]
+        k = resolve_rank(rank, m, n)
+        os_ = default_oversample(k) if oversample is None else oversample
+        if method == "randomized" and k > 0 and k + os_ < min(m, n):
+            sketched.append((members, stacked, k, os_))
+            continue
         u, s, vh = truncated_svd(stacked, rank, method, n_iter, oversample, generator)
         for j, i in enumerate(members):
             out[i] = (u[j], s[j], vh[j])
+    if sketched:
+        results = randomized_svd_many(
+            [stacked for _, stacked, _, _ in sketched], [k for _, _, k, _ in sketched],
+            n_iter=DEFAULT_N_ITER if n_iter is None else n_iter,
+            oversamples=[os_ for _, _, _, os_ in sketched], generator=generator,
+        )
+        for (members, stacked, _, _), factors in zip(sketched, results):
+            u, s, vh = (t.to(stacked.dtype) for t in factors)
+            for j, i in enumerate(members):
+                out[i] = (u[j], s[j], vh[j])
     return out  # type: ignore[return-value]

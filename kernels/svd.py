@@ -320,16 +320,11 @@ RANGE_PRECISION = "tf32"
 PROJECTION_PRECISION = "ieee"
 
 
-def randomized_svd_triton(
-    w: torch.Tensor, k: int, *, n_iter: int, oversample: int, generator: torch.Generator | None = None,
-    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` ``U, S, Vh`` (fp32) of a batch ``w (B, m, n)`` in fp32/bf16/fp16, read as stored.
-
-    Same contract as :func:`randomized_svd_reference` (``0 < k``, ``k + oversample < min(m, n)``,
-    finite input); the Gaussian sketch is drawn the same way, so a generator gives the same
-    subspace up to rounding on either path.
-    """
+def _range_and_projection(
+    w: torch.Tensor, k: int, n_iter: int, oversample: int, generator: torch.Generator | None,
+    range_precision: str, projection_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``Q`` (orthonormal basis of the range), ``Q2, R`` with ``W^T Q = Q2 R``, and whether ``w`` was transposed."""
     m, n = w.shape[-2:]
     transpose = m < n  # sketch the smaller side: Q is (B, max, l) and the small problems are l x l
     if transpose:
@@ -343,15 +338,62 @@ def randomized_svd_triton(
         # The last basis is U's: orthonormal to fp32 rounding, not just well conditioned.
         q, _ = cholesky_qr(batched_matmul(w, z, range_precision), loose=i < n_iter - 1)
     q2, r = cholesky_qr(batched_matmul(w.mT, q, projection_precision))  # B^T = (Q^T W)^T = Q2 R
-    # B = R^T Q2^T and R^T = U_T S V_T^T, so W ~ Q B = (Q U_T) S (Q2 V_T)^T. Jacobi runs on R^T,
-    # not R: its columns come out of the power iteration graded by size, which saves a sweep.
-    u_t, s, v_t, _ = jacobi_svd(r.mT.float())
-    u = batched_matmul(q, u_t[..., :k].contiguous(), "ieee")
-    v = batched_matmul(q2, v_t[..., :k].contiguous(), "ieee")
-    s = s[..., :k]
-    if transpose:
-        return v, s, u.mT
-    return u, s, v.mT
+    return q, q2, r, transpose
+
+
+def randomized_svd_triton_many(
+    ws: list[torch.Tensor], ks: list[int], *, n_iter: int, oversamples: list[int],
+    generator: torch.Generator | None = None,
+    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`randomized_svd_triton` for several batches ``(B_i, m_i, n_i)`` of different shapes.
+
+    The passes over each batch run per batch; the small Jacobi SVDs of every batch with the same
+    ``l = k + oversample`` run in one launch, so a model's differently shaped matrices share it.
+    Sketches are drawn batch by batch in order: the results equal one call per batch in turn.
+    """
+    parts = [
+        _range_and_projection(w, k, n_iter, os_, generator, range_precision, projection_precision)
+        for w, k, os_ in zip(ws, ks, oversamples)
+    ]
+    by_l: dict[int, list[int]] = {}
+    for i, (k, os_) in enumerate(zip(ks, oversamples)):
+        by_l.setdefault(k + os_, []).append(i)
+    small: list[tuple | None] = [None] * len(ws)
+    for members in by_l.values():
+        # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power
+        # iteration graded by size, which saves a sweep over R): R^T = U_T S V_T^T.
+        u_t, s, v_t, _ = jacobi_svd(torch.cat([parts[i][2].mT.float() for i in members]))
+        offsets = [0]
+        for i in members:
+            offsets.append(offsets[-1] + parts[i][2].shape[0])
+        for j, i in enumerate(members):
+            lo, hi = offsets[j], offsets[j + 1]
+            small[i] = (u_t[lo:hi], s[lo:hi], v_t[lo:hi])
+    out = []
+    for (q, q2, _, transpose), (u_t, s, v_t), k in zip(parts, small, ks):
+        # W ~ Q B = (Q U_T) S (Q2 V_T)^T.
+        u = batched_matmul(q, u_t[..., :k].contiguous(), "ieee")
+        v = batched_matmul(q2, v_t[..., :k].contiguous(), "ieee")
+        s = s[..., :k]
+        out.append((v, s, u.mT) if transpose else (u, s, v.mT))
+    return out
+
+
+def randomized_svd_triton(
+    w: torch.Tensor, k: int, *, n_iter: int, oversample: int, generator: torch.Generator | None = None,
+    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` ``U, S, Vh`` (fp32) of a batch ``w (B, m, n)`` in fp32/bf16/fp16, read as stored.
+
+    Same contract as :func:`randomized_svd_reference` (``0 < k``, ``k + oversample < min(m, n)``,
+    finite input); the Gaussian sketch is drawn the same way, so a generator gives the same
+    subspace up to rounding on either path.
+    """
+    return randomized_svd_triton_many(
+        [w], [k], n_iter=n_iter, oversamples=[oversample], generator=generator,
+        range_precision=range_precision, projection_precision=projection_precision,
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +470,19 @@ def randomized_svd(
     return randomized_svd_reference(work, k, n_iter=n_iter, oversample=oversample, generator=generator)
 
 
+def randomized_svd_many(
+    ws: list[torch.Tensor], ks: list[int], *, n_iter: int, oversamples: list[int], generator: torch.Generator | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`randomized_svd` for several batches ``(B_i, m_i, n_i)``; on Triton their small SVDs share launches."""
+    if ws and all(w.dtype in _FLOAT_DTYPES and w.dim() == 3 for w in ws) and use_triton(*ws):
+        return randomized_svd_triton_many(ws, ks, n_iter=n_iter, oversamples=oversamples, generator=generator)
+    return [
+        randomized_svd(w, k, n_iter=n_iter, oversample=os_, generator=generator) for w, k, os_ in zip(ws, ks, oversamples)
+    ]
+
+
 __all__ = [
+    "randomized_svd_many",
     "batched_matmul",
     "batched_matmul_reference",
     "cholesky_qr",
@@ -437,4 +491,5 @@ __all__ = [
     "randomized_svd",
     "randomized_svd_reference",
     "randomized_svd_triton",
+    "randomized_svd_triton_many",
 ]

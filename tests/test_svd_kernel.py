@@ -16,6 +16,7 @@ from fasttrunc.kernels.svd import (
     jacobi_svd,
     randomized_svd_reference,
     randomized_svd_triton,
+    randomized_svd_triton_many,
 )
 
 
@@ -163,3 +164,17 @@ def test_randomized_svd_triton_reads_fp16_weights(device):
     exact = torch.linalg.svdvals(w16.double())
     assert (s.double() - exact[:, :3]).abs().max().item() < 1e-5
     assert orthonormality(u) < 1e-4 and orthonormality(vh.mT) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_of_different_shapes_share_the_small_svd_and_match_one_by_one(device):
+    dev = _device(device)
+    ws = [torch.randn(2, 40, 23, device=dev), torch.randn(1, 23, 40, device=dev), torch.randn(1, 31, 29, device=dev)]
+    ks, oversamples = [3, 3, 3], [4, 4, 3]  # the first two share l = 7 and one Jacobi launch
+    together = randomized_svd_triton_many(ws, ks, n_iter=1, oversamples=oversamples, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    for w, k, os_, (u, s, vh) in zip(ws, ks, oversamples, together):
+        u1, s1, vh1 = randomized_svd_triton(w, k, n_iter=1, oversample=os_, generator=gen)
+        assert u.shape == u1.shape and vh.shape == vh1.shape
+        torch.testing.assert_close(s, s1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, u1 @ torch.diag_embed(s1) @ vh1, rtol=1e-4, atol=1e-5)
