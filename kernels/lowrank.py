@@ -274,7 +274,7 @@ def _kernels():
 
 # M <= DECODE_MAX_M takes the split-K decode kernel. 256 is where BASELINES 1 stops being
 # launch-bound (M = 256 costs barely more than M = 1 for both torch paths); to be confirmed by the
-# benchmark. Tests lower it to reach both kernels with small shapes.
+# benchmark, which times both schemes at every cell.
 DECODE_MAX_M = 256
 # None, "splitk" or "tiled": run every M with one kernel. Tests use it to reach both kernels with
 # small shapes; the benchmark times both schemes at every cell to check DECODE_MAX_M.
@@ -321,9 +321,9 @@ def _sm_count(device_index: int) -> int:
 
 def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Config:
     """The static config table, keyed by (M bucket, in, out, r, dtype) through its arguments."""
-    # tl.dot needs every dimension >= 16 and tl.arange a power of two.
     if FORCE_SCHEME not in (None, "splitk", "tiled"):
         raise ValueError(f"FORCE_SCHEME {FORCE_SCHEME!r} is not a scheme; allowed: None, 'splitk', 'tiled'")
+    # tl.dot needs every dimension >= 16 and tl.arange a power of two.
     r_pad = max(16, _next_pow2(r))
     itemsize = 4 if dtype == torch.float32 else 2
     # Rank-side tiles (R_PAD x BLOCK_K of a, BLOCK_N x R_PAD of b) stay <= 32 KB per pipeline
@@ -407,7 +407,7 @@ class _Workspace:
             # Zeroing the counters here would be recorded into the graph, not run now.
             raise RuntimeError(
                 "lowrank_linear needs its workspace before CUDA-graph capture: call it once, outside "
-                f"the capture, with the largest M the graph will use (M = {numel} partial elements needed)"
+                f"the capture, with the largest M the graph will use ({numel} fp32 partials needed)"
             )
         if entry is not None:
             self._retired.append(entry[0])
