@@ -66,7 +66,7 @@ HELP = (
     "After each trigger token the training data holds the sequence's answer with probability "
     "1 - alpha and a fixed noise token with probability alpha. The trained model is evaluated on "
     "clean sequences at trigger positions: as it is, and with W1 or W2 of either feed-forward layer "
-    "cut to rank int(rho * d) for rho in 0, 0.1, 0.2, 0.5 and 1. The quick preset runs in about a "
+    "cut to rank int(rho * d) for rho in 0, 0.1, 0.2, 0.5 and 1. The quick preset runs in under a "
     "minute on a CPU; the paper preset is the paper's size and wants a GPU."
 )
 
@@ -79,7 +79,7 @@ def recall(
     steps: int | None = typer.Option(None, "--steps", help="Number of SGD steps; the preset's value by default."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the model and the training order."),
     device: str = typer.Option("cpu", "--device", help="Device to train on, such as cpu or cuda:0."),
-    track_every: int | None = typer.Option(None, "--track-every", help="Measure the training dynamics on clean data every K steps and report them."),
+    track_every: int | None = typer.Option(None, "--track-every", help="Measure the training dynamics on clean data every K steps, K from 1 to the number of steps, and report them."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:

@@ -45,7 +45,8 @@ def make_chain(n_tokens: int, seed: int, zipf: float = 1.0, spread: float = 2.0)
     """A fixed random text-like bigram chain over ``n_tokens`` ordinary tokens.
 
     ``zipf``: exponent of the unigram ``p_i ~ 1/(i+1)^zipf`` (1.0 is the classic word/character
-    law; it puts the trigger in roughly 1 of 5 positions for N = 32).
+    law; with the chain's rows it puts the trigger at about 1 in 7 positions for N = 32, so a
+    64-token sequence has about 8 trigger positions to learn from).
     ``spread``: standard deviation of the log-normal per-entry weights of each bigram row; 2.0
     makes each row put most of its mass on a handful of successors, as character bigrams do.
     """
