@@ -5,7 +5,8 @@
 #
 # Writes OUT_DIR/pytest.txt, OUT_DIR/results.json and OUT_DIR/table.txt (OUT_DIR defaults to $OUT,
 # else benchmarks/out-svd). Runs from the working tree: installs it editable without dependencies
-# when `import fasttrunc` fails (the GPU machine has no network).
+# when `import fasttrunc` fails (the GPU machine has no network). The timeouts (200 s tests, 360 s
+# bench) keep the whole script inside one 10-minute device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/out-svd}}"
@@ -16,10 +17,10 @@ import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
 PY
 # Native kernels (the interpreter off), the gpu-marked tests only: the CPU ones ran in CI.
-FASTTRUNC_TEST_NATIVE=1 timeout 300 python -m pytest -q -m gpu -p no:cacheprovider \
+FASTTRUNC_TEST_NATIVE=1 timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_svd_kernel.py tests/test_svd_accuracy.py 2>&1 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
-COLUMNS=200 timeout 420 python benchmarks/bench_svd.py --out "$out" 2>"$out/bench_stderr.txt" | tee "$out/table.txt"
+COLUMNS=200 timeout 360 python benchmarks/bench_svd.py --out "$out" 2>"$out/bench_stderr.txt" | tee "$out/table.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "tests exit $tests_rc, bench exit $bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
