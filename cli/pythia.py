@@ -1,1 +1,242 @@
-"""Commands of this module are registered on the apps in fasttrunc.cli.apps."""
+"""`fasttrunc run pythia`, `fasttrunc sweep pythia` and `fasttrunc make-tiny-neox`.
+
+Thin: options -> config, progress on stderr, tables / JSON / --out. The library is imported
+inside the command bodies so that `fasttrunc --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fasttrunc.cli._common import emit, fail, make_table, progress_bar, stderr, user_errors
+from fasttrunc.cli.apps import app, run_app, sweep_app
+
+MODEL_HELP = "A Hugging Face hub id (EleutherAI/pythia-1b) or a local model directory."
+REVISION_HELP = "One revision to load, for example step14000 (a local directory looks in DIR/revisions/)."
+REVISIONS_HELP = "Comma-separated revisions to measure along training, for example step1000,step4000."
+TASK_HELP = "The task: ioi or factual."
+N_HELP = "Number of prompts (default: 200 for ioi, every shipped fact for factual)."
+DEVICE_HELP = "The device to run on: cpu, cuda or cuda:N."
+DTYPE_HELP = "The dtype to load the model in: float32, float16 or bfloat16."
+BATCH_HELP = "Prompts per forward pass."
+METHOD_HELP = "How the truncated SVD is computed: exact or randomized."
+OUT_HELP = "Write results.json and the plots to this directory."
+JSON_HELP = "Print the result as JSON on stdout and nothing else."
+SEED_HELP = "Seed of the prompt sampler."
+
+# Options both Pythia commands take (Typer reads these as plain defaults).
+MODEL_OPT = typer.Option(..., "--model", help=MODEL_HELP)
+REVISION_OPT = typer.Option(None, "--revision", help=REVISION_HELP)
+REVISIONS_OPT = typer.Option(None, "--revisions", help=REVISIONS_HELP)
+N_OPT = typer.Option(None, "--n", help=N_HELP)
+SEED_OPT = typer.Option(0, "--seed", help=SEED_HELP)
+DEVICE_OPT = typer.Option("cpu", "--device", help=DEVICE_HELP)
+DTYPE_OPT = typer.Option("float32", "--dtype", help=DTYPE_HELP)
+BATCH_OPT = typer.Option(32, "--batch-size", help=BATCH_HELP)
+METHOD_OPT = typer.Option("exact", "--method", help=METHOD_HELP)
+OUT_OPT = typer.Option(None, "--out", help=OUT_HELP)
+JSON_OPT = typer.Option(False, "--json", help=JSON_HELP)
+
+
+def split_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ValueError(f"{what} {text!r} must be a comma-separated list with no empty items")
+    return items
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """``"10,11"``, ``"8-15"``, ``"-2,-1"`` or ``"all"`` (None) as layer indices."""
+    if text.strip() == "all":
+        return None
+    layers: list[int] = []
+    for item in split_list(text, "layers"):
+        try:
+            if "-" in item[1:]:
+                cut = item.index("-", 1)
+                lo, hi = int(item[:cut]), int(item[cut + 1 :])
+                if hi < lo:
+                    raise ValueError
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(item))
+        except ValueError:
+            raise ValueError(
+                f"layer {item!r} is not a layer index or a range like 8-15; give integers, for example 10,11 or 8-15"
+            ) from None
+    return layers
+
+
+def parse_revisions(revision: str | None, revisions: str | None) -> list[str | None]:
+    if revision is not None and revisions is not None:
+        raise ValueError("give --revision or --revisions, not both")
+    if revisions is not None:
+        return list(split_list(revisions, "revisions"))
+    return [revision]
+
+
+def _fmt(value) -> object:
+    return "-" if value is None else value
+
+
+METRIC_ROWS = (
+    ("P(correct)", "mean_p_correct"),
+    ('P(" the")', "mean_p_the"),
+    ("P(subject)", "mean_p_subject"),
+    ('mean of ratios P(correct)/P(" the")', "mean_of_ratios"),
+    ('ratio of means P(correct)/P(" the")', "ratio_of_means"),
+    ("top-1 accuracy", "accuracy"),
+    ("logit(IO) > logit(S)", "logit_diff_accuracy"),
+)
+
+
+def _pythia_tables(result) -> list:
+    cfg = result.config
+    tables = []
+    for rev in result.revisions:
+        title = (
+            f"{cfg.model} {rev.revision or ''} {cfg.task}, {result.n_prompts} prompts: layers {list(cfg.layers)} "
+            f"{','.join(cfg.matrices)} rank {cfg.rank}"
+        )
+        rows = [[label, _fmt(getattr(rev.baseline, key)), _fmt(getattr(rev.truncated, key))] for label, key in METRIC_ROWS]
+        tables.append(make_table(title, ["metric", "baseline", "truncated"], rows))
+    return tables
+
+
+@run_app.command("pythia")
+@user_errors
+def run_pythia(
+    model: str = MODEL_OPT,
+    layer: str = typer.Option(..., "--layer", help="Layer indices to truncate, comma-separated (10,11), ranges (8-15) or negative from the end."),
+    matrix: str = typer.Option(..., "--matrix", help="Matrices to truncate, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all."),
+    rank: str = typer.Option(..., "--rank", help="The rank kept: an int is absolute, a float in [0, 1] is the fraction of the full rank."),
+    task: str = typer.Option("ioi", "--task", help=TASK_HELP),
+    revision: str = REVISION_OPT,
+    revisions: str = REVISIONS_OPT,
+    n: int = N_OPT,
+    seed: int = SEED_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    batch_size: int = BATCH_OPT,
+    method: str = METHOD_OPT,
+    out: Path = OUT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Compare a model's IOI or factual-recall predictions before and after truncating chosen matrices."""
+    from fasttrunc.experiments import pythia
+    from fasttrunc.plots import pythia_plots
+    from fasttrunc.ranks import parse_rank
+
+    layers = parse_layers(layer)
+    if layers is None:
+        fail("--layer all is not supported by run pythia; list the layers, for example 0-15")
+    config = pythia.PythiaConfig(
+        model=model, layers=layers, matrices=split_list(matrix, "matrices"), rank=parse_rank(rank), task=task,
+        revisions=parse_revisions(revision, revisions), n=n, seed=seed, device=device, dtype=dtype,
+        batch_size=batch_size, method=method,
+    )
+    with progress_bar(not as_json) as progress:
+        result = pythia.run(config, progress)
+    emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
+
+
+def _sweep_tables(result) -> list:
+    cfg = result.config
+    tables = []
+    for rev in result.revisions:
+        for task, best in rev.best.items():
+            title = (
+                f"{cfg.model} {rev.revision or ''} {task}: best cell on {rev.n_select[task]} selection prompts "
+                f"(by {cfg.select_by}) = layer {best.layer} {best.matrix} rank {best.rank}; "
+                f"reported on the other {rev.n_report[task]}"
+            )
+            rows = [[label, _fmt(getattr(best.baseline_report, key)), _fmt(getattr(best.report, key))] for label, key in METRIC_ROWS]
+            tables.append(make_table(title, ["metric", "baseline", "best cell"], rows))
+            grid_rows = []
+            for row_key in dict.fromkeys((c.layer, c.matrix) for c in rev.cells):
+                cells = [c for c in rev.cells if (c.layer, c.matrix) == row_key]
+                grid_rows.append([f"L{row_key[0]} {row_key[1]}"] + [getattr(c.select[task], cfg.select_by) for c in cells])
+            grid_title = f"{task}: {cfg.select_by} on the selection prompts (baseline {getattr(rev.baseline_select[task], cfg.select_by):.4f})"
+            tables.append(make_table(grid_title, ["cell"] + [str(r) for r in cfg.ranks], grid_rows))
+    return tables
+
+
+@sweep_app.command("pythia")
+@user_errors
+def sweep_pythia(
+    model: str = MODEL_OPT,
+    layers: str = typer.Option("all", "--layers", help="Layers to sweep: comma-separated indices, ranges such as 8-15, or all."),
+    matrices: str = typer.Option("mlp_in,mlp_out", "--matrices", help="Grid rows per layer, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or a group (mlp, attn, all) truncated together."),
+    ranks: str = typer.Option(
+        "0.9,0.8,0.6,0.4,0.2,0.1,0.05,0.01,0.005", "--ranks",
+        help="Ranks to sweep, comma-separated: ints are absolute, floats in [0, 1] are fractions of the full rank (LASER's grid by default).",
+    ),
+    task: str = typer.Option("ioi", "--task", help="Tasks, comma-separated: ioi, factual."),
+    revision: str = REVISION_OPT,
+    revisions: str = REVISIONS_OPT,
+    n: int = N_OPT,
+    seed: int = SEED_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    batch_size: int = BATCH_OPT,
+    method: str = METHOD_OPT,
+    select_fraction: float = typer.Option(0.2, "--select-fraction", help="Fraction of the prompts that selects the best cell; the rest report it."),
+    select_by: str = typer.Option(
+        "mean_p_correct", "--select-by",
+        help="The selection metric: mean_p_correct, accuracy, mean_of_ratios, ratio_of_means or mean_logit_diff.",
+    ),
+    out: Path = OUT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Sweep layers x matrices x ranks as LASER does, factorizing each matrix once, and report the best cell."""
+    from fasttrunc.experiments import sweep
+    from fasttrunc.plots import sweep_plots
+    from fasttrunc.ranks import parse_rank
+
+    config = sweep.SweepConfig(
+        model=model, layers=parse_layers(layers), matrices=split_list(matrices, "matrices"),
+        ranks=[parse_rank(r) for r in split_list(ranks, "ranks")], tasks=split_list(task, "tasks"),
+        revisions=parse_revisions(revision, revisions), n=n, seed=seed, device=device, dtype=dtype,
+        batch_size=batch_size, method=method, select_fraction=select_fraction, select_by=select_by,
+    )
+    with progress_bar(not as_json) as progress:
+        result = sweep.run(config, progress)
+    emit(result, as_json=as_json, out=out, tables=_sweep_tables, plots=sweep_plots)
+
+
+@app.command("make-tiny-neox")
+@user_errors
+def make_tiny_neox(
+    directory: Path = typer.Argument(..., help="Where to save the model, its tokenizer and its checkpoints."),
+    steps: int = typer.Option(None, "--steps", help="Training steps (default: the built-in recipe's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialization and of the corpus."),
+    checkpoints: str = typer.Option(
+        None, "--checkpoints", help="Comma-separated steps to save as revisions (DIR/revisions/stepN), for example 300,600,900."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already saved in the directory."),
+) -> None:
+    """Train a tiny GPT-NeoX (Pythia architecture) with a word-level tokenizer on a synthetic corpus, offline."""
+    from fasttrunc.models.neox import TinyNeoxConfig, make_tiny_neox as build
+
+    if (directory / "config.json").exists() and not overwrite:
+        fail(f"{directory} already holds a model; pass --overwrite to replace it")
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory} exists and is not a directory")
+    config = TinyNeoxConfig(seed=seed)
+    if steps is not None:
+        config.steps = steps
+    if checkpoints is not None:
+        try:
+            config.checkpoints = tuple(int(s) for s in split_list(checkpoints, "checkpoints"))
+        except ValueError:
+            fail(f"checkpoints {checkpoints!r} must be comma-separated integers, for example 300,600")
+    if config.steps < 1:
+        fail(f"steps {config.steps} must be >= 1")
+    with progress_bar(True) as progress:
+        report = build(directory, config, progress)
+    stderr.print(
+        f"trained {report.steps} steps in {report.seconds:.0f} s (final loss {report.final_loss:.3f}); saved to {report.directory}",
+        highlight=False,
+    )

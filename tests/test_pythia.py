@@ -1,0 +1,219 @@
+"""Pythia experiments: model loading, the LASER sweep's bookkeeping, the CLI, and the tiny trained
+GPT-NeoX that shows the paper's effect end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fasttrunc.cli.main import app
+from fasttrunc.experiments import pythia, sweep
+from fasttrunc.models import neox
+
+runner = CliRunner()
+
+
+def invoke(args: list[str]):
+    return runner.invoke(app, args)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    # conftest turns Triton's interpreter on; interpreted kernels would make model tests crawl.
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    """An untrained tiny GPT-NeoX + word-level tokenizer saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("random-neox")
+    config = neox.TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=128)
+    tok = neox.build_word_tokenizer(neox._vocabulary(config.names))
+    torch.manual_seed(3)
+    model = neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# The test-sized recipe: the default recipe with fewer steps (see README for the full one).
+TEST_RECIPE = dict(steps=1000, ioi_fraction=0.6, lr=4e-3, checkpoints=(500, 1000))
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    """The tiny model trained once per test run (about a minute on a busy 2-core CPU)."""
+    path = tmp_path_factory.mktemp("tiny-neox")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTTRUNC_BACKEND", "torch")
+        neox.make_tiny_neox(path, neox.TinyNeoxConfig(**TEST_RECIPE))
+    return path
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def test_load_local_directory_and_revisions(random_dir):
+    model, tok = neox.load_model(str(random_dir), dtype="float32")
+    assert type(model).__name__ == "GPTNeoXForCausalLM" and not model.training
+    assert model.config.use_parallel_residual
+    assert tok.encode(" Mary", add_special_tokens=False) == [tok.convert_tokens_to_ids("Mary")]
+    with pytest.raises(ValueError, match="revision 'step5' is not in local model directory"):
+        neox.load_model(str(random_dir), revision="step5")
+    with pytest.raises(ValueError, match="does not exist"):
+        neox.load_model(str(random_dir / "missing"))
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        neox.load_model(str(random_dir), dtype="float8")
+
+
+def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    start = time.perf_counter()
+    result = invoke(["run", "pythia", "--model", "EleutherAI/pythia-no-such-model", "--layer", "0",
+                     "--matrix", "mlp_in", "--rank", "0.1"])
+    assert time.perf_counter() - start < 30
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "EleutherAI/pythia-no-such-model" in lines[0] and "--model /path/to/local/dir" in lines[0]
+    assert "Traceback" not in result.output
+
+
+# --- the sweep's bookkeeping ----------------------------------------------------------------------
+
+
+def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_dir, monkeypatch):
+    svd_calls: list[tuple[tuple[int, ...], int]] = []
+    real_svd = sweep.truncated_svd
+
+    def counting_svd(w, rank, **kw):
+        svd_calls.append((tuple(w.shape), rank))
+        return real_svd(w, rank, **kw)
+
+    scored: list[list[str]] = []
+    real_evaluate = sweep._evaluate
+
+    def counting_evaluate(model, encoded, splits, batch_size):
+        scored.append(sorted(n for n, m in model.named_modules() if type(m).__name__ == "TruncatedLinear"))
+        return real_evaluate(model, encoded, splits, batch_size)
+
+    monkeypatch.setattr(sweep, "truncated_svd", counting_svd)
+    monkeypatch.setattr(sweep, "_evaluate", counting_evaluate)
+    ranks = [0.5, 0.25, 3, 0]
+    config = sweep.SweepConfig(model=str(random_dir), layers=[0, 1], matrices=["mlp_in", "mlp_out"], ranks=ranks, n=20)
+    result = sweep.run(config)
+    rev = result.revisions[0]
+    # mlp_in (128 x 32) of both layers in one batched call, mlp_out (32 x 128) in another, each up
+    # to the largest rank any cell needs: int(0.5 * 32) = 16.
+    assert sorted(svd_calls) == [((2, 32, 128), 16), ((2, 128, 32), 16)]
+    assert rev.svd_calls == 2 and rev.matrices_factorized == 4
+    assert len(rev.cells) == 2 * 2 * len(ranks) == len(scored) - 1  # + the baseline
+    keys = [(c.layer, c.matrix, c.rank) for c in rev.cells]
+    assert len(set(keys)) == len(keys)
+    assert [c.ranks for c in rev.cells[:4]] == [{"gpt_neox.layers.0.mlp.dense_h_to_4h": k} for k in (16, 8, 3, 0)]
+    assert rev.n_select == {"ioi": 4} and rev.n_report == {"ioi": 16}
+    best = rev.best["ioi"]
+    assert best.select_score == max(c.select["ioi"].mean_p_correct for c in rev.cells)
+
+
+def test_sweep_cell_equals_truncate(random_dir):
+    """A cell built from sliced factors scores like truncate_ at that rank (exact SVD)."""
+    config = sweep.SweepConfig(model=str(random_dir), layers=[1], matrices=["mlp_out"], ranks=[5, 0.25], n=10)
+    rev = sweep.run(config).revisions[0]
+    for cell in rev.cells:
+        direct = pythia.run(pythia.PythiaConfig(model=str(random_dir), layers=[1], matrices=["mlp_out"], rank=cell.rank, n=10))
+        whole = direct.revisions[0].truncated.mean_p_correct
+        sel, rep = cell.select["ioi"], cell.report["ioi"]
+        combined = (sel.mean_p_correct * sel.n + rep.mean_p_correct * rep.n) / (sel.n + rep.n)
+        assert combined == pytest.approx(whole, rel=1e-4)
+
+
+def test_sweep_bad_config(random_dir):
+    with pytest.raises(ValueError, match="rank 1.5"):
+        sweep.run(sweep.SweepConfig(model=str(random_dir), ranks=[1.5]))
+    with pytest.raises(ValueError, match="select_fraction"):
+        sweep.run(sweep.SweepConfig(model=str(random_dir), select_fraction=1.0))
+    with pytest.raises(ValueError, match="exceeds the maximum rank 32"):
+        sweep.run(sweep.SweepConfig(model=str(random_dir), ranks=[40], n=4))
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rank", "1.5"], "rank 1.5"),
+        (["--rank", "abc"], "rank 'abc'"),
+        (["--task", "poetry"], "task 'poetry'"),
+        (["--matrix", "mlp_middle"], "matrix 'mlp_middle'"),
+        (["--layer", "x"], "layer 'x'"),
+        (["--layer", "7"], "layer 7 is out of range"),
+        (["--n", "0"], "n 0"),
+        (["--device", "tpu"], "device 'tpu'"),
+        (["--dtype", "int8"], "dtype 'int8'"),
+        (["--revision", "step1", "--revisions", "step1,step2"], "not both"),
+    ],
+)
+def test_run_pythia_bad_options_exit_2(random_dir, extra, message):
+    args = ["run", "pythia", "--model", str(random_dir), "--layer", "0", "--matrix", "mlp_in", "--rank", "0.1"]
+    # later occurrences of an option override earlier ones
+    result = invoke(args + extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_sweep_pythia_bad_options_exit_2(random_dir):
+    for extra, message in [(["--ranks", "0.5,,0.1"], "ranks"), (["--layers", "3-1"], "layer '3-1'"),
+                           (["--select-by", "vibes"], "select_by 'vibes'")]:
+        result = invoke(["sweep", "pythia", "--model", str(random_dir)] + extra)
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+
+
+def test_make_tiny_neox_refuses_to_overwrite(random_dir):
+    result = invoke(["make-tiny-neox", str(random_dir)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+# --- the tiny trained model: the paper's effect, end to end -----------------------------------------
+
+
+def test_truncating_the_mlp_raises_the_io_to_the_ratio(trained_dir):
+    result = invoke(["run", "pythia", "--model", str(trained_dir), "--layer", "0", "--matrix", "mlp_in",
+                     "--rank", "0", "--n", "200", "--seed", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    rev = data["revisions"][0]
+    base, cut = rev["baseline"], rev["truncated"]
+    assert base["logit_diff_accuracy"] > 0.8  # the model has learned the in-context task
+    assert base["mean_p_the"] > 0.1  # and " the" competes with the answer
+    assert rev["gain_mean_of_ratios"] >= 2.0, rev
+    assert cut["mean_p_the"] < base["mean_p_the"] / 2
+    assert data["environment"]["torch"] == torch.__version__
+
+
+def test_run_and_sweep_along_revisions_write_plots(trained_dir, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(["run", "pythia", "--model", str(trained_dir), "--revisions", "step500", "--layer", "0",
+                     "--matrix", "mlp_in,mlp_out", "--rank", "0.05", "--n", "40", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").is_file() and (out / "pythia_ioi.png").is_file()
+    assert "ratio of means" in result.output
+    out = tmp_path / "sweep"
+    result = invoke(["sweep", "pythia", "--model", str(trained_dir), "--revisions", "step500,step1000",
+                     "--layers", "0-1", "--ranks", "0.5,0.1,0", "--n", "40", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert [r["revision"] for r in data["revisions"]] == ["step500", "step1000"]
+    assert len(data["revisions"][0]["cells"]) == 2 * 2 * 3
+    for name in ("sweep_ioi_step500.png", "sweep_ioi_step1000.png", "sweep_ioi_checkpoints.png"):
+        assert (out / name).is_file()
