@@ -6,6 +6,13 @@ import torch
 from fasttrunc import truncated_svd
 
 
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    # The API's semantics on the torch path; the Triton path is tested in test_svd_kernel.py and
+    # test_svd_accuracy.py (interpreted shapes are kept small there).
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "torch")
+
+
 def matrix_with_spectrum(m, n, sigma, *, batch=(), seed=0, dtype=torch.float64):
     """A (batch, m, n) matrix whose singular values are exactly ``sigma`` (length min(m, n))."""
     g = torch.Generator().manual_seed(seed)
