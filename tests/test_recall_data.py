@@ -111,3 +111,16 @@ def test_family_table_selects_the_toy_matrices(monkeypatch):
     # Rank 0 on W2 (no bias) removes FF2: the output is the residual stream that enters it.
     assert torch.allclose(removed, model.logits_of(capture["blocks.1.ff_in"]), atol=1e-5)
     assert torch.equal(model(tokens), before)  # restored bit for bit
+
+
+def test_tokens_follow_the_chain(chain):
+    batch = sample_batch(chain, 2000, 64, 0.0, torch.Generator().manual_seed(4))
+    tokens = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1)
+    prev, nxt = tokens[:, :-1].flatten(), tokens[:, 1:].flatten()
+    for state in (3, 7):  # ordinary tokens: their successors follow the bigram row
+        sel = prev == state
+        empirical = torch.bincount(nxt[sel], minlength=chain.vocab_size)[: chain.n_tokens].double() / sel.sum()
+        assert sel.sum() > 1000
+        assert (empirical - chain.bigram[state].double()).abs().max() < 0.03
+    first = torch.bincount(tokens[:, 0], minlength=chain.n_tokens).double() / tokens.shape[0]
+    assert (first - chain.unigram.double()).abs().max() < 0.05
