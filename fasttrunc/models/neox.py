@@ -5,7 +5,7 @@ transformers is imported inside the functions, so ``import fasttrunc`` stays lig
 
 Local directories may hold training checkpoints as ``DIR/revisions/<name>/`` (what
 :func:`make_tiny_neox` writes); ``revision="<name>"`` then loads that subdirectory, the way a hub
-id's ``revision="step1000"`` loads a Pythia training checkpoint.
+id's ``revision="step1000"`` loads a Pythia training checkpoint, and ``"main"`` the directory itself.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def resolve_source(model: str, revision: str | None) -> tuple[str, str | None, b
         raise ValueError(f"model {model!r} is empty; give a hub id (EleutherAI/pythia-1b) or a local directory")
     path = Path(model).expanduser()
     if path.is_dir():
-        if revision is None:
+        if revision is None or revision == "main":  # "main": the hub's name for the latest weights
             return str(path), None, True
         sub = path / REVISIONS_DIR / revision
         if not sub.is_dir():
