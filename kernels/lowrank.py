@@ -128,12 +128,12 @@ def check_lowrank_inputs(
 
 @functools.cache
 def _kernels():
+    # Compiled kernels resolve every name they use (``tl``, the helpers they call) through this
+    # module's globals, so the imports and definitions below are bound there.
+    global tl, _first_product, _load_b, _out_tile, _cast_h, _second_product
+    global _lowrank_tiled_kernel, _lowrank_splitk_kernel
     import triton
     import triton.language as tl
-
-    # The kernels resolve the helpers they call through this module's globals.
-    global _first_product, _load_b, _out_tile, _cast_h, _second_product
-    global _lowrank_tiled_kernel, _lowrank_splitk_kernel
 
     @triton.jit
     def _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
@@ -178,8 +178,10 @@ def _kernels():
     @triton.jit
     def _cast_h(h, y_ptr, H_FP32: tl.constexpr):
         if H_FP32:
-            return h
-        return h.to(y_ptr.dtype.element_ty)  # the one cast of the intermediate
+            hc = h
+        else:
+            hc = h.to(y_ptr.dtype.element_ty)  # the one cast of the intermediate
+        return hc
 
     @triton.jit
     def _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, n_groups,
@@ -365,7 +367,9 @@ def _plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int) -> _Conf
     # within an A100's 164 KB of shared memory per SM (227 KB on H100 / H200).
     per_stage = (max(block_k, block_n) * r_pad + block_m * block_k) * itemsize
     num_stages = max(1, min(3, (96 * 1024) // per_stage))
-    prefetch_b = scheme == "splitk" and n_groups * block_n >= n
+    # Holding the b tile in registers across the wait pays only while it fits: ptxas (sm_90) shows
+    # spills for fp32 (FMA dot operands) and at R_PAD = 1024, none for 16-bit up to R_PAD = 512.
+    prefetch_b = scheme == "splitk" and n_groups * block_n >= n and itemsize == 2 and r_pad <= 512
     return _Config(
         scheme, block_m, block_k, block_n, r_pad, n_split, k_chunk, n_groups, num_warps, num_stages, grid, prefetch_b
     )
