@@ -185,12 +185,12 @@ def sweep_plots(result, out: Path) -> list[Path]:
             ]
             fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cfg.ranks), 1.2 + 0.3 * len(rows)))
             image = ax.imshow(grid, aspect="auto", cmap="viridis")
-            fig.colorbar(image, ax=ax, label=f"{cfg.select_by} (selection prompts)")
+            fig.colorbar(image, ax=ax, label=cfg.select_by)
             ax.set_xticks(range(len(cfg.ranks)), [str(r) for r in cfg.ranks], fontsize=8)
             ax.set_yticks(range(len(rows)), [f"L{layer} {matrix}" for layer, matrix in rows], fontsize=7)
             ax.set_xlabel("rank kept")
             base = getattr(rev.baseline_select[task], cfg.select_by)
-            ax.set_title(f"{task} {rev.revision or ''}: baseline {base:.3g}", fontsize=9)
+            ax.set_title(f"{task} {rev.revision or ''}: {cfg.select_by} on the selection prompts (baseline {base:.3g})", fontsize=9)
             paths.append(_save(fig, out / f"sweep_{task}{suffix}.png"))
     if len(result.revisions) > 1:
         names = [r.revision or "default" for r in result.revisions]
