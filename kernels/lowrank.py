@@ -385,8 +385,7 @@ def plan_lowrank(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: tor
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
     # The module-level tunables are part of the key, so tests (and tuning runs) can move them.
-    tunables = (DECODE_MAX_M, FORCE_SCHEME, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_SPLIT)
-    return _cached_plan(m, k, n, r, dtype, sms, tunables)
+    return _cached_plan(m, k, n, r, dtype, sms, _tunables())
 
 
 class _Workspace:
@@ -427,45 +426,56 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
+class _Launch:
+    """A prepared launch for one call key: kernel, grid, integer arguments, constexprs, options.
+
+    Built once per key (shapes, strides, dtype, device, bias or not), so an eager call only
+    allocates the output and launches. ``compiled`` holds the binaries already launched for it,
+    keyed by which tensor arguments are 16-byte aligned (the one thing Triton specializes on that
+    the call key does not fix).
+    """
+
+    __slots__ = ("kernel", "grid", "ints", "constexprs", "options", "trailing", "ws_numel", "compiled")
+
+    def __init__(self, kernel, grid: tuple, ints: tuple, constexprs: dict, options: dict, ws_numel: int) -> None:
+        self.kernel, self.grid, self.ints = kernel, grid, ints
+        self.constexprs, self.options, self.ws_numel = constexprs, options, ws_numel
+        self.trailing = tuple(constexprs.values())  # the compiled launcher takes constexprs positionally
+        self.compiled: dict[tuple, object] = {}
+
+
 class _FastLauncher:
     """Launch a compiled kernel again without Triton's per-call argument binding.
 
-    The first launch for a key goes through ``kernel[grid](...)`` (compiles, returns the compiled
-    kernel); later launches call the compiled kernel directly. The key holds everything Triton
-    specializes on (pointer alignment to 16 bytes, the integers themselves, the dtype and the
-    constexprs), so a reused binary always matches. Any launch error turns the fast path off for good and falls
-    back to the ordinary path.
+    The first launch of a prepared launch goes through ``kernel[grid](...)`` (compiles if needed,
+    returns the compiled kernel); later ones call the compiled kernel directly, with every
+    argument in declaration order, constexprs included (Triton >= 3.3 passes them that way too).
+    Any error on that path turns it off for good and falls back to the ordinary launch.
     """
 
     def __init__(self) -> None:
-        self._compiled: dict[tuple, object] = {}
         self.enabled = True
 
-    @staticmethod
-    def _spec(args: tuple) -> tuple:
-        # Integers as themselves (finer than Triton's ==1 / %16 classes, so still exact), tensors
-        # as "aligned to 16 bytes"; the arguments hold nothing else.
-        return tuple([v if type(v) is int else v.data_ptr() % 16 == 0 for v in args])
-
-    def __call__(self, kernel, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device):
+    def __call__(self, launch: _Launch, tensors: tuple, device: torch.device) -> None:
+        args = (*tensors, *launch.ints)
         if device.type != "cuda" or not self.enabled:
-            kernel[grid](*args, **constexprs, **options)
+            launch.kernel[launch.grid](*args, **launch.constexprs, **launch.options)
             return
-        key = (kernel, grid, args[0].dtype, tuple(constexprs.values()), tuple(options.values()), self._spec(args))
-        compiled = self._compiled.get(key)
+        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])
+        compiled = launch.compiled.get(aligned)
         if compiled is not None:
             try:
-                compiled[grid](*args, *constexprs.values())
+                compiled[launch.grid](*args, *launch.trailing)
                 return
             except Exception:  # noqa: BLE001 - an unknown Triton launch API: use the ordinary path
                 self.enabled = False
-                self._compiled.clear()
-        compiled = kernel[grid](*args, **constexprs, **options)
-        if compiled is not None and hasattr(compiled, "__getitem__"):
-            self._compiled[key] = compiled
+        compiled = launch.kernel[launch.grid](*args, **launch.constexprs, **launch.options)
+        if self.enabled and compiled is not None and hasattr(compiled, "__getitem__"):
+            launch.compiled[aligned] = compiled
 
 
 _LAUNCH = _FastLauncher()
+_PREPARED: dict[tuple, _Launch] = {}
 
 
 def _precisions(dtype: torch.dtype) -> tuple[bool, str, str]:
@@ -481,54 +491,66 @@ def _precisions(dtype: torch.dtype) -> tuple[bool, str, str]:
     return False, "tf32", "tf32"  # bf16: both dots bf16 x bf16 with fp32 accumulation
 
 
+def _tunables() -> tuple:
+    return (DECODE_MAX_M, FORCE_SCHEME, PROGRAMS_PER_SM, MIN_K_CHUNK, MAX_SPLIT, INTERPRETER_SMS)
+
+
+def _prepare(key: tuple) -> _Launch:
+    m, k, n, r, dtype, device, has_bias, sx, sa, sb, _ = key
+    cfg = plan_lowrank(m, k, n, r, dtype, device)
+    h_fp32, prec1, prec2 = _precisions(dtype)
+    tiled, splitk = _kernels()
+    constexprs = {
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n, "R_PAD": cfg.r_pad,
+        "H_FP32": h_fp32, "PREC1": prec1, "PREC2": prec2, "HAS_BIAS": has_bias,
+    }
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    strides = (sx, sa, sb, n)  # y is a fresh contiguous (m, n)
+    if cfg.scheme == "tiled":
+        launch = _Launch(tiled, (cfg.grid,), (m, k, n, r, *strides, cfg.n_groups), constexprs, options, 0)
+    else:
+        ints = (m, k, n, r, *strides, cfg.n_split, cfg.k_chunk, cfg.n_groups)
+        ws_numel = -(-m // cfg.block_m) * cfg.n_split * cfg.block_m * cfg.r_pad
+        launch = _Launch(splitk, (cfg.grid,), ints, {**constexprs, "PREFETCH_B": cfg.prefetch_b}, options, ws_numel)
+    _PREPARED[key] = launch
+    return launch
+
+
 def lowrank_linear_triton(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The Triton forward: inputs checked by the caller; fp32 / fp16 / bf16 on CUDA or the interpreter."""
-    if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton kernel takes float32, float16 or bfloat16; got {x.dtype}")
+    dtype = x.dtype
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the Triton kernel takes float32, float16 or bfloat16; got {dtype}")
     r, k = a.shape
     n = b.shape[0]
-    lead = x.shape[:-1]
-    if r == 0:
-        if bias is None:
-            return x.new_zeros(*lead, n)
-        return bias.expand(*lead, n).clone()
-    x2 = x.reshape(-1, k)  # a view whenever the leading dims can be flattened
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # a view whenever the leading dims can be flattened
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
-    if k == 0:
-        y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-        return y.reshape(*lead, n)
+    if r == 0 or k == 0 or m == 0 or n == 0:
+        # No product to compute: the bias broadcast (a fresh tensor), or zeros, or an empty result.
+        shape = (*x.shape[:-1], n)
+        return x.new_zeros(shape) if bias is None else bias.expand(shape).clone()
     # The kernels index the feature dims with unit stride (vectorized loads); a copy happens only
     # for an x / a / b whose last dim is itself strided.
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    if a.stride(1) != 1:
-        a = a.contiguous()
-    if b.stride(1) != 1:
-        b = b.contiguous()
-    cfg = plan_lowrank(m, k, n, r, x.dtype, x.device)
-    h_fp32, prec1, prec2 = _precisions(x.dtype)
-    tiled, splitk = _kernels()
-    bias_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
-    constexprs = {
-        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n, "R_PAD": cfg.r_pad,
-        "H_FP32": h_fp32, "PREC1": prec1, "PREC2": prec2, "HAS_BIAS": bias is not None,
-    }
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    strides = (x2.stride(0), a.stride(0), b.stride(0), y.stride(0))
-    if cfg.scheme == "tiled":
-        args = (x2, a, b, bias_arg, y, m, k, n, r, *strides, cfg.n_groups)
-        _LAUNCH(tiled, (cfg.grid,), args, constexprs, options, x.device)
-    else:
-        n_m = -(-m // cfg.block_m)
-        ws, counters = _WORKSPACE.get(x.device, n_m * cfg.n_split * cfg.block_m * cfg.r_pad)
-        args = (x2, a, b, bias_arg, y, ws, counters, m, k, n, r, *strides, cfg.n_split, cfg.k_chunk, cfg.n_groups)
-        _LAUNCH(splitk, (cfg.grid,), args, {**constexprs, "PREFETCH_B": cfg.prefetch_b}, options, x.device)
-    return y.reshape(*lead, n)
+    sx, sx1 = x2.stride()
+    if sx1 != 1:
+        x2, sx = x2.contiguous(), k
+    sa, sa1 = a.stride()
+    if sa1 != 1:
+        a, sa = a.contiguous(), k
+    sb, sb1 = b.stride()
+    if sb1 != 1:
+        b, sb = b.contiguous(), r
+    device = x.device
+    key = (m, k, n, r, dtype, device, bias is not None, sx, sa, sb, _tunables())
+    launch = _PREPARED.get(key) or _prepare(key)
+    y = torch.empty(m, n, dtype=dtype, device=device)
+    tensors = (x2, a, b, y if bias is None else bias, y)  # the bias slot is never read without one
+    if launch.ws_numel:
+        tensors += _WORKSPACE.get(device, launch.ws_numel)
+    _LAUNCH(launch, tensors, device)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,30 +288,32 @@ def test_fast_launcher_reuses_binaries_only_for_matching_keys():
     class Kernel:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                log.append(("jit", grid, args))
+                log.append(("jit", grid, args, kwargs))
                 return Compiled()
 
             return launch
 
-    launcher, kernel, cuda = lk._FastLauncher(), Kernel(), torch.device("cuda")
+    launcher, cuda = lk._FastLauncher(), torch.device("cuda")
+    launch = lk._Launch(Kernel(), (2,), (5, 7), {"BLOCK": 16}, {"num_warps": 4}, 0)
     t = torch.zeros(64)
-    const, opts = {"BLOCK": 16}, {"num_warps": 4}
-    launcher(kernel, (2,), (t, 5), const, opts, cuda)
-    launcher(kernel, (2,), (t, 5), const, opts, cuda)
-    launcher(kernel, (2,), (t[1:], 5), const, opts, cuda)  # misaligned pointer: another binary
-    launcher(kernel, (2,), (t, 6), const, opts, cuda)  # another integer: another binary
-    assert [entry[0] for entry in log] == ["jit", "fast", "jit", "jit"]
-    assert log[1][2] == (t, 5, 16)  # runtime arguments, then the constexpr values
-    launcher(kernel, (2,), (t, 5), {"BLOCK": 32}, opts, cuda)
+    launcher(launch, (t,), cuda)
+    assert log[-1] == ("jit", (2,), (t, 5, 7), {"BLOCK": 16, "num_warps": 4})
+    launcher(launch, (t,), cuda)
+    assert log[-1] == ("fast", (2,), (t, 5, 7, 16))  # runtime arguments, then the constexpr values
+    launcher(launch, (t[1:],), cuda)  # a pointer off 16-byte alignment: another binary
     assert log[-1][0] == "jit"
+    launcher(launch, (t[4:],), cuda)  # aligned again: the first binary
+    assert log[-1][0] == "fast"
 
     class Broken(Compiled):
         def __getitem__(self, grid):
             raise TypeError("another launch API")
 
-    launcher._compiled = {key: Broken() for key in launcher._compiled}
-    launcher(kernel, (2,), (t, 5), const, opts, cuda)
+    launch.compiled = {key: Broken() for key in launch.compiled}
+    launcher(launch, (t,), cuda)
     assert log[-1][0] == "jit" and not launcher.enabled
+    launcher(launch, (t,), cuda)
+    assert log[-1][0] == "jit"
 
 
 _COMPILE_SCRIPT = r"""
