@@ -13,10 +13,11 @@ out="${1:-${OUT:-benchmarks/out-lowrank}}"
 quick="${2:-}"
 mkdir -p "$out"
 python -c "import fasttrunc" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || exit 1
-python - <<'PY' | tee "$out/env.txt"
+{ git rev-parse HEAD 2>/dev/null || echo "commit unknown"; python - <<'PY'
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name(0))
 PY
+} | tee "$out/env.txt"
 # Native kernels (the interpreter off): the whole file, so the CPU tests also run compiled.
 FASTTRUNC_TEST_NATIVE=1 timeout 180 python -m pytest -q -x -p no:cacheprovider \
     tests/test_lowrank_kernel.py 2>&1 | tail -n 40 | tee "$out/pytest.txt"
