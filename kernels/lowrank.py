@@ -2,7 +2,7 @@
 
 Layers of this file, top to bottom (DESIGN.md section 4):
 1. Triton kernels    -- :func:`_lowrank_splitk_kernel` (decode, M <= ``DECODE_MAX_M``) and
-                        :func:`_lowrank_tiled_kernel` (large M), sharing two ``@triton.jit`` helpers;
+                        :func:`_lowrank_tiled_kernel` (large M), sharing small ``@triton.jit`` helpers;
 2. launcher          -- :func:`lowrank_linear_triton`: checks, allocates, picks the config from a
                         static table, launches (with a light launch path on CUDA);
 3. torch reference   -- :func:`lowrank_linear_reference`, the test oracle and the CPU path;
@@ -23,7 +23,12 @@ decode kernel splits the reduction over ``in`` instead, in ONE launch, with two 
 * phase-1 programs each reduce one ``in`` chunk of ``x @ a.T`` for one M tile and write an fp32
   partial (``BLOCK_M x R``) to a small cached workspace, then bump a "done" counter;
 * phase-2 programs wait until every partial is written, sum them in a fixed order
-  (deterministic), cast once and stream their share of ``out`` tiles of ``b``.
+  (deterministic), cast once and stream their share of ``out`` tiles of ``b``; a program that owns
+  a single ``out`` tile loads its ``b`` tile before it starts waiting, hiding that load behind
+  phase 1.
+
+The split count balances a program's share of ``a`` (A / n_split bytes) against what phase 2
+re-reads (n_split fp32 partials): n_split ~ sqrt(A / P), within the program budget.
 
 A program's role comes from an atomic *ticket* taken when it starts, not from its program id: a
 phase-2 program (ticket >= number of phase-1 programs) only ever waits on programs that took
@@ -32,7 +37,7 @@ grid-wide dependency deadlock-free without a grid sync or co-residency assumptio
 Triton's CPU interpreter, which runs programs one after another, execute the same code). The
 last phase-2 program to finish resets the three counters to zero, so the workspace is ready for
 the next call and for CUDA-graph replay: no host sync, no allocation after the first call for a
-(device, stream, size).
+(device, size). One workspace per device means one split-K launch in flight per device.
 
 Large M, ``M > DECODE_MAX_M``: there are enough rows to fill the GPU with M tiles, so each
 program computes its ``BLOCK_M x R`` tile of ``h = x @ a.T`` in fp32 registers over the full
@@ -51,12 +56,19 @@ Both products accumulate in fp32. The intermediate ``h`` is cast once before the
 * bf16: to bf16 (same exponent range as fp32, so no overflow; the tensor cores' native type);
 * fp16: kept in fp32 and the second product runs as TF32 against ``b`` upcast to fp32: TF32 has
   fp32's exponent range and fp16's 10-bit mantissa, so ``h`` cannot overflow where casting it
-  to fp16 would (|h| > 65504 while y fits), at the accuracy of an fp16 cast; the op is
+  to fp16 would (|h| > 65504 while y fits), at about the accuracy of an fp16 cast; the op is
   memory-bound at these shapes, so TF32's half rate over fp16 costs little;
 * fp32: both products with ``input_precision="ieee"`` (true fp32, like ``F.linear`` with torch's
   default ``allow_tf32=False``): fp32 is the dtype research runs use as the accurate reference,
   and speed targets are set in bf16.
 fp64 always uses the torch reference.
+
+Eager launch cost
+-----------------
+A Triton launch from Python costs ~12.8 us of host time (BASELINES 1b), as much as torch's two
+GEMMs. Each call key (shapes, strides, dtype, device, bias or not) is planned once into a
+:class:`_Launch`; later calls allocate the output and call the compiled kernel directly
+(:class:`_FastLauncher`), skipping Triton's per-call argument binding and specialization.
 """
 
 from __future__ import annotations
