@@ -236,3 +236,21 @@ def test_sweep_benchmark_runs_on_a_small_model():
     assert result.fasttrunc_seconds > 0 and result.laser_seconds > 0
     # exact vs LASER's randomized SVD (niter=2) of the same cells: close, not equal
     assert result.max_abs_diff_p_correct < 0.01
+
+
+def test_tiny_corpus_never_contains_an_evaluation_prompt():
+    """IOI sentences of the corpus use their own places and objects, so evaluation prompts are held out."""
+    import random
+
+    from fasttrunc.tasks import ioi
+
+    assert not set(neox.TRAIN_PLACES) & set(ioi.PLACES) and not set(neox.TRAIN_OBJECTS) & set(ioi.OBJECTS)
+    config = neox.TinyNeoxConfig()
+    rng = random.Random(0)
+    sentences = [neox._sentence(rng, config.names, config) for _ in range(3000)]
+    ioi_like = [s for s in sentences if " and " in s]
+    assert 0.3 < len(ioi_like) / len(sentences) < 0.5  # ioi_fraction 0.4
+    noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in neox.NOUNS)]
+    assert 0.2 < len(noisy) / len(ioi_like) < 0.4  # noise 0.3: "to the <noun>" instead of the IO
+    evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)
+    assert not any(evaluation_words & set(s.replace(",", " ").replace(".", " ").split()) for s in ioi_like)

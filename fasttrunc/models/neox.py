@@ -205,7 +205,7 @@ def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) 
         ending = f"the {rng.choice(NOUNS)}" if rng.random() < config.noise else io
         return f"{text} {ending} ."
     return rng.choice(ORDINARY).format(
-        name=rng.choice(names), place=rng.choice(TRAIN_PLACES + tuple()), object=rng.choice(TRAIN_OBJECTS),
+        name=rng.choice(names), place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS),
         noun=rng.choice(NOUNS),
     )
 
