@@ -31,7 +31,7 @@ class Prompt:
     kind: str = ""
 
 
-# --- tokenizer helpers (Hugging Face tokenizers and raw `tokenizers.Tokenizer` alike) -----------
+# --- tokenization (Hugging Face tokenizers and raw `tokenizers.Tokenizer` alike) ----------------
 
 
 def token_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
