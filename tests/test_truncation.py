@@ -160,7 +160,7 @@ def test_restore_refuses_when_module_was_replaced_again():
 
 
 def test_randomized_uses_one_batched_call_per_shape(monkeypatch):
-    import fasttrunc.svd as svd_module
+    import fasttrunc.kernels.svd as svd_module  # on the torch path, one call per stacked shape group
 
     calls = []
     real = svd_module.randomized_svd
