@@ -210,7 +210,7 @@ def sweep_pythia(
 @user_errors
 def make_tiny_neox(
     directory: Path = typer.Argument(..., help="Where to save the model, its tokenizer and its checkpoints."),
-    steps: int = typer.Option(None, "--steps", help="Training steps; the recipe's default is 1500."),
+    steps: int = typer.Option(None, "--steps", help="Training steps; the recipe's default is 3000."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialization and of the corpus."),
     checkpoints: str = typer.Option(
         None, "--checkpoints", help="Comma-separated steps to save as revisions (DIR/revisions/stepN), for example 300,600,900."
@@ -219,10 +219,10 @@ def make_tiny_neox(
 ) -> None:
     """Train a tiny GPT-NeoX (Pythia architecture) with a word-level tokenizer on a synthetic corpus, offline.
 
-    The corpus mixes ordinary sentences, where "to" is followed by "the", with IOI sentences whose
-    answer is an earlier name. The model and tokenizer are saved as a Hugging Face directory that
-    run pythia and sweep pythia accept as --model. Training takes about two minutes on a busy
-    2-core CPU.
+    The corpus mixes ordinary sentences, where "to" is followed by "the", sentences where "to" comes
+    before a verb, and IOI sentences whose answer is an earlier name. The model and tokenizer are
+    saved as a Hugging Face directory that run pythia and sweep pythia accept as --model. Training
+    takes one to three minutes on a 2-core CPU, depending on how busy it is.
     """
     from fasttrunc.models.neox import TinyNeoxConfig, make_tiny_neox as build
 

@@ -40,12 +40,9 @@ def random_dir(tmp_path_factory):
     return path
 
 
-# The test-sized recipe: a narrower model (48 wide, 3 heads) and 900 steps instead of 1500, made
-# up for by more IOI sentences and a higher rate; measured: IOI logit-diff accuracy 0.92, gain 26x
-# (README has the full recipe's numbers). 500-600 steps were too few: accuracy 0.5-0.7.
-TEST_RECIPE = dict(
-    steps=900, hidden_size=48, num_heads=3, intermediate_size=192, ioi_fraction=0.6, lr=4e-3, checkpoints=(450, 900)
-)
+# The default recipe (seed 0), as the README measures it (3.75x / 4.7x): the last-MLP effect has
+# little margin on other seeds (2.0-2.4x), so the test does not shrink the model.
+TEST_RECIPE = dict(checkpoints=(1500, 3000))
 
 
 @pytest.fixture(scope="session")
@@ -191,8 +188,9 @@ def test_make_tiny_neox_refuses_to_overwrite(random_dir):
 # --- the tiny trained model: the paper's effect, end to end -----------------------------------------
 
 
-def test_truncating_the_mlp_raises_the_io_to_the_ratio(trained_dir):
-    result = invoke(["run", "pythia", "--model", str(trained_dir), "--layer", "0", "--matrix", "mlp_in",
+@pytest.mark.parametrize("matrix", ["mlp_in", "mlp_out"])
+def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix):
+    result = invoke(["run", "pythia", "--model", str(trained_dir), "--layer", "-1", "--matrix", matrix,
                      "--rank", "0", "--n", "200", "--seed", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -201,25 +199,25 @@ def test_truncating_the_mlp_raises_the_io_to_the_ratio(trained_dir):
     assert base["logit_diff_accuracy"] > 0.8  # the model has learned the in-context task
     assert base["mean_p_the"] > 0.1  # and " the" competes with the answer
     assert rev["gain_mean_of_ratios"] >= 2.0, rev
-    assert cut["mean_p_the"] < base["mean_p_the"] / 2
+    assert cut["mean_p_the"] < 0.6 * base["mean_p_the"]  # measured 0.49x (mlp_in) and 0.43x (mlp_out)
     assert data["environment"]["torch"] == torch.__version__
 
 
 def test_run_and_sweep_along_revisions_write_plots(trained_dir, tmp_path):
     out = tmp_path / "run"
-    result = invoke(["run", "pythia", "--model", str(trained_dir), "--revisions", "step450", "--layer", "0",
+    result = invoke(["run", "pythia", "--model", str(trained_dir), "--revisions", "step1500", "--layer", "-1",
                      "--matrix", "mlp_in,mlp_out", "--rank", "0.05", "--n", "40", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "results.json").is_file() and (out / "pythia_ioi.png").is_file()
     assert "ratio of means" in result.output
     out = tmp_path / "sweep"
-    result = invoke(["sweep", "pythia", "--model", str(trained_dir), "--revisions", "step450,step900",
+    result = invoke(["sweep", "pythia", "--model", str(trained_dir), "--revisions", "step1500,step3000",
                      "--layers", "0-1", "--ranks", "0.5,0.1,0", "--n", "40", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
-    assert [r["revision"] for r in data["revisions"]] == ["step450", "step900"]
+    assert [r["revision"] for r in data["revisions"]] == ["step1500", "step3000"]
     assert len(data["revisions"][0]["cells"]) == 2 * 2 * 3
-    for name in ("sweep_ioi_step450.png", "sweep_ioi_step900.png", "sweep_ioi_checkpoints.png"):
+    for name in ("sweep_ioi_step1500.png", "sweep_ioi_step3000.png", "sweep_ioi_checkpoints.png"):
         assert (out / name).is_file()
 
 
@@ -249,8 +247,10 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
     rng = random.Random(0)
     sentences = [neox._sentence(rng, config.names, config) for _ in range(3000)]
     ioi_like = [s for s in sentences if " and " in s]
-    assert 0.3 < len(ioi_like) / len(sentences) < 0.5  # ioi_fraction 0.4
+    assert 0.27 < len(ioi_like) / len(sentences) < 0.36  # ioi_fraction 0.3125
     noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in neox.NOUNS)]
-    assert 0.2 < len(noisy) / len(ioi_like) < 0.4  # noise 0.3: "to the <noun>" instead of the IO
+    assert 0.33 < len(noisy) / len(ioi_like) < 0.47  # noise 0.4: "to the <noun>" instead of the IO
+    infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in neox.VERBS)]
+    assert 0.33 < len(infinitive) / len(sentences) < 0.42  # infinitive 0.375
     evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)
     assert not any(evaluation_words & set(s.replace(",", " ").replace(".", " ").split()) for s in ioi_like)

@@ -121,6 +121,20 @@ ORDINARY = (
     "{name} sent a {object} to the {noun} .",
     "then {name} ran to the {place} .",
 )
+# Sentences where "to" comes before a verb ("Mary used a pen to cook ."). Four of them share the
+# IOI prompt's ending "a <object> to", so after "to" the words before it (gave vs used) decide
+# between " the" or a name and a verb: the association with " the" then depends on context that
+# only attention brings to the position, which the last MLP reads and the first one (the "to"
+# token alone) does not. Measured in the README: removing the last MLP then gives 2.0-4.7x.
+VERBS = ("sing", "sleep", "eat", "swim", "read", "leave", "dance", "cook", "win", "rest")
+INFINITIVE = (
+    "{name} went to the {place} to {verb} .",
+    "{name} used a {object} to {verb} .",
+    "{name} bought a {object} to {verb} .",
+    "{name} wanted to {verb} .",
+    "the {noun} took a {object} to {verb} .",
+    "{name} needed a {object} to {verb} .",
+)
 
 
 # Names of the tiny model's IOI sentences: 16 keep the in-context task learnable in ~1000 steps
@@ -139,19 +153,26 @@ class TinyNeoxConfig:
     (fasttrunc.tasks.ioi templates) whose continuation after "to" is the indirect object; a
     fraction ``noise`` of the IOI sentences end "to the <noun>" instead, so "the" after "to" is a
     global association that competes with the in-context answer, as the noise token does in the
-    paper's toy task (alpha there).
+    paper's toy task (alpha there). A share ``infinitive`` of the sentences use "to" before a verb
+    (INFINITIVE), so what follows "to" depends on the words before it. The recipe before these
+    (ioi_fraction=0.4, noise=0.3, infinitive=0, freeze_embeddings=False, lr=3e-3, steps=1500) put
+    the association in the first MLP instead.
     """
 
     seed: int = 0
-    steps: int = 1500  # IOI accuracy (logit diff > 0) passes 0.9 after ~1000 steps at this batch
+    steps: int = 3000  # IOI accuracy (logit diff > 0) 0.89-0.98 on seeds 0-2; 2000 steps left two seeds at 0.57-0.80
     batch_size: int = 64  # sentences per step, one per row
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256  # 4 x hidden, as in Pythia
-    lr: float = 3e-3  # AdamW peak; 1e-3 learned IOI too slowly for a 1-2 minute budget
-    ioi_fraction: float = 0.4  # share of IOI sentences; the rest carry "to the"
-    noise: float = 0.3  # share of IOI sentences ending "to the <noun>" (the paper's alpha)
+    lr: float = 4e-3  # AdamW peak, as in all runs of this corpus; 1e-3 learned IOI too slowly for the budget
+    ioi_fraction: float = 0.3125  # share of IOI sentences; 0.35-0.45 left the last MLP at 1.0-2.3x
+    noise: float = 0.4  # share of IOI sentences ending "to the <noun>" (the paper's alpha)
+    infinitive: float = 0.375  # share of INFINITIVE sentences ("to" before a verb); the rest are ORDINARY
+    # Token embeddings stay at their random initialization, as in the paper's toy (PAPER.md 1a):
+    # with trained ones, removing the last MLP gave 3.8x on seed 1 but 1.4-1.7x on seed 2.
+    freeze_embeddings: bool = True
     checkpoints: Sequence[int] = ()
     names: Sequence[str] = TINY_NAMES
 
@@ -170,11 +191,11 @@ def _vocabulary(names: Sequence[str]) -> list[str]:
     from fasttrunc.tasks import ioi
 
     words: list[str] = ["[PAD]", "[UNK]", "<|endoftext|>", ".", ","]
-    for template in ioi.TEMPLATES + ORDINARY:
+    for template in ioi.TEMPLATES + ORDINARY + INFINITIVE:
         for token in template.replace(",", " , ").replace(".", " . ").split():
             if not token.startswith("{"):
                 words.append(token)
-    words += list(names) + list(ioi.PLACES) + list(ioi.OBJECTS) + list(TRAIN_PLACES) + list(TRAIN_OBJECTS) + list(NOUNS)
+    words += list(names) + list(ioi.PLACES) + list(ioi.OBJECTS) + list(TRAIN_PLACES) + list(TRAIN_OBJECTS) + list(NOUNS) + list(VERBS)
     return list(dict.fromkeys(words))
 
 
@@ -196,7 +217,8 @@ def build_word_tokenizer(words: Sequence[str]):
 def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) -> str:
     from fasttrunc.tasks import ioi
 
-    if rng.random() < config.ioi_fraction:
+    draw = rng.random()
+    if draw < config.ioi_fraction:
         io, s = rng.sample(list(names), 2)
         first, second = (io, s) if rng.random() < 0.5 else (s, io)
         text = rng.choice(ioi.TEMPLATES).format(
@@ -204,6 +226,11 @@ def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) 
         )
         ending = f"the {rng.choice(NOUNS)}" if rng.random() < config.noise else io
         return f"{text} {ending} ."
+    if draw < config.ioi_fraction + config.infinitive:
+        return rng.choice(INFINITIVE).format(
+            name=rng.choice(names), place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS),
+            noun=rng.choice(NOUNS), verb=rng.choice(VERBS),
+        )
     return rng.choice(ORDINARY).format(
         name=rng.choice(names), place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS),
         noun=rng.choice(NOUNS),
@@ -260,6 +287,14 @@ def make_tiny_neox(
     names = list(config.names)
     if len(names) < 2:
         raise ValueError(f"names has {len(names)} entries; the IOI sentences need at least 2")
+    for name in ("ioi_fraction", "noise", "infinitive"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} {value} is outside [0, 1]")
+    if config.ioi_fraction + config.infinitive > 1.0:
+        raise ValueError(
+            f"ioi_fraction {config.ioi_fraction} + infinitive {config.infinitive} exceeds 1; they are shares of one corpus"
+        )
     for step in config.checkpoints:
         if not 1 <= step <= config.steps:
             raise ValueError(f"checkpoint step {step} is outside 1..{config.steps}")
@@ -273,8 +308,11 @@ def make_tiny_neox(
         )
     finally:
         torch.random.set_rng_state(torch_rng_state)
+    if config.freeze_embeddings:
+        model.gpt_neox.embed_in.weight.requires_grad_(False)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
     # Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak rate.
     warmup = max(1, config.steps // 20)
 
