@@ -40,8 +40,8 @@ def random_dir(tmp_path_factory):
     return path
 
 
-# The default recipe (seed 0), as the README measures it (3.75x / 4.7x): the last-MLP effect has
-# little margin on other seeds (2.0-2.4x), so the test does not shrink the model.
+# The default recipe (seed 0), as the README measures it (2.4x / 2.7x): the last-MLP effect has
+# little margin to spare (2.4-3.2x on seeds 0-2), so the test does not shrink the model.
 TEST_RECIPE = dict(checkpoints=(1500, 3000))
 
 
@@ -199,7 +199,7 @@ def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix)
     assert base["logit_diff_accuracy"] > 0.8  # the model has learned the in-context task
     assert base["mean_p_the"] > 0.1  # and " the" competes with the answer
     assert rev["gain_mean_of_ratios"] >= 2.0, rev
-    assert cut["mean_p_the"] < 0.6 * base["mean_p_the"]  # measured 0.49x (mlp_in) and 0.43x (mlp_out)
+    assert cut["mean_p_the"] < 0.8 * base["mean_p_the"]  # measured 0.70x (mlp_in) and 0.67x (mlp_out)
     assert data["environment"]["torch"] == torch.__version__
 
 
@@ -249,7 +249,7 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
     ioi_like = [s for s in sentences if " and " in s]
     assert 0.27 < len(ioi_like) / len(sentences) < 0.36  # ioi_fraction 0.3125
     noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in neox.NOUNS)]
-    assert 0.33 < len(noisy) / len(ioi_like) < 0.47  # noise 0.4: "to the <noun>" instead of the IO
+    assert 0.43 < len(noisy) / len(ioi_like) < 0.57  # noise 0.5: "to the <noun>" instead of the IO
     infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in neox.VERBS)]
     assert 0.33 < len(infinitive) / len(sentences) < 0.42  # infinitive 0.375
     evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)

@@ -125,7 +125,7 @@ ORDINARY = (
 # IOI prompt's ending "a <object> to", so after "to" the words before it (gave vs used) decide
 # between " the" or a name and a verb: the association with " the" then depends on context that
 # only attention brings to the position, which the last MLP reads and the first one (the "to"
-# token alone) does not. Measured in the README: removing the last MLP then gives 2.0-4.7x.
+# token alone) does not. Measured in the README: removing the last MLP then gives 2.4-3.2x.
 VERBS = ("sing", "sleep", "eat", "swim", "read", "leave", "dance", "cook", "win", "rest")
 INFINITIVE = (
     "{name} went to the {place} to {verb} .",
@@ -168,10 +168,10 @@ class TinyNeoxConfig:
     intermediate_size: int = 256  # 4 x hidden, as in Pythia
     lr: float = 4e-3  # AdamW peak, as in all runs of this corpus; 1e-3 learned IOI too slowly for the budget
     ioi_fraction: float = 0.3125  # share of IOI sentences; 0.35-0.45 left the last MLP at 1.0-2.3x
-    noise: float = 0.4  # share of IOI sentences ending "to the <noun>" (the paper's alpha)
+    noise: float = 0.5  # share of IOI sentences ending "to the <noun>" (the paper's alpha); 0.4 left seed 2 at 1.97x
     infinitive: float = 0.375  # share of INFINITIVE sentences ("to" before a verb); the rest are ORDINARY
     # Token embeddings stay at their random initialization, as in the paper's toy (PAPER.md 1a):
-    # with trained ones, removing the last MLP gave 3.8x on seed 1 but 1.4-1.7x on seed 2.
+    # with trained ones (noise 0.4), removing the last MLP gave 3.8x on seed 1 but 1.4-1.7x on seed 2.
     freeze_embeddings: bool = True
     checkpoints: Sequence[int] = ()
     names: Sequence[str] = TINY_NAMES
