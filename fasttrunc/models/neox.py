@@ -160,7 +160,7 @@ class TinyNeoxConfig:
     """
 
     seed: int = 0
-    steps: int = 3000  # IOI accuracy (logit diff > 0) 0.89-0.98 on seeds 0-2; 2000 steps left two seeds at 0.57-0.80
+    steps: int = 3000  # IOI accuracy (logit diff > 0) 0.91-0.98 on seeds 0-2; 2000 steps left two seeds at 0.57-0.80
     batch_size: int = 64  # sentences per step, one per row
     hidden_size: int = 64
     num_layers: int = 2
