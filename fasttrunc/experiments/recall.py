@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fasttrunc.runtime import cpu_threads
 from fasttrunc.experiments.common import Progress, ResultMixin, check_fraction, report, resolve_device
 from fasttrunc.experiments.training import OptimConfig, TrainHistory, check_steps, summary, train
 from fasttrunc.models.toy import ToyTransformer
@@ -193,14 +194,8 @@ def run(config: RecallConfig, progress: Progress = None) -> RecallResult:
     """Train, evaluate the truncation grid, and (with ``track_every``) record the dynamics."""
     config.validate()
     device = resolve_device(config.device)
-    if device.type != "cpu":
+    with cpu_threads(config.cpu_threads, device):
         return _run(config, device, progress)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.cpu_threads)
-    try:
-        return _run(config, device, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: RecallConfig, device: torch.device, progress: Progress) -> RecallResult:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fasttrunc.runtime import cpu_threads
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REVISIONS_DIR = "revisions"
 
@@ -326,14 +328,10 @@ def make_tiny_neox(
     losses: list[float] = []
     saved: list[str] = []
     start = time.perf_counter()
-    threads = torch.get_num_threads()
     # One thread: at these sizes (64-wide matrices) thread synchronisation costs more than it
     # saves, 4-8x per step on a busy 2-core machine; restored afterwards.
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         _train(model, tokenizer, names, config, rng, optimizer, scheduler, losses, saved, out, progress)
-    finally:
-        torch.set_num_threads(threads)
     _save(model, tokenizer, out)
     return TinyNeoxReport(
         directory=str(out), steps=config.steps, seconds=time.perf_counter() - start,
