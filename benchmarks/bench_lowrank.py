@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Only r = 128 and M in {1, 4096}.")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32.")
-    parser.add_argument("--json", type=Path, default=None, help="Where to write the JSON (default: benchmarks/lowrank-<UTC time>.json).")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="Where to write the JSON (default: benchmarks/lowrank-<UTC time>.json)."
+    )
     args = parser.parse_args(argv)
 
     import torch

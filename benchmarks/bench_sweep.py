@@ -17,7 +17,9 @@ import typer
 
 
 def main(
-    layers: int = typer.Option(24, "--layers", help="Number of layers of the model, all of them swept (24 is Pythia-1.4b)."),
+    layers: int = typer.Option(
+        24, "--layers", help="Number of layers of the model, all of them swept (24 is Pythia-1.4b)."
+    ),
     n_prompts: int = typer.Option(200, "--n-prompts", help="Prompts scored per cell."),
     batch_size: int = typer.Option(50, "--batch-size", help="Prompts per forward pass, the same for both paths."),
     method: str = typer.Option("exact", "--method", help="fasttrunc's SVD: exact or randomized."),
@@ -29,7 +31,9 @@ def main(
     from fasttrunc.bench.sweep import SweepBenchConfig, run, summary_rows
     from fasttrunc.cli._common import emit, make_table, progress_bar, user_errors
 
-    config = SweepBenchConfig(num_layers=layers, n_prompts=n_prompts, batch_size=batch_size, method=method, device=device)
+    config = SweepBenchConfig(
+        num_layers=layers, n_prompts=n_prompts, batch_size=batch_size, method=method, device=device
+    )
 
     def tables(result):
         title = (

@@ -35,7 +35,9 @@ def score(w64, sigma, k, u, s, vh, seconds):
     return (
         err / sigma[k:].pow(2).sum().sqrt().item(),
         ((s.double() - sigma[:k]).abs() / sigma[:k]).max().item(),
-        max((u.double().T @ u.double() - eye).abs().max().item(), (vh.double() @ vh.double().T - eye).abs().max().item()),
+        max(
+            (u.double().T @ u.double() - eye).abs().max().item(), (vh.double() @ vh.double().T - eye).abs().max().item()
+        ),
         seconds,
     )
 
@@ -56,15 +58,22 @@ def main():
             rows = []
             for label, options in runs.items():
                 start = time.perf_counter()
-                u, s, vh = truncated_svd(w, k, method="randomized", generator=torch.Generator().manual_seed(0), **options)
+                u, s, vh = truncated_svd(
+                    w, k, method="randomized", generator=torch.Generator().manual_seed(0), **options
+                )
                 rows.append((label, score(w64, sigma, k, u, s, vh, time.perf_counter() - start)))
             torch.manual_seed(0)
             start = time.perf_counter()
             ul, sl, vl = torch.svd_lowrank(w, q=k + 10, niter=2)
             seconds = time.perf_counter() - start
-            rows.append(("torch.svd_lowrank(q=k+10, niter=2)", score(w64, sigma, k, ul[:, :k], sl[:k], vl[:, :k].T, seconds)))
+            rows.append(
+                ("torch.svd_lowrank(q=k+10, niter=2)", score(w64, sigma, k, ul[:, :k], sl[:k], vl[:, :k].T, seconds))
+            )
             for label, (ratio, sig, orth, sec) in rows:
-                print(f"| {m}x{n} | {k} | {name} | {label} | {ratio:.4f} | {sig:.4f} | {orth:.1e} | {sec:.2f} |", flush=True)
+                print(
+                    f"| {m}x{n} | {k} | {name} | {label} | {ratio:.4f} | {sig:.4f} | {orth:.1e} | {sec:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def test_fasttrunc_triton(benchmark, weights):
     from fasttrunc.kernels.svd import randomized_svd_triton
 
     gen = torch.Generator(device="cuda")
-    u, s, vh = _run(benchmark, lambda: randomized_svd_triton(weights, K, n_iter=N_ITER, oversample=OVERSAMPLE, generator=gen.manual_seed(0)))
+    u, s, vh = _run(
+        benchmark,
+        lambda: randomized_svd_triton(weights, K, n_iter=N_ITER, oversample=OVERSAMPLE, generator=gen.manual_seed(0)),
+    )
     assert u.shape == (BATCH, M, K) and torch.isfinite(s).all()
 
 
@@ -46,7 +49,10 @@ def test_fasttrunc_bf16_weights(benchmark, weights):
 
     stored = weights.to(torch.bfloat16)
     gen = torch.Generator(device="cuda")
-    _, s, _ = _run(benchmark, lambda: randomized_svd_triton(stored, K, n_iter=N_ITER, oversample=OVERSAMPLE, generator=gen.manual_seed(0)))
+    _, s, _ = _run(
+        benchmark,
+        lambda: randomized_svd_triton(stored, K, n_iter=N_ITER, oversample=OVERSAMPLE, generator=gen.manual_seed(0)),
+    )
     assert torch.isfinite(s).all()
 
 

@@ -34,7 +34,8 @@ HELP = (
 @user_errors
 def bench_lowrank(
     shapes: str = typer.Option(
-        "2048x8192,8192x2048,5120x20480", "--shapes",
+        "2048x8192,8192x2048,5120x20480",
+        "--shapes",
         help="Weight shapes to time, as comma-separated INxOUT pairs.",
     ),
     ranks: str = typer.Option("32,128,512", "--ranks", help="Ranks to time, comma-separated (1 to 1024)."),
@@ -48,8 +49,12 @@ def bench_lowrank(
     from fasttrunc.bench.lowrank import LowrankBenchConfig, parse_ints, parse_shapes, run
 
     config = LowrankBenchConfig(
-        shapes=parse_shapes(shapes), ranks=parse_ints("ranks", ranks), ms=parse_ints("rows", rows),
-        dtype=dtype, reps=reps, seed=seed,
+        shapes=parse_shapes(shapes),
+        ranks=parse_ints("ranks", ranks),
+        ms=parse_ints("rows", rows),
+        dtype=dtype,
+        reps=reps,
+        seed=seed,
     )
     config.validate()
     import torch

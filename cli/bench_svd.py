@@ -17,8 +17,13 @@ def _tables(result: Any) -> list:
 
     rows = [
         [
-            row["set"], "-" if row["k"] is None else row["k"], row["method"], f"{1e3 * row['seconds']:.1f}",
-            ratio(row["speedup_vs_svd_lowrank"]), ratio(row["speedup_vs_linalg_svd"]), f"{row['error_ratio']:.4f}",
+            row["set"],
+            "-" if row["k"] is None else row["k"],
+            row["method"],
+            f"{1e3 * row['seconds']:.1f}",
+            ratio(row["speedup_vs_svd_lowrank"]),
+            ratio(row["speedup_vs_linalg_svd"]),
+            f"{row['error_ratio']:.4f}",
         ]
         for row in result.rows
     ]
@@ -50,8 +55,12 @@ HELP = (
 def bench_svd(
     rank: list[int] = typer.Option([64, 256], "--rank", help="Rank k to keep; repeat the option for several ranks."),
     reps: int = typer.Option(3, "--reps", help="Timed runs per method after one warm-up; the median is reported."),
-    quick: bool = typer.Option(False, "--quick", help="Use 8 matrices of Pythia-1.4b's MLP shapes instead of the full sets."),
-    no_full_svd: bool = typer.Option(False, "--no-full-svd", help="Skip timing torch.linalg.svd, which takes about ten seconds per set."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Use 8 matrices of Pythia-1.4b's MLP shapes instead of the full sets."
+    ),
+    no_full_svd: bool = typer.Option(
+        False, "--no-full-svd", help="Skip timing torch.linalg.svd, which takes about ten seconds per set."
+    ),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Skip the run on bf16-stored weights."),
     seed: int = typer.Option(0, "--seed", help="Seed of the test matrices and of the sketches."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json into this directory."),
@@ -64,8 +73,12 @@ def bench_svd(
     from fasttrunc.bench.svd import MATRIX_SETS, QUICK_SETS, SvdBenchConfig, run
 
     config = SvdBenchConfig(
-        sets=tuple(QUICK_SETS) if quick else tuple(MATRIX_SETS), ranks=tuple(rank), reps=reps,
-        bf16=not no_bf16, full_svd=not no_full_svd, seed=seed,
+        sets=tuple(QUICK_SETS) if quick else tuple(MATRIX_SETS),
+        ranks=tuple(rank),
+        reps=reps,
+        bf16=not no_bf16,
+        full_svd=not no_full_svd,
+        seed=seed,
     )
     config.validate()
     with progress_bar(not as_json) as progress:

@@ -61,16 +61,26 @@ HELP = (
 @user_errors
 def memory(
     d: int = typer.Option(128, "--d", help="Embedding dimension; W is d x d."),
-    n_tokens: int = typer.Option(64, "--n-tokens", help="Number of input tokens N (the clean outputs are N more, plus one noise token)."),
-    alpha: float = typer.Option(0.3, "--alpha", help="Probability that a training pair's output is the noise token, in (0, 1)."),
+    n_tokens: int = typer.Option(
+        64, "--n-tokens", help="Number of input tokens N (the clean outputs are N more, plus one noise token)."
+    ),
+    alpha: float = typer.Option(
+        0.3, "--alpha", help="Probability that a training pair's output is the noise token, in (0, 1)."
+    ),
     shared: float = typer.Option(
-        0.0, "--shared", help="Weight in [0, 1) of a direction common to all input embeddings; 0 keeps them near-orthogonal.",
+        0.0,
+        "--shared",
+        help="Weight in [0, 1) of a direction common to all input embeddings; 0 keeps them near-orthogonal.",
     ),
     lr: float = typer.Option(1.0, "--lr", help="Learning rate of plain SGD (or of full-batch gradient descent)."),
     steps: int = typer.Option(2000, "--steps", help="Number of optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Training pairs per SGD step; ignored with --full-batch."),
-    full_batch: bool = typer.Option(False, "--full-batch", help="Use gradient descent on the exact expected loss instead of SGD on sampled pairs."),
-    record_every: int = typer.Option(10, "--record-every", help="Record W's singular structure and predictions every this many steps."),
+    full_batch: bool = typer.Option(
+        False, "--full-batch", help="Use gradient descent on the exact expected loss instead of SGD on sampled pairs."
+    ),
+    record_every: int = typer.Option(
+        10, "--record-every", help="Record W's singular structure and predictions every this many steps."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the embeddings, the clean map and the sampled pairs."),
     device: str = typer.Option("cpu", "--device", help="Torch device to train on, such as cpu or cuda."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
@@ -80,8 +90,17 @@ def memory(
     from fasttrunc.plots import plot_memory
 
     config = MemoryConfig(
-        d=d, n_tokens=n_tokens, alpha=alpha, shared=shared, lr=lr, steps=steps, batch_size=batch_size, full_batch=full_batch,
-        record_every=record_every, seed=seed, device=device,
+        d=d,
+        n_tokens=n_tokens,
+        alpha=alpha,
+        shared=shared,
+        lr=lr,
+        steps=steps,
+        batch_size=batch_size,
+        full_batch=full_batch,
+        record_every=record_every,
+        seed=seed,
+        device=device,
     )
     with progress_bar(enabled=not as_json) as progress:
         result = run(config, progress)

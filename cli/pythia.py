@@ -100,7 +100,9 @@ def _pythia_tables(result) -> list:
             f"{cfg.model} {rev.revision or ''} {cfg.task}, {result.n_prompts} prompts: layers {list(cfg.layers)} "
             f"{','.join(cfg.matrices)} rank {cfg.rank}"
         )
-        rows = [[label, _fmt(getattr(rev.baseline, key)), _fmt(getattr(rev.truncated, key))] for label, key in METRIC_ROWS]
+        rows = [
+            [label, _fmt(getattr(rev.baseline, key)), _fmt(getattr(rev.truncated, key))] for label, key in METRIC_ROWS
+        ]
         tables.append(make_table(title, ["metric", "baseline", "truncated"], rows))
     return tables
 
@@ -109,9 +111,19 @@ def _pythia_tables(result) -> list:
 @user_errors
 def run_pythia(
     model: str = MODEL_OPT,
-    layer: str = typer.Option(..., "--layer", help="Layer indices to truncate, comma-separated (10,11), ranges (8-15) or negative from the end."),
-    matrix: str = typer.Option(..., "--matrix", help="Matrices to truncate, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all."),
-    rank: str = typer.Option(..., "--rank", help="The rank kept: an int is absolute, a float in [0, 1] is the fraction of the full rank."),
+    layer: str = typer.Option(
+        ...,
+        "--layer",
+        help="Layer indices to truncate, comma-separated (10,11), ranges (8-15) or negative from the end.",
+    ),
+    matrix: str = typer.Option(
+        ...,
+        "--matrix",
+        help="Matrices to truncate, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all.",
+    ),
+    rank: str = typer.Option(
+        ..., "--rank", help="The rank kept: an int is absolute, a float in [0, 1] is the fraction of the full rank."
+    ),
     task: str = typer.Option("ioi", "--task", help=TASK_HELP),
     revision: str = REVISION_OPT,
     revisions: str = REVISIONS_OPT,
@@ -133,9 +145,18 @@ def run_pythia(
     if layers is None:
         fail("--layer all is not supported by run pythia; list the layers, for example 0-15")
     config = pythia.PythiaConfig(
-        model=model, layers=layers, matrices=split_list(matrix, "matrices"), rank=parse_rank(rank), task=task,
-        revisions=parse_revisions(revision, revisions), n=n, seed=seed, device=device, dtype=dtype,
-        batch_size=batch_size, method=method,
+        model=model,
+        layers=layers,
+        matrices=split_list(matrix, "matrices"),
+        rank=parse_rank(rank),
+        task=task,
+        revisions=parse_revisions(revision, revisions),
+        n=n,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        method=method,
     )
     with progress_bar(not as_json) as progress:
         result = pythia.run(config, progress)
@@ -152,12 +173,17 @@ def _sweep_tables(result) -> list:
                 f"(by {cfg.select_by}) = layer {best.layer} {best.matrix} rank {best.rank}; "
                 f"reported on the other {rev.n_report[task]}"
             )
-            rows = [[label, _fmt(getattr(best.baseline_report, key)), _fmt(getattr(best.report, key))] for label, key in METRIC_ROWS]
+            rows = [
+                [label, _fmt(getattr(best.baseline_report, key)), _fmt(getattr(best.report, key))]
+                for label, key in METRIC_ROWS
+            ]
             tables.append(make_table(title, ["metric", "baseline", "best cell"], rows))
             grid_rows = []
             for row_key in dict.fromkeys((c.layer, c.matrix) for c in rev.cells):
                 cells = [c for c in rev.cells if (c.layer, c.matrix) == row_key]
-                grid_rows.append([f"L{row_key[0]} {row_key[1]}"] + [getattr(c.select[task], cfg.select_by) for c in cells])
+                grid_rows.append(
+                    [f"L{row_key[0]} {row_key[1]}"] + [getattr(c.select[task], cfg.select_by) for c in cells]
+                )
             grid_title = f"{task}: {cfg.select_by} on the selection prompts (baseline {getattr(rev.baseline_select[task], cfg.select_by):.4f})"
             tables.append(make_table(grid_title, ["cell"] + [str(r) for r in cfg.ranks], grid_rows))
     return tables
@@ -167,10 +193,17 @@ def _sweep_tables(result) -> list:
 @user_errors
 def sweep_pythia(
     model: str = MODEL_OPT,
-    layers: str = typer.Option("all", "--layers", help="Layers to sweep: comma-separated indices, ranges such as 8-15, or all."),
-    matrices: str = typer.Option("mlp_in,mlp_out", "--matrices", help="Grid rows per layer, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or a group (mlp, attn, all) truncated together."),
+    layers: str = typer.Option(
+        "all", "--layers", help="Layers to sweep: comma-separated indices, ranges such as 8-15, or all."
+    ),
+    matrices: str = typer.Option(
+        "mlp_in,mlp_out",
+        "--matrices",
+        help="Grid rows per layer, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or a group (mlp, attn, all) truncated together.",
+    ),
     ranks: str = typer.Option(
-        "0.9,0.8,0.6,0.4,0.2,0.1,0.05,0.01,0.005", "--ranks",
+        "0.9,0.8,0.6,0.4,0.2,0.1,0.05,0.01,0.005",
+        "--ranks",
         help="Ranks to sweep, comma-separated: ints are absolute, floats in [0, 1] are fractions of the full rank (LASER's grid by default).",
     ),
     task: str = typer.Option("ioi", "--task", help="Tasks, comma-separated: ioi, factual."),
@@ -182,9 +215,12 @@ def sweep_pythia(
     dtype: str = DTYPE_OPT,
     batch_size: int = BATCH_OPT,
     method: str = METHOD_OPT,
-    select_fraction: float = typer.Option(0.2, "--select-fraction", help="Fraction of the prompts that selects the best cell; the rest report it."),
+    select_fraction: float = typer.Option(
+        0.2, "--select-fraction", help="Fraction of the prompts that selects the best cell; the rest report it."
+    ),
     select_by: str = typer.Option(
-        "mean_p_correct", "--select-by",
+        "mean_p_correct",
+        "--select-by",
         help="The selection metric: mean_p_correct, accuracy, mean_of_ratios, ratio_of_means or mean_logit_diff.",
     ),
     out: Path = OUT_OPT,
@@ -196,10 +232,20 @@ def sweep_pythia(
     from fasttrunc.ranks import parse_rank
 
     config = sweep.SweepConfig(
-        model=model, layers=parse_layers(layers), matrices=split_list(matrices, "matrices"),
-        ranks=[parse_rank(r) for r in split_list(ranks, "ranks")], tasks=split_list(task, "tasks"),
-        revisions=parse_revisions(revision, revisions), n=n, seed=seed, device=device, dtype=dtype,
-        batch_size=batch_size, method=method, select_fraction=select_fraction, select_by=select_by,
+        model=model,
+        layers=parse_layers(layers),
+        matrices=split_list(matrices, "matrices"),
+        ranks=[parse_rank(r) for r in split_list(ranks, "ranks")],
+        tasks=split_list(task, "tasks"),
+        revisions=parse_revisions(revision, revisions),
+        n=n,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        method=method,
+        select_fraction=select_fraction,
+        select_by=select_by,
     )
     with progress_bar(not as_json) as progress:
         result = sweep.run(config, progress)
@@ -213,7 +259,9 @@ def make_tiny_neox(
     steps: int = typer.Option(None, "--steps", help="Training steps; the recipe's default is 3000."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialization and of the corpus."),
     checkpoints: str = typer.Option(
-        None, "--checkpoints", help="Comma-separated steps to save as revisions (DIR/revisions/stepN), for example 300,600,900."
+        None,
+        "--checkpoints",
+        help="Comma-separated steps to save as revisions (DIR/revisions/stepN), for example 300,600,900.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already saved in the directory."),
 ) -> None:
@@ -224,7 +272,8 @@ def make_tiny_neox(
     saved as a Hugging Face directory that run pythia and sweep pythia accept as --model. Training
     takes one to three minutes on a 2-core CPU, depending on how busy it is.
     """
-    from fasttrunc.models.neox import TinyNeoxConfig, make_tiny_neox as build
+    from fasttrunc.models.neox import TinyNeoxConfig
+    from fasttrunc.models.neox import make_tiny_neox as build
 
     if (directory / "config.json").exists() and not overwrite:
         fail(f"{directory} already holds a model; pass --overwrite to replace it")

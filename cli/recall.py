@@ -14,7 +14,10 @@ from fasttrunc.cli.apps import run_app
 def _tables(result: Any) -> list:
     full, effect = result.full, result.effect
     rows = [["full model", "-", "-", full["accuracy"], full["p_answer"], full["p_noise"], full["probe_margin"]]]
-    rows += [[c["matrix"], f"{c['rho']:g}", c["rank"], c["accuracy"], c["p_answer"], c["p_noise"], c["probe_margin"]] for c in result.cells]
+    rows += [
+        [c["matrix"], f"{c['rho']:g}", c["rank"], c["accuracy"], c["p_answer"], c["p_noise"], c["probe_margin"]]
+        for c in result.cells
+    ]
     grid = make_table(
         f"Noisy in-context recall: {result.n_eval_positions} clean trigger positions",
         ["truncated", "rho", "rank", "accuracy", "P(ybar)", "P(noise)", "FF2 probe"],
@@ -30,8 +33,13 @@ def _tables(result: Any) -> list:
     dynamics = result.dynamics
     if dynamics is not None:
         short = {
-            "accuracy_full": "acc", "accuracy_no_ff2": "acc-FF2", "p_noise_full": "Pnoise", "p_noise_no_ff2": "Pnoise-FF2",
-            "ff2_noise_share": "FF2 share", "probe_margin": "probe", "attention_mass": "attn",
+            "accuracy_full": "acc",
+            "accuracy_no_ff2": "acc-FF2",
+            "p_noise_full": "Pnoise",
+            "p_noise_no_ff2": "Pnoise-FF2",
+            "ff2_noise_share": "FF2 share",
+            "probe_margin": "probe",
+            "attention_mass": "attn",
         }
         series, appears = dynamics["series"], dynamics["appears"]
         names = [n for n in short if n in series]
@@ -74,19 +82,31 @@ HELP = (
 @run_app.command("recall", help=HELP)
 @user_errors
 def recall(
-    preset: str = typer.Option("quick", "--preset", help="Sizes and schedule to start from: quick (CPU, default) or paper (GPU)."),
-    alpha: float | None = typer.Option(None, "--alpha", help="Probability of the noise token after a trigger in training data, in [0, 1]; the preset's 0.5 by default."),
+    preset: str = typer.Option(
+        "quick", "--preset", help="Sizes and schedule to start from: quick (CPU, default) or paper (GPU)."
+    ),
+    alpha: float | None = typer.Option(
+        None,
+        "--alpha",
+        help="Probability of the noise token after a trigger in training data, in [0, 1]; the preset's 0.5 by default.",
+    ),
     steps: int | None = typer.Option(None, "--steps", help="Number of SGD steps; the preset's value by default."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the model and the training order."),
     device: str = typer.Option("cpu", "--device", help="Device to train on, such as cpu or cuda:0."),
-    track_every: int | None = typer.Option(None, "--track-every", help="Measure the training dynamics on clean data every K steps, K from 1 to the number of steps, and report them."),
+    track_every: int | None = typer.Option(
+        None,
+        "--track-every",
+        help="Measure the training dynamics on clean data every K steps, K from 1 to the number of steps, and report them.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
     from fasttrunc.experiments.common import resolve_device
     from fasttrunc.experiments.recall import RecallConfig, run
 
-    config = RecallConfig.from_preset(preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every)
+    config = RecallConfig.from_preset(
+        preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every
+    )
     config.validate()
     resolve_device(config.device)
     with progress_bar(not as_json) as progress:

@@ -54,5 +54,11 @@ if TYPE_CHECKING:
     from fasttrunc.ranks import resolve_rank
     from fasttrunc.svd import truncated_svd
     from fasttrunc.truncation import (
-        FAMILIES, Family, Targets, Truncation, replace_modules_, resolve_targets, truncate_,
+        FAMILIES,
+        Family,
+        Targets,
+        Truncation,
+        replace_modules_,
+        resolve_targets,
+        truncate_,
     )

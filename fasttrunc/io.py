@@ -23,8 +23,11 @@ def truncation_spec(model: nn.Module) -> dict[str, dict[str, object]]:
     """name -> {rank, method, in_features, out_features, bias} for every TruncatedLinear."""
     return {
         name: {
-            "rank": m.rank, "method": m.method, "in_features": m.in_features,
-            "out_features": m.out_features, "bias": m.bias is not None,
+            "rank": m.rank,
+            "method": m.method,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
         }
         for name, m in model.named_modules()
         if isinstance(m, TruncatedLinear)
@@ -66,8 +69,12 @@ def load_truncated(model: nn.Module, directory: str | Path) -> Truncation:
         if tuple(linear.weight.shape) != shape:
             raise ValueError(f"saved module {name!r} is {shape} but the model's is {tuple(linear.weight.shape)}")
         module = TruncatedLinear(
-            linear.in_features, linear.out_features, int(entry["rank"]), bias=bool(entry["bias"]),
-            device=linear.weight.device, dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            int(entry["rank"]),
+            bias=bool(entry["bias"]),
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
         )
         module.method = entry["method"]
         replacements[name] = module

@@ -86,7 +86,7 @@ class TruncatedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         method: str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "TruncatedLinear":
+    ) -> TruncatedLinear:
         """Build from the top-r triplets ``u (out, r)``, ``s (r,)``, ``vh (r, in)``."""
         dtype = dtype or u.dtype
         out_features, r = u.shape
@@ -109,7 +109,7 @@ class TruncatedLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, rank: int | float, method: str = "exact", **svd_options
-    ) -> "TruncatedLinear":
+    ) -> TruncatedLinear:
         """The rank-``rank`` approximation of ``linear`` (Eckart-Young optimal for ``exact``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
@@ -122,8 +122,11 @@ class TruncatedLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with weight ``b @ a`` and the same bias, device and dtype."""
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.a.device, dtype=self.a.dtype,
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.a.device,
+            dtype=self.a.dtype,
         )
         with torch.no_grad():
             linear.weight.copy_(self.weight)

@@ -54,7 +54,11 @@ def plot_recall_dynamics(result, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (
         (axes[0], ("accuracy_full", "accuracy_no_ff2"), "accuracy of ybar"),
-        (axes[1], ("p_noise_full", "p_noise_no_ff2", "ff2_noise_share", "attention_mass"), "probability / attention mass"),
+        (
+            axes[1],
+            ("p_noise_full", "p_noise_no_ff2", "ff2_noise_share", "attention_mass"),
+            "probability / attention mass",
+        ),
         (axes[2], ("probe_margin",), "FF2 probe: noise logit margin"),
     )
     for ax, names, ylabel in panels:
@@ -67,7 +71,9 @@ def plot_recall_dynamics(result, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     first = {True: "yes", False: "no", None: "undecided"}[dyn["ff2_noise_before_in_context"]]
-    fig.suptitle(f"Training dynamics (dotted: step where each curve has risen half way to its final value); FF2 noise first: {first}")
+    fig.suptitle(
+        f"Training dynamics (dotted: step where each curve has risen half way to its final value); FF2 noise first: {first}"
+    )
     return _save(fig, path)
 
 
@@ -116,10 +122,16 @@ def _memory_truncation(result, out: Path) -> Path:
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names)), 4.2))
     width = 0.27
-    for j, (metric, label) in enumerate((("accuracy", "clean accuracy"), ("p_clean", "P(f(x))"), ("p_noise", "P(noise)"))):
+    for j, (metric, label) in enumerate(
+        (("accuracy", "clean accuracy"), ("p_clean", "P(f(x))"), ("p_noise", "P(noise)"))
+    ):
         ax.bar([i + (j - 1) * width for i in x], [final[n][metric] for n in names], width, label=label)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set(ylabel="on clean data", ylim=(0, 1.02), title=f"After step {result.steps[-1]}: which truncation restores the clean map")
+    ax.set(
+        ylabel="on clean data",
+        ylim=(0, 1.02),
+        title=f"After step {result.steps[-1]}: which truncation restores the clean map",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out / "memory_truncation.png")
 
@@ -130,7 +142,9 @@ def _memory_truncation(result, out: Path) -> Path:
 _CHECKPOINT_SERIES = (("mean_p_correct", "P(correct)"), ("mean_p_the", 'P(" the")'), ("mean_p_subject", "P(S)"))
 
 
-def _checkpoint_lines(revisions: list[str], before: list, after: list, after_label: str, title: str, path: Path) -> Path:
+def _checkpoint_lines(
+    revisions: list[str], before: list, after: list, after_label: str, title: str, path: Path
+) -> Path:
     """P(correct), P(" the"), P(S) per checkpoint, solid without and dashed with the truncation."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -157,7 +171,9 @@ def pythia_plots(result, out: Path) -> list[Path]:
     if len(revs) > 1:
         names = [r.revision or "default" for r in revs]
         path = out / f"pythia_{cfg.task}_checkpoints.png"
-        return [_checkpoint_lines(names, [r.baseline for r in revs], [r.truncated for r in revs], "truncated", title, path)]
+        return [
+            _checkpoint_lines(names, [r.baseline for r in revs], [r.truncated for r in revs], "truncated", title, path)
+        ]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     series = [(label, key) for key, label in _CHECKPOINT_SERIES if getattr(revs[0].baseline, key) is not None]
@@ -181,7 +197,8 @@ def sweep_plots(result, out: Path) -> list[Path]:
         suffix = f"_{rev.revision}" if rev.revision else ""
         for task in cfg.tasks:
             grid = [
-                [getattr(c.select[task], cfg.select_by) for c in rev.cells if (c.layer, c.matrix) == row] for row in rows
+                [getattr(c.select[task], cfg.select_by) for c in rev.cells if (c.layer, c.matrix) == row]
+                for row in rows
             ]
             fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cfg.ranks), 1.2 + 0.3 * len(rows)))
             image = ax.imshow(grid, aspect="auto", cmap="viridis")
@@ -190,7 +207,10 @@ def sweep_plots(result, out: Path) -> list[Path]:
             ax.set_yticks(range(len(rows)), [f"L{layer} {matrix}" for layer, matrix in rows], fontsize=7)
             ax.set_xlabel("rank kept")
             base = getattr(rev.baseline_select[task], cfg.select_by)
-            ax.set_title(f"{task} {rev.revision or ''}: {cfg.select_by} on the selection prompts (baseline {base:.3g})", fontsize=9)
+            ax.set_title(
+                f"{task} {rev.revision or ''}: {cfg.select_by} on the selection prompts (baseline {base:.3g})",
+                fontsize=9,
+            )
             paths.append(_save(fig, out / f"sweep_{task}{suffix}.png"))
     if len(result.revisions) > 1:
         names = [r.revision or "default" for r in result.revisions]
@@ -198,5 +218,7 @@ def sweep_plots(result, out: Path) -> list[Path]:
             before = [r.best[task].baseline_report for r in result.revisions]
             after = [r.best[task].report for r in result.revisions]
             title = f"{task}: baseline vs the best cell of each checkpoint (report prompts)"
-            paths.append(_checkpoint_lines(names, before, after, "best cell", title, out / f"sweep_{task}_checkpoints.png"))
+            paths.append(
+                _checkpoint_lines(names, before, after, "best cell", title, out / f"sweep_{task}_checkpoints.png")
+            )
     return paths

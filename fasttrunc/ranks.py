@@ -17,9 +17,7 @@ Rank = int | float
 def validate_rank_spec(rank: object) -> None:
     """Check the type and range a rank can have before any matrix is known."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
-        raise ValueError(
-            f"rank {rank!r} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]"
-        )
+        raise ValueError(f"rank {rank!r} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]")
     if isinstance(rank, numbers.Integral):
         if rank < 0:
             raise ValueError(f"rank {rank} is negative; an int rank must be >= 0")

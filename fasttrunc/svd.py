@@ -114,8 +114,12 @@ def truncated_svd(
 
 
 def _truncated_svd_list(
-    ws: Sequence[torch.Tensor], rank: int | float, method: str, n_iter: int | None,
-    oversample: int | None, generator: torch.Generator | None,
+    ws: Sequence[torch.Tensor],
+    rank: int | float,
+    method: str,
+    n_iter: int | None,
+    oversample: int | None,
+    generator: torch.Generator | None,
 ) -> list[Triplets]:
     """The list form: every check first, then the matrices grouped by (shape, dtype, device).
 
@@ -150,9 +154,11 @@ def _truncated_svd_list(
             out[i] = (u[j], s[j], vh[j])
     if sketched:
         results = randomized_svd_many(
-            [stacked for _, stacked, _, _ in sketched], [k for _, _, k, _ in sketched],
+            [stacked for _, stacked, _, _ in sketched],
+            [k for _, _, k, _ in sketched],
             n_iter=DEFAULT_N_ITER if n_iter is None else n_iter,
-            oversamples=[os_ for _, _, _, os_ in sketched], generator=generator,
+            oversamples=[os_ for _, _, _, os_ in sketched],
+            generator=generator,
         )
         for (members, stacked, _, _), factors in zip(sketched, results):
             u, s, vh = (t.to(stacked.dtype) for t in factors)

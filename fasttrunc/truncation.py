@@ -162,7 +162,8 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
     selected = [name for name in linears if any(c.fullmatch(name) for c in compiled)]
     if not selected:
         truncated = [
-            name for name, module in model.named_modules()
+            name
+            for name, module in model.named_modules()
             if isinstance(module, TruncatedLinear) and any(c.fullmatch(name) for c in compiled)
         ]
         if truncated:
@@ -221,7 +222,7 @@ class Truncation(Mapping[str, nn.Module]):
             _set_submodule(self._model, name, original)
         self.restored = True
 
-    def __enter__(self) -> "Truncation":
+    def __enter__(self) -> Truncation:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -263,7 +264,12 @@ def truncate_(
         for name, (u, s, vh) in zip(names, factors):
             bias = linears[name].bias
             replacements[name] = TruncatedLinear.from_svd(
-                u, s, vh, bias=None if bias is None else bias.detach(), method=method, dtype=u.dtype,
+                u,
+                s,
+                vh,
+                bias=None if bias is None else bias.detach(),
+                method=method,
+                dtype=u.dtype,
             )
     for name, module in replacements.items():
         module.train(linears[name].training)

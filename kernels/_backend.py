@@ -44,9 +44,7 @@ def requested_backend() -> str | None:
     if not value:
         return None
     if value not in _BACKENDS:
-        raise ValueError(
-            f"FASTTRUNC_BACKEND={value!r} is not a backend; allowed: {', '.join(_BACKENDS)} (or unset)"
-        )
+        raise ValueError(f"FASTTRUNC_BACKEND={value!r} is not a backend; allowed: {', '.join(_BACKENDS)} (or unset)")
     return value
 
 

@@ -99,16 +99,12 @@ def _operands_fit(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch
     )
 
 
-def check_lowrank_inputs(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
-) -> None:
+def check_lowrank_inputs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise a one-line ValueError when the operands of the low-rank linear do not fit together."""
     if _operands_fit(x, a, b, bias):
         return
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(
-            f"a must be (rank, in) and b (out, rank); got a {tuple(a.shape)} and b {tuple(b.shape)}"
-        )
+        raise ValueError(f"a must be (rank, in) and b (out, rank); got a {tuple(a.shape)} and b {tuple(b.shape)}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features); got a scalar")
     rank, in_features = a.shape
@@ -148,9 +144,21 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                       PREC1: tl.constexpr):
+    def _first_product(
+        x_ptr,
+        a_ptr,
+        rows,
+        M,
+        k_lo,
+        k_hi,
+        stride_xm,
+        stride_ar,
+        R,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        R_PAD: tl.constexpr,
+        PREC1: tl.constexpr,
+    ):
         # h[BLOCK_M, R_PAD] = x[rows, k_lo:k_hi] @ a[:, k_lo:k_hi].T, accumulated in fp32.
         offs_r = tl.arange(0, R_PAD)
         offs_k = tl.arange(0, BLOCK_K)
@@ -160,10 +168,14 @@ def _kernels():
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < k_hi
-            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            at = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None],
-                         mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            xt = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            at = tl.load(
+                a_ptr + offs_r[None, :] * stride_ar + ks[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0
+            )
             h = tl.dot(xt, at, h, input_precision=PREC1)
         return h
 
@@ -171,21 +183,26 @@ def _kernels():
     def _load_b(b_ptr, cols, N, R, stride_bn, R_PAD: tl.constexpr, H_FP32: tl.constexpr):
         # The (R_PAD, BLOCK_N) tile b[cols, :].T, upcast to fp32 when h stays fp32.
         offs_r = tl.arange(0, R_PAD)
-        bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None],
-                     mask=(offs_r < R)[:, None] & (cols < N)[None, :], other=0.0)
+        bt = tl.load(
+            b_ptr + cols[None, :] * stride_bn + offs_r[:, None],
+            mask=(offs_r < R)[:, None] & (cols < N)[None, :],
+            other=0.0,
+        )
         if H_FP32:
             bt = bt.to(tl.float32)
         return bt
 
     @triton.jit
-    def _out_tile(hc, bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym,
-                  PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _out_tile(hc, bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym, PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
         # y[rows, cols] = hc @ bt (+ bias[cols]), fp32 accumulation, one cast on store.
         acc = tl.dot(hc, bt, input_precision=PREC2)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+        tl.store(
+            y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(rows < M)[:, None] & (cols < N)[None, :],
+        )
 
     @triton.jit
     def _cast_h(h, y_ptr, H_FP32: tl.constexpr):
@@ -196,9 +213,25 @@ def _kernels():
         return hc
 
     @triton.jit
-    def _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, n_groups,
-                        BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, H_FP32: tl.constexpr,
-                        PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _second_product(
+        h,
+        b_ptr,
+        bias_ptr,
+        y_ptr,
+        rows,
+        M,
+        N,
+        R,
+        stride_bn,
+        stride_ym,
+        group,
+        n_groups,
+        BLOCK_N: tl.constexpr,
+        R_PAD: tl.constexpr,
+        H_FP32: tl.constexpr,
+        PREC2: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
         # y[rows, n] = h @ b[n, :].T (+ bias[n]) for the out tiles group, group + n_groups, ...
         hc = _cast_h(h, y_ptr, H_FP32)
         for n0 in range(group * BLOCK_N, N, n_groups * BLOCK_N):
@@ -207,11 +240,30 @@ def _kernels():
             _out_tile(hc, bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym, PREC2, HAS_BIAS)
 
     @triton.jit
-    def _lowrank_tiled_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, M, K, N, R,
-                              stride_xm, stride_ar, stride_bn, stride_ym, N_GROUPS,
-                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              R_PAD: tl.constexpr, H_FP32: tl.constexpr, PREC1: tl.constexpr,
-                              PREC2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _lowrank_tiled_kernel(
+        x_ptr,
+        a_ptr,
+        b_ptr,
+        bias_ptr,
+        y_ptr,
+        M,
+        K,
+        N,
+        R,
+        stride_xm,
+        stride_ar,
+        stride_bn,
+        stride_ym,
+        N_GROUPS,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        R_PAD: tl.constexpr,
+        H_FP32: tl.constexpr,
+        PREC1: tl.constexpr,
+        PREC2: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         # Column groups of one M tile are adjacent program ids: they run together and share the
         # x tile through L2.
@@ -219,15 +271,56 @@ def _kernels():
         group = pid % N_GROUPS
         rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         h = _first_product(x_ptr, a_ptr, rows, M, 0, K, stride_xm, stride_ar, R, BLOCK_M, BLOCK_K, R_PAD, PREC1)
-        _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
-                        BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
+        _second_product(
+            h,
+            b_ptr,
+            bias_ptr,
+            y_ptr,
+            rows,
+            M,
+            N,
+            R,
+            stride_bn,
+            stride_ym,
+            group,
+            N_GROUPS,
+            BLOCK_N,
+            R_PAD,
+            H_FP32,
+            PREC2,
+            HAS_BIAS,
+        )
 
     @triton.jit
-    def _lowrank_splitk_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr, counters_ptr, M, K, N, R,
-                               stride_xm, stride_ar, stride_bn, stride_ym, N_SPLIT, K_CHUNK, N_GROUPS,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                               R_PAD: tl.constexpr, H_FP32: tl.constexpr, PREC1: tl.constexpr,
-                               PREC2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH_B: tl.constexpr):
+    def _lowrank_splitk_kernel(
+        x_ptr,
+        a_ptr,
+        b_ptr,
+        bias_ptr,
+        y_ptr,
+        ws_ptr,
+        counters_ptr,
+        M,
+        K,
+        N,
+        R,
+        stride_xm,
+        stride_ar,
+        stride_bn,
+        stride_ym,
+        N_SPLIT,
+        K_CHUNK,
+        N_GROUPS,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        R_PAD: tl.constexpr,
+        H_FP32: tl.constexpr,
+        PREC1: tl.constexpr,
+        PREC2: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        PREFETCH_B: tl.constexpr,
+    ):
         # counters: [0] tickets taken, [1] phase-1 programs done, [2] phase-2 programs done.
         n_m = tl.cdiv(M, BLOCK_M)
         n_phase1 = n_m * N_SPLIT
@@ -241,8 +334,9 @@ def _kernels():
             rows = m_tile * BLOCK_M + offs_m
             k_lo = split * K_CHUNK
             k_hi = tl.minimum(k_lo + K_CHUNK, K)
-            h = _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R,
-                               BLOCK_M, BLOCK_K, R_PAD, PREC1)
+            h = _first_product(
+                x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R, BLOCK_M, BLOCK_K, R_PAD, PREC1
+            )
             # workspace layout [n_m, N_SPLIT, BLOCK_M, R_PAD] fp32; rows past M are never read.
             slot = ws_ptr + (ticket * BLOCK_M + offs_m[:, None]) * R_PAD + offs_r[None, :]
             tl.store(slot, h, mask=(rows < M)[:, None])
@@ -269,8 +363,25 @@ def _kernels():
             if PREFETCH_B:
                 _out_tile(_cast_h(h, y_ptr, H_FP32), bt, bias_ptr, y_ptr, rows, cols, M, N, stride_ym, PREC2, HAS_BIAS)
             else:
-                _second_product(h, b_ptr, bias_ptr, y_ptr, rows, M, N, R, stride_bn, stride_ym, group, N_GROUPS,
-                                BLOCK_N, R_PAD, H_FP32, PREC2, HAS_BIAS)
+                _second_product(
+                    h,
+                    b_ptr,
+                    bias_ptr,
+                    y_ptr,
+                    rows,
+                    M,
+                    N,
+                    R,
+                    stride_bn,
+                    stride_ym,
+                    group,
+                    N_GROUPS,
+                    BLOCK_N,
+                    R_PAD,
+                    H_FP32,
+                    PREC2,
+                    HAS_BIAS,
+                )
             finished = tl.atomic_add(counters_ptr + 2, 1)
             if finished == n_phase2 - 1:
                 # Last program out: every ticket is taken and every partial consumed; reset for
@@ -394,8 +505,11 @@ def _cached_plan(m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int, t
 
 def plan_lowrank(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: torch.device) -> _Config:
     """The launch plan for an (m x k) input, rank r, n outputs: cached per key, no autotuning."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else INTERPRETER_SMS
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else INTERPRETER_SMS
+    )
     # The module-level tunables are part of the key, so tests (and tuning runs) can move them.
     return _cached_plan(m, k, n, r, dtype, sms, _tunables())
 
@@ -513,8 +627,14 @@ def _prepare(key: tuple) -> _Launch:
     h_fp32, prec1, prec2 = _precisions(dtype)
     tiled, splitk = _kernels()
     constexprs = {
-        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n, "R_PAD": cfg.r_pad,
-        "H_FP32": h_fp32, "PREC1": prec1, "PREC2": prec2, "HAS_BIAS": has_bias,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_K": cfg.block_k,
+        "BLOCK_N": cfg.block_n,
+        "R_PAD": cfg.r_pad,
+        "H_FP32": h_fp32,
+        "PREC1": prec1,
+        "PREC2": prec2,
+        "HAS_BIAS": has_bias,
     }
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     strides = (sx, sa, sb, n)  # y is a fresh contiguous (m, n)
@@ -592,7 +712,11 @@ def lowrank_linear_reference(
 
 
 def _lowrank_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, has_bias: bool,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    has_bias: bool,
     needs: tuple[bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``y = (x @ a.T) @ b.T + bias`` for x, a, b, bias, in fp32 like the reference."""
@@ -654,9 +778,7 @@ _lowrank_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
-def lowrank_linear(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def lowrank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = (x @ a.T) @ b.T + bias`` for x of shape ``(..., in)``, a ``(r, in)``, b ``(out, r)``.
 
     Differentiable in x, a, b and bias. Rank 0 (``a`` of shape ``(0, in)``) gives the bias

@@ -33,7 +33,6 @@ registers, so no fp32 copy of a bf16 model is made.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -53,9 +52,25 @@ def _kernels():
 
     @triton.jit
     def _bmm_kernel(
-        a_ptr, x_ptr, c_ptr, M, N, K,
-        s_ab, s_am, s_ak, s_xb, s_xk, s_xn, s_cb, s_cm, s_cn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        a_ptr,
+        x_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        s_ab,
+        s_am,
+        s_ak,
+        s_xb,
+        s_xk,
+        s_xn,
+        s_cb,
+        s_cm,
+        s_cn,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
         # nothing), X fp32, accumulation and C in fp32.
@@ -81,8 +96,16 @@ def _kernels():
 
     @triton.jit
     def _jacobi_kernel(
-        x_ptr, v_ptr, info_ptr, L, NPAIR, tol, floor, max_sweeps,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+        x_ptr,
+        v_ptr,
+        info_ptr,
+        L,
+        NPAIR,
+        tol,
+        floor,
+        max_sweeps,
+        BLOCK_P: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
         # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced.
@@ -170,7 +193,9 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") ->
     if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
         raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
     if a.dtype not in _FLOAT_DTYPES or x.dtype != torch.float32:
-        raise ValueError(f"batched_matmul needs a in float32/bfloat16/float16 and x in float32; got {a.dtype} and {x.dtype}")
+        raise ValueError(
+            f"batched_matmul needs a in float32/bfloat16/float16 and x in float32; got {a.dtype} and {x.dtype}"
+        )
     if a.device != x.device:
         raise ValueError(f"a and x must be on one device; got {a.device} and {x.device}")
     if precision not in _PRECISIONS:
@@ -185,8 +210,20 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") ->
         return c.zero_()
     grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N), batch)
     bmm_kernel[grid](
-        a, x, c, m, n, k, *a.stride(), *x.stride(), *c.stride(),
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PRECISION=precision, num_warps=_BMM_WARPS,
+        a,
+        x,
+        c,
+        m,
+        n,
+        k,
+        *a.stride(),
+        *x.stride(),
+        *c.stride(),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+        PRECISION=precision,
+        num_warps=_BMM_WARPS,
     )
     return c
 
@@ -204,7 +241,9 @@ def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
 
 
-def jacobi_svd(r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def jacobi_svd(
+    r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD ``r = u diag(s) v^T`` of a batch of small square fp32 matrices ``(B, l, l)``, one program each.
 
     Returns ``u, s, v, sweeps`` with ``s`` sorted descending and ``sweeps`` the number of
@@ -232,8 +271,17 @@ def jacobi_svd(r: torch.Tensor, max_sweeps: int = _JACOBI_MAX_SWEEPS) -> tuple[t
         block_p = triton.next_power_of_2(npair)
         block_r = max(1, min(_JACOBI_TILE // block_p, triton.next_power_of_2(l)))
         jacobi_kernel[(batch,)](
-            x, v, info, l, npair, tol, floor, max_sweeps,
-            BLOCK_P=block_p, BLOCK_R=block_r, num_warps=_JACOBI_WARPS,
+            x,
+            v,
+            info,
+            l,
+            npair,
+            tol,
+            floor,
+            max_sweeps,
+            BLOCK_P=block_p,
+            BLOCK_R=block_r,
+            num_warps=_JACOBI_WARPS,
         )
     rot = x[:, :l, :l].mT  # columns of r v
     vr = v[:, :l, :l].mT
@@ -323,8 +371,13 @@ PROJECTION_PRECISION = "ieee"
 
 
 def _range_and_projection(
-    w: torch.Tensor, k: int, n_iter: int, oversample: int, generator: torch.Generator | None,
-    range_precision: str, projection_precision: str,
+    w: torch.Tensor,
+    k: int,
+    n_iter: int,
+    oversample: int,
+    generator: torch.Generator | None,
+    range_precision: str,
+    projection_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """``Q`` (orthonormal basis of the range), ``Q2, R`` with ``W^T Q = Q2 R``, and whether ``w`` was transposed."""
     m, n = w.shape[-2:]
@@ -345,9 +398,14 @@ def _range_and_projection(
 
 
 def randomized_svd_triton_many(
-    ws: list[torch.Tensor], ks: list[int], *, n_iter: int, oversamples: list[int],
+    ws: list[torch.Tensor],
+    ks: list[int],
+    *,
+    n_iter: int,
+    oversamples: list[int],
     generator: torch.Generator | None = None,
-    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
+    range_precision: str = RANGE_PRECISION,
+    projection_precision: str = PROJECTION_PRECISION,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`randomized_svd_triton` for several batches ``(B_i, m_i, n_i)`` of different shapes.
 
@@ -384,8 +442,14 @@ def randomized_svd_triton_many(
 
 
 def randomized_svd_triton(
-    w: torch.Tensor, k: int, *, n_iter: int, oversample: int, generator: torch.Generator | None = None,
-    range_precision: str = RANGE_PRECISION, projection_precision: str = PROJECTION_PRECISION,
+    w: torch.Tensor,
+    k: int,
+    *,
+    n_iter: int,
+    oversample: int,
+    generator: torch.Generator | None = None,
+    range_precision: str = RANGE_PRECISION,
+    projection_precision: str = PROJECTION_PRECISION,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` ``U, S, Vh`` (fp32) of a batch ``w (B, m, n)`` in fp32/bf16/fp16, read as stored.
 
@@ -394,8 +458,13 @@ def randomized_svd_triton(
     subspace up to rounding on either path.
     """
     return randomized_svd_triton_many(
-        [w], [k], n_iter=n_iter, oversamples=[oversample], generator=generator,
-        range_precision=range_precision, projection_precision=projection_precision,
+        [w],
+        [k],
+        n_iter=n_iter,
+        oversamples=[oversample],
+        generator=generator,
+        range_precision=range_precision,
+        projection_precision=projection_precision,
     )[0]
 
 
@@ -411,7 +480,12 @@ def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_sketch(
-    batch_shape: torch.Size, n: int, l: int, *, dtype: torch.dtype, device: torch.device,
+    batch_shape: torch.Size,
+    n: int,
+    l: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """The ``(..., n, l)`` Gaussian test matrix, drawn on the generator's device then moved.
@@ -474,13 +548,19 @@ def randomized_svd(
 
 
 def randomized_svd_many(
-    ws: list[torch.Tensor], ks: list[int], *, n_iter: int, oversamples: list[int], generator: torch.Generator | None = None
+    ws: list[torch.Tensor],
+    ks: list[int],
+    *,
+    n_iter: int,
+    oversamples: list[int],
+    generator: torch.Generator | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`randomized_svd` for several batches ``(B_i, m_i, n_i)``; on Triton their small SVDs share launches."""
     if ws and all(w.dtype in _FLOAT_DTYPES and w.dim() == 3 for w in ws) and use_triton(*ws):
         return randomized_svd_triton_many(ws, ks, n_iter=n_iter, oversamples=oversamples, generator=generator)
     return [
-        randomized_svd(w, k, n_iter=n_iter, oversample=os_, generator=generator) for w, k, os_ in zip(ws, ks, oversamples)
+        randomized_svd(w, k, n_iter=n_iter, oversample=os_, generator=generator)
+        for w, k, os_ in zip(ws, ks, oversamples)
     ]
 
 

@@ -53,9 +53,7 @@ def _operands(m, k, n, r, dtype, bias=True, lead=()):
 
 
 def _rel_err(y, x, a, b, bias):
-    ref = lk.lowrank_linear_reference(
-        x.double(), a.double(), b.double(), None if bias is None else bias.double()
-    )
+    ref = lk.lowrank_linear_reference(x.double(), a.double(), b.double(), None if bias is None else bias.double())
     assert y.shape == ref.shape and y.dtype == x.dtype
     denom = ref.norm().item()
     return (y.double() - ref).norm().item() / (denom if denom > 0 else 1.0)
@@ -443,7 +441,13 @@ def test_bench_harness_runs_a_tiny_grid():
     from fasttrunc.bench import lowrank as bench
 
     config = bench.LowrankBenchConfig(
-        shapes=((33, 20),), ranks=(5,), ms=(1, 3), dtype="float32", reps=1, calls=2, graph_ms=5,
+        shapes=((33, 20),),
+        ranks=(5,),
+        ms=(1, 3),
+        dtype="float32",
+        reps=1,
+        calls=2,
+        graph_ms=5,
         device=str(DEVICE),
     )
     result = bench.run(config)

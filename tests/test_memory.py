@@ -85,7 +85,9 @@ def test_shapes_and_step_axis(sgd_result):
     assert all(len(row) == cfg.d for row in r.singular_values)
     assert all(all(a >= b - 1e-5 for a, b in zip(row, row[1:])) for row in r.singular_values)
     assert all(len(row) == cfg.top_components for row in r.noise_share + r.noise_alignment)
-    assert set(r.metrics) == set(variants(cfg.ks)) == {"full", "remove_top_1", "remove_top_2", "keep_top_1", "keep_top_2"}
+    assert (
+        set(r.metrics) == set(variants(cfg.ks)) == {"full", "remove_top_1", "remove_top_2", "keep_top_1", "keep_top_2"}
+    )
     for per in r.metrics.values():
         assert set(per) == set(METRICS) and all(len(v) == n for v in per.values())
     assert r.singular_values[0] == [0.0] * cfg.d  # W = 0 at step 0
@@ -93,12 +95,30 @@ def test_shapes_and_step_axis(sgd_result):
 
 def test_json_schema(sgd_result):
     data = json.loads(json.dumps(sgd_result.to_dict()))
-    for key in ("config", "steps", "samples", "losses", "singular_values", "noise_share", "noise_alignment", "metrics", "summary", "environment"):
+    for key in (
+        "config",
+        "steps",
+        "samples",
+        "losses",
+        "singular_values",
+        "noise_share",
+        "noise_alignment",
+        "metrics",
+        "summary",
+        "environment",
+    ):
         assert key in data
     assert data["config"]["alpha"] == 0.3 and data["config"]["ks"] == [1, 2]
     assert data["noise_share"][0] == [None] * 4  # undefined at W = 0, written as null
     s = data["summary"]
-    for key in ("noise_component", "noise_share_final", "step_noise_on_top", "samples_association_90", "final", "restoring_truncation"):
+    for key in (
+        "noise_component",
+        "noise_share_final",
+        "step_noise_on_top",
+        "samples_association_90",
+        "final",
+        "restoring_truncation",
+    ):
         assert key in s
     assert set(s["final"]) == set(data["metrics"])
 

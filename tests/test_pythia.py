@@ -77,8 +77,20 @@ def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     start = time.perf_counter()
-    result = invoke(["run", "pythia", "--model", "EleutherAI/pythia-no-such-model", "--layer", "0",
-                     "--matrix", "mlp_in", "--rank", "0.1"])
+    result = invoke(
+        [
+            "run",
+            "pythia",
+            "--model",
+            "EleutherAI/pythia-no-such-model",
+            "--layer",
+            "0",
+            "--matrix",
+            "mlp_in",
+            "--rank",
+            "0.1",
+        ]
+    )
     assert time.perf_counter() - start < 30
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -129,7 +141,9 @@ def test_sweep_cell_equals_truncate(random_dir):
     config = sweep.SweepConfig(model=str(random_dir), layers=[1], matrices=["mlp_out"], ranks=[5, 0.25], n=10)
     rev = sweep.run(config).revisions[0]
     for cell in rev.cells:
-        direct = pythia.run(pythia.PythiaConfig(model=str(random_dir), layers=[1], matrices=["mlp_out"], rank=cell.rank, n=10))
+        direct = pythia.run(
+            pythia.PythiaConfig(model=str(random_dir), layers=[1], matrices=["mlp_out"], rank=cell.rank, n=10)
+        )
         whole = direct.revisions[0].truncated.mean_p_correct
         sel, rep = cell.select["ioi"], cell.report["ioi"]
         combined = (sel.mean_p_correct * sel.n + rep.mean_p_correct * rep.n) / (sel.n + rep.n)
@@ -173,8 +187,11 @@ def test_run_pythia_bad_options_exit_2(random_dir, extra, message):
 
 
 def test_sweep_pythia_bad_options_exit_2(random_dir):
-    for extra, message in [(["--ranks", "0.5,,0.1"], "ranks"), (["--layers", "3-1"], "layer '3-1'"),
-                           (["--select-by", "vibes"], "select_by 'vibes'")]:
+    for extra, message in [
+        (["--ranks", "0.5,,0.1"], "ranks"),
+        (["--layers", "3-1"], "layer '3-1'"),
+        (["--select-by", "vibes"], "select_by 'vibes'"),
+    ]:
         result = invoke(["sweep", "pythia", "--model", str(random_dir)] + extra)
         assert result.exit_code == 2, result.output
         assert message in result.output
@@ -190,8 +207,25 @@ def test_make_tiny_neox_refuses_to_overwrite(random_dir):
 
 @pytest.mark.parametrize("matrix", ["mlp_in", "mlp_out"])
 def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix):
-    result = invoke(["run", "pythia", "--model", str(trained_dir), "--layer", "-1", "--matrix", matrix,
-                     "--rank", "0", "--n", "200", "--seed", "1", "--json"])
+    result = invoke(
+        [
+            "run",
+            "pythia",
+            "--model",
+            str(trained_dir),
+            "--layer",
+            "-1",
+            "--matrix",
+            matrix,
+            "--rank",
+            "0",
+            "--n",
+            "200",
+            "--seed",
+            "1",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     rev = data["revisions"][0]
@@ -205,14 +239,48 @@ def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix)
 
 def test_run_and_sweep_along_revisions_write_plots(trained_dir, tmp_path):
     out = tmp_path / "run"
-    result = invoke(["run", "pythia", "--model", str(trained_dir), "--revisions", "step1500", "--layer", "-1",
-                     "--matrix", "mlp_in,mlp_out", "--rank", "0.05", "--n", "40", "--out", str(out)])
+    result = invoke(
+        [
+            "run",
+            "pythia",
+            "--model",
+            str(trained_dir),
+            "--revisions",
+            "step1500",
+            "--layer",
+            "-1",
+            "--matrix",
+            "mlp_in,mlp_out",
+            "--rank",
+            "0.05",
+            "--n",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "results.json").is_file() and (out / "pythia_ioi.png").is_file()
     assert "ratio of means" in result.output
     out = tmp_path / "sweep"
-    result = invoke(["sweep", "pythia", "--model", str(trained_dir), "--revisions", "step1500,step3000",
-                     "--layers", "0-1", "--ranks", "0.5,0.1,0", "--n", "40", "--out", str(out)])
+    result = invoke(
+        [
+            "sweep",
+            "pythia",
+            "--model",
+            str(trained_dir),
+            "--revisions",
+            "step1500,step3000",
+            "--layers",
+            "0-1",
+            "--ranks",
+            "0.5,0.1,0",
+            "--n",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert [r["revision"] for r in data["revisions"]] == ["step1500", "step3000"]
@@ -226,8 +294,17 @@ def test_sweep_benchmark_runs_on_a_small_model():
     from fasttrunc.bench.sweep import SweepBenchConfig, run
 
     config = SweepBenchConfig(
-        num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=300, ranks=(0.5, 0.1),
-        n_prompts=6, prompt_len=5, batch_size=3, dtype="float32", device="cpu",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        vocab_size=300,
+        ranks=(0.5, 0.1),
+        n_prompts=6,
+        prompt_len=5,
+        batch_size=3,
+        dtype="float32",
+        device="cpu",
     )
     result = run(config)
     assert result.cells == 2 * 2 * 2

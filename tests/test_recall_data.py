@@ -89,7 +89,9 @@ def test_model_shapes_and_frozen_embeddings():
     keep[0, 5] = keep[2, 20] = True
     assert torch.allclose(model(tokens, keep=keep), model(tokens)[keep], atol=1e-5)
     trainable = {name for name, p in model.named_parameters()}
-    assert trainable == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.wk", "attn.wv", "attn.wo", "ff.w1", "ff.w2")}
+    assert trainable == {
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.wk", "attn.wv", "attn.wo", "ff.w1", "ff.w2")
+    }
     assert {"embed", "pos", "unembed"} <= set(model.state_dict())
     assert model.blocks[0].ff.w1.weight.shape == (64, 16) and model.blocks[0].ff.w2.weight.shape == (16, 64)
     with pytest.raises(ValueError, match="max_len"):
@@ -101,7 +103,11 @@ def test_family_table_selects_the_toy_matrices(monkeypatch):
     model = ToyTransformer(vocab_size=33, d_model=16, d_ff=64, max_len=24)
     assert resolve_targets(model, Targets(layers=1, matrices="mlp_out")) == ["blocks.1.ff.w2"]
     assert resolve_targets(model, Targets(layers=-1, matrices="mlp")) == ["blocks.1.ff.w1", "blocks.1.ff.w2"]
-    assert resolve_targets(model, Targets(layers=0, matrices="attn")) == ["blocks.0.attn.wk", "blocks.0.attn.wv", "blocks.0.attn.wo"]
+    assert resolve_targets(model, Targets(layers=0, matrices="attn")) == [
+        "blocks.0.attn.wk",
+        "blocks.0.attn.wv",
+        "blocks.0.attn.wo",
+    ]
     tokens = torch.randint(0, 33, (2, 24))
     before = model(tokens)
     capture = {}

@@ -7,7 +7,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fasttrunc.experiments.recall import (
-    MIN_ACCURACY_WITHOUT_FF2, MIN_P_NOISE_DROP, PRESETS, RecallConfig, first_crossing, run,
+    MIN_ACCURACY_WITHOUT_FF2,
+    MIN_P_NOISE_DROP,
+    PRESETS,
+    RecallConfig,
+    first_crossing,
+    run,
 )
 
 TINY = dict(steps=4, eval_sequences=16, track_sequences=8, n_tokens=8, d_model=16, d_ff=32, seq_len=24, batch_size=8)
@@ -70,7 +75,13 @@ def test_tracking_bookkeeping_and_json(default_run):
     dyn = default_run.dynamics
     assert dyn["steps"] == [0, 50, 100, 150, 200, 250, 300]
     assert set(dyn["series"]) == {
-        "accuracy_full", "p_noise_full", "accuracy_no_ff2", "p_noise_no_ff2", "ff2_noise_share", "probe_margin", "attention_mass",
+        "accuracy_full",
+        "p_noise_full",
+        "accuracy_no_ff2",
+        "p_noise_no_ff2",
+        "ff2_noise_share",
+        "probe_margin",
+        "attention_mass",
     }
     assert all(len(v) == len(dyn["steps"]) for v in dyn["series"].values())
     # The in-context mechanism forms: layer-2 attention concentrates on positions after triggers.
@@ -82,7 +93,18 @@ def test_tracking_bookkeeping_and_json(default_run):
     assert dyn["appears"]["ff2_noise_share"] == 50 and dyn["appears"]["attention_mass"] >= 100
     assert dyn["ff2_noise_before_in_context"] is True
     data = json.loads(json.dumps(default_run.to_dict()))
-    assert {"config", "data", "n_eval_positions", "train", "full", "cells", "effect", "dynamics", "seconds", "environment"} <= set(data)
+    assert {
+        "config",
+        "data",
+        "n_eval_positions",
+        "train",
+        "full",
+        "cells",
+        "effect",
+        "dynamics",
+        "seconds",
+        "environment",
+    } <= set(data)
     assert data["config"]["preset"] == "quick" and data["config"]["track_every"] == 50
     assert data["dynamics"]["ff2_noise_before_in_context"] in (True, False, None)
     assert "synthetic" in data["data"]
@@ -130,7 +152,15 @@ def test_bad_config_is_a_value_error(change, words):
 
 
 def test_presets_are_as_documented():
-    assert PRESETS["paper"] == {**PRESETS["paper"], "d_model": 256, "d_ff": 1024, "seq_len": 256, "batch_size": 512, "steps": 5000, "alpha": 0.5}
+    assert PRESETS["paper"] == {
+        **PRESETS["paper"],
+        "d_model": 256,
+        "d_ff": 1024,
+        "seq_len": 256,
+        "batch_size": 512,
+        "steps": 5000,
+        "alpha": 0.5,
+    }
     config = RecallConfig.from_preset("paper", steps=7)
     assert config.steps == 7 and config.d_model == 256 and config.lr == 0.03
     with pytest.raises(ValueError, match="preset 'nope' is not known"):

@@ -59,7 +59,9 @@ def test_defaults_meet_the_accuracy_bars(device, name, factor):
     sigma = spectrum(name, n)
     w64 = matrix(m, n, sigma, batch=(2,))
     for w in (w64, w64.mT):
-        u, s, vh = truncated_svd(w.float().to(device), k, method="randomized", generator=torch.Generator().manual_seed(0))
+        u, s, vh = truncated_svd(
+            w.float().to(device), k, method="randomized", generator=torch.Generator().manual_seed(0)
+        )
         assert error(w, u, s, vh).max().item() <= factor * optimal(sigma, k)
         if name != "slow":
             rel = ((s.double().cpu() - sigma[:k]).abs() / sigma[:k]).max().item()
@@ -81,8 +83,14 @@ def test_never_worse_than_torch_svd_lowrank(device, name):
     for seed in range(3):
         w64 = matrix(m, n, sigma, seed=seed)
         w = w64.float().to(device)
-        u, s, vh = truncated_svd(w, k, method="randomized", n_iter=n_iter, oversample=oversample,
-                                 generator=torch.Generator().manual_seed(seed))
+        u, s, vh = truncated_svd(
+            w,
+            k,
+            method="randomized",
+            n_iter=n_iter,
+            oversample=oversample,
+            generator=torch.Generator().manual_seed(seed),
+        )
         ours.append(error(w64, u, s, vh).item())
         torch.manual_seed(1000 + seed)  # independent draws: a comparison of methods, not of one sketch
         ul, sl, vl = torch.svd_lowrank(w, q=k + oversample, niter=n_iter)

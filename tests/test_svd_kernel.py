@@ -50,7 +50,9 @@ def test_batched_matmul_fp32_matches_reference(device, precision, bound, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype, bound", [(torch.float16, 1e-6), pytest.param(torch.bfloat16, 1e-6, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "dtype, bound", [(torch.float16, 1e-6), pytest.param(torch.bfloat16, 1e-6, marks=pytest.mark.gpu)]
+)
 def test_batched_matmul_reads_half_weights_as_stored_through_a_transposed_view(device, dtype, bound):
     dev = _device(device)
     if dtype == torch.bfloat16 and dev.type == "cpu":
@@ -121,7 +123,9 @@ def test_cholesky_qr_survives_ill_conditioning_zeros_and_rank_deficiency(device)
     basis, _ = torch.linalg.qr(torch.randn(40, 9, generator=g, dtype=torch.float64))
     right, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64))
     ill = (basis * torch.logspace(0, -6, 9, dtype=torch.float64)) @ right  # cond 1e6: plain CholeskyQR2 breaks
-    deficient = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 9, generator=g, dtype=torch.float64)
+    deficient = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 9, generator=g, dtype=torch.float64
+    )
     y = torch.stack([ill, torch.zeros(40, 9, dtype=torch.float64), deficient]).float().to(dev)
     q, r = cholesky_qr(y)
     assert torch.isfinite(q).all() and torch.isfinite(r).all()
@@ -146,8 +150,12 @@ def test_randomized_svd_triton_matches_the_reference(device, m, n):
     w64 = _spectrum_matrix(m, n, sigma, 2, seed=1)
     w = w64.float().to(dev)
     k, oversample, n_iter = 4, 5, 2
-    u, s, vh = randomized_svd_triton(w, k, n_iter=n_iter, oversample=oversample, generator=torch.Generator().manual_seed(3))
-    ur, sr, vhr = randomized_svd_reference(w, k, n_iter=n_iter, oversample=oversample, generator=torch.Generator().manual_seed(3))
+    u, s, vh = randomized_svd_triton(
+        w, k, n_iter=n_iter, oversample=oversample, generator=torch.Generator().manual_seed(3)
+    )
+    ur, sr, vhr = randomized_svd_reference(
+        w, k, n_iter=n_iter, oversample=oversample, generator=torch.Generator().manual_seed(3)
+    )
     assert u.shape == (2, m, k) and s.shape == (2, k) and vh.shape == (2, k, n)
     # Same sketch, same subspace: singular values and the projector agree to fp32 rounding.
     assert (s - sr).abs().max().item() < 1e-5
@@ -171,7 +179,9 @@ def test_batches_of_different_shapes_share_the_small_svd_and_match_one_by_one(de
     dev = _device(device)
     ws = [torch.randn(2, 40, 23, device=dev), torch.randn(1, 23, 40, device=dev), torch.randn(1, 31, 29, device=dev)]
     ks, oversamples = [3, 3, 3], [4, 4, 3]  # the first two share l = 7 and one Jacobi launch
-    together = randomized_svd_triton_many(ws, ks, n_iter=1, oversamples=oversamples, generator=torch.Generator().manual_seed(0))
+    together = randomized_svd_triton_many(
+        ws, ks, n_iter=1, oversamples=oversamples, generator=torch.Generator().manual_seed(0)
+    )
     gen = torch.Generator().manual_seed(0)
     for w, k, os_, (u, s, vh) in zip(ws, ks, oversamples, together):
         u1, s1, vh1 = randomized_svd_triton(w, k, n_iter=1, oversample=os_, generator=gen)

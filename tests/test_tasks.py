@@ -150,7 +150,13 @@ def random_neox(word_tokenizer):
 
     tok = word_tokenizer
     torch.manual_seed(1)
-    model = tiny_neox_model(len(tok), TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=64), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = tiny_neox_model(
+        len(tok),
+        TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=64),
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     return model.eval()
 
 

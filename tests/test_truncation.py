@@ -21,8 +21,15 @@ def tiny_neox(seed=0, layers=4):
 
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=80, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=80,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return GPTNeoXForCausalLM(config).eval()
 
@@ -51,26 +58,36 @@ def test_targets_resolve_through_the_family_table():
     model = tiny_neox()
     names = resolve_targets(model, Targets(layers=[-1, 1], matrices="mlp"))
     assert names == [
-        "gpt_neox.layers.3.mlp.dense_h_to_4h", "gpt_neox.layers.3.mlp.dense_4h_to_h",
-        "gpt_neox.layers.1.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h_to_h",
+        "gpt_neox.layers.3.mlp.dense_h_to_4h",
+        "gpt_neox.layers.3.mlp.dense_4h_to_h",
+        "gpt_neox.layers.1.mlp.dense_h_to_4h",
+        "gpt_neox.layers.1.mlp.dense_4h_to_h",
     ]
-    assert resolve_targets(model, Targets(layers=0, matrices="attn_qkv")) == ["gpt_neox.layers.0.attention.query_key_value"]
+    assert resolve_targets(model, Targets(layers=0, matrices="attn_qkv")) == [
+        "gpt_neox.layers.0.attention.query_key_value"
+    ]
     assert len(resolve_targets(model, Targets())) == 16
     toy = Toy()
     assert resolve_targets(toy, Targets(layers=1, matrices=["attn_qkv", "mlp_out"])) == [
-        "blocks.1.attn.wk", "blocks.1.attn.wv", "blocks.1.ff.w2",
+        "blocks.1.attn.wk",
+        "blocks.1.attn.wv",
+        "blocks.1.ff.w2",
     ]
 
 
 def test_regex_targets_full_match():
     model = tiny_neox()
     assert resolve_targets(model, r"gpt_neox\.layers\.[12]\.mlp\.dense_4h_to_h") == [
-        "gpt_neox.layers.1.mlp.dense_4h_to_h", "gpt_neox.layers.2.mlp.dense_4h_to_h",
+        "gpt_neox.layers.1.mlp.dense_4h_to_h",
+        "gpt_neox.layers.2.mlp.dense_4h_to_h",
     ]
     # full match: "dense" alone matches nothing, a partial name is not enough
     with pytest.raises(ValueError, match="match no nn.Linear; linears that exist: gpt_neox.layers.0"):
         resolve_targets(model, "dense")
-    assert resolve_targets(model, ["lm_head", r".*\.0\.attention\.dense"]) == ["gpt_neox.layers.0.attention.dense", "lm_head"]
+    assert resolve_targets(model, ["lm_head", r".*\.0\.attention\.dense"]) == [
+        "gpt_neox.layers.0.attention.dense",
+        "lm_head",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -79,7 +96,10 @@ def test_regex_targets_full_match():
         (Targets(layers=4), r"layer 4 is out of range for a model with 4 layers; allowed: 0\.\.3 or -4\.\.-1"),
         (Targets(layers=-5), "layer -5 is out of range"),
         (Targets(layers=[]), "layers is empty"),
-        (Targets(matrices="ffn"), "matrix 'ffn' is not known; allowed: mlp_in, mlp_out, attn_qkv, attn_out, mlp, attn, all"),
+        (
+            Targets(matrices="ffn"),
+            "matrix 'ffn' is not known; allowed: mlp_in, mlp_out, attn_qkv, attn_out, mlp, attn, all",
+        ),
         ("[unclosed", "regex '\\[unclosed' is invalid"),
         (3, "must be a regex"),
     ],
@@ -183,7 +203,13 @@ def test_save_and_load_round_trip(tmp_path):
     expected = model(x).logits
     save_truncated(model, tmp_path / "saved")
     spec = json.loads((tmp_path / "saved" / "truncation.json").read_text())
-    assert spec["modules"]["lm_head"] == {"rank": 5, "method": "randomized", "in_features": 32, "out_features": 96, "bias": False}
+    assert spec["modules"]["lm_head"] == {
+        "rank": 5,
+        "method": "randomized",
+        "in_features": 32,
+        "out_features": 96,
+        "bias": False,
+    }
     fresh = tiny_neox(seed=2)  # different random weights: everything must come from the files
     truncation = load_truncated(fresh, tmp_path / "saved")
     assert set(truncation) == set(spec["modules"])
@@ -195,7 +221,9 @@ def test_load_rejects_mismatched_models(tmp_path):
     model = tiny_neox(layers=4)
     truncate_(model, Targets(layers=3, matrices="mlp_in"), 3)
     save_truncated(model, tmp_path)
-    with pytest.raises(ValueError, match=re.escape("saved module 'gpt_neox.layers.3.mlp.dense_h_to_4h' does not exist")):
+    with pytest.raises(
+        ValueError, match=re.escape("saved module 'gpt_neox.layers.3.mlp.dense_h_to_4h' does not exist")
+    ):
         load_truncated(tiny_neox(layers=2), tmp_path)
     with pytest.raises(FileNotFoundError, match="truncation.json"):
         load_truncated(tiny_neox(), tmp_path / "nowhere")

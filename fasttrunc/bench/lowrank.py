@@ -246,8 +246,14 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
             rel_err = ((got - ref).norm() / ref.norm()).item()
             plan = lk.plan_lowrank(m, k, n, r, dtype, device)
             row: dict[str, Any] = {
-                "shape": labels.get((k, n), f"{k}->{n}"), "in": k, "out": n, "r": r, "m": m,
-                "scheme": plan.scheme, "grid": plan.grid, "rel_err": rel_err,
+                "shape": labels.get((k, n), f"{k}->{n}"),
+                "in": k,
+                "out": n,
+                "r": r,
+                "m": m,
+                "scheme": plan.scheme,
+                "grid": plan.grid,
+                "rel_err": rel_err,
                 "correct": math.isfinite(rel_err) and rel_err < _RTOL[config.dtype],
             }
             variants = {
@@ -262,7 +268,9 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
                 row[f"{name}_eager_us"] = _eager_us(fn, config.calls, config.reps, device)
                 row[f"{name}_graph_us"] = _graph_us(fn, config.graph_ms, device)
             for scheme in ("splitk", "tiled") if config.compare_schemes else ():
-                row[f"{scheme}_graph_us"] = _forced_scheme_us(scheme, x, a, b, ref, _RTOL[config.dtype], config.graph_ms)
+                row[f"{scheme}_graph_us"] = _forced_scheme_us(
+                    scheme, x, a, b, ref, _RTOL[config.dtype], config.graph_ms
+                )
             floor = _floor_us(m, k, n, r, x.element_size(), ceilings)
             row["floor_us"] = floor if math.isfinite(floor) else None
             fused_graph, fused_eager = row["fused_graph_us"], row["fused_eager_us"]
@@ -286,8 +294,21 @@ def table_rows(result: LowrankBenchResult) -> tuple[list[str], list[list[str]]]:
         return "-" if v is None else f"{v:.2f}x"
 
     columns = [
-        "shape", "r", "M", "scheme", "err", "dense eager", "2-GEMM eager", "fused eager", "eager x",
-        "dense graph", "2-GEMM graph", "fused graph", "graph x", "floor", "% floor",
+        "shape",
+        "r",
+        "M",
+        "scheme",
+        "err",
+        "dense eager",
+        "2-GEMM eager",
+        "fused eager",
+        "eager x",
+        "dense graph",
+        "2-GEMM graph",
+        "fused graph",
+        "graph x",
+        "floor",
+        "% floor",
     ]
     compared = result.config.compare_schemes
     if compared:
@@ -295,10 +316,20 @@ def table_rows(result: LowrankBenchResult) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in result.rows:
         cells = [
-            row["shape"], str(row["r"]), str(row["m"]), row["scheme"], f"{row['rel_err']:.1e}",
-            us(row["dense_eager_us"]), us(row["two_gemms_eager_us"]), us(row["fused_eager_us"]),
-            ratio(row["speedup_eager"]), us(row["dense_graph_us"]), us(row["two_gemms_graph_us"]),
-            us(row["fused_graph_us"]), ratio(row["speedup_graph"]), us(row["floor_us"]),
+            row["shape"],
+            str(row["r"]),
+            str(row["m"]),
+            row["scheme"],
+            f"{row['rel_err']:.1e}",
+            us(row["dense_eager_us"]),
+            us(row["two_gemms_eager_us"]),
+            us(row["fused_eager_us"]),
+            ratio(row["speedup_eager"]),
+            us(row["dense_graph_us"]),
+            us(row["two_gemms_graph_us"]),
+            us(row["fused_graph_us"]),
+            ratio(row["speedup_graph"]),
+            us(row["floor_us"]),
             "-" if row["floor_pct"] is None else f"{row['floor_pct']:.0f}%",
         ]
         if compared:

@@ -64,7 +64,9 @@ class SvdBenchResult(ResultMixin):
     stages: list[dict[str, Any]]
 
 
-def _spectrum_matrices(count: int, m: int, n: int, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectrum_matrices(
+    count: int, m: int, n: int, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` fp32 ``m x n`` matrices ``U diag(i^-0.5) V^T`` on ``device``, and the spectrum."""
     r = min(m, n)
     sigma = torch.arange(1, r + 1, dtype=torch.float64, device=device).pow(-0.5)
@@ -164,7 +166,9 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
     config.validate()
     device = resolve_device(config.device)
     if not use_triton(torch.empty(0, device=device)):
-        raise ValueError(f"device {config.device!r} cannot run the Triton kernels; the SVD benchmark needs a CUDA device")
+        raise ValueError(
+            f"device {config.device!r} cannot run the Triton kernels; the SVD benchmark needs a CUDA device"
+        )
     gen = torch.Generator().manual_seed(config.seed)
     sets = MATRIX_SETS | QUICK_SETS | TINY_SETS
     steps = len(config.sets) * (len(config.ranks) * (6 + config.bf16) + config.full_svd)
@@ -194,14 +198,19 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
             def ours(options: dict[str, Any], weights=groups) -> list[tuple]:
                 # One call for the whole set, as truncated_svd's list form makes it.
                 return randomized_svd_triton_many(
-                    list(weights), [k] * len(weights), n_iter=options["n_iter"],
-                    oversamples=[options["oversample"]] * len(weights), generator=sketch_gen(),
+                    list(weights),
+                    [k] * len(weights),
+                    n_iter=options["n_iter"],
+                    oversamples=[options["oversample"]] * len(weights),
+                    generator=sketch_gen(),
                     range_precision=options.get("range_precision", "tf32"),
                 )
 
             for label, options in _sketch_variants(k):
                 seconds, out = _timed(lambda: ours(options), config.reps)
-                set_rows.append({"method": label, "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+                set_rows.append(
+                    {"method": label, "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)}
+                )
                 step(f"{set_name} k={k} {label}")
 
             def lowrank() -> list[tuple]:
@@ -216,23 +225,46 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
 
             seconds, out = _timed(lowrank, config.reps)
             baseline = seconds
-            set_rows.append({"method": "torch.svd_lowrank(q=k+10, niter=2) looped", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+            set_rows.append(
+                {
+                    "method": "torch.svd_lowrank(q=k+10, niter=2) looped",
+                    "seconds": seconds,
+                    "error_ratio": _error_ratio(groups, out, optimal),
+                }
+            )
             step(f"{set_name} k={k} svd_lowrank")
             seconds, out = _timed(
-                lambda: [randomized_svd_reference(w, k, n_iter=2, oversample=10, generator=sketch_gen()) for w in groups], config.reps
+                lambda: [
+                    randomized_svd_reference(w, k, n_iter=2, oversample=10, generator=sketch_gen()) for w in groups
+                ],
+                config.reps,
             )
-            set_rows.append({"method": "plain-torch batched randomized n_iter=2 os=10", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+            set_rows.append(
+                {
+                    "method": "plain-torch batched randomized n_iter=2 os=10",
+                    "seconds": seconds,
+                    "error_ratio": _error_ratio(groups, out, optimal),
+                }
+            )
             step(f"{set_name} k={k} plain torch")
             if config.bf16:
                 stored = [w.to(torch.bfloat16) for w in groups]
                 seconds, out = _timed(lambda: ours({"n_iter": 2, "oversample": 10}, stored), config.reps)
                 # Scored against the fp32 matrices' optimum: includes the bf16 rounding of the weights.
-                set_rows.append({"method": "fasttrunc bf16 weights n_iter=2 os=10 (tf32 range)", "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)})
+                set_rows.append(
+                    {
+                        "method": "fasttrunc bf16 weights n_iter=2 os=10 (tf32 range)",
+                        "seconds": seconds,
+                        "error_ratio": _error_ratio(groups, out, optimal),
+                    }
+                )
                 del stored
                 step(f"{set_name} k={k} bf16")
             for row in set_rows:
                 row.update(
-                    set=set_name, matrices=count, k=k,
+                    set=set_name,
+                    matrices=count,
+                    k=k,
                     speedup_vs_svd_lowrank=baseline / row["seconds"],
                     speedup_vs_linalg_svd=None if full_seconds is None else full_seconds / row["seconds"],
                 )
@@ -241,10 +273,18 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
             stages.extend(_stage_times(groups[0], k, config.reps))
             step(f"{set_name} k={k} stages")
         if full_seconds is not None:
-            rows.append({
-                "set": set_name, "matrices": count, "k": None, "method": "torch.linalg.svd, every matrix",
-                "seconds": full_seconds, "error_ratio": 1.0, "speedup_vs_svd_lowrank": None, "speedup_vs_linalg_svd": 1.0,
-            })
+            rows.append(
+                {
+                    "set": set_name,
+                    "matrices": count,
+                    "k": None,
+                    "method": "torch.linalg.svd, every matrix",
+                    "seconds": full_seconds,
+                    "error_ratio": 1.0,
+                    "speedup_vs_svd_lowrank": None,
+                    "speedup_vs_linalg_svd": 1.0,
+                }
+            )
         del groups
         if device.type == "cuda":
             torch.cuda.empty_cache()

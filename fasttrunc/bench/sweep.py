@@ -73,9 +73,15 @@ def _model(config: SweepBenchConfig, device: torch.device):
     from fasttrunc.models.neox import parse_dtype
 
     hf = GPTNeoXConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        use_parallel_residual=True, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        use_parallel_residual=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )
     torch.manual_seed(config.seed)
@@ -110,7 +116,8 @@ def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
     logp = torch.log_softmax(logits, dim=-1)
     rows = torch.arange(len(enc))
     return Scores(
-        p_correct=logp[rows, enc.answer_ids].exp(), p_the=logp[:, enc.the_id].exp(),
+        p_correct=logp[rows, enc.answer_ids].exp(),
+        p_the=logp[:, enc.the_id].exp(),
         p_subject=logp[rows, enc.subject_ids].exp(),
         logit_diff=logits[rows, enc.answer_ids] - logits[rows, enc.subject_ids],
         top1=logits.argmax(-1) == enc.answer_ids,
@@ -173,13 +180,29 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
     # Warm-up: one forward per path, so neither pays first-call costs (kernel compilation, cuBLAS
     # handles) inside its timing.
     _laser_scores(model, enc, config.batch_size)
-    sweep_model(model, {"ioi": enc}, splits, [0], config.matrices[:1], config.ranks[-1:], method=config.method,
-                batch_size=config.batch_size)
+    sweep_model(
+        model,
+        {"ioi": enc},
+        splits,
+        [0],
+        config.matrices[:1],
+        config.ranks[-1:],
+        method=config.method,
+        batch_size=config.batch_size,
+    )
     _sync(device)
     t0 = time.perf_counter()
     grid = sweep_model(
-        model, {"ioi": enc}, splits, list(range(config.num_layers)), config.matrices, config.ranks,
-        method=config.method, batch_size=config.batch_size, progress=progress, label=" fasttrunc",
+        model,
+        {"ioi": enc},
+        splits,
+        list(range(config.num_layers)),
+        config.matrices,
+        config.ranks,
+        method=config.method,
+        batch_size=config.batch_size,
+        progress=progress,
+        label=" fasttrunc",
     )
     _sync(device)
     ft_seconds = time.perf_counter() - t0
@@ -187,16 +210,34 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
     ours = [_mean_p_correct(c, n_select, config.n_prompts - n_select) for c in grid.cells]
     laser_total = laser_svd + laser_eval
     return SweepBenchResult(
-        config=config, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        cells=len(grid.cells), fasttrunc_seconds=ft_seconds, fasttrunc_svd_seconds=grid.svd_seconds,
-        fasttrunc_eval_seconds=grid.eval_seconds, laser_seconds=laser_total, laser_svd_seconds=laser_svd,
-        laser_eval_seconds=laser_eval, speedup=laser_total / ft_seconds,
+        config=config,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        cells=len(grid.cells),
+        fasttrunc_seconds=ft_seconds,
+        fasttrunc_svd_seconds=grid.svd_seconds,
+        fasttrunc_eval_seconds=grid.eval_seconds,
+        laser_seconds=laser_total,
+        laser_svd_seconds=laser_svd,
+        laser_eval_seconds=laser_eval,
+        speedup=laser_total / ft_seconds,
         max_abs_diff_p_correct=max(abs(a - b) for a, b in zip(ours, laser_p)),
     )
 
 
 def summary_rows(result: SweepBenchResult) -> list[list[Any]]:
     return [
-        ["fasttrunc", f"{result.fasttrunc_svd_seconds:.2f}", f"{result.fasttrunc_eval_seconds:.2f}", f"{result.fasttrunc_seconds:.2f}", "1.0x"],
-        ["LASER recipe", f"{result.laser_svd_seconds:.2f}", f"{result.laser_eval_seconds:.2f}", f"{result.laser_seconds:.2f}", f"{result.speedup:.1f}x slower"],
+        [
+            "fasttrunc",
+            f"{result.fasttrunc_svd_seconds:.2f}",
+            f"{result.fasttrunc_eval_seconds:.2f}",
+            f"{result.fasttrunc_seconds:.2f}",
+            "1.0x",
+        ],
+        [
+            "LASER recipe",
+            f"{result.laser_svd_seconds:.2f}",
+            f"{result.laser_eval_seconds:.2f}",
+            f"{result.laser_seconds:.2f}",
+            f"{result.speedup:.1f}x slower",
+        ],
     ]

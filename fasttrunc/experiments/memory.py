@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fasttrunc.runtime import cpu_threads
 from fasttrunc.experiments.common import Progress, ResultMixin, resolve_device
 from fasttrunc.experiments.training import OptimConfig, train
 from fasttrunc.models.memory import AssociativeMemory, prediction_metrics
+from fasttrunc.runtime import cpu_threads
 from fasttrunc.svd import truncated_svd
 
 METRICS = ("accuracy", "p_noise", "p_clean", "association_accuracy")
@@ -80,7 +80,12 @@ class MemoryConfig:
         sh = self.shared
         if isinstance(sh, bool) or not isinstance(sh, (int, float)) or not math.isfinite(sh) or not 0 <= sh < 1:
             raise ValueError(f"shared {sh!r} is outside [0, 1)")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             raise ValueError(f"lr {self.lr!r} must be a finite number > 0")
         _check_int("steps", self.steps, 1, 1_000_000)
         _check_int("batch_size", self.batch_size, 1, 1_000_000)
@@ -121,7 +126,9 @@ def variants(ks: tuple[int, ...]) -> list[str]:
     return ["full"] + [f"remove_top_{k}" for k in ks] + [f"keep_top_{k}" for k in ks]
 
 
-def noise_components(model: AssociativeMemory, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[list[float], list[float]]:
+def noise_components(
+    model: AssociativeMemory, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+) -> tuple[list[float], list[float]]:
     """Per component of ``W = u diag(s) vh``: its share of the mean noise margin, and its alignment."""
     c, mu = model.noise_direction()
     out_part, in_part = c @ u, vh @ mu  # (d,), (d,)
@@ -214,7 +221,12 @@ def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> Memo
 
     k_top = config.top_components
     names = variants(config.ks)
-    record: dict[str, Any] = {"sv": [], "share": [], "align": [], "metrics": {n: {m: [] for m in METRICS} for n in names}}
+    record: dict[str, Any] = {
+        "sv": [],
+        "share": [],
+        "align": [],
+        "metrics": {n: {m: [] for m in METRICS} for n in names},
+    }
 
     def track(step: int) -> dict[str, float]:
         w = model.memory.weight.detach()
@@ -235,8 +247,15 @@ def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> Memo
 
     optim = OptimConfig(name="sgd", lr=float(config.lr), momentum=0.0)  # plain SGD / GD, as in the model's analysis
     history = train(
-        model, loss_at, steps=config.steps, optim=optim, progress=progress, description="memory: training",
-        track=track, track_every=config.record_every, progress_every=max(1, config.steps // 100),
+        model,
+        loss_at,
+        steps=config.steps,
+        optim=optim,
+        progress=progress,
+        description="memory: training",
+        track=track,
+        track_every=config.record_every,
+        progress_every=max(1, config.steps // 100),
     )
     steps = list(history.track_steps)
     result = MemoryResult(

@@ -15,7 +15,15 @@ from typing import Any
 from fasttrunc.experiments.common import Progress, ResultMixin, report, resolve_device
 from fasttrunc.ranks import validate_rank_spec
 from fasttrunc.svd import check_method
-from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, Prompt, TaskMetrics, aggregate, check_count, encode_prompts, score
+from fasttrunc.tasks.metrics import (
+    DEFAULT_BATCH_SIZE,
+    Prompt,
+    TaskMetrics,
+    aggregate,
+    check_count,
+    encode_prompts,
+    score,
+)
 from fasttrunc.truncation import Targets, expand_matrices, truncate_
 
 TASKS = ("ioi", "factual")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fasttrunc.runtime import cpu_threads
 from fasttrunc.experiments.common import Progress, ResultMixin, check_fraction, report, resolve_device
 from fasttrunc.experiments.training import OptimConfig, TrainHistory, check_steps, summary, train
 from fasttrunc.models.toy import ToyTransformer
+from fasttrunc.runtime import cpu_threads
 from fasttrunc.tasks.recall import TRIGGER, MarkovChain, RecallBatch, make_chain, sample_batch
 from fasttrunc.truncation import Targets, truncate_
 
@@ -40,10 +40,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: a 32-token vocabulary (the in-context mechanism needs O(N) samples), d 64, T 64,
     # batch 64 and 300 SGD steps at the paper's lr 0.03: on a 2-core CPU the effect is already
     # complete (accuracy without FF2 > 0.95) by step ~250, and the run takes about a minute.
-    "quick": dict(n_tokens=32, d_model=64, d_ff=256, seq_len=64, batch_size=64, steps=300, alpha=0.5, eval_sequences=256),
+    "quick": dict(
+        n_tokens=32, d_model=64, d_ff=256, seq_len=64, batch_size=64, steps=300, alpha=0.5, eval_sequences=256
+    ),
     # PAPER.md 1a: 65 tokens (64 + noise, as tiny Shakespeare's 65 characters), d 256, FF 1024,
     # T 256, batch 512, 5000 steps, alpha 0.5 (for a GPU).
-    "paper": dict(n_tokens=64, d_model=256, d_ff=1024, seq_len=256, batch_size=512, steps=5000, alpha=0.5, eval_sequences=1024),
+    "paper": dict(
+        n_tokens=64, d_model=256, d_ff=1024, seq_len=256, batch_size=512, steps=5000, alpha=0.5, eval_sequences=1024
+    ),
 }
 
 
@@ -74,7 +78,7 @@ class RecallConfig:
     cpu_threads: int = 1
 
     @classmethod
-    def from_preset(cls, preset: str = "quick", **overrides: Any) -> "RecallConfig":
+    def from_preset(cls, preset: str = "quick", **overrides: Any) -> RecallConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is not known; allowed: {', '.join(PRESETS)}")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
@@ -85,7 +89,16 @@ class RecallConfig:
             raise ValueError(f"preset {self.preset!r} is not known; allowed: {', '.join(PRESETS)}")
         check_fraction("alpha", self.alpha)
         check_steps(self.steps, self.track_every)
-        for name in ("n_tokens", "d_model", "d_ff", "seq_len", "batch_size", "eval_sequences", "track_sequences", "cpu_threads"):
+        for name in (
+            "n_tokens",
+            "d_model",
+            "d_ff",
+            "seq_len",
+            "batch_size",
+            "eval_sequences",
+            "track_sequences",
+            "cpu_threads",
+        ):
             value = getattr(self, name)
             low = 3 if name == "n_tokens" else 2 if name == "seq_len" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -206,10 +219,14 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
 
     # Independent streams for training data, test data and tracking data, all from the seed.
     train_gen = torch.Generator().manual_seed(config.seed * 1000 + 1)
-    test = sample_batch(chain, config.eval_sequences, config.seq_len, 0.0, torch.Generator().manual_seed(config.seed * 1000 + 2)).to(device)
+    test = sample_batch(
+        chain, config.eval_sequences, config.seq_len, 0.0, torch.Generator().manual_seed(config.seed * 1000 + 2)
+    ).to(device)
     track_batch = None
     if config.track_every is not None:
-        track_batch = sample_batch(chain, config.track_sequences, config.seq_len, 0.0, torch.Generator().manual_seed(config.seed * 1000 + 3)).to(device)
+        track_batch = sample_batch(
+            chain, config.track_sequences, config.seq_len, 0.0, torch.Generator().manual_seed(config.seed * 1000 + 3)
+        ).to(device)
 
     def loss_at(step: int) -> torch.Tensor:
         return _loss(model, sample_batch(chain, config.batch_size, config.seq_len, config.alpha, train_gen).to(device))
@@ -229,8 +246,14 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
 
     train_started = time.perf_counter()
     history = train(
-        model, loss_at, steps=config.steps, optim=config.optim(), progress=progress, description="training",
-        track=track if track_batch is not None else None, track_every=config.track_every,
+        model,
+        loss_at,
+        steps=config.steps,
+        optim=config.optim(),
+        progress=progress,
+        description="training",
+        track=track if track_batch is not None else None,
+        track_every=config.track_every,
     )
     train_info = {**summary(history), "steps": config.steps, "seconds": time.perf_counter() - train_started}
 
@@ -240,11 +263,23 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
     for label, layer, alias in FF_MATRICES:
         for rho in config.rhos:
             with truncate_(model, Targets(layers=layer, matrices=alias), rank=float(rho)) as truncation:
-                (name, module), = truncation.items()
-                cells.append({"matrix": label, "module": name, "rho": float(rho), "rank": module.rank, **evaluate(model, test, noise)})
+                ((name, module),) = truncation.items()
+                cells.append(
+                    {
+                        "matrix": label,
+                        "module": name,
+                        "rho": float(rho),
+                        "rank": module.rank,
+                        **evaluate(model, test, noise),
+                    }
+                )
             report(progress, len(cells), total, "truncating")
 
-    removed = next(c for c in cells if c["matrix"] == "FF2 W2" and c["rho"] == 0.0) if 0.0 in config.rhos else evaluate_without_ff2(model, test, noise)
+    removed = (
+        next(c for c in cells if c["matrix"] == "FF2 W2" and c["rho"] == 0.0)
+        if 0.0 in config.rhos
+        else evaluate_without_ff2(model, test, noise)
+    )
     drop = full["p_noise"] - removed["p_noise"]
     effect = {
         "p_noise_full": full["p_noise"],
@@ -252,7 +287,11 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
         "p_noise_drop": drop,
         "accuracy_full": full["accuracy"],
         "accuracy_without_ff2": removed["accuracy"],
-        "criteria": {"min_p_noise_drop": MIN_P_NOISE_DROP, "min_accuracy_without_ff2": MIN_ACCURACY_WITHOUT_FF2, "full_model_accuracy_lower_by": CLEARLY_WORSE},
+        "criteria": {
+            "min_p_noise_drop": MIN_P_NOISE_DROP,
+            "min_accuracy_without_ff2": MIN_ACCURACY_WITHOUT_FF2,
+            "full_model_accuracy_lower_by": CLEARLY_WORSE,
+        },
         "shown": bool(
             drop >= MIN_P_NOISE_DROP
             and removed["accuracy"] >= MIN_ACCURACY_WITHOUT_FF2

@@ -138,7 +138,9 @@ def compute_factors(
     return factors, len(groups)
 
 
-def cell_module(linear: nn.Linear, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, method: str) -> nn.Module:
+def cell_module(
+    linear: nn.Linear, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, method: str
+) -> nn.Module:
     """The rank-``k`` replacement of ``linear`` from its precomputed factors.
 
     When the factors hold at least as many numbers as the dense weight (k (m + n) >= m n, e.g.
@@ -223,19 +225,28 @@ def sweep_model(
     base_select, base_report = _evaluate(model, encoded, splits, batch_size)
     cells: list[Cell] = []
     for done, ((layer, matrix, rank), ks) in enumerate(cell_ranks.items()):
-        replacements = {name: cell_module(model.get_submodule(name), factors[name], k, method) for name, k in ks.items()}
+        replacements = {
+            name: cell_module(model.get_submodule(name), factors[name], k, method) for name, k in ks.items()
+        }
         with replace_modules_(model, replacements):
             select, reported = _evaluate(model, encoded, splits, batch_size)
         cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
         report(progress, done + 1, total, f"sweep{label}: L{layer} {matrix} {rank}")
     _synchronize(model)
     return Grid(
-        baseline_select=base_select, baseline_report=base_report, cells=cells, svd_seconds=svd_seconds,
-        eval_seconds=time.perf_counter() - t0, matrices_factorized=len(factors), svd_calls=svd_calls,
+        baseline_select=base_select,
+        baseline_report=base_report,
+        cells=cells,
+        svd_seconds=svd_seconds,
+        eval_seconds=time.perf_counter() - t0,
+        matrices_factorized=len(factors),
+        svd_calls=svd_calls,
     )
 
 
-def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progress, layers_out: list[int]) -> SweepRevision:
+def _sweep_revision(
+    config: SweepConfig, revision: str | None, progress: Progress, layers_out: list[int]
+) -> SweepRevision:
     from fasttrunc.models.neox import load_model
     from fasttrunc.truncation import detect_family
 
@@ -248,26 +259,46 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
         encoded[task] = encode_prompts(tokenizer, task_prompts(task, tokenizer, config.n, config.seed))
         splits[task] = _split(len(encoded[task]), config.select_fraction)
     grid = sweep_model(
-        model, encoded, splits, layers, config.matrices, config.ranks, method=config.method,
-        batch_size=config.batch_size, progress=progress, label=f" {revision}" if revision else "",
+        model,
+        encoded,
+        splits,
+        layers,
+        config.matrices,
+        config.ranks,
+        method=config.method,
+        batch_size=config.batch_size,
+        progress=progress,
+        label=f" {revision}" if revision else "",
     )
     layers_out[:] = sorted({layer % n_layers for layer in layers})  # in range: sweep_model checked them
     best = {}
     for task in config.tasks:
+
         def key(cell: Cell) -> float:
             return getattr(cell.select[task], config.select_by)
 
         top = max(grid.cells, key=key)
         best[task] = Best(
-            layer=top.layer, matrix=top.matrix, rank=top.rank, select_score=key(top),
+            layer=top.layer,
+            matrix=top.matrix,
+            rank=top.rank,
+            select_score=key(top),
             baseline_select_score=getattr(grid.baseline_select[task], config.select_by),
-            report=top.report[task], baseline_report=grid.baseline_report[task],
+            report=top.report[task],
+            baseline_report=grid.baseline_report[task],
         )
     return SweepRevision(
-        revision=revision, baseline_select=grid.baseline_select, baseline_report=grid.baseline_report,
-        cells=grid.cells, best=best, n_select=dict(splits), n_report={t: len(encoded[t]) - splits[t] for t in encoded},
-        svd_seconds=grid.svd_seconds, eval_seconds=grid.eval_seconds,
-        matrices_factorized=grid.matrices_factorized, svd_calls=grid.svd_calls,
+        revision=revision,
+        baseline_select=grid.baseline_select,
+        baseline_report=grid.baseline_report,
+        cells=grid.cells,
+        best=best,
+        n_select=dict(splits),
+        n_report={t: len(encoded[t]) - splits[t] for t in encoded},
+        svd_seconds=grid.svd_seconds,
+        eval_seconds=grid.eval_seconds,
+        matrices_factorized=grid.matrices_factorized,
+        svd_calls=grid.svd_calls,
     )
 
 

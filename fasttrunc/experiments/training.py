@@ -80,8 +80,12 @@ class TrainHistory:
 def check_steps(steps: int, track_every: int | None = None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps {steps!r} must be an integer >= 1")
-    if track_every is not None and (isinstance(track_every, bool) or not isinstance(track_every, int) or not 1 <= track_every <= steps):
-        raise ValueError(f"track_every {track_every!r} must be an integer in [1, steps={steps}] (or None for no tracking)")
+    if track_every is not None and (
+        isinstance(track_every, bool) or not isinstance(track_every, int) or not 1 <= track_every <= steps
+    ):
+        raise ValueError(
+            f"track_every {track_every!r} must be an integer in [1, steps={steps}] (or None for no tracking)"
+        )
 
 
 def train(

@@ -142,8 +142,22 @@ INFINITIVE = (
 # Names of the tiny model's IOI sentences: 16 keep the in-context task learnable in ~1000 steps
 # (with all 60+ names the model had not separated IO from S after 1500 steps).
 TINY_NAMES = (
-    "Mary", "John", "Tom", "James", "Michael", "Robert", "David", "William",
-    "Anna", "Alice", "Kate", "Rose", "Grace", "Emma", "Lucy", "Sarah",
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Michael",
+    "Robert",
+    "David",
+    "William",
+    "Anna",
+    "Alice",
+    "Kate",
+    "Rose",
+    "Grace",
+    "Emma",
+    "Lucy",
+    "Sarah",
 )
 
 
@@ -197,7 +211,15 @@ def _vocabulary(names: Sequence[str]) -> list[str]:
         for token in template.replace(",", " , ").replace(".", " . ").split():
             if not token.startswith("{"):
                 words.append(token)
-    words += list(names) + list(ioi.PLACES) + list(ioi.OBJECTS) + list(TRAIN_PLACES) + list(TRAIN_OBJECTS) + list(NOUNS) + list(VERBS)
+    words += (
+        list(names)
+        + list(ioi.PLACES)
+        + list(ioi.OBJECTS)
+        + list(TRAIN_PLACES)
+        + list(TRAIN_OBJECTS)
+        + list(NOUNS)
+        + list(VERBS)
+    )
     return list(dict.fromkeys(words))
 
 
@@ -211,8 +233,11 @@ def build_word_tokenizer(words: Sequence[str]):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece()  # joins words with spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-        bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
     )
 
 
@@ -230,11 +255,16 @@ def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) 
         return f"{text} {ending} ."
     if draw < config.ioi_fraction + config.infinitive:
         return rng.choice(INFINITIVE).format(
-            name=rng.choice(names), place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS),
-            noun=rng.choice(NOUNS), verb=rng.choice(VERBS),
+            name=rng.choice(names),
+            place=rng.choice(TRAIN_PLACES),
+            object=rng.choice(TRAIN_OBJECTS),
+            noun=rng.choice(NOUNS),
+            verb=rng.choice(VERBS),
         )
     return rng.choice(ORDINARY).format(
-        name=rng.choice(names), place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS),
+        name=rng.choice(names),
+        place=rng.choice(TRAIN_PLACES),
+        object=rng.choice(TRAIN_OBJECTS),
         noun=rng.choice(NOUNS),
     )
 
@@ -245,7 +275,10 @@ def corpus_batch(
     """``(input_ids, labels)`` of ``batch_size`` sentences, one per row, each ended by
     <|endoftext|> and right-padded; labels are -100 on padding."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows = [tokenizer.encode(_sentence(rng, names, config), add_special_tokens=False) + [eos] for _ in range(config.batch_size)]
+    rows = [
+        tokenizer.encode(_sentence(rng, names, config), add_special_tokens=False) + [eos]
+        for _ in range(config.batch_size)
+    ]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -334,8 +367,12 @@ def make_tiny_neox(
         _train(model, tokenizer, names, config, rng, optimizer, scheduler, losses, saved, out, progress)
     _save(model, tokenizer, out)
     return TinyNeoxReport(
-        directory=str(out), steps=config.steps, seconds=time.perf_counter() - start,
-        final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=losses, checkpoints=saved,
+        directory=str(out),
+        steps=config.steps,
+        seconds=time.perf_counter() - start,
+        final_loss=sum(losses[-20:]) / len(losses[-20:]),
+        losses=losses,
+        checkpoints=saved,
     )
 
 

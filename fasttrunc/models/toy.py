@@ -69,9 +69,17 @@ class ToyTransformer(nn.Module):
     ``(n_kept, d)``; the last FF then runs on those positions alone (it affects nothing else).
     """
 
-    def __init__(self, vocab_size: int, d_model: int, d_ff: int, max_len: int, n_layers: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, vocab_size: int, d_model: int, d_ff: int, max_len: int, n_layers: int = 2, seed: int = 0
+    ) -> None:
         super().__init__()
-        for name, value, low in (("vocab_size", vocab_size, 2), ("d_model", d_model, 1), ("d_ff", d_ff, 1), ("max_len", max_len, 1), ("n_layers", n_layers, 1)):
+        for name, value, low in (
+            ("vocab_size", vocab_size, 2),
+            ("d_model", d_model, 1),
+            ("d_ff", d_ff, 1),
+            ("max_len", max_len, 1),
+            ("n_layers", n_layers, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} {value!r} must be an integer >= {low}")
         self.vocab_size, self.d_model, self.d_ff, self.max_len = vocab_size, d_model, d_ff, max_len
@@ -86,14 +94,18 @@ class ToyTransformer(nn.Module):
             torch.manual_seed(seed)
             self.blocks = nn.ModuleList(Block(d_model, d_ff) for _ in range(n_layers))
 
-    def residual(self, tokens: torch.Tensor, capture: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def residual(
+        self, tokens: torch.Tensor, capture: dict | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a (batch, seq) long tensor; got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}")
         x = self.embed[tokens] + self.pos[: tokens.shape[1]]
         if keep is not None and (keep.shape != tokens.shape or keep.dtype != torch.bool):
-            raise ValueError(f"keep must be a bool mask of shape {tuple(tokens.shape)}; got {tuple(keep.shape)} {keep.dtype}")
+            raise ValueError(
+                f"keep must be a bool mask of shape {tuple(tokens.shape)}; got {tuple(keep.shape)} {keep.dtype}"
+            )
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, capture, f"blocks.{i}.", keep if i == last else None)
@@ -102,5 +114,7 @@ class ToyTransformer(nn.Module):
     def logits_of(self, residual: torch.Tensor) -> torch.Tensor:
         return residual @ self.unembed.T
 
-    def forward(self, tokens: torch.Tensor, capture: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, capture: dict | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.logits_of(self.residual(tokens, capture, keep))

@@ -127,7 +127,12 @@ def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is not None and base is not model and isinstance(head, torch.nn.Linear) and type(model).__name__ in _HEAD_ONLY:
+    if (
+        base is not None
+        and base is not model
+        and isinstance(head, torch.nn.Linear)
+        and type(model).__name__ in _HEAD_ONLY
+    ):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return head(hidden[rows, last_index])
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -152,7 +157,7 @@ class Scores:
     def __len__(self) -> int:
         return self.p_correct.shape[0]
 
-    def subset(self, index: slice | torch.Tensor) -> "Scores":
+    def subset(self, index: slice | torch.Tensor) -> Scores:
         return Scores(*(getattr(self, f)[index] for f in ("p_correct", "p_the", "p_subject", "logit_diff", "top1")))
 
     def per_prompt(self) -> list[dict[str, float | bool | None]]:
@@ -162,8 +167,10 @@ class Scores:
 
         return [
             {
-                "p_correct": float(self.p_correct[i]), "p_the": float(self.p_the[i]),
-                "p_subject": num(self.p_subject[i]), "logit_diff": num(self.logit_diff[i]),
+                "p_correct": float(self.p_correct[i]),
+                "p_the": float(self.p_the[i]),
+                "p_subject": num(self.p_subject[i]),
+                "logit_diff": num(self.logit_diff[i]),
                 "top1_correct": bool(self.top1[i]),
             }
             for i in range(len(self))

@@ -74,7 +74,7 @@ class RecallBatch:
     answers: torch.Tensor
     mask: torch.Tensor
 
-    def to(self, device: torch.device) -> "RecallBatch":
+    def to(self, device: torch.device) -> RecallBatch:
         return RecallBatch(*(t.to(device) for t in (self.inputs, self.targets, self.answers, self.mask)))
 
 
