@@ -42,8 +42,8 @@ def user_errors(fn: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Callable[[int, int, str], None] | None]:
-    """A ``progress(done, total, description)`` callback drawing a rich bar (with ETA) on stderr."""
+def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int, str], None] | None]:
+    """A ``progress(stage, done, total, detail)`` callback drawing a rich bar (with ETA) on stderr."""
     if not enabled:
         yield None
         return
@@ -67,11 +67,11 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[int, int, str], Non
     with Progress(*columns, console=stderr, transient=True) as bar:
         tasks: dict[str, int] = {}
 
-        def update(done: int, total: int, description: str) -> None:
-            key = description.split(":")[0]
-            if key not in tasks:
-                tasks[key] = bar.add_task(description, total=total)
-            bar.update(tasks[key], completed=done, total=total, description=description)
+        def update(stage: str, done: int, total: int, detail: str = "") -> None:
+            description = f"{stage}: {detail}" if detail else stage
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(description, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=description)
 
         yield update
 

@@ -101,8 +101,8 @@ def recall(
     out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
-    from fasttrunc.experiments.common import resolve_device
     from fasttrunc.experiments.recall import RecallConfig, run
+    from fasttrunc.runs import resolve_device
 
     config = RecallConfig.from_preset(
         preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every

@@ -107,9 +107,7 @@ class TruncatedLinear(nn.Module):
         return module
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, rank: int | float, method: str = "exact", **svd_options
-    ) -> TruncatedLinear:
+    def from_linear(cls, linear: nn.Linear, rank: int | float, method: str = "exact", **svd_options) -> TruncatedLinear:
         """The rank-``rank`` approximation of ``linear`` (Eckart-Young optimal for ``exact``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")

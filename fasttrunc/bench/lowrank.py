@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fasttrunc.experiments.common import Progress, ResultMixin, report
+from fasttrunc.runs import Progress, ResultMixin, report
 
 # label -> (in, out): the MLP matrices of Pythia-1.4b and Pythia-12b.
 PYTHIA_SHAPES = {
@@ -216,9 +216,9 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
     """
     import torch.nn.functional as F
 
-    from fasttrunc.experiments.common import resolve_device
     from fasttrunc.kernels import lowrank as lk
     from fasttrunc.kernels._backend import use_triton
+    from fasttrunc.runs import resolve_device
 
     config.validate()
     device = resolve_device(config.device)
@@ -229,13 +229,13 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
     dtype = _DTYPES[config.dtype]
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     cells = [(k, n, r, m) for k, n in config.shapes for r in config.ranks for m in config.ms]
-    report(progress, 0, len(cells) + 1, "bench lowrank: ceilings")
+    report(progress, "bench lowrank", 0, len(cells) + 1, "ceilings")
     ceilings = _ceilings(dtype, device)
     labels = {shape: label for label, shape in PYTHIA_SHAPES.items()}
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for i, (k, n, r, m) in enumerate(cells):
-            report(progress, i + 1, len(cells) + 1, f"bench lowrank: {k}->{n} r={r} M={m}")
+            report(progress, "bench lowrank", i + 1, len(cells) + 1, f"{k}->{n} r={r} M={m}")
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
             a = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype)
             b = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(device=device, dtype=dtype)
@@ -279,7 +279,7 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
             row["floor_pct"] = 100 * row["floor_us"] / fused_graph if fused_graph and row["floor_us"] else None
             rows.append(row)
             del x, a, b, w, ref, got
-    report(progress, len(cells) + 1, len(cells) + 1, "bench lowrank: done")
+    report(progress, "bench lowrank", len(cells) + 1, len(cells) + 1, "done")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     return LowrankBenchResult(config, name, ceilings, rows, _summary(rows))
 

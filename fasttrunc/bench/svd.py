@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fasttrunc.experiments.common import Progress, ResultMixin, report
+from fasttrunc.runs import Progress, ResultMixin, report
 
 # name -> list of (count, m, n): the MLP matrices of one model.
 MATRIX_SETS = {
@@ -159,9 +159,9 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
     Meant for CUDA; ``device="cpu"`` works only under ``TRITON_INTERPRET=1`` and with the tiny
     set, to test the benchmark itself.
     """
-    from fasttrunc.experiments.common import resolve_device
     from fasttrunc.kernels._backend import use_triton
     from fasttrunc.kernels.svd import randomized_svd_reference, randomized_svd_triton_many
+    from fasttrunc.runs import resolve_device
 
     config.validate()
     device = resolve_device(config.device)
@@ -179,7 +179,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
     def step(description: str) -> None:
         nonlocal done
         done += 1
-        report(progress, done, steps, f"bench svd: {description}")
+        report(progress, "bench svd", done, steps, description)
 
     for set_name in config.sets:
         groups, spectra = zip(*[_spectrum_matrices(c, m, n, gen, device) for c, m, n in sets[set_name]])

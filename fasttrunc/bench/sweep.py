@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from fasttrunc.experiments.common import Progress, ResultMixin, report, resolve_device
 from fasttrunc.experiments.sweep import LASER_RANKS, Cell, sweep_model
 from fasttrunc.ranks import resolve_rank
+from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, aggregate
 from fasttrunc.truncation import Targets, resolve_targets
 
@@ -159,7 +159,7 @@ def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.d
         svd_s += t1 - t0
         eval_s += t2 - t1
         p_correct.append(aggregate(scores).mean_p_correct)
-        report(progress, done + 1, len(cells), "laser recipe")
+        report(progress, "laser recipe", done + 1, len(cells))
     return svd_s, eval_s, p_correct
 
 

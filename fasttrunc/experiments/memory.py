@@ -36,10 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fasttrunc.experiments.common import Progress, ResultMixin, resolve_device
 from fasttrunc.experiments.training import OptimConfig, train
 from fasttrunc.models.memory import AssociativeMemory, prediction_metrics
-from fasttrunc.runtime import cpu_threads
+from fasttrunc.runs import Progress, ResultMixin, cpu_threads, resolve_device
 from fasttrunc.svd import truncated_svd
 
 METRICS = ("accuracy", "p_noise", "p_clean", "association_accuracy")

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasttrunc.experiments.common import Progress, ResultMixin, report, resolve_device
 from fasttrunc.ranks import validate_rank_spec
+from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
 from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import (
     DEFAULT_BATCH_SIZE,
@@ -123,12 +123,12 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
     n_prompts = 0
     total = len(config.revisions)
     for i, revision in enumerate(config.revisions):
-        report(progress, i, total, f"pythia: loading {revision or 'default revision'}")
+        report(progress, "pythia", i, total, f"loading {revision or 'default revision'}")
         model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
         prompts = task_prompts(config.task, tokenizer, config.n, config.seed)
         encoded = encode_prompts(tokenizer, prompts)
         n_prompts = len(prompts)
-        report(progress, i, total, f"pythia: scoring {revision or 'default revision'}")
+        report(progress, "pythia", i, total, f"scoring {revision or 'default revision'}")
         base = score(model, encoded, config.batch_size)
         targets = Targets(layers=list(config.layers), matrices=list(config.matrices))
         with truncate_(model, targets, config.rank, method=config.method) as truncation:
@@ -150,5 +150,5 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
             )
         )
         del model
-        report(progress, i + 1, total, f"pythia: done {revision or 'default revision'}")
+        report(progress, "pythia", i + 1, total, f"done {revision or 'default revision'}")
     return PythiaResult(config=config, n_prompts=n_prompts, revisions=results, seconds=time.perf_counter() - start)

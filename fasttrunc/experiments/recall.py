@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fasttrunc.experiments.common import Progress, ResultMixin, check_fraction, report, resolve_device
+from fasttrunc import checks
 from fasttrunc.experiments.training import OptimConfig, TrainHistory, check_steps, summary, train
 from fasttrunc.models.toy import ToyTransformer
-from fasttrunc.runtime import cpu_threads
+from fasttrunc.runs import Progress, ResultMixin, cpu_threads, report, resolve_device
 from fasttrunc.tasks.recall import TRIGGER, MarkovChain, RecallBatch, make_chain, sample_batch
 from fasttrunc.truncation import Targets, truncate_
 
@@ -87,7 +87,7 @@ class RecallConfig:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset {self.preset!r} is not known; allowed: {', '.join(PRESETS)}")
-        check_fraction("alpha", self.alpha)
+        checks.fraction("alpha", self.alpha)
         check_steps(self.steps, self.track_every)
         for name in (
             "n_tokens",
@@ -106,7 +106,7 @@ class RecallConfig:
         if not self.rhos:
             raise ValueError("rhos is empty; give at least one rho in [0, 1]")
         for rho in self.rhos:
-            check_fraction("rho", rho)
+            checks.fraction("rho", rho)
         self.optim()
 
     def optim(self) -> OptimConfig:
@@ -273,7 +273,7 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
                         **evaluate(model, test, noise),
                     }
                 )
-            report(progress, len(cells), total, "truncating")
+            report(progress, "truncating", len(cells), total)
 
     removed = (
         next(c for c in cells if c["matrix"] == "FF2 W2" and c["rho"] == 0.0)

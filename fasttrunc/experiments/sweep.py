@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fasttrunc.experiments.common import Progress, ResultMixin, check_fraction, report, resolve_device
+from fasttrunc import checks
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.linear import TruncatedLinear
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
+from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
 from fasttrunc.svd import truncated_svd
 from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
 from fasttrunc.truncation import MATRIX_ALIASES, MATRIX_GROUPS, Targets, replace_modules_, resolve_targets
@@ -99,7 +100,7 @@ def _check(config: SweepConfig) -> None:
     for matrix in config.matrices:
         if matrix not in allowed:
             raise ValueError(f"matrix {matrix!r} is not known; allowed: {', '.join(allowed)}")
-    fraction = check_fraction("select_fraction", config.select_fraction)
+    fraction = checks.fraction("select_fraction", config.select_fraction)
     if not 0 < fraction < 1:
         raise ValueError(f"select_fraction {fraction} must be strictly between 0 and 1")
     if config.select_by not in SELECT_BY:
@@ -215,7 +216,7 @@ def sweep_model(
                 max_ranks[name] = max(max_ranks.get(name, 0), ks[name])
             cell_ranks[(*row, rank)] = ks
     total = len(cell_ranks)
-    report(progress, 0, total, f"sweep{label}: factorizing")
+    report(progress, "sweep", 0, total, f"{label} factorizing".strip())
     t0 = time.perf_counter()
     names = list(dict.fromkeys(n for ns in targets.values() for n in ns))
     factors, svd_calls = compute_factors(model, names, max_ranks, method)
@@ -231,7 +232,7 @@ def sweep_model(
         with replace_modules_(model, replacements):
             select, reported = _evaluate(model, encoded, splits, batch_size)
         cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
-        report(progress, done + 1, total, f"sweep{label}: L{layer} {matrix} {rank}")
+        report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
     _synchronize(model)
     return Grid(
         baseline_select=base_select,

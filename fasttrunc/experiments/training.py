@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fasttrunc.experiments.common import Progress, report
+from fasttrunc.runs import Progress, report
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -123,7 +123,7 @@ def train(
     model.train()
     if track is not None:
         measure(0)
-    report(progress, 0, steps, description)
+    report(progress, description, 0, steps)
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_at(step)
@@ -137,7 +137,7 @@ def train(
         if track is not None and (done % track_every == 0 or done == steps):
             measure(done)
         if done % progress_every == 0 or done == steps:
-            report(progress, done, steps, description)
+            report(progress, description, done, steps)
     model.eval()
     return history
 

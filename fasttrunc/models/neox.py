@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fasttrunc.runtime import cpu_threads
+from fasttrunc.runs import Progress, cpu_threads
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REVISIONS_DIR = "revisions"
@@ -311,7 +311,7 @@ def tiny_neox_model(vocab_size: int, config: TinyNeoxConfig, bos_id: int, eos_id
 def make_tiny_neox(
     directory: str | Path,
     config: TinyNeoxConfig | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress = None,
 ) -> TinyNeoxReport:
     """Train the tiny model on the synthetic corpus and save it (and its tokenizer) to ``directory``.
 
@@ -390,7 +390,7 @@ def _train(model, tokenizer, names, config, rng, optimizer, scheduler, losses, s
             _save(model, tokenizer, target)
             saved.append(str(target))
         if progress is not None:
-            progress(step, config.steps, f"training: loss {losses[-1]:.3f}")
+            progress("training", step, config.steps, f"loss {losses[-1]:.3f}")
 
 
 def _save(model, tokenizer, directory: Path) -> None:
