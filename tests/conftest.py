@@ -1,4 +1,4 @@
-"""Test setup: Triton's CPU interpreter on (before triton is imported), gpu marker, shared data."""
+"""Test setup: Triton's CPU interpreter on (before triton is imported), gpu marker, test data."""
 
 import os
 from pathlib import Path
@@ -11,8 +11,8 @@ if os.environ.get("FASTTRUNC_TEST_NATIVE", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOKENIZER_JSON = SHARED_DATA / "gpt-neox-20b-tokenizer.json"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+TOKENIZER_JSON = TEST_DATA / "gpt-neox-20b-tokenizer.json"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,9 +26,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def neox_tokenizer_path() -> Path:
-    """The real GPT-NeoX tokenizer from ../shared/data; the test skips when it is absent."""
-    if not TOKENIZER_JSON.is_file():
-        pytest.skip(f"{TOKENIZER_JSON} is absent (only present beside a development checkout)")
+    """The real GPT-NeoX tokenizer shipped in tests/data (see its README)."""
+    assert TOKENIZER_JSON.is_file(), f"{TOKENIZER_JSON} is missing from the repository"
     return TOKENIZER_JSON
 
 

@@ -69,9 +69,27 @@ def test_defaults_meet_the_accuracy_bars(device, name, factor):
         assert orthonormality(u) < 1e-4 and orthonormality(vh.mT) < 1e-4
 
 
-def test_defaults_are_the_documented_ones():
-    assert DEFAULT_N_ITER == 6
-    assert default_oversample(64) == 16 and default_oversample(256) == 32
+def test_defaults_are_the_documented_ones(monkeypatch):
+    """The randomized path receives n_iter 6 and max(16, k // 8) columns when none are given,
+    the values the docstring of truncated_svd and the README state."""
+    import fasttrunc.svd as svd_module
+
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "torch")
+    seen = []
+    real = svd_module.randomized_svd
+
+    def spy(w, k, *, n_iter, oversample, generator):
+        seen.append((k, n_iter, oversample))
+        return real(w, k, n_iter=n_iter, oversample=oversample, generator=generator)
+
+    monkeypatch.setattr(svd_module, "randomized_svd", spy)
+    w = torch.randn(500, 300)
+    truncated_svd(w, 32, method="randomized")
+    truncated_svd(w, 192, method="randomized")
+    assert seen == [(32, 6, 16), (192, 6, 24)]
+    assert (DEFAULT_N_ITER, default_oversample(64), default_oversample(256)) == (6, 16, 32)
+    doc = svd_module.truncated_svd.__doc__
+    assert "default 6" in doc and "max(16, k // 8)" in doc
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

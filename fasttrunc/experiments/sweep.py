@@ -22,7 +22,8 @@ from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
 from fasttrunc.svd import truncated_svd
 from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.truncation import MATRIX_ALIASES, MATRIX_GROUPS, Targets, replace_modules_, resolve_targets
+from fasttrunc.families import MATRIX_ALIASES, MATRIX_GROUPS
+from fasttrunc.truncation import Targets, replace_modules_, resolve_targets
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
