@@ -4,7 +4,8 @@
   ``"sweep"``), so a front end keeps one bar per stage without parsing text;
 - results: dataclasses whose ``to_dict()`` is JSON-ready and carries the environment;
 - devices and dtypes: resolving a device name, dtype names, the compute-dtype rule, a device sync;
-- CPU threads: the context manager that runs a block single-threaded and gives the count back.
+- CPU threads: the context manager that runs a block single-threaded and gives the count back;
+- output files: checking an output directory before the work, and writing files atomically.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import platform
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,3 +142,59 @@ def cpu_threads(n: int, device: torch.device | str = "cpu") -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --- output files ------------------------------------------------------------------------------
+
+
+def check_output_dir(path: object, option: str = "--out") -> Path:
+    """Make sure ``path`` is, or can be created as, a writable directory; create it; return it.
+
+    Called before any work, so that a run never computes for an hour and then fails to save. A
+    file in the way, a parent that is a file, or a read-only place is a one-line ValueError.
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"{option} {path!r} is not a path")
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{option} {directory} exists and is not a directory")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {directory} is under {parent}, which is a file")
+            break
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fasttrunc-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {directory} is not writable: {exc.strerror or type(exc).__name__}") from None
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); on success rename it onto ``path``.
+
+    A crash or an exception while writing leaves ``path`` as it was (absent, or the old file) and
+    removes the temporary file, so no reader ever sees half a file.
+    """
+    target = Path(path)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix or ".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
