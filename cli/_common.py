@@ -85,6 +85,12 @@ def make_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return table
 
 
+def check_out(out: Path | None) -> None:
+    """Refuse an ``--out`` that cannot be a results directory before any work starts."""
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a directory; give a directory to write results into")
+
+
 def emit(
     result: Any,
     *,

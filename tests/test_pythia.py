@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fasttrunc import hub
 from fasttrunc.cli.main import app
 from fasttrunc.experiments import pythia, sweep
-from fasttrunc.models import neox
+from fasttrunc.models import tiny_neox
 
 runner = CliRunner()
 
@@ -31,10 +32,10 @@ def _torch_backend(monkeypatch):
 def random_dir(tmp_path_factory):
     """An untrained tiny GPT-NeoX + word-level tokenizer saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("random-neox")
-    config = neox.TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=128)
-    tok = neox.build_word_tokenizer(neox._vocabulary(config.names))
+    config = tiny_neox.TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=128)
+    tok = tiny_neox.build_tiny_tokenizer(config.names)
     torch.manual_seed(3)
-    model = neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = tiny_neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -51,7 +52,7 @@ def trained_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-neox")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTTRUNC_BACKEND", "torch")
-        neox.make_tiny_neox(path, neox.TinyNeoxConfig(**TEST_RECIPE))
+        tiny_neox.make_tiny_neox(path, tiny_neox.TinyNeoxConfig(**TEST_RECIPE))
     return path
 
 
@@ -59,16 +60,16 @@ def trained_dir(tmp_path_factory):
 
 
 def test_load_local_directory_and_revisions(random_dir):
-    model, tok = neox.load_model(str(random_dir), dtype="float32")
+    model, tok = hub.load_model(str(random_dir), dtype="float32")
     assert type(model).__name__ == "GPTNeoXForCausalLM" and not model.training
     assert model.config.use_parallel_residual
     assert tok.encode(" Mary", add_special_tokens=False) == [tok.convert_tokens_to_ids("Mary")]
     with pytest.raises(ValueError, match="revision 'step5' is not in local model directory"):
-        neox.load_model(str(random_dir), revision="step5")
+        hub.load_model(str(random_dir), revision="step5")
     with pytest.raises(ValueError, match="does not exist"):
-        neox.load_model(str(random_dir / "missing"))
+        hub.load_model(str(random_dir / "missing"))
     with pytest.raises(ValueError, match="dtype 'float8'"):
-        neox.load_model(str(random_dir), dtype="float8")
+        hub.load_model(str(random_dir), dtype="float8")
 
 
 def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
@@ -319,15 +320,15 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
 
     from fasttrunc.tasks import ioi
 
-    assert not set(neox.TRAIN_PLACES) & set(ioi.PLACES) and not set(neox.TRAIN_OBJECTS) & set(ioi.OBJECTS)
-    config = neox.TinyNeoxConfig()
+    assert not set(tiny_neox.TRAIN_PLACES) & set(ioi.PLACES) and not set(tiny_neox.TRAIN_OBJECTS) & set(ioi.OBJECTS)
+    config = tiny_neox.TinyNeoxConfig()
     rng = random.Random(0)
-    sentences = [neox._sentence(rng, config.names, config) for _ in range(3000)]
+    sentences = [tiny_neox.corpus_sentence(rng, config) for _ in range(3000)]
     ioi_like = [s for s in sentences if " and " in s]
     assert 0.27 < len(ioi_like) / len(sentences) < 0.36  # ioi_fraction 0.3125
-    noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in neox.NOUNS)]
+    noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in tiny_neox.NOUNS)]
     assert 0.43 < len(noisy) / len(ioi_like) < 0.57  # noise 0.5: "to the <noun>" instead of the IO
-    infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in neox.VERBS)]
+    infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in tiny_neox.VERBS)]
     assert 0.33 < len(infinitive) / len(sentences) < 0.42  # infinitive 0.375
     evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)
     assert not any(evaluation_words & set(s.replace(",", " ").replace(".", " ").split()) for s in ioi_like)

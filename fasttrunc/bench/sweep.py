@@ -24,17 +24,19 @@ from typing import Any
 
 import torch
 
+from fasttrunc import checks
 from fasttrunc.experiments.sweep import LASER_RANKS, Cell, sweep_model
-from fasttrunc.ranks import resolve_rank
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
+from fasttrunc.ranks import resolve_rank, validate_rank_spec
+from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device, synchronize
+from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, aggregate
-from fasttrunc.truncation import Targets, resolve_targets
+from fasttrunc.truncation import MATRIX_ALIASES, MATRIX_GROUPS, Targets, resolve_targets
 
 # Pythia-1.4b (PAPER.md section 3).
 PYTHIA_1_4B = {"num_layers": 24, "hidden_size": 2048, "num_heads": 16, "intermediate_size": 8192, "vocab_size": 50304}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SweepBenchConfig:
     num_layers: int = PYTHIA_1_4B["num_layers"]
     hidden_size: int = PYTHIA_1_4B["hidden_size"]
@@ -50,6 +52,29 @@ class SweepBenchConfig:
     method: str = "exact"
     device: str = "cuda"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "batch_size", "prompt_len"):
+            checks.positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                "allowed: a hidden size the heads divide"
+            )
+        checks.integer("vocab_size", self.vocab_size, 254)  # the prompts score token 253, " the"
+        checks.integer("n_prompts", self.n_prompts, 2)  # selection and report prompts
+        matrices = checks.non_empty("matrices", self.matrices)
+        for matrix in matrices:
+            checks.choice("matrix", matrix, MATRIX_ALIASES + tuple(MATRIX_GROUPS))
+        ranks = checks.non_empty("ranks", self.ranks)
+        for rank in ranks:
+            validate_rank_spec(rank)
+        object.__setattr__(self, "matrices", tuple(matrices))
+        object.__setattr__(self, "ranks", tuple(ranks))
+        parse_dtype(self.dtype)
+        check_method(self.method)
+        resolve_device(self.device)
+        checks.seed("seed", self.seed)
 
 
 @dataclasses.dataclass
@@ -69,8 +94,6 @@ class SweepBenchResult(ResultMixin):
 
 def _model(config: SweepBenchConfig, device: torch.device):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from fasttrunc.models.neox import parse_dtype
 
     hf = GPTNeoXConfig(
         vocab_size=config.vocab_size,
@@ -124,18 +147,13 @@ def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress):
     """LASER's per-cell recipe; returns (svd seconds, eval seconds, mean P(correct) per cell)."""
     svd_s = eval_s = 0.0
     p_correct: list[float] = []
     cells = [(layer, m, r) for layer in range(config.num_layers) for m in config.matrices for r in config.ranks]
     for done, (layer, matrix, rank) in enumerate(cells):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         saved = {}
         with torch.no_grad():
@@ -148,13 +166,13 @@ def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.d
                     continue
                 u, s, v = torch.svd_lowrank(weight.float(), q=k, niter=2)
                 weight.copy_(((u * s) @ v.T).to(weight.dtype))
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         scores = _laser_scores(model, enc, config.batch_size)
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_submodule(name).weight.copy_(original)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         svd_s += t1 - t0
         eval_s += t2 - t1
@@ -171,8 +189,6 @@ def _mean_p_correct(cell: Cell, n_select: int, n_report: int) -> float:
 def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> SweepBenchResult:
     config = config or SweepBenchConfig()
     device = resolve_device(config.device)
-    if config.n_prompts < 2:
-        raise ValueError(f"n_prompts {config.n_prompts} must be >= 2 (selection and report prompts)")
     model = _model(config, device)
     enc = _prompts(config)
     n_select = max(1, round(0.2 * config.n_prompts))
@@ -190,7 +206,7 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
         method=config.method,
         batch_size=config.batch_size,
     )
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     grid = sweep_model(
         model,
@@ -204,7 +220,7 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
         progress=progress,
         label=" fasttrunc",
     )
-    _sync(device)
+    synchronize(device)
     ft_seconds = time.perf_counter() - t0
     laser_svd, laser_eval, laser_p = _laser(model, enc, config, device, progress)
     ours = [_mean_p_correct(c, n_select, config.n_prompts - n_select) for c in grid.cells]

@@ -10,34 +10,69 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fasttrunc import checks
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
+from fasttrunc.hub import load_model
 from fasttrunc.linear import TruncatedLinear
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
+from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
 from fasttrunc.svd import truncated_svd
 from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.truncation import MATRIX_ALIASES, MATRIX_GROUPS, Targets, replace_modules_, resolve_targets
+from fasttrunc.truncation import (
+    MATRIX_ALIASES,
+    MATRIX_GROUPS,
+    Targets,
+    detect_family,
+    replace_modules_,
+    resolve_targets,
+)
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
 SELECT_BY = ("mean_p_correct", "accuracy", "mean_of_ratios", "ratio_of_means", "mean_logit_diff")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class SweepConfig(ModelRunSettings):
     model: str
-    layers: Sequence[int] | None = None  # None: every layer
-    matrices: Sequence[str] = ("mlp_in", "mlp_out")  # each item is one grid row; a group truncates its members together
-    ranks: Sequence[int | float] = LASER_RANKS
-    tasks: Sequence[str] = ("ioi",)
+    layers: tuple[int, ...] | None = None  # None: every layer
+    matrices: tuple[str, ...] = (
+        "mlp_in",
+        "mlp_out",
+    )  # each item is one grid row; a group truncates its members together
+    ranks: tuple[int | float, ...] = LASER_RANKS
+    tasks: tuple[str, ...] = ("ioi",)
     select_fraction: float = 0.2
     select_by: str = "mean_p_correct"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.text("model", self.model)
+        tasks = checks.non_empty("tasks", self.tasks)
+        for task in tasks:
+            check_task(task)
+        ranks = checks.non_empty("ranks", self.ranks)
+        for rank in ranks:
+            validate_rank_spec(rank)
+        matrices = checks.non_empty("matrices", self.matrices)
+        allowed = MATRIX_ALIASES + tuple(MATRIX_GROUPS)
+        for matrix in matrices:
+            checks.choice("matrix", matrix, allowed)
+        checks.real("select_fraction", self.select_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        checks.choice("select_by", self.select_by, SELECT_BY)
+        if self.select_by == "mean_logit_diff" and "factual" in tasks:
+            raise ValueError("select_by mean_logit_diff needs a subject name, which only the ioi task has")
+        if self.layers is not None:
+            layers = [checks.integer("layer", layer) for layer in checks.non_empty("layers", self.layers)]
+            object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "ranks", tuple(ranks))
+        object.__setattr__(self, "matrices", tuple(matrices))
 
 
 @dataclass
@@ -64,6 +99,7 @@ class Best:
 @dataclass
 class SweepRevision:
     revision: str | None
+    layers: list[int]  # the layers swept, as indices from 0
     baseline_select: dict[str, TaskMetrics]
     baseline_report: dict[str, TaskMetrics]
     cells: list[Cell]
@@ -80,35 +116,8 @@ class SweepRevision:
 class SweepResult(ResultMixin):
     config: SweepConfig
     layers: list[int]
-    revisions: list[SweepRevision] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _check(config: SweepConfig) -> None:
-    config.check_settings()
-    if not config.tasks:
-        raise ValueError("tasks is empty; give at least one of ioi, factual")
-    for task in config.tasks:
-        check_task(task)
-    if not config.ranks:
-        raise ValueError("ranks is empty; give at least one rank")
-    for rank in config.ranks:
-        validate_rank_spec(rank)
-    if not config.matrices:
-        raise ValueError("matrices is empty; give at least one alias or group")
-    allowed = MATRIX_ALIASES + tuple(MATRIX_GROUPS)
-    for matrix in config.matrices:
-        if matrix not in allowed:
-            raise ValueError(f"matrix {matrix!r} is not known; allowed: {', '.join(allowed)}")
-    fraction = checks.fraction("select_fraction", config.select_fraction)
-    if not 0 < fraction < 1:
-        raise ValueError(f"select_fraction {fraction} must be strictly between 0 and 1")
-    if config.select_by not in SELECT_BY:
-        raise ValueError(f"select_by {config.select_by!r} is not known; allowed: {', '.join(SELECT_BY)}")
-    if config.select_by == "mean_logit_diff" and "factual" in config.tasks:
-        raise ValueError("select_by mean_logit_diff needs a subject name, which only the ioi task has")
-    if config.layers is not None and not config.layers:
-        raise ValueError("layers is empty; give at least one layer index (or None for all)")
+    revisions: list[SweepRevision]
+    seconds: float
 
 
 def _split(n: int, fraction: float) -> int:
@@ -179,12 +188,6 @@ class Grid:
     svd_calls: int
 
 
-def _synchronize(model: nn.Module) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def sweep_model(
     model: nn.Module,
     encoded: dict[str, EncodedPrompts],
@@ -220,7 +223,7 @@ def sweep_model(
     t0 = time.perf_counter()
     names = list(dict.fromkeys(n for ns in targets.values() for n in ns))
     factors, svd_calls = compute_factors(model, names, max_ranks, method)
-    _synchronize(model)
+    synchronize(next(model.parameters()).device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_select, base_report = _evaluate(model, encoded, splits, batch_size)
@@ -233,7 +236,7 @@ def sweep_model(
             select, reported = _evaluate(model, encoded, splits, batch_size)
         cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
         report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
-    _synchronize(model)
+    synchronize(next(model.parameters()).device)
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
@@ -245,12 +248,25 @@ def sweep_model(
     )
 
 
-def _sweep_revision(
-    config: SweepConfig, revision: str | None, progress: Progress, layers_out: list[int]
-) -> SweepRevision:
-    from fasttrunc.models.neox import load_model
-    from fasttrunc.truncation import detect_family
+def _best(grid: Grid, task: str, select_by: str) -> Best:
+    """The cell with the highest ``select_by`` on ``task``'s selection prompts."""
 
+    def key(cell: Cell) -> float:
+        return float(getattr(cell.select[task], select_by))
+
+    top = max(grid.cells, key=key)
+    return Best(
+        layer=top.layer,
+        matrix=top.matrix,
+        rank=top.rank,
+        select_score=key(top),
+        baseline_select_score=float(getattr(grid.baseline_select[task], select_by)),
+        report=top.report[task],
+        baseline_report=grid.baseline_report[task],
+    )
+
+
+def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progress) -> SweepRevision:
     model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
     _, _, n_layers = detect_family(model)
     layers = list(range(n_layers)) if config.layers is None else list(config.layers)
@@ -271,25 +287,10 @@ def _sweep_revision(
         progress=progress,
         label=f" {revision}" if revision else "",
     )
-    layers_out[:] = sorted({layer % n_layers for layer in layers})  # in range: sweep_model checked them
-    best = {}
-    for task in config.tasks:
-
-        def key(cell: Cell) -> float:
-            return getattr(cell.select[task], config.select_by)
-
-        top = max(grid.cells, key=key)
-        best[task] = Best(
-            layer=top.layer,
-            matrix=top.matrix,
-            rank=top.rank,
-            select_score=key(top),
-            baseline_select_score=getattr(grid.baseline_select[task], config.select_by),
-            report=top.report[task],
-            baseline_report=grid.baseline_report[task],
-        )
+    best = {task: _best(grid, task, config.select_by) for task in config.tasks}
     return SweepRevision(
         revision=revision,
+        layers=sorted({layer % n_layers for layer in layers}),  # in range: sweep_model checked them
         baseline_select=grid.baseline_select,
         baseline_report=grid.baseline_report,
         cells=grid.cells,
@@ -304,10 +305,9 @@ def _sweep_revision(
 
 
 def run(config: SweepConfig, progress: Progress = None) -> SweepResult:
-    _check(config)
+    """Sweep every revision of ``config``; the layers of the result are those of the last revision."""
     start = time.perf_counter()
-    result = SweepResult(config=config, layers=[])
-    for revision in config.revisions:
-        result.revisions.append(_sweep_revision(config, revision, progress, result.layers))
-    result.seconds = time.perf_counter() - start
-    return result
+    revisions = [_sweep_revision(config, revision, progress) for revision in config.revisions]
+    return SweepResult(
+        config=config, layers=revisions[-1].layers, revisions=revisions, seconds=time.perf_counter() - start
+    )

@@ -16,8 +16,23 @@ permutation) with probability ``1 - alpha`` and the noise token with probability
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
 import torch
 from torch import nn
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Predictions(Generic[V]):
+    """The clean-data metrics of :func:`prediction_metrics`: floats for one W, lists along training."""
+
+    accuracy: V
+    p_noise: V
+    p_clean: V
+    association_accuracy: V
 
 
 def _unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,7 +94,7 @@ class AssociativeMemory(nn.Module):
 
 
 @torch.no_grad()
-def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = None) -> dict[str, float]:
+def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = None) -> Predictions[float]:
     """Clean-data metrics of ``weight`` (W by default) over all inputs, each weighted ``1/N``.
 
     ``accuracy``: argmax is ``f(x)``; ``p_noise`` / ``p_clean``: mean probability of the noise
@@ -90,9 +105,9 @@ def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = N
     p = z.softmax(dim=-1)
     rows = torch.arange(model.n_tokens, device=z.device)
     f = model.clean_map
-    return {
-        "accuracy": float((z.argmax(dim=-1) == f).float().mean()),
-        "p_noise": float(p[:, model.noise_token].mean()),
-        "p_clean": float(p[rows, f].mean()),
-        "association_accuracy": float((z[:, : model.n_tokens].argmax(dim=-1) == f).float().mean()),
-    }
+    return Predictions(
+        accuracy=float((z.argmax(dim=-1) == f).float().mean()),
+        p_noise=float(p[:, model.noise_token].mean()),
+        p_clean=float(p[rows, f].mean()),
+        association_accuracy=float((z[:, : model.n_tokens].argmax(dim=-1) == f).float().mean()),
+    )

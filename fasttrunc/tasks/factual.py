@@ -12,7 +12,8 @@ import random
 from functools import lru_cache
 from importlib import resources
 
-from fasttrunc.tasks.metrics import Prompt, check_count, single_token_ids
+from fasttrunc import checks
+from fasttrunc.tasks.metrics import Prompt, single_token_ids
 
 
 @lru_cache(maxsize=1)
@@ -33,7 +34,7 @@ def build_factual_prompts(tokenizer, n: int | None = None, seed: int = 0) -> lis
     if not usable:
         raise ValueError("no factual answer is a single token under this tokenizer")
     if n is not None:
-        check_count("n", n)
+        checks.positive("n", n)
         if n > len(usable):
             raise ValueError(
                 f"n {n} exceeds the {len(usable)} factual prompts whose answer is one token here; allowed: 1..{len(usable)}"

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttrunc import checks
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -67,12 +69,6 @@ def the_token_id(tokenizer) -> int:
     if "the" not in ids:
         raise ValueError('" the" is not a single known token under this tokenizer; the tasks need it')
     return ids["the"]
-
-
-def check_count(name: str, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} {n!r} must be an int >= 1")
-    return n
 
 
 # --- encoding and scoring -----------------------------------------------------------------------
@@ -160,21 +156,32 @@ class Scores:
     def subset(self, index: slice | torch.Tensor) -> Scores:
         return Scores(*(getattr(self, f)[index] for f in ("p_correct", "p_the", "p_subject", "logit_diff", "top1")))
 
-    def per_prompt(self) -> list[dict[str, float | bool | None]]:
+    def per_prompt(self) -> list[PromptMetrics]:
         def num(x: torch.Tensor) -> float | None:
             v = float(x)
             return None if math.isnan(v) else v
 
         return [
-            {
-                "p_correct": float(self.p_correct[i]),
-                "p_the": float(self.p_the[i]),
-                "p_subject": num(self.p_subject[i]),
-                "logit_diff": num(self.logit_diff[i]),
-                "top1_correct": bool(self.top1[i]),
-            }
+            PromptMetrics(
+                p_correct=float(self.p_correct[i]),
+                p_the=float(self.p_the[i]),
+                p_subject=num(self.p_subject[i]),
+                logit_diff=num(self.logit_diff[i]),
+                top1_correct=bool(self.top1[i]),
+            )
             for i in range(len(self))
         ]
+
+
+@dataclass(frozen=True)
+class PromptMetrics:
+    """One prompt's values; ``p_subject`` and ``logit_diff`` are None where it has no subject."""
+
+    p_correct: float
+    p_the: float
+    p_subject: float | None
+    logit_diff: float | None
+    top1_correct: bool
 
 
 # Prompts per forward by default: 32 prompts of ~20 tokens keep a Pythia-1.4b forward well inside
@@ -185,7 +192,7 @@ DEFAULT_BATCH_SIZE = 32
 @torch.no_grad()
 def score(model, encoded: EncodedPrompts, batch_size: int = DEFAULT_BATCH_SIZE) -> Scores:
     """Run ``model`` over the prompts in batches of ``batch_size`` and read the last positions."""
-    check_count("batch_size", batch_size)
+    checks.positive("batch_size", batch_size)
     device = next(model.parameters()).device
     parts: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):
