@@ -51,6 +51,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int, str]
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -65,7 +66,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int, str]
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def update(stage: str, done: int, total: int, detail: str = "") -> None:
             description = f"{stage}: {detail}" if detail else stage

@@ -76,12 +76,12 @@ def parse_layers(text: str) -> list[int] | None:
     return layers
 
 
-def parse_revisions(revision: str | None, revisions: str | None) -> list[str | None]:
+def parse_revisions(revision: str | None, revisions: str | None) -> tuple[str | None, ...]:
     if revision is not None and revisions is not None:
         raise ValueError("give --revision or --revisions, not both")
     if revisions is not None:
-        return list(split_list(revisions, "revisions"))
-    return [revision]
+        return tuple(split_list(revisions, "revisions"))
+    return (revision,)
 
 
 def _fmt(value: object) -> object:
@@ -154,8 +154,8 @@ def run_pythia(
         fail("--layer all is not supported by run pythia; list the layers, for example 0-15")
     config = pythia.PythiaConfig(
         model=model,
-        layers=layers,
-        matrices=split_list(matrix, "matrices"),
+        layers=tuple(layers),
+        matrices=tuple(split_list(matrix, "matrices")),
         rank=parse_rank(rank),
         task=task,
         revisions=parse_revisions(revision, revisions),
@@ -240,12 +240,13 @@ def sweep_pythia(
     from fasttrunc.ranks import parse_rank
 
     check_out(out)
+    swept = parse_layers(layers)
     config = sweep.SweepConfig(
         model=model,
-        layers=parse_layers(layers),
-        matrices=split_list(matrices, "matrices"),
-        ranks=[parse_rank(r) for r in split_list(ranks, "ranks")],
-        tasks=split_list(task, "tasks"),
+        layers=None if swept is None else tuple(swept),
+        matrices=tuple(split_list(matrices, "matrices")),
+        ranks=tuple(parse_rank(r) for r in split_list(ranks, "ranks")),
+        tasks=tuple(split_list(task, "tasks")),
         revisions=parse_revisions(revision, revisions),
         n=n,
         seed=seed,

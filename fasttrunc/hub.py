@@ -81,7 +81,7 @@ def load_model(
     try:
         kwargs: dict[str, Any] = {"revision": hub_revision, "local_files_only": hub_problem is not None}
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+        lm: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, ConnectionError) as exc:  # hub errors subclass OSError or ValueError
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if is_local:

@@ -332,3 +332,50 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
     assert 0.33 < len(infinitive) / len(sentences) < 0.42  # infinitive 0.375
     evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)
     assert not any(evaluation_words & set(s.replace(",", " ").replace(".", " ").split()) for s in ioi_like)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(steps=0), "steps 0"),
+        (dict(seed=-1), "seed -1"),
+        (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not a multiple of num_heads 4"),
+        (dict(noise=1.5), "noise 1.5"),
+        (dict(ioi_fraction=0.7, infinitive=0.5), "exceeds 1"),
+        (dict(lr=0.0), "lr 0.0"),
+        (dict(steps=10, checkpoints=(5, 11)), "checkpoint step 11"),
+        (dict(names=("Mary",)), "at least 2"),
+        (dict(names=()), "names is empty"),
+    ],
+)
+def test_tiny_neox_config_validates_itself(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        tiny_neox.TinyNeoxConfig(**kwargs)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tiny_neox_config_is_frozen_and_canonical():
+    config = tiny_neox.TinyNeoxConfig(steps=10, checkpoints=[5, 10], names=["Mary", "John"])
+    assert config.checkpoints == (5, 10) and config.names == ("Mary", "John")
+    with pytest.raises(AttributeError):
+        config.steps = 3  # type: ignore[misc]
+    tok = tiny_neox.build_tiny_tokenizer(config.names)
+    assert tok.encode(" John", add_special_tokens=False) == [tok.convert_tokens_to_ids("John")]
+    assert set(tiny_neox.tiny_vocabulary(config.names)) >= {"Mary", "John", "to", "the", "<|endoftext|>"}
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: pythia.PythiaConfig(model=d, layers=[], matrices=["mlp_in"], rank=0), "layers is empty"),
+        (lambda d: pythia.PythiaConfig(model=d, layers=[0], matrices=["mlp_in"], rank=0, n=0), "n 0"),
+        (lambda d: pythia.PythiaConfig(model=d, layers=[0], matrices=["x"], rank=0), "matrix 'x'"),
+        (lambda d: sweep.SweepConfig(model=d, tasks=()), "tasks is empty"),
+        (lambda d: sweep.SweepConfig(model=d, select_by="mean_logit_diff", tasks=["factual"]), "only the ioi"),
+        (lambda d: sweep.SweepConfig(model=d, revisions=()), "revisions is empty"),
+    ],
+)
+def test_pythia_configs_validate_on_construction(make, words):
+    with pytest.raises(ValueError) as err:
+        make("some/local/dir")  # no model is loaded: construction alone checks
+    assert words in str(err.value) and "\n" not in str(err.value)

@@ -109,7 +109,7 @@ def _model(config: SweepBenchConfig, device: torch.device):
     )
     torch.manual_seed(config.seed)
     with torch.device(device):
-        model = GPTNeoXForCausalLM(hf)
+        model: Any = GPTNeoXForCausalLM(hf)
     return model.to(parse_dtype(config.dtype)).eval()
 
 

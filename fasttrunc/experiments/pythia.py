@@ -19,6 +19,7 @@ from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import (
     DEFAULT_BATCH_SIZE,
     Prompt,
+    PromptMetrics,
     TaskMetrics,
     aggregate,
     encode_prompts,
@@ -105,13 +106,13 @@ class PythiaConfig(ModelRunSettings):
 
 @dataclass(frozen=True)
 class PromptScore:
-    """One prompt and its probability of the correct answer before and after the truncation."""
+    """One prompt and its metrics before and after the truncation."""
 
     text: str
     answer: str
     subject: str | None
-    baseline: float
-    truncated: float
+    baseline: PromptMetrics
+    truncated: PromptMetrics
 
 
 @dataclass

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from fasttrunc import checks
-from fasttrunc.models.toy import ToyTransformer
+from fasttrunc.linear import TruncatedLinear
+from fasttrunc.models.toy import Block, ToyTransformer
 from fasttrunc.runs import Progress, ResultMixin, cpu_threads, report, resolve_device
 from fasttrunc.tasks.recall import TRIGGER, MarkovChain, RecallBatch, make_chain, sample_batch
 from fasttrunc.training import OptimConfig, TrainHistory, check_steps, train
@@ -228,7 +229,7 @@ def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> Rec
         probs = logits.float().softmax(dim=-1)
         answers = batch.answers[:, None].expand_as(batch.mask)[batch.mask]
         last = len(model.blocks) - 1
-        ff_logits = model.logits_of(model.blocks[last].ff(capture[f"blocks.{last}.ff_in"])).float()
+        ff_logits = model.logits_of(cast(Block, model.blocks[last]).ff(capture[f"blocks.{last}.ff_in"])).float()
         others = ff_logits.clone()
         others[:, noise_token] = float("-inf")
         margin = ff_logits[:, noise_token] - others.max(dim=-1).values
@@ -386,9 +387,10 @@ def _grid(
         for rho in rhos:
             with truncate_(model, Targets(layers=layer, matrices=alias), rank=rho) as truncation:
                 ((name, module),) = truncation.items()
+                assert isinstance(module, TruncatedLinear)
                 cells.append(
                     RecallCell(
-                        matrix=label, module=name, rho=rho, rank=int(module.rank), metrics=evaluate(model, test, noise)
+                        matrix=label, module=name, rho=rho, rank=module.rank, metrics=evaluate(model, test, noise)
                     )
                 )
             report(progress, "truncating", len(cells), total)

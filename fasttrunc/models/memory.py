@@ -43,6 +43,10 @@ def _unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
 class AssociativeMemory(nn.Module):
     """``forward(x (B,)) -> logits (B, N + 1)``; ``logits(weight=...)`` scores any ``d x d`` matrix."""
 
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    clean_map: torch.Tensor
+
     def __init__(self, d: int, n_tokens: int, generator: torch.Generator, shared: float = 0.0) -> None:
         super().__init__()
         self.d, self.n_tokens = d, n_tokens
@@ -106,8 +110,8 @@ def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = N
     rows = torch.arange(model.n_tokens, device=z.device)
     f = model.clean_map
     return Predictions(
-        accuracy=float((z.argmax(dim=-1) == f).float().mean()),
+        accuracy=float(z.argmax(dim=-1).eq(f).float().mean()),
         p_noise=float(p[:, model.noise_token].mean()),
         p_clean=float(p[rows, f].mean()),
-        association_accuracy=float((z[:, : model.n_tokens].argmax(dim=-1) == f).float().mean()),
+        association_accuracy=float(z[:, : model.n_tokens].argmax(dim=-1).eq(f).float().mean()),
     )

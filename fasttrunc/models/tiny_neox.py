@@ -23,7 +23,7 @@ import torch
 from fasttrunc import checks
 from fasttrunc.hub import REVISIONS_DIR
 from fasttrunc.runs import Progress, cpu_threads
-from fasttrunc.training import OptimConfig, train
+from fasttrunc.training import OptimConfig, TrainHistory, train
 
 # --- the tiny offline model ----------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ def make_tiny_neox(
     # One thread: at these sizes (64-wide matrices) thread synchronisation costs more than it
     # saves, 4-8x per step on a busy 2-core machine; restored afterwards.
     with cpu_threads(1):
-        history = train(
+        history: TrainHistory[None] = train(
             model,
             loss_at,
             steps=config.steps,

@@ -71,6 +71,11 @@ class ToyTransformer(nn.Module):
     ``(n_kept, d)``; the last FF then runs on those positions alone (it affects nothing else).
     """
 
+    embed: torch.Tensor
+    pos: torch.Tensor
+    unembed: torch.Tensor
+    blocks: nn.ModuleList
+
     def __init__(
         self, vocab_size: int, d_model: int, d_ff: int, max_len: int, n_layers: int = 2, seed: int = 0
     ) -> None:
