@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FAMILIES": "fasttrunc.truncation",
-    "Family": "fasttrunc.truncation",
+    "FAMILIES": "fasttrunc.families",
+    "Family": "fasttrunc.families",
+    "Factors": "fasttrunc.truncation",
+    "factorize": "fasttrunc.truncation",
     "Targets": "fasttrunc.truncation",
     "Truncation": "fasttrunc.truncation",
     "replace_modules_": "fasttrunc.truncation",
@@ -48,16 +50,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from fasttrunc.families import FAMILIES, Family
     from fasttrunc.io import load_truncated, save_truncated
     from fasttrunc.kernels.lowrank import lowrank_linear
     from fasttrunc.linear import TruncatedLinear
     from fasttrunc.ranks import resolve_rank
     from fasttrunc.svd import truncated_svd
     from fasttrunc.truncation import (
-        FAMILIES,
-        Family,
+        Factors,
         Targets,
         Truncation,
+        factorize,
         replace_modules_,
         resolve_targets,
         truncate_,

@@ -7,9 +7,26 @@ import math
 import torch
 from torch import nn
 
+from fasttrunc import checks
+from fasttrunc.families import kind_names, module_kind
 from fasttrunc.kernels.lowrank import lowrank_linear
-from fasttrunc.ranks import resolve_rank
+from fasttrunc.ranks import Rank, resolve_rank
+from fasttrunc.runs import compute_dtype
 from fasttrunc.svd import check_method, truncated_svd
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_factor(name: str, t: object, dim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions; got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; allowed: float32, float64, float16, bfloat16")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device and holds no values")
+    return t
 
 
 class TruncatedLinear(nn.Module):
@@ -31,8 +48,14 @@ class TruncatedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = checks.positive("in_features", in_features)
+        self.out_features = checks.positive("out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False; got {bias!r}")
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"dtype {dtype!r} is not a floating-point dtype; allowed: float32, float64, float16, bfloat16"
+            )
         r = resolve_rank(rank, self.out_features, self.in_features)
         factory = {"device": device, "dtype": dtype}
         self.a = nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -65,7 +88,7 @@ class TruncatedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense effective weight ``b @ a`` (out, in), computed in fp32 and cast back."""
-        compute = torch.float64 if self.a.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(self.a.dtype)
         return (self.b.to(compute) @ self.a.to(compute)).to(self.a.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,36 +109,67 @@ class TruncatedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         method: str | None = None,
         dtype: torch.dtype | None = None,
+        requires_grad: bool = True,
     ) -> TruncatedLinear:
-        """Build from the top-r triplets ``u (out, r)``, ``s (r,)``, ``vh (r, in)``."""
-        dtype = dtype or u.dtype
+        """Build from the top-r triplets ``u (out, r)``, ``s (r,)``, ``vh (r, in)``.
+
+        The factors are computed in fp32 (fp64 for fp64 input) and stored in ``dtype`` (default
+        ``u.dtype``); ``requires_grad`` applies to the factors and the bias.
+        """
+        u, s, vh = _check_factor("u", u, 2), _check_factor("s", s, 1), _check_factor("vh", vh, 2)
         out_features, r = u.shape
+        if s.shape[0] != r or vh.shape[0] != r:
+            raise ValueError(
+                f"u {tuple(u.shape)}, s {tuple(s.shape)} and vh {tuple(vh.shape)} do not agree on a rank; "
+                "expected u (out, r), s (r,), vh (r, in)"
+            )
+        if bool((s < 0).any()):
+            raise ValueError("s has negative entries; singular values are >= 0")
         in_features = vh.shape[1]
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = in_features, out_features
-        compute = torch.float64 if s.dtype == torch.float64 else torch.float32
-        root = s.to(compute).clamp_min(0).sqrt()
-        module.a = nn.Parameter((root[:, None] * vh.to(compute)).to(dtype).contiguous())
-        module.b = nn.Parameter((u.to(compute) * root[None, :]).to(dtype).contiguous())
         if bias is not None:
-            module.bias = nn.Parameter(bias.detach().clone().to(dtype))
-        else:
-            module.register_parameter("bias", None)
+            _check_factor("bias", bias, 1)
+            if bias.shape[0] != out_features:
+                raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},) to match u")
+        if method is not None:
+            check_method(method)
+        dtype = u.dtype if dtype is None else dtype
+        module = cls(in_features, out_features, r, bias=bias is not None, device=u.device, dtype=dtype)
+        compute = compute_dtype(s.dtype)
+        root = s.to(compute).sqrt()
+        with torch.no_grad():
+            module.a.copy_(root[:, None] * vh.to(compute))
+            module.b.copy_(u.to(compute) * root[None, :])
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        module.requires_grad_(requires_grad)
         module.method = method
-        assert module.rank == r
         return module
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int | float, method: str = "exact", **svd_options) -> TruncatedLinear:
-        """The rank-``rank`` approximation of ``linear`` (Eckart-Young optimal for ``exact``)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
+    def from_linear(cls, linear: nn.Module, rank: Rank, method: str = "exact", **svd_options) -> TruncatedLinear:
+        """The rank-``rank`` approximation of ``linear`` (Eckart-Young optimal for ``exact``).
+
+        ``linear`` is any module kind fasttrunc knows (``nn.Linear`` and its subclasses,
+        transformers' ``Conv1D``); the factors and bias keep its dtype, device and ``requires_grad``.
+        """
+        kind = module_kind(linear)
+        if kind is None:
+            raise TypeError(f"from_linear needs one of {kind_names()}; got {type(linear).__name__}")
         check_method(method)
-        weight = linear.weight.detach()
-        u, s, vh = truncated_svd(weight, rank, method=method, **svd_options)
-        bias = linear.bias.detach() if linear.bias is not None else None
-        return cls.from_svd(u, s, vh, bias=bias, method=method, dtype=weight.dtype)
+        weight = kind.weight(linear)
+        if weight.device.type == "meta":
+            raise ValueError("the module's weight is on the meta device and holds no values; load its weights first")
+        u, s, vh = truncated_svd(weight, rank, method=method, dtype=compute_dtype(weight.dtype), **svd_options)
+        bias = getattr(linear, "bias", None)
+        return cls.from_svd(
+            u,
+            s,
+            vh,
+            bias=None if bias is None else bias.detach(),
+            method=method,
+            dtype=weight.dtype,
+            requires_grad=linear.weight.requires_grad,
+        )
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with weight ``b @ a`` and the same bias, device and dtype."""

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fasttrunc import checks
 from fasttrunc.kernels.svd import randomized_svd, randomized_svd_many
-from fasttrunc.ranks import resolve_rank
+from fasttrunc.ranks import Rank, resolve_rank
+from fasttrunc.runs import compute_dtype
 
 METHODS = ("exact", "randomized")
 
@@ -34,43 +36,56 @@ def default_oversample(k: int) -> int:
 
 
 def check_method(method: object) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not a truncation method; allowed: {', '.join(METHODS)}")
-    return method  # type: ignore[return-value]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return checks.choice("method", method, METHODS)
 
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _check_matrix(w: object, where: str = "w") -> torch.Tensor:
-    if not isinstance(w, torch.Tensor) or w.dim() < 2:
-        raise ValueError(f"{where} must be a tensor of shape (..., m, n); got {getattr(w, 'shape', type(w))}")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor of shape (..., m, n); got {type(w).__name__}")
+    if w.dim() < 2:
+        raise ValueError(f"{where} must be a tensor of shape (..., m, n); got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise ValueError(f"{where} has dtype {w.dtype}; a floating-point matrix is required")
+    if w.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device and holds no values; load its weights first")
     return w
 
 
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} {value!r} must be an int >= 0")
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+
+
+def _check_out_dtype(dtype: object) -> None:
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; allowed: float32, float64, float16, bfloat16")
+
+
+def group_matrices(ws: Sequence[torch.Tensor], ranks: Sequence[int]) -> dict[tuple, list[int]]:
+    """Indices of ``ws`` grouped by (shape, dtype, device, rank): each group is one batched SVD."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, k) in enumerate(zip(ws, ranks)):
+        groups.setdefault((tuple(w.shape), w.dtype, w.device, k), []).append(i)
+    return groups
 
 
 def truncated_svd(
     w: torch.Tensor | Sequence[torch.Tensor],
-    rank: int | float,
+    rank: Rank | Sequence[Rank],
     method: str = "exact",
     n_iter: int | None = None,
     oversample: int | None = None,
     generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Triplets | list[Triplets]:
     """Top-``rank`` singular triplets ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)``.
 
     ``rank`` follows fasttrunc's rank rules (int = absolute, float = fraction of ``min(m, n)``).
-    Computed in fp32 (fp64 for fp64 input) and cast back to ``w.dtype``; ``S`` sorted descending.
+    Computed in fp32 (fp64 for fp64 input) and returned in ``dtype`` (default ``w.dtype``); ``S``
+    sorted descending.
 
     ``method="randomized"``: ``n_iter`` power iterations (default 6) with ``oversample`` extra
     columns (default ``max(16, k // 8)``); on CUDA it runs the Triton kernels, reading fp32 /
@@ -81,87 +96,95 @@ def truncated_svd(
 
     ``w`` may also be a list of matrices of any shapes: each is factorized at its own rank (a
     float rank is a fraction of each one's ``min(m, n)``), matrices of one shape, dtype and device
-    in one batched call, and a list of ``(U, S, Vh)`` comes back in the input order.
+    in one batched call, and a list of ``(U, S, Vh)`` comes back in the input order. With a list,
+    ``rank`` may also be a list of ranks, one per matrix.
     """
     check_method(method)
-    if isinstance(w, (list, tuple)):
-        return _truncated_svd_list(w, rank, method, n_iter, oversample, generator)
+    _check_generator(generator)
+    _check_out_dtype(dtype)
+    if isinstance(w, list | tuple):
+        return _truncated_svd_list(w, rank, method, n_iter, oversample, generator, dtype)
     _check_matrix(w)
     if n_iter is not None:
-        _check_count("n_iter", n_iter)
+        checks.non_negative("n_iter", n_iter)
     if oversample is not None:
-        _check_count("oversample", oversample)
-    n_iter = DEFAULT_N_ITER if n_iter is None else n_iter
+        checks.non_negative("oversample", oversample)
+    n_iter = DEFAULT_N_ITER if n_iter is None else int(n_iter)
     m, n = w.shape[-2:]
     k = resolve_rank(rank, m, n)
     oversample = default_oversample(k) if oversample is None else oversample
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w contains NaN or infinite values; the SVD of a non-finite matrix is undefined")
     batch = w.shape[:-2]
+    out_dtype = w.dtype if dtype is None else dtype
     if k == 0:
         return (
-            w.new_zeros(*batch, m, 0),
-            w.new_zeros(*batch, 0),
-            w.new_zeros(*batch, 0, n),
+            w.new_zeros(*batch, m, 0, dtype=out_dtype),
+            w.new_zeros(*batch, 0, dtype=out_dtype),
+            w.new_zeros(*batch, 0, n, dtype=out_dtype),
         )
     if method == "randomized" and k + oversample < min(m, n):
         # Handed over as stored: the Triton path reads bf16 / fp16 without an fp32 copy.
         u, s, vh = randomized_svd(w, k, n_iter=n_iter, oversample=oversample, generator=generator)
     else:
-        u, s, vh = torch.linalg.svd(w.to(_compute_dtype(w.dtype)), full_matrices=False)
+        u, s, vh = torch.linalg.svd(w.to(compute_dtype(w.dtype)), full_matrices=False)
         u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    return u.to(w.dtype), s.to(w.dtype), vh.to(w.dtype)
+    return u.to(out_dtype), s.to(out_dtype), vh.to(out_dtype)
 
 
 def _truncated_svd_list(
     ws: Sequence[torch.Tensor],
-    rank: int | float,
+    rank: Rank | Sequence[Rank],
     method: str,
     n_iter: int | None,
     oversample: int | None,
     generator: torch.Generator | None,
+    dtype: torch.dtype | None,
 ) -> list[Triplets]:
-    """The list form: every check first, then the matrices grouped by (shape, dtype, device).
+    """The list form: every check first, then the matrices grouped by (shape, dtype, device, rank).
 
     Groups that take the randomized path go to one :func:`randomized_svd_many` call (on CUDA their
     small SVDs share launches); the others (exact, rank 0, rank near full) one call each.
     """
     for name, value in (("n_iter", n_iter), ("oversample", oversample)):
         if value is not None:
-            _check_count(name, value)
+            checks.non_negative(name, value)
+    if isinstance(rank, list | tuple):
+        if len(rank) != len(ws):
+            raise ValueError(f"rank has {len(rank)} entries for {len(ws)} matrices; give one rank, or one per matrix")
+        ranks_given: Sequence[Rank] = rank
+    else:
+        ranks_given = [rank] * len(ws)
+    ks: list[int] = []
     for i, w in enumerate(ws):
         _check_matrix(w, f"w[{i}]")
         if w.dim() != 2:
             raise ValueError(f"w[{i}] has shape {tuple(w.shape)}; a list holds single (m, n) matrices")
-        resolve_rank(rank, *w.shape)
+        ks.append(resolve_rank(ranks_given[i], *w.shape))
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"w[{i}] contains NaN or infinite values; the SVD of a non-finite matrix is undefined")
-    groups: dict[tuple, list[int]] = {}
-    for i, w in enumerate(ws):
-        groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(i)
     out: list[Triplets | None] = [None] * len(ws)
     sketched: list[tuple[list[int], torch.Tensor, int, int]] = []
-    for members in groups.values():
+    for (shape, _, _, k), members in group_matrices(ws, ks).items():
         stacked = torch.stack([ws[i] for i in members])
-        m, n = stacked.shape[-2:]
-        k = resolve_rank(rank, m, n)
-        os_ = default_oversample(k) if oversample is None else oversample
+        m, n = shape
+        os_ = default_oversample(k) if oversample is None else int(oversample)
         if method == "randomized" and k > 0 and k + os_ < min(m, n):
             sketched.append((members, stacked, k, os_))
             continue
-        u, s, vh = truncated_svd(stacked, rank, method, n_iter, oversample, generator)
+        u, s, vh = truncated_svd(stacked, k, method, n_iter, oversample, generator, dtype)
         for j, i in enumerate(members):
             out[i] = (u[j], s[j], vh[j])
     if sketched:
         results = randomized_svd_many(
             [stacked for _, stacked, _, _ in sketched],
             [k for _, _, k, _ in sketched],
-            n_iter=DEFAULT_N_ITER if n_iter is None else n_iter,
+            n_iter=DEFAULT_N_ITER if n_iter is None else int(n_iter),
             oversamples=[os_ for _, _, _, os_ in sketched],
             generator=generator,
         )
         for (members, stacked, _, _), factors in zip(sketched, results):
-            u, s, vh = (t.to(stacked.dtype) for t in factors)
+            u, s, vh = (t.to(stacked.dtype if dtype is None else dtype) for t in factors)
             for j, i in enumerate(members):
                 out[i] = (u[j], s[j], vh[j])
     return out  # type: ignore[return-value]

@@ -1,70 +1,59 @@
 """Swap chosen linears of a model for their rank-r truncations, in place and reversibly.
 
-Selection is by regex on qualified module names, or by ``Targets(layers=..., matrices=...)``
-resolved through :data:`FAMILIES`, a table with one row per model family. A new family is a new
-row, not a new code path.
+Selection is by regex on qualified module names, a list of them, a callable ``(name, module) ->
+bool``, or ``Targets(layers=..., matrices=...)`` resolved through the family rows of
+:mod:`fasttrunc.families`. :func:`factorize` computes the SVDs once; :func:`truncate_` swaps in
+any ranks up to what was factorized, so a sweep factorizes once and truncates many times through
+the same function.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from fasttrunc import checks
+from fasttrunc.families import detect_family, expand_matrices, module_kind, truncatable_names
 from fasttrunc.linear import TruncatedLinear
-from fasttrunc.ranks import resolve_rank, validate_rank_spec
-from fasttrunc.svd import check_method, truncated_svd
-
-# Matrix aliases follow LASER; groups expand to the single aliases.
-MATRIX_ALIASES = ("mlp_in", "mlp_out", "attn_qkv", "attn_out")
-MATRIX_GROUPS = {"mlp": ("mlp_in", "mlp_out"), "attn": ("attn_qkv", "attn_out"), "all": MATRIX_ALIASES}
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a family keeps its layers and, inside one layer, which linears each alias names."""
-
-    name: str
-    layer_containers: tuple[str, ...]  # tried in order: the ModuleList of blocks
-    matrices: Mapping[str, tuple[str, ...]]  # alias -> names relative to one block
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="gpt-neox",
-        layer_containers=("gpt_neox.layers", "layers"),
-        matrices={
-            "mlp_in": ("mlp.dense_h_to_4h",),
-            "mlp_out": ("mlp.dense_4h_to_h",),
-            "attn_qkv": ("attention.query_key_value",),
-            "attn_out": ("attention.dense",),
-        },
-    ),
-    Family(
-        name="toy-transformer",  # fasttrunc.models.toy: query is the identity, so qkv = key, value
-        layer_containers=("blocks",),
-        matrices={
-            "mlp_in": ("ff.w1",),
-            "mlp_out": ("ff.w2",),
-            "attn_qkv": ("attn.wk", "attn.wv"),
-            "attn_out": ("attn.wo",),
-        },
-    ),
-)
+from fasttrunc.ranks import Rank, resolve_rank, validate_rank_spec
+from fasttrunc.svd import Triplets, check_method, group_matrices, truncated_svd
 
 
 @dataclass(frozen=True)
 class Targets:
-    """Layers (indices, negative from the end; None = every layer) x matrix aliases or groups."""
+    """Layers (indices, negative from the end; None = every layer) x matrix aliases or groups.
+
+    Types are checked here; ranges and aliases against the model when the targets are resolved.
+    """
 
     layers: int | Sequence[int] | None = None
     matrices: str | Sequence[str] = "all"
 
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if layers is not None:
+            items = [layers] if not isinstance(layers, list | tuple | range) else list(layers)
+            for layer in items:
+                if not checks.is_int(layer):
+                    raise ValueError(
+                        f"layer {layer!r} is not an integer; give layer indices (negative count from the end) or None"
+                    )
+            object.__setattr__(self, "layers", int(layers) if checks.is_int(layers) else [int(x) for x in items])
+        matrices = self.matrices
+        if isinstance(matrices, str):
+            return
+        if not isinstance(matrices, list | tuple) or not all(isinstance(m, str) for m in matrices):
+            raise ValueError(f"matrices {matrices!r} must be an alias, a group, or a list of them (strings)")
+        object.__setattr__(self, "matrices", list(matrices))
 
-TargetSpec = str | Sequence[str] | Targets
+
+Filter = Callable[[str, nn.Module], bool]
+TargetSpec = str | Sequence[str] | Targets | Filter
 
 
 def _try_submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -72,37 +61,6 @@ def _try_submodule(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def detect_family(model: nn.Module) -> tuple[Family, str, int]:
-    """The family row that fits ``model``, the path of its layer list, and its number of layers."""
-    for family in FAMILIES:
-        for path in family.layer_containers:
-            layers = _try_submodule(model, path)
-            if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-                continue
-            first = next(iter(family.matrices.values()))[0]
-            if _try_submodule(layers[0], first) is not None:
-                return family, path, len(layers)
-    known = ", ".join(f.name for f in FAMILIES)
-    raise ValueError(
-        f"{type(model).__name__} matches no known model family ({known}); select linears with a regex instead"
-    )
-
-
-def expand_matrices(matrices: str | Sequence[str]) -> list[str]:
-    names = [matrices] if isinstance(matrices, str) else list(matrices)
-    if not names:
-        raise ValueError("matrices is empty; give at least one alias")
-    allowed = MATRIX_ALIASES + tuple(MATRIX_GROUPS)
-    out: list[str] = []
-    for name in names:
-        if name not in allowed:
-            raise ValueError(f"matrix {name!r} is not known; allowed: {', '.join(allowed)}")
-        for alias in MATRIX_GROUPS.get(name, (name,)):
-            if alias not in out:
-                out.append(alias)
-    return out
 
 
 def _expand_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -113,7 +71,7 @@ def _expand_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[in
         raise ValueError("layers is empty; give at least one layer index (or None for all)")
     out: list[int] = []
     for layer in items:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        if not -n_layers <= layer < n_layers:
             raise ValueError(
                 f"layer {layer!r} is out of range for a model with {n_layers} layers; "
                 f"allowed: 0..{n_layers - 1} or -{n_layers}..-1"
@@ -124,50 +82,80 @@ def _expand_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[in
     return out
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
-def _describe(names: list[str], limit: int = 12) -> str:
+def _describe(names: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    return model
+
+
+def _refuse_truncated(truncated: Sequence[str]) -> None:
+    if truncated:
+        raise ValueError(f"already truncated (restore first): {_describe(truncated)}")
+
+
 def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules that ``targets`` selects, in model order."""
-    linears = _linear_names(model)
+    """Qualified names of the modules that ``targets`` selects, in model order (Targets: layer order).
+
+    Every selected module is of a supported kind (``nn.Linear``, ``Conv1D``); selecting one that
+    is already a ``TruncatedLinear`` is an error naming it (restore first), whichever form the
+    targets take; the root module itself cannot be swapped in place and is refused.
+    """
+    _check_model(model)
+    linears = truncatable_names(model)
     if isinstance(targets, Targets):
         family, path, n_layers = detect_family(model)
+        aliases = expand_matrices(targets.matrices, family)
         wanted = []
         for layer in _expand_layers(targets.layers, n_layers):
-            for alias in expand_matrices(targets.matrices):
-                wanted.extend(f"{path}.{layer}.{rel}" for rel in family.matrices[alias])
+            for alias in aliases:
+                wanted.extend(f"{path}.{layer}.{rel}" for rel in family.names_for(alias))
+        wanted = list(dict.fromkeys(wanted))
         linear_set = set(linears)
         missing = [name for name in wanted if name not in linear_set]
         if missing:
-            truncated = [n for n in missing if isinstance(_try_submodule(model, n), TruncatedLinear)]
-            if truncated:
-                raise ValueError(f"already truncated (restore first): {_describe(truncated)}")
+            _refuse_truncated([n for n in missing if isinstance(_try_submodule(model, n), TruncatedLinear)])
             raise ValueError(f"no nn.Linear at {_describe(missing)}; linears that exist: {_describe(linears)}")
         return wanted
-    patterns = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"targets {targets!r} must be a regex, a list of regexes, or Targets(...)")
+    if callable(targets) and not isinstance(targets, str):
+        selected, truncated = [], []
+        for name, module in model.named_modules():
+            if not targets(name, module):
+                continue
+            if isinstance(module, TruncatedLinear):
+                truncated.append(name)
+            elif module_kind(module) is not None:
+                selected.append(name)
+        _refuse_truncated(truncated)
+        if "" in selected:
+            raise ValueError("the root module itself cannot be truncated in place; wrap it in a container module")
+        if not selected:
+            raise ValueError(f"the targets callable selects no nn.Linear; linears that exist: {_describe(linears)}")
+        return selected
+    if isinstance(targets, str):
+        patterns = [targets]
+    elif isinstance(targets, list | tuple) and targets and all(isinstance(p, str) for p in targets):
+        patterns = list(targets)
+    else:
+        raise ValueError(
+            f"targets {targets!r} must be a regex, a list of regexes, a callable (name, module) -> bool, or Targets(...)"
+        )
     compiled = []
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
             raise ValueError(f"targets regex {pattern!r} is invalid: {exc}") from None
-    selected = [name for name in linears if any(c.fullmatch(name) for c in compiled)]
+    named = [(name, module) for name, module in model.named_modules() if any(c.fullmatch(name) for c in compiled)]
+    _refuse_truncated([name for name, module in named if isinstance(module, TruncatedLinear)])
+    selected = [name for name, module in named if module_kind(module) is not None]
+    if "" in selected:
+        raise ValueError("the root module itself cannot be truncated in place; wrap it in a container module")
     if not selected:
-        truncated = [
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, TruncatedLinear) and any(c.fullmatch(name) for c in compiled)
-        ]
-        if truncated:
-            raise ValueError(f"already truncated (restore first): {_describe(truncated)}")
         raise ValueError(f"targets {patterns} match no nn.Linear; linears that exist: {_describe(linears)}")
     return selected
 
@@ -178,8 +166,92 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+class Factors(Mapping[str, Triplets]):
+    """name -> ``(U, S, Vh)`` of that module's weight, in fp32 (fp64 for fp64 weights), descending.
+
+    Each holds up to the rank it was factorized to (``max_ranks[name]``); slicing gives any smaller
+    rank. ``svd_calls`` counts the batched SVDs that computed them (one per group of matrices with
+    the same shape, dtype, device and rank).
+    """
+
+    def __init__(self, triplets: dict[str, Triplets], method: str, svd_calls: int):
+        self._triplets = triplets
+        self.method = method
+        self.svd_calls = svd_calls
+
+    def __getitem__(self, name: str) -> Triplets:
+        return self._triplets[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._triplets)
+
+    def __len__(self) -> int:
+        return len(self._triplets)
+
+    @property
+    def max_ranks(self) -> dict[str, int]:
+        return {name: s.shape[-1] for name, (_, s, _) in self._triplets.items()}
+
+    def __repr__(self) -> str:
+        return f"Factors({len(self)} modules, method={self.method!r}, svd_calls={self.svd_calls})"
+
+
+def _ranks_for(names: Sequence[str], rank: Rank | Mapping[str, Rank], shapes: Mapping[str, tuple[int, int]]):
+    """name -> absolute rank, every check done (a mapping must name exactly the selected modules)."""
+    if isinstance(rank, Mapping):
+        extra = [k for k in rank if k not in shapes]
+        if extra:
+            raise ValueError(f"rank names modules that the targets do not select: {_describe(extra)}")
+        missing = [n for n in names if n not in rank]
+        if missing:
+            raise ValueError(f"rank gives no rank for the selected modules {_describe(missing)}")
+        return {name: resolve_rank(rank[name], *shapes[name]) for name in names}
+    validate_rank_spec(rank)
+    return {name: resolve_rank(rank, *shapes[name]) for name in names}
+
+
+def _modules_of(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if module.weight.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device and holds no weights; load the model's weights first")
+    return modules
+
+
+def factorize(
+    model: nn.Module,
+    targets: TargetSpec,
+    max_rank: Rank | Mapping[str, Rank],
+    method: str = "exact",
+    **svd_options: Any,
+) -> Factors:
+    """The top-``max_rank`` singular triplets of every selected matrix, for :func:`truncate_`.
+
+    One batched :func:`fasttrunc.truncated_svd` per group of matrices with the same shape, dtype,
+    device and rank; the factors are kept in fp32 (fp64 for fp64 weights), so slicing them for
+    many ranks never compounds a low-precision rounding. The model is not changed.
+    """
+    check_method(method)
+    names = resolve_targets(model, targets)
+    modules = _modules_of(model, names)
+    kinds = {name: module_kind(m) for name, m in modules.items()}
+    shapes = {name: kinds[name].shape(m) for name, m in modules.items()}  # type: ignore[union-attr]
+    ks = _ranks_for(names, max_rank, shapes)
+    weights = [kinds[name].weight(modules[name]) for name in names]  # type: ignore[union-attr]
+    with torch.no_grad():
+        triplets = truncated_svd(
+            weights, [ks[n] for n in names], method=method, dtype=_factor_dtype(weights), **svd_options
+        )
+    calls = len(group_matrices(weights, [ks[n] for n in names]))
+    return Factors(dict(zip(names, triplets)), method, calls)  # type: ignore[arg-type]
+
+
+def _factor_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
 class Truncation(Mapping[str, nn.Module]):
-    """The swaps made in a model: name -> replacement module, with :meth:`restore`.
+    """The swaps made in a model: name -> replacement module, with :meth:`restore` and :meth:`merge_`.
 
     The original modules are kept as they were (same objects, same tensors), so restoring gives
     back bit-identical outputs. Usable as a context manager that restores on exit.
@@ -190,6 +262,7 @@ class Truncation(Mapping[str, nn.Module]):
         self.originals = originals
         self._replacements = replacements
         self.restored = False
+        self.merged = False
 
     def __getitem__(self, name: str) -> nn.Module:
         return self._replacements[name]
@@ -201,7 +274,7 @@ class Truncation(Mapping[str, nn.Module]):
         return len(self._replacements)
 
     def __repr__(self) -> str:
-        state = "restored" if self.restored else "active"
+        state = "merged" if self.merged else "restored" if self.restored else "active"
         return f"Truncation({state}, {len(self)} modules: {_describe(list(self))})"
 
     def spec(self) -> dict[str, dict[str, object]]:
@@ -211,66 +284,140 @@ class Truncation(Mapping[str, nn.Module]):
             for name, m in self._replacements.items()
         }
 
+    def _check_in_place(self) -> None:
+        for name, replacement in self._replacements.items():
+            if _try_submodule(self._model, name) is not replacement:
+                raise RuntimeError(f"{name} was replaced again after truncation; cannot restore it safely")
+
     def restore(self) -> None:
         """Put the original modules back (a second call does nothing)."""
         if self.restored:
             return
-        for name, replacement in self._replacements.items():
-            if _try_submodule(self._model, name) is not replacement:
-                raise RuntimeError(f"{name} was replaced again after truncation; cannot restore it safely")
+        if self.merged:
+            raise ValueError("this truncation was merged into the original modules; there is nothing to restore")
+        self._check_in_place()
         for name, original in self.originals.items():
             _set_submodule(self._model, name, original)
         self.restored = True
+
+    def merge_(self) -> nn.Module:
+        """Write each rank-r weight, dense and in the original's dtype, into the original module.
+
+        The original modules go back into the model with their weights overwritten, so the model
+        is a plain one again (``save_pretrained`` gives a checkpoint that needs no fasttrunc),
+        predicting what the truncated model predicts. Final: ``restore`` is refused afterwards.
+        """
+        if self.merged:
+            raise ValueError("this truncation is already merged")
+        if self.restored:
+            raise ValueError("this truncation was restored; truncate again before merging")
+        self._check_in_place()
+        for name, replacement in self._replacements.items():
+            original = self.originals[name]
+            kind = module_kind(original)
+            if kind is None or not isinstance(replacement, TruncatedLinear):
+                raise ValueError(
+                    f"{name}: cannot merge a {type(replacement).__name__} into a {type(original).__name__}"
+                )
+            kind.write_weight(original, replacement.weight.to(original.weight.dtype))
+            if original.bias is not None and replacement.bias is not None:
+                with torch.no_grad():
+                    original.bias.copy_(replacement.bias)
+        for name, original in self.originals.items():
+            _set_submodule(self._model, name, original)
+        self.merged = True
+        return self._model
 
     def __enter__(self) -> Truncation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.restore()
+        if not self.merged:
+            self.restore()
 
 
 def replace_modules_(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Truncation:
     """Swap the modules named in ``replacements`` into ``model``; the low-level half of truncate_."""
+    _check_model(model)
+    if "" in replacements:
+        raise ValueError("the root module itself cannot be replaced in place")
     originals = {name: model.get_submodule(name) for name in replacements}
     for name, module in replacements.items():
         _set_submodule(model, name, module)
     return Truncation(model, originals, dict(replacements))
 
 
+def _from_factors(module: nn.Module, triplets: Triplets, k: int, method: str) -> TruncatedLinear:
+    kind = module_kind(module)
+    assert kind is not None  # resolve_targets selected only supported kinds
+    u, s, vh = triplets
+    bias = getattr(module, "bias", None)
+    replacement = TruncatedLinear.from_svd(
+        u[:, :k],
+        s[:k],
+        vh[:k],
+        bias=None if bias is None else bias.detach(),
+        method=method,
+        dtype=module.weight.dtype,
+        requires_grad=module.weight.requires_grad,
+    )
+    replacement.train(module.training)
+    return replacement
+
+
 def truncate_(
     model: nn.Module,
     targets: TargetSpec,
-    rank: int | float,
+    rank: Rank | Mapping[str, Rank],
     method: str = "exact",
-    **svd_options,
+    factors: Factors | None = None,
+    **svd_options: Any,
 ) -> Truncation:
-    """Replace each selected ``nn.Linear`` by its rank-``rank`` ``TruncatedLinear``, in place.
+    """Replace each selected module by its rank-``rank`` ``TruncatedLinear``, in place.
 
-    Every check (targets, rank for each shape, method) runs before the model is touched, so a
-    bad call leaves the model as it was. Matrices of one shape, dtype and device are factorized
-    in one batched SVD (the list form of ``truncated_svd``).
+    ``rank`` is one rank (int: absolute; float in [0, 1]: LASER's rho) or a mapping module name ->
+    rank naming exactly the selected modules. With ``factors`` (from :func:`factorize`) no SVD
+    runs: each module's factors are sliced to its rank. Every check (targets, ranks, method,
+    factors) runs before the model is touched, so a bad call leaves the model as it was. The
+    factors and bias keep the source's dtype, device and ``requires_grad``.
     """
     check_method(method)
-    validate_rank_spec(rank)
+    if not isinstance(rank, Mapping):
+        validate_rank_spec(rank)
     names = resolve_targets(model, targets)
-    linears: dict[str, nn.Linear] = {name: model.get_submodule(name) for name in names}
-    for linear in linears.values():
-        resolve_rank(rank, linear.out_features, linear.in_features)
-    replacements: dict[str, TruncatedLinear] = {}
+    modules = _modules_of(model, names)
+    shapes = {name: module_kind(m).shape(m) for name, m in modules.items()}  # type: ignore[union-attr]
+    ks = _ranks_for(names, rank, shapes)
+    if factors is None:
+        chosen = set(names)
+        factors = factorize(model, lambda name, _: name in chosen, ks, method=method, **svd_options)
+    else:
+        if not isinstance(factors, Factors):
+            raise TypeError(f"factors must come from fasttrunc.factorize; got {type(factors).__name__}")
+        if factors.method != method:
+            raise ValueError(f"factors were computed with method {factors.method!r}, not {method!r}")
+        if svd_options:
+            raise ValueError(f"SVD options {sorted(svd_options)} have no effect with precomputed factors")
+        for name in names:
+            if name not in factors:
+                raise ValueError(f"factors hold no SVD of {name}; factorize it first")
+            u, s, vh = factors[name]
+            if (u.shape[0], vh.shape[1]) != shapes[name]:
+                raise ValueError(f"factors of {name} are for a {u.shape[0]}x{vh.shape[1]} matrix, not {shapes[name]}")
+            if ks[name] > s.shape[-1]:
+                raise ValueError(f"rank {ks[name]} for {name} exceeds the {s.shape[-1]} components factorized")
     with torch.no_grad():
-        # The list form factorizes all matrices of one shape, dtype and device in one batched call.
-        weights = [linears[name].weight.detach() for name in names]
-        factors = truncated_svd(weights, rank, method=method, **svd_options)
-        for name, (u, s, vh) in zip(names, factors):
-            bias = linears[name].bias
-            replacements[name] = TruncatedLinear.from_svd(
-                u,
-                s,
-                vh,
-                bias=None if bias is None else bias.detach(),
-                method=method,
-                dtype=u.dtype,
-            )
-    for name, module in replacements.items():
-        module.train(linears[name].training)
+        replacements = {name: _from_factors(modules[name], factors[name], ks[name], method) for name in names}
     return replace_modules_(model, replacements)
+
+
+__all__ = [
+    "Factors",
+    "Targets",
+    "TargetSpec",
+    "Truncation",
+    "factorize",
+    "replace_modules_",
+    "resolve_targets",
+    "truncate_",
+]
