@@ -104,12 +104,14 @@ def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
 
 
 def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_dir, monkeypatch):
-    svd_calls: list[tuple[tuple[int, ...], int]] = []
-    real_svd = sweep.truncated_svd
+    import fasttrunc.truncation as truncation
 
-    def counting_svd(w, rank, **kw):
-        svd_calls.append((tuple(w.shape), rank))
-        return real_svd(w, rank, **kw)
+    svd_calls: list[list[tuple[tuple[int, ...], int]]] = []
+    real_svd = truncation.truncated_svd
+
+    def counting_svd(weights, ranks, **kw):
+        svd_calls.append(sorted((tuple(w.shape), k) for w, k in zip(weights, ranks)))
+        return real_svd(weights, ranks, **kw)
 
     scored: list[list[str]] = []
     real_evaluate = sweep._evaluate
@@ -118,15 +120,16 @@ def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_d
         scored.append(sorted(n for n, m in model.named_modules() if type(m).__name__ == "TruncatedLinear"))
         return real_evaluate(model, encoded, splits, batch_size)
 
-    monkeypatch.setattr(sweep, "truncated_svd", counting_svd)
+    monkeypatch.setattr(truncation, "truncated_svd", counting_svd)
     monkeypatch.setattr(sweep, "_evaluate", counting_evaluate)
     ranks = [0.5, 0.25, 3, 0]
     config = sweep.SweepConfig(model=str(random_dir), layers=[0, 1], matrices=["mlp_in", "mlp_out"], ranks=ranks, n=20)
     result = sweep.run(config)
     rev = result.revisions[0]
-    # mlp_in (128 x 32) of both layers in one batched call, mlp_out (32 x 128) in another, each up
-    # to the largest rank any cell needs: int(0.5 * 32) = 16.
-    assert sorted(svd_calls) == [((2, 32, 128), 16), ((2, 128, 32), 16)]
+    # One factorization for the whole sweep (none per cell): mlp_in (128 x 32) and mlp_out
+    # (32 x 128) of both layers, each up to the largest rank any cell needs: int(0.5 * 32) = 16,
+    # batched into one SVD per shape.
+    assert svd_calls == [[((32, 128), 16)] * 2 + [((128, 32), 16)] * 2]
     assert rev.svd_calls == 2 and rev.matrices_factorized == 4
     assert len(rev.cells) == 2 * 2 * len(ranks) == len(scored) - 1  # + the baseline
     keys = [(c.layer, c.matrix, c.rank) for c in rev.cells]

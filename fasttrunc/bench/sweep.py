@@ -6,8 +6,9 @@ layer x {mlp_in, mlp_out} x LASER's 9 rhos by default), score the same prompts w
 batch size, and are timed in the same run on the same card:
 
 - ``fasttrunc``: :func:`fasttrunc.experiments.sweep.sweep_model`: each matrix factorized once
-  (batched), every cell swaps in sliced factors (``TruncatedLinear``, so the low-rank kernel
-  when it is there) and restores; the head is applied at the last positions only;
+  (``factorize``, batched), every cell truncated by ``truncate_`` from the sliced factors
+  (``TruncatedLinear``, so the low-rank kernel when it is there) and restored; the head is
+  applied at the last positions only;
 - ``laser``: for each cell ``torch.svd_lowrank(W.float(), q=rank, niter=2)``, write
   ``U diag(S) V^T`` into the dense weight, run the Hugging Face forward (full logits), restore
   the weight from a saved copy.
@@ -26,11 +27,12 @@ import torch
 
 from fasttrunc import checks
 from fasttrunc.experiments.sweep import LASER_RANKS, Cell, sweep_model
+from fasttrunc.families import expand_matrices
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device, synchronize
 from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, aggregate
-from fasttrunc.truncation import MATRIX_ALIASES, MATRIX_GROUPS, Targets, resolve_targets
+from fasttrunc.truncation import Targets, resolve_targets
 
 # Pythia-1.4b (PAPER.md section 3).
 PYTHIA_1_4B = {"num_layers": 24, "hidden_size": 2048, "num_heads": 16, "intermediate_size": 8192, "vocab_size": 50304}
@@ -65,7 +67,7 @@ class SweepBenchConfig:
         checks.integer("n_prompts", self.n_prompts, 2)  # selection and report prompts
         matrices = checks.non_empty("matrices", self.matrices)
         for matrix in matrices:
-            checks.choice("matrix", matrix, MATRIX_ALIASES + tuple(MATRIX_GROUPS))
+            expand_matrices(checks.text("matrix", matrix))
         ranks = checks.non_empty("ranks", self.ranks)
         for rank in ranks:
             validate_rank_spec(rank)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fasttrunc import checks
+from fasttrunc.families import expand_matrices
 from fasttrunc.hub import load_model
 from fasttrunc.ranks import validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device
@@ -25,7 +26,7 @@ from fasttrunc.tasks.metrics import (
     encode_prompts,
     score,
 )
-from fasttrunc.truncation import Targets, expand_matrices, truncate_
+from fasttrunc.truncation import Targets, truncate_
 
 TASKS = ("ioi", "factual")
 # IOI prompts by default: the paper's and LASER's evaluation sets are a few hundred prompts;

@@ -1,36 +1,28 @@
 """LASER's grid on a GPT-NeoX model: layers x matrices x ranks, one SVD per matrix.
 
-Each target matrix is factorized once (batched over matrices of one shape, up to the largest rank
-any cell needs); every cell then swaps in factors sliced from that SVD and restores the model,
-so a cell costs one evaluation and no factorization. The first ``select_fraction`` of the
+Each target matrix is factorized once (``factorize``: batched over matrices of one shape, up to
+the largest rank any cell needs); every cell then goes through ``truncate_`` with those factors,
+which slices them to the cell's ranks, and restores the model, so a cell costs one evaluation and
+no factorization. The first ``select_fraction`` of the
 (seeded, shuffled) prompts choose the best cell; the rest report it, as LASER does.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fasttrunc import checks
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
+from fasttrunc.families import detect_family, expand_matrices, module_kind
 from fasttrunc.hub import load_model
-from fasttrunc.linear import TruncatedLinear
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
-from fasttrunc.svd import truncated_svd
 from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.truncation import (
-    MATRIX_ALIASES,
-    MATRIX_GROUPS,
-    Targets,
-    detect_family,
-    replace_modules_,
-    resolve_targets,
-)
+from fasttrunc.truncation import Targets, factorize, resolve_targets, truncate_
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
@@ -60,9 +52,8 @@ class SweepConfig(ModelRunSettings):
         for rank in ranks:
             validate_rank_spec(rank)
         matrices = checks.non_empty("matrices", self.matrices)
-        allowed = MATRIX_ALIASES + tuple(MATRIX_GROUPS)
         for matrix in matrices:
-            checks.choice("matrix", matrix, allowed)
+            expand_matrices(checks.text("matrix", matrix))  # one alias or group per grid row
         checks.real("select_fraction", self.select_fraction, 0.0, 1.0, low_open=True, high_open=True)
         checks.choice("select_by", self.select_by, SELECT_BY)
         if self.select_by == "mean_logit_diff" and "factual" in tasks:
@@ -127,44 +118,6 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def compute_factors(
-    model: nn.Module, names: Sequence[str], max_ranks: dict[str, int], method: str
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
-    """name -> fp32 ``(U, S, Vh)`` up to ``max_ranks[name]``, one batched ``truncated_svd`` per group
-    of matrices with the same shape, device and largest rank. Returns the factors and the call count."""
-    groups: dict[tuple, list[str]] = {}
-    for name in names:
-        w = model.get_submodule(name).weight
-        groups.setdefault((tuple(w.shape), w.device, max_ranks[name]), []).append(name)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad():
-        for (_, _, k), group in groups.items():
-            # fp32 factors: slicing them for every cell must not compound a bf16 rounding.
-            stacked = torch.stack([model.get_submodule(name).weight.detach().float() for name in group])
-            u, s, vh = truncated_svd(stacked, k, method=method)
-            for i, name in enumerate(group):
-                factors[name] = (u[i], s[i], vh[i])
-            del stacked
-    return factors, len(groups)
-
-
-def cell_module(
-    linear: nn.Linear, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, method: str
-) -> nn.Module:
-    """The rank-``k`` replacement of ``linear`` from its precomputed factors.
-
-    When the factors hold at least as many numbers as the dense weight (k (m + n) >= m n, e.g.
-    rho = 0.9) the two thin products cost more than one dense one, so the cell runs as a dense
-    ``nn.Linear`` holding the same rank-k weight ``b @ a``.
-    """
-    u, s, vh = factors
-    bias = linear.bias.detach() if linear.bias is not None else None
-    module = TruncatedLinear.from_svd(u[:, :k], s[:k], vh[:k], bias=bias, method=method, dtype=linear.weight.dtype)
-    if k * (linear.in_features + linear.out_features) >= linear.in_features * linear.out_features:
-        return module.to_linear()
-    return module
-
-
 def _evaluate(model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int):
     select: dict[str, TaskMetrics] = {}
     reported: dict[str, TaskMetrics] = {}
@@ -188,6 +141,12 @@ class Grid:
     svd_calls: int
 
 
+def _only(names: Collection[str]) -> Callable[[str, nn.Module], bool]:
+    """A ``truncate_`` target selecting exactly ``names``."""
+    chosen = frozenset(names)
+    return lambda name, module: name in chosen
+
+
 def sweep_model(
     model: nn.Module,
     encoded: dict[str, EncodedPrompts],
@@ -203,40 +162,37 @@ def sweep_model(
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
-    Checks every rank against every matrix first, factorizes each target matrix once, then
-    swaps the sliced factors in per cell and restores; ``model`` ends as it started.
+    Checks every rank against every matrix first, factorizes each target matrix once
+    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then truncates
+    each cell through :func:`fasttrunc.truncation.truncate_` with those factors and restores;
+    ``model`` ends as it started.
     """
     rows = [(layer, matrix) for layer in layers for matrix in matrices]
     targets = {row: resolve_targets(model, Targets(layers=[row[0]], matrices=row[1])) for row in rows}
-    cell_ranks: dict[tuple, dict[str, int]] = {}
+    cell_ranks: dict[tuple[int, str, int | float], dict[str, int]] = {}
     max_ranks: dict[str, int] = {}
-    for row, names in targets.items():
+    for (layer, matrix), names in targets.items():
         for rank in ranks:
-            ks = {}
-            for name in names:
-                linear = model.get_submodule(name)
-                ks[name] = resolve_rank(rank, linear.out_features, linear.in_features)
-                max_ranks[name] = max(max_ranks.get(name, 0), ks[name])
-            cell_ranks[(*row, rank)] = ks
+            ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
+            for name, k in ks.items():
+                max_ranks[name] = max(max_ranks.get(name, 0), k)
+            cell_ranks[(layer, matrix, rank)] = ks
     total = len(cell_ranks)
     report(progress, "sweep", 0, total, f"{label} factorizing".strip())
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
-    names = list(dict.fromkeys(n for ns in targets.values() for n in ns))
-    factors, svd_calls = compute_factors(model, names, max_ranks, method)
-    synchronize(next(model.parameters()).device)
+    factors = factorize(model, _only(max_ranks), max_ranks, method=method)
+    synchronize(device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_select, base_report = _evaluate(model, encoded, splits, batch_size)
     cells: list[Cell] = []
     for done, ((layer, matrix, rank), ks) in enumerate(cell_ranks.items()):
-        replacements = {
-            name: cell_module(model.get_submodule(name), factors[name], k, method) for name, k in ks.items()
-        }
-        with replace_modules_(model, replacements):
+        with truncate_(model, _only(ks), ks, method=method, factors=factors):
             select, reported = _evaluate(model, encoded, splits, batch_size)
         cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
         report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
-    synchronize(next(model.parameters()).device)
+    synchronize(device)
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
@@ -244,8 +200,16 @@ def sweep_model(
         svd_seconds=svd_seconds,
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
-        svd_calls=svd_calls,
+        svd_calls=factors.svd_calls,
     )
+
+
+def _shape(model: nn.Module, name: str) -> tuple[int, int]:
+    """``(out, in)`` of a module that ``resolve_targets`` selected."""
+    module = model.get_submodule(name)
+    kind = module_kind(module)
+    assert kind is not None  # resolve_targets selects only the kinds fasttrunc can truncate
+    return kind.shape(module)
 
 
 def _best(grid: Grid, task: str, select_by: str) -> Best:
