@@ -12,11 +12,20 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+
+class Result(Protocol):
+    """What a command prints: an experiment's or a benchmark's result (fasttrunc.runs.ResultMixin)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Result)
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -93,12 +102,12 @@ def check_out(out: Path | None) -> None:
 
 
 def emit(
-    result: Any,
+    result: R,
     *,
     as_json: bool,
     out: Path | None,
-    tables: Callable[[Any], list[Table]],
-    plots: Callable[[Any, Path], list[Path]] | None = None,
+    tables: Callable[[R], list[Table]],
+    plots: Callable[[R, Path], list[Path]] | None = None,
 ) -> None:
     """Print the result (tables, or JSON only with ``--json``); with ``out`` write results.json and plots."""
     data = result.to_dict()

@@ -94,7 +94,7 @@ class SweepBenchResult(ResultMixin):
     max_abs_diff_p_correct: float  # between the two paths, over cells (selection + report prompts)
 
 
-def _model(config: SweepBenchConfig, device: torch.device):
+def _model(config: SweepBenchConfig, device: torch.device) -> Any:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf = GPTNeoXConfig(
@@ -129,7 +129,7 @@ def _prompts(config: SweepBenchConfig) -> EncodedPrompts:
 
 
 @torch.no_grad()
-def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
+def _laser_scores(model: Any, enc: EncodedPrompts, batch_size: int) -> Scores:
     """The Hugging Face forward with full logits, read at the last position."""
     device = next(model.parameters()).device
     parts = []
@@ -149,7 +149,9 @@ def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
     )
 
 
-def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress):
+def _laser(
+    model: Any, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress
+) -> tuple[float, float, list[float]]:
     """LASER's per-cell recipe; returns (svd seconds, eval seconds, mean P(correct) per cell)."""
     svd_s = eval_s = 0.0
     p_correct: list[float] = []

@@ -118,7 +118,10 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def _evaluate(model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int):
+def _evaluate(
+    model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int
+) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+    """Metrics of every task on its selection prompts and on its report prompts."""
     select: dict[str, TaskMetrics] = {}
     reported: dict[str, TaskMetrics] = {}
     for task, enc in encoded.items():

@@ -11,6 +11,7 @@ import json
 import random
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 from fasttrunc import checks
 from fasttrunc.tasks.metrics import Prompt, single_token_ids
@@ -23,7 +24,7 @@ def factual_facts() -> tuple[dict[str, str], ...]:
     return tuple(json.loads(text))
 
 
-def build_factual_prompts(tokenizer, n: int | None = None, seed: int = 0) -> list[Prompt]:
+def build_factual_prompts(tokenizer: Any, n: int | None = None, seed: int = 0) -> list[Prompt]:
     """The facts whose answer is a single token, shuffled with ``seed``; the first ``n`` of them.
 
     ``n`` larger than the usable facts is a ValueError that says how many there are.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from fasttrunc import checks
 from fasttrunc.tasks.metrics import Prompt, known_words, single_token_ids
@@ -106,13 +107,13 @@ NAMES: tuple[str, ...] = (
 )
 
 
-def ioi_names(tokenizer, names: Sequence[str] = NAMES) -> list[str]:
+def ioi_names(tokenizer: Any, names: Sequence[str] = NAMES) -> list[str]:
     """The names that are one token (with a leading space) under ``tokenizer``."""
     return list(single_token_ids(tokenizer, names))
 
 
 def build_ioi_prompts(
-    tokenizer,
+    tokenizer: Any,
     n: int,
     seed: int = 0,
     *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,17 +37,17 @@ class Prompt:
 # --- tokenization (Hugging Face tokenizers and raw `tokenizers.Tokenizer` alike) ----------------
 
 
-def token_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of ``text``."""
     encoded = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return list(encoded.ids) if hasattr(encoded, "ids") else list(encoded)
 
 
-def _unk_id(tokenizer) -> int | None:
+def _unk_id(tokenizer: Any) -> int | None:
     return getattr(tokenizer, "unk_token_id", None)
 
 
-def single_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
+def single_token_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, int]:
     """word -> id for the words that are exactly one known token with a leading space."""
     unk = _unk_id(tokenizer)
     out: dict[str, int] = {}
@@ -57,13 +58,13 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def known_words(tokenizer, words: Sequence[str]) -> list[str]:
+def known_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
     """The words whose tokens include no unknown token (every word passes a byte-level BPE)."""
     unk = _unk_id(tokenizer)
     return [w for w in words if unk is None or unk not in token_ids(tokenizer, " " + w)]
 
 
-def the_token_id(tokenizer) -> int:
+def the_token_id(tokenizer: Any) -> int:
     """The id of " the", the global association every task measures against."""
     ids = single_token_ids(tokenizer, ["the"])
     if "the" not in ids:
@@ -89,7 +90,7 @@ class EncodedPrompts:
         return self.input_ids.shape[0]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> EncodedPrompts:
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> EncodedPrompts:
     """Tokenize once (the tokenizer's own special tokens included) and right-pad."""
     if not prompts:
         raise ValueError("no prompts to encode; give at least one")
@@ -113,7 +114,9 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> EncodedPrompts:
     )
 
 
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+def last_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+) -> torch.Tensor:
     """Logits (B, V) at each row's ``last_index``.
 
     A Hugging Face causal LM whose logits are its output embedding applied to the base model's
@@ -190,7 +193,7 @@ DEFAULT_BATCH_SIZE = 32
 
 
 @torch.no_grad()
-def score(model, encoded: EncodedPrompts, batch_size: int = DEFAULT_BATCH_SIZE) -> Scores:
+def score(model: torch.nn.Module, encoded: EncodedPrompts, batch_size: int = DEFAULT_BATCH_SIZE) -> Scores:
     """Run ``model`` over the prompts in batches of ``batch_size`` and read the last positions."""
     checks.positive("batch_size", batch_size)
     device = next(model.parameters()).device
