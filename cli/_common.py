@@ -12,11 +12,20 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+
+class Result(Protocol):
+    """What a command prints: an experiment's or a benchmark's result (fasttrunc.runs.ResultMixin)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Result)
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -51,6 +60,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int, str]
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -65,7 +75,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int, str]
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def update(stage: str, done: int, total: int, detail: str = "") -> None:
             description = f"{stage}: {detail}" if detail else stage
@@ -85,13 +95,19 @@ def make_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return table
 
 
+def check_out(out: Path | None) -> None:
+    """Refuse an ``--out`` that cannot be a results directory before any work starts."""
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a directory; give a directory to write results into")
+
+
 def emit(
-    result: Any,
+    result: R,
     *,
     as_json: bool,
     out: Path | None,
-    tables: Callable[[Any], list[Table]],
-    plots: Callable[[Any, Path], list[Path]] | None = None,
+    tables: Callable[[R], list[Table]],
+    plots: Callable[[R, Path], list[Path]] | None = None,
 ) -> None:
     """Print the result (tables, or JSON only with ``--json``); with ``out`` write results.json and plots."""
     data = result.to_dict()

@@ -1,8 +1,10 @@
 """The Typer applications that command modules attach their commands to."""
 
+from typing import Any
+
 import typer
 
-_settings = {"no_args_is_help": True, "rich_markup_mode": "rich", "pretty_exceptions_enable": False}
+_settings: dict[str, Any] = {"no_args_is_help": True, "rich_markup_mode": "rich", "pretty_exceptions_enable": False}
 
 app = typer.Typer(
     help="fasttrunc truncates weight matrices of transformers to low rank and measures what the models then predict.",

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import emit, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import run_app
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-def _tables(result: Any) -> list:
+    from fasttrunc.experiments.memory import MemoryResult
+
+
+def _tables(result: MemoryResult) -> list[Table]:
     s = result.summary
     cfg = result.config
     unit = "step" if cfg.full_batch else "samples"
+    # (what, at which step, after how many training pairs): the table shows the run's own unit.
+    events = [
+        ("top component first holds >= half the noise", s.step_noise_on_top_first, s.samples_noise_on_top_first),
+        ("... and for good", s.step_noise_on_top, s.samples_noise_on_top),
+        ("half the clean associations stored", s.step_association_half, s.samples_association_half),
+        ("90% of the clean associations stored", s.step_association_90, s.samples_association_90),
+        ("P(noise) at half its final value", s.step_p_noise_half, s.samples_p_noise_half),
+        ("P(f(x)) at half its final value", s.step_p_clean_half, s.samples_p_clean_half),
+    ]
 
-    def when(key: str) -> str:
-        value = s[f"{'step' if cfg.full_batch else 'samples'}_{key}"]
+    def when(step: int | None, samples: int | None) -> str:
+        value = step if cfg.full_batch else samples
         return "never" if value is None else str(value)
 
     learned = make_table(
@@ -25,21 +39,17 @@ def _tables(result: Any) -> list:
         f"{'full-batch GD' if cfg.full_batch else f'SGD batch {cfg.batch_size}'}, lr={cfg.lr}, {cfg.steps} steps",
         ["what", "value"],
         [
-            ["component holding the noise at the end", s["noise_component"]],
-            ["its share of the mean noise margin", s["noise_share_final"]],
-            ["its alignment with (u_noise - mean u) mu^T", s["noise_alignment_final"]],
-            ["sigma_1 / sigma_2 at the end", s["singular_gap_final"]],
-            [f"{unit}: top component first holds >= half the noise", when("noise_on_top_first")],
-            [f"{unit}: ... and for good", when("noise_on_top")],
-            [f"{unit}: half the clean associations stored", when("association_half")],
-            [f"{unit}: 90% of the clean associations stored", when("association_90")],
-            [f"{unit}: P(noise) at half its final value", when("p_noise_half")],
-            [f"{unit}: P(f(x)) at half its final value", when("p_clean_half")],
-            ["truncation that best restores clean predictions", s["restoring_truncation"] or "none"],
+            ["component holding the noise at the end", s.noise_component],
+            ["its share of the mean noise margin", s.noise_share_final],
+            ["its alignment with (u_noise - mean u) mu^T", s.noise_alignment_final],
+            ["sigma_1 / sigma_2 at the end", s.singular_gap_final],
+            *[[f"{unit}: {what}", when(step, samples)] for what, step, samples in events],
+            ["truncation that best restores clean predictions", s.restoring_truncation or "none"],
         ],
     )
-    final = s["final"]
-    rows = [[name, m["accuracy"], m["p_noise"], m["p_clean"], m["association_accuracy"]] for name, m in final.items()]
+    rows: list[list[Any]] = [
+        [name, m.accuracy, m.p_noise, m.p_clean, m.association_accuracy] for name, m in s.final.items()
+    ]
     truncations = make_table(
         f"Clean-data predictions after step {result.steps[-1]}: W, W without its top-k components, top-k alone",
         ["weights", "accuracy", "P(noise)", "P(f(x))", "association acc."],
@@ -89,6 +99,7 @@ def memory(
     from fasttrunc.experiments.memory import MemoryConfig, run
     from fasttrunc.plots import plot_memory
 
+    check_out(out)
     config = MemoryConfig(
         d=d,
         n_tokens=n_tokens,

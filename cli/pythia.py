@@ -7,11 +7,18 @@ inside the command bodies so that `fasttrunc --help` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import emit, fail, make_table, progress_bar, stderr, user_errors
+from fasttrunc.cli._common import check_out, emit, fail, make_table, progress_bar, stderr, user_errors
 from fasttrunc.cli.apps import app, run_app, sweep_app
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from fasttrunc.experiments.pythia import PythiaResult
+    from fasttrunc.experiments.sweep import SweepResult
 
 MODEL_HELP = "A Hugging Face hub id (EleutherAI/pythia-1b) or a local model directory."
 REVISION_HELP = "One revision to load, for example step14000 (a local directory looks in DIR/revisions/)."
@@ -69,15 +76,15 @@ def parse_layers(text: str) -> list[int] | None:
     return layers
 
 
-def parse_revisions(revision: str | None, revisions: str | None) -> list[str | None]:
+def parse_revisions(revision: str | None, revisions: str | None) -> tuple[str | None, ...]:
     if revision is not None and revisions is not None:
         raise ValueError("give --revision or --revisions, not both")
     if revisions is not None:
-        return list(split_list(revisions, "revisions"))
-    return [revision]
+        return tuple(split_list(revisions, "revisions"))
+    return (revision,)
 
 
-def _fmt(value) -> object:
+def _fmt(value: object) -> object:
     return "-" if value is None else value
 
 
@@ -92,7 +99,7 @@ METRIC_ROWS = (
 )
 
 
-def _pythia_tables(result) -> list:
+def _pythia_tables(result: PythiaResult) -> list[Table]:
     cfg = result.config
     tables = []
     for rev in result.revisions:
@@ -125,15 +132,15 @@ def run_pythia(
         ..., "--rank", help="The rank kept: an int is absolute, a float in [0, 1] is the fraction of the full rank."
     ),
     task: str = typer.Option("ioi", "--task", help=TASK_HELP),
-    revision: str = REVISION_OPT,
-    revisions: str = REVISIONS_OPT,
-    n: int = N_OPT,
+    revision: str | None = REVISION_OPT,
+    revisions: str | None = REVISIONS_OPT,
+    n: int | None = N_OPT,
     seed: int = SEED_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     batch_size: int = BATCH_OPT,
     method: str = METHOD_OPT,
-    out: Path = OUT_OPT,
+    out: Path | None = OUT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Compare a model's IOI or factual-recall predictions before and after truncating chosen matrices."""
@@ -141,13 +148,14 @@ def run_pythia(
     from fasttrunc.plots import pythia_plots
     from fasttrunc.ranks import parse_rank
 
+    check_out(out)
     layers = parse_layers(layer)
     if layers is None:
         fail("--layer all is not supported by run pythia; list the layers, for example 0-15")
     config = pythia.PythiaConfig(
         model=model,
-        layers=layers,
-        matrices=split_list(matrix, "matrices"),
+        layers=tuple(layers),
+        matrices=tuple(split_list(matrix, "matrices")),
         rank=parse_rank(rank),
         task=task,
         revisions=parse_revisions(revision, revisions),
@@ -163,7 +171,7 @@ def run_pythia(
     emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
 
 
-def _sweep_tables(result) -> list:
+def _sweep_tables(result: SweepResult) -> list[Table]:
     cfg = result.config
     tables = []
     for rev in result.revisions:
@@ -207,9 +215,9 @@ def sweep_pythia(
         help="Ranks to sweep, comma-separated: ints are absolute, floats in [0, 1] are fractions of the full rank (LASER's grid by default).",
     ),
     task: str = typer.Option("ioi", "--task", help="Tasks, comma-separated: ioi, factual."),
-    revision: str = REVISION_OPT,
-    revisions: str = REVISIONS_OPT,
-    n: int = N_OPT,
+    revision: str | None = REVISION_OPT,
+    revisions: str | None = REVISIONS_OPT,
+    n: int | None = N_OPT,
     seed: int = SEED_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -223,7 +231,7 @@ def sweep_pythia(
         "--select-by",
         help="The selection metric: mean_p_correct, accuracy, mean_of_ratios, ratio_of_means or mean_logit_diff.",
     ),
-    out: Path = OUT_OPT,
+    out: Path | None = OUT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Sweep layers x matrices x ranks as LASER does, factorizing each matrix once, and report the best cell."""
@@ -231,12 +239,14 @@ def sweep_pythia(
     from fasttrunc.plots import sweep_plots
     from fasttrunc.ranks import parse_rank
 
+    check_out(out)
+    swept = parse_layers(layers)
     config = sweep.SweepConfig(
         model=model,
-        layers=parse_layers(layers),
-        matrices=split_list(matrices, "matrices"),
-        ranks=[parse_rank(r) for r in split_list(ranks, "ranks")],
-        tasks=split_list(task, "tasks"),
+        layers=None if swept is None else tuple(swept),
+        matrices=tuple(split_list(matrices, "matrices")),
+        ranks=tuple(parse_rank(r) for r in split_list(ranks, "ranks")),
+        tasks=tuple(split_list(task, "tasks")),
         revisions=parse_revisions(revision, revisions),
         n=n,
         seed=seed,
@@ -256,9 +266,9 @@ def sweep_pythia(
 @user_errors
 def make_tiny_neox(
     directory: Path = typer.Argument(..., help="Where to save the model, its tokenizer and its checkpoints."),
-    steps: int = typer.Option(None, "--steps", help="Training steps; the recipe's default is 3000."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps; the recipe's default is 3000."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialization and of the corpus."),
-    checkpoints: str = typer.Option(
+    checkpoints: str | None = typer.Option(
         None,
         "--checkpoints",
         help="Comma-separated steps to save as revisions (DIR/revisions/stepN), for example 300,600,900.",
@@ -272,23 +282,22 @@ def make_tiny_neox(
     saved as a Hugging Face directory that run pythia and sweep pythia accept as --model. Training
     takes one to three minutes on a 2-core CPU, depending on how busy it is.
     """
-    from fasttrunc.models.neox import TinyNeoxConfig
-    from fasttrunc.models.neox import make_tiny_neox as build
+    from fasttrunc.models.tiny_neox import TinyNeoxConfig
+    from fasttrunc.models.tiny_neox import make_tiny_neox as build
 
     if (directory / "config.json").exists() and not overwrite:
         fail(f"{directory} already holds a model; pass --overwrite to replace it")
     if directory.exists() and not directory.is_dir():
         fail(f"{directory} exists and is not a directory")
-    config = TinyNeoxConfig(seed=seed)
+    options: dict[str, Any] = {"seed": seed}
     if steps is not None:
-        config.steps = steps
+        options["steps"] = steps
     if checkpoints is not None:
         try:
-            config.checkpoints = tuple(int(s) for s in split_list(checkpoints, "checkpoints"))
+            options["checkpoints"] = tuple(int(s) for s in split_list(checkpoints, "checkpoints"))
         except ValueError:
             fail(f"checkpoints {checkpoints!r} must be comma-separated integers, for example 300,600")
-    if config.steps < 1:
-        fail(f"steps {config.steps} must be >= 1")
+    config = TinyNeoxConfig(**options)
     with progress_bar(True) as progress:
         report = build(directory, config, progress)
     stderr.print(

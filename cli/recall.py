@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import emit, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import run_app
 
+if TYPE_CHECKING:
+    from rich.table import Table
 
-def _tables(result: Any) -> list:
-    full, effect = result.full, result.effect
-    rows = [["full model", "-", "-", full["accuracy"], full["p_answer"], full["p_noise"], full["probe_margin"]]]
+    from fasttrunc.experiments.recall import RecallResult
+
+
+def _tables(result: RecallResult) -> list[Table]:
+    from fasttrunc.experiments.recall import Tracked
+
+    full, effect, config = result.full, result.effect, result.config
+    rows: list[list[Any]] = [["full model", "-", "-", full.accuracy, full.p_answer, full.p_noise, full.probe_margin]]
     rows += [
-        [c["matrix"], f"{c['rho']:g}", c["rank"], c["accuracy"], c["p_answer"], c["p_noise"], c["probe_margin"]]
+        [
+            c.matrix,
+            f"{c.rho:g}",
+            c.rank,
+            c.metrics.accuracy,
+            c.metrics.p_answer,
+            c.metrics.p_noise,
+            c.metrics.probe_margin,
+        ]
         for c in result.cells
     ]
     grid = make_table(
@@ -24,32 +40,33 @@ def _tables(result: Any) -> list:
         rows,
     )
     grid.caption = (
-        f"alpha {result.config['alpha']:g}, {result.config['steps']} steps, {result.seconds:.0f} s. Removing FF2: "
-        f"P(noise) {effect['p_noise_full']:.3f} -> {effect['p_noise_without_ff2']:.3f}, accuracy "
-        f"{effect['accuracy_full']:.3f} -> {effect['accuracy_without_ff2']:.3f}: effect "
-        + ("shown." if effect["shown"] else "NOT shown.")
+        f"alpha {config.alpha:g}, {config.steps} steps, {result.seconds:.0f} s. Removing FF2: "
+        f"P(noise) {effect.p_noise_full:.3f} -> {effect.p_noise_without_ff2:.3f}, accuracy "
+        f"{effect.accuracy_full:.3f} -> {effect.accuracy_without_ff2:.3f}: effect "
+        + ("shown." if effect.shown else "NOT shown.")
     )
     tables = [grid]
     dynamics = result.dynamics
     if dynamics is not None:
-        short = {
-            "accuracy_full": "acc",
-            "accuracy_no_ff2": "acc-FF2",
-            "p_noise_full": "Pnoise",
-            "p_noise_no_ff2": "Pnoise-FF2",
-            "ff2_noise_share": "FF2 share",
-            "probe_margin": "probe",
-            "attention_mass": "attn",
-        }
-        series, appears = dynamics["series"], dynamics["appears"]
-        names = [n for n in short if n in series]
+        short = Tracked(
+            accuracy_full="acc",
+            accuracy_no_ff2="acc-FF2",
+            p_noise_full="Pnoise",
+            p_noise_no_ff2="Pnoise-FF2",
+            ff2_noise_share="FF2 share",
+            probe_margin="probe",
+            attention_mass="attn",
+        )
+        names = [f.name for f in dataclasses.fields(short)]
+        series, appears = dynamics.series, dynamics.appears
+        when = [getattr(appears, n) for n in names]
         curves = make_table(
             "Training dynamics on clean data",
-            ["step"] + [short[n] for n in names],
-            [[step] + [series[n][i] for n in names] for i, step in enumerate(dynamics["steps"])]
-            + [["t_half"] + ["-" if appears[n] is None else str(appears[n]) for n in names]],
+            ["step"] + [getattr(short, n) for n in names],
+            [[step] + [getattr(series, n)[i] for n in names] for i, step in enumerate(dynamics.steps)]
+            + [["t_half"] + ["-" if w is None else str(w) for w in when]],
         )
-        answer = {True: "yes", False: "no", None: "undecided"}[dynamics["ff2_noise_before_in_context"]]
+        answer = {True: "yes", False: "no", None: "undecided"}[dynamics.ff2_noise_before_in_context]
         curves.caption = (
             "-FF2: FF2 removed; FF2 share: P(noise) minus P(noise) without FF2; attn: layer-2 attention from "
             "the trigger onto positions after earlier triggers; t_half: first step a curve has risen half "
@@ -59,7 +76,7 @@ def _tables(result: Any) -> list:
     return tables
 
 
-def _plots(result: Any, out: Path) -> list[Path]:
+def _plots(result: RecallResult, out: Path) -> list[Path]:
     from fasttrunc import plots
 
     paths = [plots.plot_recall_truncation(result, out / "recall_truncation.png")]
@@ -102,13 +119,11 @@ def recall(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
     from fasttrunc.experiments.recall import RecallConfig, run
-    from fasttrunc.runs import resolve_device
 
+    check_out(out)
     config = RecallConfig.from_preset(
         preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every
     )
-    config.validate()
-    resolve_device(config.device)
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables, plots=_plots)

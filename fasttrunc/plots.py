@@ -7,9 +7,17 @@ returns the paths of the PNG files it wrote.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: plots sit below the experiments and import none of them
+    from fasttrunc.experiments.memory import MemoryResult
+    from fasttrunc.experiments.pythia import PythiaResult
+    from fasttrunc.experiments.recall import RecallResult
+    from fasttrunc.experiments.sweep import SweepResult
+    from fasttrunc.tasks.metrics import TaskMetrics
 
 
-def _pyplot():
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +26,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
@@ -28,29 +36,31 @@ def _save(fig, path: Path) -> Path:
 # --- noisy in-context recall -------------------------------------------------------------------
 
 
-def plot_recall_truncation(result, path: Path) -> Path:
+def plot_recall_truncation(result: RecallResult, path: Path) -> Path:
     """Accuracy and P(noise) against rho, one line per truncated FF matrix, the full model dashed."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "accuracy", "accuracy of ybar"), (axes[1], "p_noise", "mean P(noise)")):
-        for matrix in dict.fromkeys(c["matrix"] for c in result.cells):
-            cells = sorted((c for c in result.cells if c["matrix"] == matrix), key=lambda c: c["rho"])
-            ax.plot([c["rho"] for c in cells], [c[key] for c in cells], marker="o", label=matrix)
-        ax.axhline(result.full[key], color="black", linestyle="--", linewidth=1, label="full model")
+        for matrix in dict.fromkeys(c.matrix for c in result.cells):
+            cells = sorted((c for c in result.cells if c.matrix == matrix), key=lambda c: c.rho)
+            ax.plot([c.rho for c in cells], [getattr(c.metrics, key) for c in cells], marker="o", label=matrix)
+        ax.axhline(getattr(result.full, key), color="black", linestyle="--", linewidth=1, label="full model")
         ax.set_xlabel("rho (fraction of rank kept)")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Noisy in-context recall: truncating one FF matrix (clean data, alpha {result.config['alpha']:g})")
+    fig.suptitle(f"Noisy in-context recall: truncating one FF matrix (clean data, alpha {result.config.alpha:g})")
     return _save(fig, path)
 
 
-def plot_recall_dynamics(result, path: Path) -> Path:
+def plot_recall_dynamics(result: RecallResult, path: Path) -> Path:
     """Training curves on clean data: accuracy, P(noise), FF2's share of the noise, attention mass, probe."""
     plt = _pyplot()
     dyn = result.dynamics
-    steps, series, appears = dyn["steps"], dyn["series"], dyn["appears"]
+    if dyn is None:
+        raise ValueError("the run has no dynamics to plot; run it with track_every")
+    series, appears = dyn.series, dyn.appears
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (
         (axes[0], ("accuracy_full", "accuracy_no_ff2"), "accuracy of ybar"),
@@ -63,14 +73,15 @@ def plot_recall_dynamics(result, path: Path) -> Path:
     )
     for ax, names, ylabel in panels:
         for name in names:
-            (line,) = ax.plot(steps, series[name], label=name)
-            if appears.get(name) is not None:
-                ax.axvline(appears[name], color=line.get_color(), linestyle=":", linewidth=1)
+            (line,) = ax.plot(dyn.steps, getattr(series, name), label=name)
+            step = getattr(appears, name)
+            if step is not None:
+                ax.axvline(step, color=line.get_color(), linestyle=":", linewidth=1)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    first = {True: "yes", False: "no", None: "undecided"}[dyn["ff2_noise_before_in_context"]]
+    first = {True: "yes", False: "no", None: "undecided"}[dyn.ff2_noise_before_in_context]
     fig.suptitle(
         f"Training dynamics (dotted: step where each curve has risen half way to its final value); FF2 noise first: {first}"
     )
@@ -80,12 +91,12 @@ def plot_recall_dynamics(result, path: Path) -> Path:
 # --- associative memory ------------------------------------------------------------------------
 
 
-def plot_memory(result, out: Path) -> list[Path]:
+def plot_memory(result: MemoryResult, out: Path) -> list[Path]:
     """memory_dynamics.png (spectrum, noise share, predictions over steps), memory_truncation.png."""
     return [_memory_dynamics(result, Path(out)), _memory_truncation(result, Path(out))]
 
 
-def _memory_dynamics(result, out: Path) -> Path:
+def _memory_dynamics(result: MemoryResult, out: Path) -> Path:
     plt = _pyplot()
     steps = result.steps
     fig, (ax_s, ax_n, ax_p) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -105,8 +116,8 @@ def _memory_dynamics(result, out: Path) -> Path:
     styles = {"full": "-", f"remove_top_{k}": "--", f"keep_top_{k}": ":"}
     for name, style in styles.items():
         metrics = result.metrics[name]
-        ax_p.plot(steps, metrics["p_noise"], "C3" + style, label=f"{name}: P(noise)")
-        ax_p.plot(steps, metrics["accuracy"], "C0" + style, label=f"{name}: clean accuracy")
+        ax_p.plot(steps, metrics.p_noise, "C3" + style, label=f"{name}: P(noise)")
+        ax_p.plot(steps, metrics.accuracy, "C0" + style, label=f"{name}: clean accuracy")
     ax_p.set(xlabel="step", ylabel="on clean data", ylim=(-0.02, 1.02), title="Predictions of W and its truncations")
     ax_p.legend(fontsize=7)
     for ax in (ax_s, ax_n, ax_p):
@@ -115,17 +126,20 @@ def _memory_dynamics(result, out: Path) -> Path:
     return _save(fig, out / "memory_dynamics.png")
 
 
-def _memory_truncation(result, out: Path) -> Path:
+def _memory_truncation(result: MemoryResult, out: Path) -> Path:
     plt = _pyplot()
-    final = result.summary["final"]
+    final = result.summary.final
     names = list(final)
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names)), 4.2))
     width = 0.27
-    for j, (metric, label) in enumerate(
-        (("accuracy", "clean accuracy"), ("p_clean", "P(f(x))"), ("p_noise", "P(noise)"))
-    ):
-        ax.bar([i + (j - 1) * width for i in x], [final[n][metric] for n in names], width, label=label)
+    bars = (
+        ("clean accuracy", [final[n].accuracy for n in names]),
+        ("P(f(x))", [final[n].p_clean for n in names]),
+        ("P(noise)", [final[n].p_noise for n in names]),
+    )
+    for j, (label, heights) in enumerate(bars):
+        ax.bar([i + (j - 1) * width for i in x], heights, width, label=label)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set(
         ylabel="on clean data",
@@ -143,7 +157,12 @@ _CHECKPOINT_SERIES = (("mean_p_correct", "P(correct)"), ("mean_p_the", 'P(" the"
 
 
 def _checkpoint_lines(
-    revisions: list[str], before: list, after: list, after_label: str, title: str, path: Path
+    revisions: list[str],
+    before: list[TaskMetrics],
+    after: list[TaskMetrics],
+    after_label: str,
+    title: str,
+    path: Path,
 ) -> Path:
     """P(correct), P(" the"), P(S) per checkpoint, solid without and dashed with the truncation."""
     plt = _pyplot()
@@ -163,7 +182,7 @@ def _checkpoint_lines(
     return _save(fig, path)
 
 
-def pythia_plots(result, out: Path) -> list[Path]:
+def pythia_plots(result: PythiaResult, out: Path) -> list[Path]:
     """Bars of baseline vs truncated for one revision; lines along checkpoints for several."""
     cfg = result.config
     revs = result.revisions
@@ -187,7 +206,7 @@ def pythia_plots(result, out: Path) -> list[Path]:
     return [_save(fig, out / f"pythia_{cfg.task}.png")]
 
 
-def sweep_plots(result, out: Path) -> list[Path]:
+def sweep_plots(result: SweepResult, out: Path) -> list[Path]:
     """One heatmap per task and revision (cells x ranks, selection metric); lines along checkpoints."""
     plt = _pyplot()
     cfg = result.config

@@ -1,5 +1,6 @@
 """Associative memory: the model, the experiment's measurements and outcome, the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -44,11 +45,11 @@ def test_model_embeddings_data_and_metrics():
     assert torch.allclose(q.sum(dim=1), torch.ones(10))
     # W = 0: every output equally likely; a W storing f exactly: accuracy 1.
     m0 = prediction_metrics(model)
-    assert m0["p_noise"] == pytest.approx(1 / 11) and m0["p_clean"] == pytest.approx(1 / 11)
+    assert m0.p_noise == pytest.approx(1 / 11) and m0.p_clean == pytest.approx(1 / 11)
     # A W with u_f(x) . W e_x = 50 for every x and the other clean logits 0.
     w = 50 * torch.linalg.pinv(model.outputs[model.clean_map]) @ torch.linalg.pinv(model.inputs.T)
     m1 = prediction_metrics(model, w)
-    assert m1["accuracy"] == 1.0 and m1["association_accuracy"] == 1.0 and m1["p_noise"] < 0.01
+    assert m1.accuracy == 1.0 and m1.association_accuracy == 1.0 and m1.p_noise < 0.01
 
 
 def test_noise_share_is_an_exact_split_of_the_mean_noise_margin():
@@ -89,7 +90,8 @@ def test_shapes_and_step_axis(sgd_result):
         set(r.metrics) == set(variants(cfg.ks)) == {"full", "remove_top_1", "remove_top_2", "keep_top_1", "keep_top_2"}
     )
     for per in r.metrics.values():
-        assert set(per) == set(METRICS) and all(len(v) == n for v in per.values())
+        series = dataclasses.asdict(per)
+        assert set(series) == set(METRICS) and all(len(v) == n for v in series.values())
     assert r.singular_values[0] == [0.0] * cfg.d  # W = 0 at step 0
 
 
@@ -126,13 +128,29 @@ def test_json_schema(sgd_result):
 def test_full_batch_has_no_sample_axis():
     r = run(MemoryConfig(d=24, n_tokens=16, steps=5, record_every=2, full_batch=True, ks=(1,), top_components=2))
     assert r.steps == [0, 2, 4, 5] and r.samples is None
-    assert "samples_association_half" not in r.summary
+    samples = {k: v for k, v in dataclasses.asdict(r.summary).items() if k.startswith("samples_")}
+    assert samples and all(v is None for v in samples.values())  # no sample axis
 
 
-def test_run_restores_thread_count():
+def test_run_restores_thread_count(monkeypatch):
+    import fasttrunc.experiments.memory as memory
+
+    torch.set_num_threads(2)  # so that "1 during the run" differs from the count before it
     before = torch.get_num_threads()
-    run(MemoryConfig(d=8, n_tokens=4, steps=2, record_every=1, ks=(1,), top_components=2))
-    assert torch.get_num_threads() == before
+    during: list[int] = []
+    real_train = memory.train
+
+    def train_counting_threads(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "train", train_counting_threads)
+    try:
+        run(MemoryConfig(d=8, n_tokens=4, steps=2, record_every=1, ks=(1,), top_components=2))
+        assert during == [1]  # the run trained single-threaded
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- the measured effects ----------------------------------------------------------------------
@@ -153,34 +171,34 @@ def test_full_batch_first_step_puts_the_noise_in_the_top_component():
 
 def test_noise_lives_in_the_top_component(sgd_result):
     s = sgd_result.summary
-    assert s["noise_component"] == 1
-    assert s["noise_share_final"] > 0.9
+    assert s.noise_component == 1
+    assert s.noise_share_final > 0.9
     assert max(abs(v) for v in sgd_result.noise_share[-1][1:]) < 0.1
-    assert s["singular_gap_final"] > 1.5
+    assert s.singular_gap_final > 1.5
 
 
 def test_noise_direction_forms_before_the_clean_map_is_stored(sgd_result, noisy_result):
     for r in (sgd_result, noisy_result):
         s = r.summary
-        assert s["step_noise_on_top_first"] is not None and s["step_association_90"] is not None
-        assert s["step_noise_on_top_first"] < s["step_association_90"]
+        assert s.step_noise_on_top_first is not None and s.step_association_90 is not None
+        assert s.step_noise_on_top_first < s.step_association_90
 
 
 def test_removing_the_top_component_restores_the_clean_map(noisy_result):
-    final = noisy_result.summary["final"]
+    final = noisy_result.summary.final
     full, removed, kept = final["full"], final["remove_top_1"], final["keep_top_1"]
-    assert full["p_noise"] > 0.4 and full["accuracy"] < 0.5  # the noise wins on clean data
-    assert removed["p_noise"] < 0.1 * full["p_noise"]
-    assert removed["accuracy"] > 0.95 and removed["p_clean"] > full["p_clean"]
-    assert kept["accuracy"] < 0.1 and kept["p_noise"] > full["p_noise"]  # a low-rank W keeps the noise
-    assert noisy_result.summary["restoring_truncation"] == "remove_top_1"
+    assert full.p_noise > 0.4 and full.accuracy < 0.5  # the noise wins on clean data
+    assert removed.p_noise < 0.1 * full.p_noise
+    assert removed.accuracy > 0.95 and removed.p_clean > full.p_clean
+    assert kept.accuracy < 0.1 and kept.p_noise > full.p_noise  # a low-rank W keeps the noise
+    assert noisy_result.summary.restoring_truncation == "remove_top_1"
 
 
 def test_removal_lowers_p_noise_at_low_alpha_too(sgd_result):
-    final = sgd_result.summary["final"]
-    assert final["remove_top_1"]["p_noise"] < 0.5 * final["full"]["p_noise"]
-    assert final["remove_top_1"]["p_clean"] > final["full"]["p_clean"]
-    assert final["remove_top_1"]["accuracy"] >= final["full"]["accuracy"]
+    final = sgd_result.summary.final
+    assert final["remove_top_1"].p_noise < 0.5 * final["full"].p_noise
+    assert final["remove_top_1"].p_clean > final["full"].p_clean
+    assert final["remove_top_1"].accuracy >= final["full"].accuracy
 
 
 def test_shared_input_direction_makes_the_noise_global_and_early():
@@ -190,11 +208,11 @@ def test_shared_input_direction_makes_the_noise_global_and_early():
     shared = run(MemoryConfig(alpha=0.3, shared=0.3, seed=1, **SMALL))
     plain = run(MemoryConfig(alpha=0.3, shared=0.0, seed=1, **SMALL))
     s = shared.summary
-    assert s["samples_p_noise_half"] < s["samples_association_half"]
-    assert s["samples_p_noise_half"] < plain.summary["samples_p_noise_half"]
+    assert s.samples_p_noise_half < s.samples_association_half
+    assert s.samples_p_noise_half < plain.summary.samples_p_noise_half
     i = shared.steps.index(50)
-    assert shared.metrics["full"]["accuracy"][i] < 0.1
-    assert shared.metrics["remove_top_1"]["accuracy"][i] > 0.5
+    assert shared.metrics["full"].accuracy[i] < 0.1
+    assert shared.metrics["remove_top_1"].accuracy[i] > 0.5
     assert shared.noise_share[i][0] > 0.9
 
 
@@ -206,7 +224,7 @@ def test_cuda_run_matches_cpu_run():
     cpu = run(MemoryConfig(device="cpu", **cfg))
     assert gpu.steps == cpu.steps
     assert gpu.singular_values[-1][:4] == pytest.approx(cpu.singular_values[-1][:4], rel=1e-3)
-    assert gpu.metrics["full"]["p_noise"] == pytest.approx(cpu.metrics["full"]["p_noise"], rel=1e-3)
+    assert gpu.metrics["full"].p_noise == pytest.approx(cpu.metrics["full"].p_noise, rel=1e-3)
 
 
 # --- validation --------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fasttrunc import hub
 from fasttrunc.cli.main import app
 from fasttrunc.experiments import pythia, sweep
-from fasttrunc.models import neox
+from fasttrunc.models import tiny_neox
 
 runner = CliRunner()
 
@@ -31,10 +32,10 @@ def _torch_backend(monkeypatch):
 def random_dir(tmp_path_factory):
     """An untrained tiny GPT-NeoX + word-level tokenizer saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("random-neox")
-    config = neox.TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=128)
-    tok = neox.build_word_tokenizer(neox._vocabulary(config.names))
+    config = tiny_neox.TinyNeoxConfig(hidden_size=32, num_layers=2, intermediate_size=128)
+    tok = tiny_neox.build_tiny_tokenizer(config.names)
     torch.manual_seed(3)
-    model = neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = tiny_neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -51,7 +52,7 @@ def trained_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-neox")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTTRUNC_BACKEND", "torch")
-        neox.make_tiny_neox(path, neox.TinyNeoxConfig(**TEST_RECIPE))
+        tiny_neox.make_tiny_neox(path, tiny_neox.TinyNeoxConfig(**TEST_RECIPE))
     return path
 
 
@@ -59,16 +60,16 @@ def trained_dir(tmp_path_factory):
 
 
 def test_load_local_directory_and_revisions(random_dir):
-    model, tok = neox.load_model(str(random_dir), dtype="float32")
+    model, tok = hub.load_model(str(random_dir), dtype="float32")
     assert type(model).__name__ == "GPTNeoXForCausalLM" and not model.training
     assert model.config.use_parallel_residual
     assert tok.encode(" Mary", add_special_tokens=False) == [tok.convert_tokens_to_ids("Mary")]
     with pytest.raises(ValueError, match="revision 'step5' is not in local model directory"):
-        neox.load_model(str(random_dir), revision="step5")
+        hub.load_model(str(random_dir), revision="step5")
     with pytest.raises(ValueError, match="does not exist"):
-        neox.load_model(str(random_dir / "missing"))
+        hub.load_model(str(random_dir / "missing"))
     with pytest.raises(ValueError, match="dtype 'float8'"):
-        neox.load_model(str(random_dir), dtype="float8")
+        hub.load_model(str(random_dir), dtype="float8")
 
 
 def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
@@ -103,12 +104,14 @@ def test_hub_id_offline_is_one_line_exit_2(monkeypatch):
 
 
 def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_dir, monkeypatch):
-    svd_calls: list[tuple[tuple[int, ...], int]] = []
-    real_svd = sweep.truncated_svd
+    import fasttrunc.truncation as truncation
 
-    def counting_svd(w, rank, **kw):
-        svd_calls.append((tuple(w.shape), rank))
-        return real_svd(w, rank, **kw)
+    svd_calls: list[list[tuple[tuple[int, ...], int]]] = []
+    real_svd = truncation.truncated_svd
+
+    def counting_svd(weights, ranks, **kw):
+        svd_calls.append(sorted((tuple(w.shape), k) for w, k in zip(weights, ranks)))
+        return real_svd(weights, ranks, **kw)
 
     scored: list[list[str]] = []
     real_evaluate = sweep._evaluate
@@ -117,15 +120,16 @@ def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_d
         scored.append(sorted(n for n, m in model.named_modules() if type(m).__name__ == "TruncatedLinear"))
         return real_evaluate(model, encoded, splits, batch_size)
 
-    monkeypatch.setattr(sweep, "truncated_svd", counting_svd)
+    monkeypatch.setattr(truncation, "truncated_svd", counting_svd)
     monkeypatch.setattr(sweep, "_evaluate", counting_evaluate)
     ranks = [0.5, 0.25, 3, 0]
     config = sweep.SweepConfig(model=str(random_dir), layers=[0, 1], matrices=["mlp_in", "mlp_out"], ranks=ranks, n=20)
     result = sweep.run(config)
     rev = result.revisions[0]
-    # mlp_in (128 x 32) of both layers in one batched call, mlp_out (32 x 128) in another, each up
-    # to the largest rank any cell needs: int(0.5 * 32) = 16.
-    assert sorted(svd_calls) == [((2, 32, 128), 16), ((2, 128, 32), 16)]
+    # One factorization for the whole sweep (none per cell): mlp_in (128 x 32) and mlp_out
+    # (32 x 128) of both layers, each up to the largest rank any cell needs: int(0.5 * 32) = 16,
+    # batched into one SVD per shape.
+    assert svd_calls == [[((32, 128), 16)] * 2 + [((128, 32), 16)] * 2]
     assert rev.svd_calls == 2 and rev.matrices_factorized == 4
     assert len(rev.cells) == 2 * 2 * len(ranks) == len(scored) - 1  # + the baseline
     keys = [(c.layer, c.matrix, c.rank) for c in rev.cells]
@@ -319,15 +323,62 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
 
     from fasttrunc.tasks import ioi
 
-    assert not set(neox.TRAIN_PLACES) & set(ioi.PLACES) and not set(neox.TRAIN_OBJECTS) & set(ioi.OBJECTS)
-    config = neox.TinyNeoxConfig()
+    assert not set(tiny_neox.TRAIN_PLACES) & set(ioi.PLACES) and not set(tiny_neox.TRAIN_OBJECTS) & set(ioi.OBJECTS)
+    config = tiny_neox.TinyNeoxConfig()
     rng = random.Random(0)
-    sentences = [neox._sentence(rng, config.names, config) for _ in range(3000)]
+    sentences = [tiny_neox.corpus_sentence(rng, config) for _ in range(3000)]
     ioi_like = [s for s in sentences if " and " in s]
     assert 0.27 < len(ioi_like) / len(sentences) < 0.36  # ioi_fraction 0.3125
-    noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in neox.NOUNS)]
+    noisy = [s for s in ioi_like if any(s.endswith(f" to the {noun} .") for noun in tiny_neox.NOUNS)]
     assert 0.43 < len(noisy) / len(ioi_like) < 0.57  # noise 0.5: "to the <noun>" instead of the IO
-    infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in neox.VERBS)]
+    infinitive = [s for s in sentences if any(s.endswith(f" to {verb} .") for verb in tiny_neox.VERBS)]
     assert 0.33 < len(infinitive) / len(sentences) < 0.42  # infinitive 0.375
     evaluation_words = set(ioi.PLACES) | set(ioi.OBJECTS)
     assert not any(evaluation_words & set(s.replace(",", " ").replace(".", " ").split()) for s in ioi_like)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(steps=0), "steps 0"),
+        (dict(seed=-1), "seed -1"),
+        (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not a multiple of num_heads 4"),
+        (dict(noise=1.5), "noise 1.5"),
+        (dict(ioi_fraction=0.7, infinitive=0.5), "exceeds 1"),
+        (dict(lr=0.0), "lr 0.0"),
+        (dict(steps=10, checkpoints=(5, 11)), "checkpoint step 11"),
+        (dict(names=("Mary",)), "at least 2"),
+        (dict(names=()), "names is empty"),
+    ],
+)
+def test_tiny_neox_config_validates_itself(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        tiny_neox.TinyNeoxConfig(**kwargs)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tiny_neox_config_is_frozen_and_canonical():
+    config = tiny_neox.TinyNeoxConfig(steps=10, checkpoints=[5, 10], names=["Mary", "John"])
+    assert config.checkpoints == (5, 10) and config.names == ("Mary", "John")
+    with pytest.raises(AttributeError):
+        config.steps = 3  # type: ignore[misc]
+    tok = tiny_neox.build_tiny_tokenizer(config.names)
+    assert tok.encode(" John", add_special_tokens=False) == [tok.convert_tokens_to_ids("John")]
+    assert set(tiny_neox.tiny_vocabulary(config.names)) >= {"Mary", "John", "to", "the", "<|endoftext|>"}
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: pythia.PythiaConfig(model=d, layers=[], matrices=["mlp_in"], rank=0), "layers is empty"),
+        (lambda d: pythia.PythiaConfig(model=d, layers=[0], matrices=["mlp_in"], rank=0, n=0), "n 0"),
+        (lambda d: pythia.PythiaConfig(model=d, layers=[0], matrices=["x"], rank=0), "matrix 'x'"),
+        (lambda d: sweep.SweepConfig(model=d, tasks=()), "tasks is empty"),
+        (lambda d: sweep.SweepConfig(model=d, select_by="mean_logit_diff", tasks=["factual"]), "only the ioi"),
+        (lambda d: sweep.SweepConfig(model=d, revisions=()), "revisions is empty"),
+    ],
+)
+def test_pythia_configs_validate_on_construction(make, words):
+    with pytest.raises(ValueError) as err:
+        make("some/local/dir")  # no model is loaded: construction alone checks
+    assert words in str(err.value) and "\n" not in str(err.value)

@@ -44,37 +44,38 @@ def default_run():
 @pytest.mark.slow
 def test_removing_ff2_restores_in_context_recall(default_run):
     full, effect = default_run.full, default_run.effect
-    removed = next(c for c in default_run.cells if c["matrix"] == "FF2 W2" and c["rho"] == 0.0)
-    assert effect["p_noise_full"] - removed["p_noise"] >= MIN_P_NOISE_DROP
-    assert removed["accuracy"] >= MIN_ACCURACY_WITHOUT_FF2
-    assert removed["accuracy"] - full["accuracy"] >= 0.2  # the full model is clearly worse
-    assert full["p_noise"] > 0.3  # it learned the noise: alpha = 0.5 of the mass at the end
-    assert effect["shown"] is True
+    removed = next(c.metrics for c in default_run.cells if c.matrix == "FF2 W2" and c.rho == 0.0)
+    assert effect.p_noise_full - removed.p_noise >= MIN_P_NOISE_DROP
+    assert removed.accuracy >= MIN_ACCURACY_WITHOUT_FF2
+    assert removed.accuracy - full.accuracy >= 0.2  # the full model is clearly worse
+    assert full.p_noise > 0.3  # it learned the noise: alpha = 0.5 of the mass at the end
+    assert effect.shown is True
     # Rank 0 of W1 or of W2 of a bias-free FF both remove it.
-    w1 = next(c for c in default_run.cells if c["matrix"] == "FF2 W1" and c["rho"] == 0.0)
-    assert w1["p_noise"] == pytest.approx(removed["p_noise"], abs=1e-5)
+    w1 = next(c.metrics for c in default_run.cells if c.matrix == "FF2 W1" and c.rho == 0.0)
+    assert w1.p_noise == pytest.approx(removed.p_noise, abs=1e-5)
     # The probe: FF2 alone pushes the trigger towards the noise token.
-    assert full["probe_margin"] > 0 and removed["probe_margin"] == 0.0
+    assert full.probe_margin > 0 and removed.probe_margin == 0.0
 
 
 @pytest.mark.slow
 def test_grid_and_full_rank_cells(default_run):
     cells = default_run.cells
-    assert [(c["matrix"], c["rho"]) for c in cells] == [
+    assert [(c.matrix, c.rho) for c in cells] == [
         (m, r) for m in ("FF1 W1", "FF1 W2", "FF2 W1", "FF2 W2") for r in (0.0, 0.1, 0.2, 0.5, 1.0)
     ]
-    assert [c["rank"] for c in cells[:5]] == [0, 6, 12, 32, 64]  # int(rho * d), d = 64
+    assert [c.rank for c in cells[:5]] == [0, 6, 12, 32, 64]  # int(rho * d), d = 64
     for cell in cells:
-        if cell["rho"] == 1.0:  # full rank through truncate_ is the model itself
-            assert cell["accuracy"] == pytest.approx(default_run.full["accuracy"], abs=2e-3)
-            assert cell["p_noise"] == pytest.approx(default_run.full["p_noise"], abs=1e-3)
+        if cell.rho == 1.0:  # full rank through truncate_ is the model itself
+            assert cell.metrics.accuracy == pytest.approx(default_run.full.accuracy, abs=2e-3)
+            assert cell.metrics.p_noise == pytest.approx(default_run.full.p_noise, abs=1e-3)
 
 
 @pytest.mark.slow
 def test_tracking_bookkeeping_and_json(default_run):
     dyn = default_run.dynamics
-    assert dyn["steps"] == [0, 50, 100, 150, 200, 250, 300]
-    assert set(dyn["series"]) == {
+    series, appears = dataclasses.asdict(dyn.series), dataclasses.asdict(dyn.appears)
+    assert dyn.steps == [0, 50, 100, 150, 200, 250, 300]
+    assert set(series) == {
         "accuracy_full",
         "p_noise_full",
         "accuracy_no_ff2",
@@ -83,15 +84,15 @@ def test_tracking_bookkeeping_and_json(default_run):
         "probe_margin",
         "attention_mass",
     }
-    assert all(len(v) == len(dyn["steps"]) for v in dyn["series"].values())
+    assert all(len(v) == len(dyn.steps) for v in series.values())
     # The in-context mechanism forms: layer-2 attention concentrates on positions after triggers.
-    assert dyn["series"]["attention_mass"][-1] > 0.8 > dyn["series"]["attention_mass"][0]
-    assert dyn["series"]["accuracy_no_ff2"][-1] >= MIN_ACCURACY_WITHOUT_FF2
-    assert set(dyn["appears"]) == set(dyn["series"])
+    assert dyn.series.attention_mass[-1] > 0.8 > dyn.series.attention_mass[0]
+    assert dyn.series.accuracy_no_ff2[-1] >= MIN_ACCURACY_WITHOUT_FF2
+    assert set(appears) == set(series)
     # The order the paper describes, as this seeded run shows it: FF2's share of the noise rises
     # within the first tracked interval, the attention mechanism only later.
-    assert dyn["appears"]["ff2_noise_share"] == 50 and dyn["appears"]["attention_mass"] >= 100
-    assert dyn["ff2_noise_before_in_context"] is True
+    assert dyn.appears.ff2_noise_share == 50 and dyn.appears.attention_mass >= 100
+    assert dyn.ff2_noise_before_in_context is True
     data = json.loads(json.dumps(default_run.to_dict()))
     assert {
         "config",
@@ -115,8 +116,8 @@ def test_tracking_changes_nothing_and_runs_are_seeded():
     tracked = run(RecallConfig(**TINY, track_every=3))
     again = run(RecallConfig(**TINY))
     assert plain.full == again.full and plain.cells == again.cells
-    assert tracked.full == plain.full and plain.train["loss_last"] == tracked.train["loss_last"]
-    assert tracked.dynamics["steps"] == [0, 3, 4]  # every K steps plus the last step
+    assert tracked.full == plain.full and plain.train.loss_last == tracked.train.loss_last
+    assert tracked.dynamics.steps == [0, 3, 4]  # every K steps plus the last step
     other = run(RecallConfig(**{**TINY, "seed": 1}))
     assert other.full != plain.full
 

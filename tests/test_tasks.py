@@ -21,9 +21,9 @@ def neox_tokenizer(neox_tokenizer_path):
 
 @pytest.fixture(scope="module")
 def word_tokenizer():
-    from fasttrunc.models.neox import _vocabulary, build_word_tokenizer
+    from fasttrunc.models.tiny_neox import build_tiny_tokenizer
 
-    return build_word_tokenizer(_vocabulary(["Mary", "John", "Tom", "Anna", "Kate"]))
+    return build_tiny_tokenizer(["Mary", "John", "Tom", "Anna", "Kate"])
 
 
 # --- IOI ----------------------------------------------------------------------------------------
@@ -141,12 +141,12 @@ def test_metrics_on_a_hand_computed_example():
     assert m.accuracy == pytest.approx(0.5)  # B: ids 1 and 3 tie, argmax picks 1
     assert m.mean_logit_diff == pytest.approx(math.log(0.5 / 0.125))
     assert m.logit_diff_accuracy == 1.0
-    assert scores.per_prompt()[1]["p_subject"] is None
+    assert scores.per_prompt()[1].p_subject is None
 
 
 @pytest.fixture(scope="module")
 def random_neox(word_tokenizer):
-    from fasttrunc.models.neox import TinyNeoxConfig, tiny_neox_model
+    from fasttrunc.models.tiny_neox import TinyNeoxConfig, tiny_neox_model
 
     tok = word_tokenizer
     torch.manual_seed(1)

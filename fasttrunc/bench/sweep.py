@@ -6,8 +6,9 @@ layer x {mlp_in, mlp_out} x LASER's 9 rhos by default), score the same prompts w
 batch size, and are timed in the same run on the same card:
 
 - ``fasttrunc``: :func:`fasttrunc.experiments.sweep.sweep_model`: each matrix factorized once
-  (batched), every cell swaps in sliced factors (``TruncatedLinear``, so the low-rank kernel
-  when it is there) and restores; the head is applied at the last positions only;
+  (``factorize``, batched), every cell truncated by ``truncate_`` from the sliced factors
+  (``TruncatedLinear``, so the low-rank kernel when it is there) and restored; the head is
+  applied at the last positions only;
 - ``laser``: for each cell ``torch.svd_lowrank(W.float(), q=rank, niter=2)``, write
   ``U diag(S) V^T`` into the dense weight, run the Hugging Face forward (full logits), restore
   the weight from a saved copy.
@@ -24,9 +25,12 @@ from typing import Any
 
 import torch
 
+from fasttrunc import checks
 from fasttrunc.experiments.sweep import LASER_RANKS, Cell, sweep_model
-from fasttrunc.ranks import resolve_rank
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
+from fasttrunc.families import expand_matrices
+from fasttrunc.ranks import resolve_rank, validate_rank_spec
+from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device, synchronize
+from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, aggregate
 from fasttrunc.truncation import Targets, resolve_targets
 
@@ -34,7 +38,7 @@ from fasttrunc.truncation import Targets, resolve_targets
 PYTHIA_1_4B = {"num_layers": 24, "hidden_size": 2048, "num_heads": 16, "intermediate_size": 8192, "vocab_size": 50304}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SweepBenchConfig:
     num_layers: int = PYTHIA_1_4B["num_layers"]
     hidden_size: int = PYTHIA_1_4B["hidden_size"]
@@ -50,6 +54,29 @@ class SweepBenchConfig:
     method: str = "exact"
     device: str = "cuda"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "batch_size", "prompt_len"):
+            checks.positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                "allowed: a hidden size the heads divide"
+            )
+        checks.integer("vocab_size", self.vocab_size, 254)  # the prompts score token 253, " the"
+        checks.integer("n_prompts", self.n_prompts, 2)  # selection and report prompts
+        matrices = checks.non_empty("matrices", self.matrices)
+        for matrix in matrices:
+            expand_matrices(checks.text("matrix", matrix))
+        ranks = checks.non_empty("ranks", self.ranks)
+        for rank in ranks:
+            validate_rank_spec(rank)
+        object.__setattr__(self, "matrices", tuple(matrices))
+        object.__setattr__(self, "ranks", tuple(ranks))
+        parse_dtype(self.dtype)
+        check_method(self.method)
+        resolve_device(self.device)
+        checks.seed("seed", self.seed)
 
 
 @dataclasses.dataclass
@@ -67,10 +94,8 @@ class SweepBenchResult(ResultMixin):
     max_abs_diff_p_correct: float  # between the two paths, over cells (selection + report prompts)
 
 
-def _model(config: SweepBenchConfig, device: torch.device):
+def _model(config: SweepBenchConfig, device: torch.device) -> Any:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from fasttrunc.models.neox import parse_dtype
 
     hf = GPTNeoXConfig(
         vocab_size=config.vocab_size,
@@ -86,7 +111,7 @@ def _model(config: SweepBenchConfig, device: torch.device):
     )
     torch.manual_seed(config.seed)
     with torch.device(device):
-        model = GPTNeoXForCausalLM(hf)
+        model: Any = GPTNeoXForCausalLM(hf)
     return model.to(parse_dtype(config.dtype)).eval()
 
 
@@ -104,7 +129,7 @@ def _prompts(config: SweepBenchConfig) -> EncodedPrompts:
 
 
 @torch.no_grad()
-def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
+def _laser_scores(model: Any, enc: EncodedPrompts, batch_size: int) -> Scores:
     """The Hugging Face forward with full logits, read at the last position."""
     device = next(model.parameters()).device
     parts = []
@@ -124,18 +149,15 @@ def _laser_scores(model, enc: EncodedPrompts, batch_size: int) -> Scores:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress):
+def _laser(
+    model: Any, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress
+) -> tuple[float, float, list[float]]:
     """LASER's per-cell recipe; returns (svd seconds, eval seconds, mean P(correct) per cell)."""
     svd_s = eval_s = 0.0
     p_correct: list[float] = []
     cells = [(layer, m, r) for layer in range(config.num_layers) for m in config.matrices for r in config.ranks]
     for done, (layer, matrix, rank) in enumerate(cells):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         saved = {}
         with torch.no_grad():
@@ -148,13 +170,13 @@ def _laser(model, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.d
                     continue
                 u, s, v = torch.svd_lowrank(weight.float(), q=k, niter=2)
                 weight.copy_(((u * s) @ v.T).to(weight.dtype))
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         scores = _laser_scores(model, enc, config.batch_size)
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_submodule(name).weight.copy_(original)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         svd_s += t1 - t0
         eval_s += t2 - t1
@@ -171,8 +193,6 @@ def _mean_p_correct(cell: Cell, n_select: int, n_report: int) -> float:
 def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> SweepBenchResult:
     config = config or SweepBenchConfig()
     device = resolve_device(config.device)
-    if config.n_prompts < 2:
-        raise ValueError(f"n_prompts {config.n_prompts} must be >= 2 (selection and report prompts)")
     model = _model(config, device)
     enc = _prompts(config)
     n_select = max(1, round(0.2 * config.n_prompts))
@@ -190,7 +210,7 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
         method=config.method,
         batch_size=config.batch_size,
     )
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     grid = sweep_model(
         model,
@@ -204,7 +224,7 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
         progress=progress,
         label=" fasttrunc",
     )
-    _sync(device)
+    synchronize(device)
     ft_seconds = time.perf_counter() - t0
     laser_svd, laser_eval, laser_p = _laser(model, enc, config, device, progress)
     ours = [_mean_p_correct(c, n_select, config.n_prompts - n_select) for c in grid.cells]

@@ -2,7 +2,7 @@
 
 Trains :class:`fasttrunc.models.memory.AssociativeMemory` from ``W = 0`` by plain SGD on sampled
 pairs (or by full-batch gradient descent on the exact expected loss) with the shared loop of
-:mod:`fasttrunc.experiments.training`, and every ``record_every`` steps records, from one SVD of
+:mod:`fasttrunc.training`, and every ``record_every`` steps records, from one SVD of
 W (:func:`fasttrunc.truncated_svd`):
 
 - all singular values of W;
@@ -30,26 +30,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from fasttrunc.experiments.training import OptimConfig, train
-from fasttrunc.models.memory import AssociativeMemory, prediction_metrics
+from fasttrunc import checks
+from fasttrunc.models.memory import AssociativeMemory, Predictions, prediction_metrics
 from fasttrunc.runs import Progress, ResultMixin, cpu_threads, resolve_device
 from fasttrunc.svd import truncated_svd
+from fasttrunc.training import OptimConfig, train
 
 METRICS = ("accuracy", "p_noise", "p_clean", "association_accuracy")
 # The top component "holds" the noise association once it carries at least half of the mean noise margin.
 HOLDS_NOISE = 0.5
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} {value!r} is outside [{low}, {high}]; an integer is required")
-    return value
 
 
 @dataclass(frozen=True)
@@ -71,32 +66,56 @@ class MemoryConfig:
     top_components: int = 8  # beyond the first, components carried < 0.2% of the noise margin in every default run
 
     def __post_init__(self) -> None:
-        _check_int("d", self.d, 2, 4096)
-        _check_int("n_tokens", self.n_tokens, 2, 65536)
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a < 1:
-            raise ValueError(f"alpha {a!r} is outside (0, 1): the noise needs some pairs and the clean map the rest")
-        sh = self.shared
-        if isinstance(sh, bool) or not isinstance(sh, (int, float)) or not math.isfinite(sh) or not 0 <= sh < 1:
-            raise ValueError(f"shared {sh!r} is outside [0, 1)")
-        if (
-            isinstance(self.lr, bool)
-            or not isinstance(self.lr, (int, float))
-            or not math.isfinite(self.lr)
-            or self.lr <= 0
-        ):
-            raise ValueError(f"lr {self.lr!r} must be a finite number > 0")
-        _check_int("steps", self.steps, 1, 1_000_000)
-        _check_int("batch_size", self.batch_size, 1, 1_000_000)
-        _check_int("record_every", self.record_every, 1, self.steps)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        if not self.ks:
-            raise ValueError("ks is empty; give at least one number of top components")
-        for k in self.ks:
-            _check_int("k", k, 1, self.d - 1)
-        if list(self.ks) != sorted(set(self.ks)):
-            raise ValueError(f"ks {self.ks!r} must be strictly increasing")
-        _check_int("top_components", self.top_components, 1, self.d)
+        checks.integer("d", self.d, 2, 4096)
+        checks.integer("n_tokens", self.n_tokens, 2, 65536)
+        # (0, 1): the noise needs some pairs and the clean map the rest.
+        checks.real("alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=True)
+        checks.real("shared", self.shared, 0.0, 1.0, high_open=True)
+        checks.real("lr", self.lr, 0.0, low_open=True)
+        checks.integer("steps", self.steps, 1, 1_000_000)
+        checks.integer("batch_size", self.batch_size, 1, 1_000_000)
+        checks.integer("record_every", self.record_every, 1, self.steps)
+        checks.seed("seed", self.seed)
+        ks = tuple(checks.integer("k", k, 1, self.d - 1) for k in checks.non_empty("ks", self.ks))
+        if list(ks) != sorted(set(ks)):
+            raise ValueError(f"ks {ks!r} must be strictly increasing; allowed: distinct ks in increasing order")
+        object.__setattr__(self, "ks", ks)
+        checks.integer("top_components", self.top_components, 1, self.d)
+        resolve_device(self.device)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one measurement of W holds (see the module docstring)."""
+
+    singular_values: list[float]  # all d, descending
+    noise_share: list[float]  # of the top components
+    noise_alignment: list[float]
+    predictions: dict[str, Predictions[float]]  # variant -> clean-data metrics
+
+
+@dataclass(frozen=True)
+class MemorySummary:
+    """The outcome in numbers (see :func:`summarize`); ``samples_*`` are None with full batch."""
+
+    noise_component: int
+    noise_share_final: float
+    noise_alignment_final: float
+    singular_gap_final: float
+    step_noise_on_top_first: int | None
+    step_noise_on_top: int | None
+    step_association_half: int | None
+    step_association_90: int | None
+    step_p_noise_half: int | None
+    step_p_clean_half: int | None
+    samples_noise_on_top_first: int | None
+    samples_noise_on_top: int | None
+    samples_association_half: int | None
+    samples_association_90: int | None
+    samples_p_noise_half: int | None
+    samples_p_clean_half: int | None
+    final: dict[str, Predictions[float]]
+    restoring_truncation: str | None
 
 
 @dataclass
@@ -105,8 +124,8 @@ class MemoryResult(ResultMixin):
 
     ``samples[i]``: training pairs drawn by then (SGD; None with full batch). ``singular_values[i]``:
     all d singular values of W, descending. ``noise_share[i][j]`` / ``noise_alignment[i][j]``: of
-    component j + 1. ``metrics[variant][metric][i]`` with variants ``full``, ``remove_top_<k>``,
-    ``keep_top_<k>``. ``summary``: the outcome in numbers (see :func:`summarize`).
+    component j + 1. ``metrics[variant]`` holds one list per metric, with variants ``full``,
+    ``remove_top_<k>``, ``keep_top_<k>``. ``summary``: the outcome in numbers (see :func:`summarize`).
     """
 
     config: MemoryConfig
@@ -116,9 +135,9 @@ class MemoryResult(ResultMixin):
     singular_values: list[list[float]]
     noise_share: list[list[float]]
     noise_alignment: list[list[float]]
-    metrics: dict[str, dict[str, list[float]]]
-    summary: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    metrics: dict[str, Predictions[list[float]]]
+    summary: MemorySummary
+    seconds: float
 
 
 def variants(ks: tuple[int, ...]) -> list[str]:
@@ -151,7 +170,23 @@ def _first_step(steps: list[int], ok: list[bool], *, stays: bool = False) -> int
     return found
 
 
-def summarize(result: MemoryResult) -> dict[str, Any]:
+def _last(series: Predictions[list[float]]) -> Predictions[float]:
+    return Predictions(
+        accuracy=series.accuracy[-1],
+        p_noise=series.p_noise[-1],
+        p_clean=series.p_clean[-1],
+        association_accuracy=series.association_accuracy[-1],
+    )
+
+
+def summarize(
+    config: MemoryConfig,
+    steps: list[int],
+    singular_values: list[list[float]],
+    noise_share: list[list[float]],
+    noise_alignment: list[list[float]],
+    metrics: dict[str, Predictions[list[float]]],
+) -> MemorySummary:
     """The outcome: where the noise lives, how fast each part is learned, what truncation does.
 
     ``noise_component``: 1-based index of the component with the largest final noise share.
@@ -160,42 +195,52 @@ def summarize(result: MemoryResult) -> dict[str, Any]:
     holds at every later record. ``step_association_half`` / ``_90``: first record with
     association accuracy >= 0.5 / 0.9. ``step_p_noise_half`` / ``step_p_clean_half``: first record
     where P(noise) / P(f(x)) reaches half of its final value. With SGD each ``step_*`` has a
-    ``samples_*`` twin (training pairs drawn by then). ``final``: last record of every variant. ``restoring_truncation``:
-    the truncated variant with the lowest final P(noise) among those whose final clean accuracy
-    is at least that of W (None if none is).
+    ``samples_*`` twin (training pairs drawn by then; None with full batch). ``final``: last record
+    of every variant. ``restoring_truncation``: the truncated variant with the lowest final
+    P(noise) among those whose final clean accuracy is at least that of W (None if none is).
     """
-    cfg, steps = result.config, result.steps
-    shares = result.noise_share
+    shares = noise_share
     last = shares[-1]
     finite = [(v if math.isfinite(v) else -math.inf) for v in last]
     top = max(range(len(finite)), key=lambda i: finite[i])
     on_top = [math.isfinite(row[0]) and row[0] >= HOLDS_NOISE for row in shares]
-    full = result.metrics["full"]
-    p_noise_final = full["p_noise"][-1]
-    final = {name: {m: values[-1] for m, values in per.items()} for name, per in result.metrics.items()}
-    full_acc = final["full"]["accuracy"]
-    candidates = [n for n in final if n != "full" and final[n]["accuracy"] >= full_acc]
-    restoring = min(candidates, key=lambda n: (final[n]["p_noise"], -final[n]["p_clean"])) if candidates else None
-    s_last = result.singular_values[-1]
-    out = {
-        "noise_component": top + 1,
-        "noise_share_final": last[top],
-        "noise_alignment_final": result.noise_alignment[-1][top],
-        "singular_gap_final": s_last[0] / s_last[1] if s_last[1] > 0 else math.inf,
-        "step_noise_on_top_first": _first_step(steps, on_top),
-        "step_noise_on_top": _first_step(steps, on_top, stays=True),
-        "step_association_half": _first_step(steps, [a >= 0.5 for a in full["association_accuracy"]]),
-        "step_association_90": _first_step(steps, [a >= 0.9 for a in full["association_accuracy"]]),
-        "step_p_noise_half": _first_step(steps, [p >= p_noise_final / 2 for p in full["p_noise"]]),
-        "step_p_clean_half": _first_step(steps, [p >= full["p_clean"][-1] / 2 for p in full["p_clean"]]),
-        "final": final,
-        "restoring_truncation": restoring,
-    }
-    if not cfg.full_batch:
-        for key in [k for k in out if k.startswith("step_")]:
-            step = out[key]
-            out[key.replace("step_", "samples_")] = None if step is None else step * cfg.batch_size
-    return out
+    full = metrics["full"]
+    p_noise_final = full.p_noise[-1]
+    final = {name: _last(series) for name, series in metrics.items()}
+    full_acc = final["full"].accuracy
+    candidates = [n for n in final if n != "full" and final[n].accuracy >= full_acc]
+    restoring = min(candidates, key=lambda n: (final[n].p_noise, -final[n].p_clean)) if candidates else None
+    s_last = singular_values[-1]
+    step_noise_on_top_first = _first_step(steps, on_top)
+    step_noise_on_top = _first_step(steps, on_top, stays=True)
+    step_association_half = _first_step(steps, [a >= 0.5 for a in full.association_accuracy])
+    step_association_90 = _first_step(steps, [a >= 0.9 for a in full.association_accuracy])
+    step_p_noise_half = _first_step(steps, [p >= p_noise_final / 2 for p in full.p_noise])
+    step_p_clean_half = _first_step(steps, [p >= full.p_clean[-1] / 2 for p in full.p_clean])
+
+    def samples(step: int | None) -> int | None:
+        return None if config.full_batch or step is None else step * config.batch_size
+
+    return MemorySummary(
+        noise_component=top + 1,
+        noise_share_final=last[top],
+        noise_alignment_final=noise_alignment[-1][top],
+        singular_gap_final=s_last[0] / s_last[1] if s_last[1] > 0 else math.inf,
+        step_noise_on_top_first=step_noise_on_top_first,
+        step_noise_on_top=step_noise_on_top,
+        step_association_half=step_association_half,
+        step_association_90=step_association_90,
+        step_p_noise_half=step_p_noise_half,
+        step_p_clean_half=step_p_clean_half,
+        samples_noise_on_top_first=samples(step_noise_on_top_first),
+        samples_noise_on_top=samples(step_noise_on_top),
+        samples_association_half=samples(step_association_half),
+        samples_association_90=samples(step_association_90),
+        samples_p_noise_half=samples(step_p_noise_half),
+        samples_p_clean_half=samples(step_p_clean_half),
+        final=final,
+        restoring_truncation=restoring,
+    )
 
 
 def run(config: MemoryConfig, progress: Progress = None) -> MemoryResult:
@@ -219,30 +264,23 @@ def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> Memo
         return F.cross_entropy(model(x), y)
 
     k_top = config.top_components
-    names = variants(config.ks)
-    record: dict[str, Any] = {
-        "sv": [],
-        "share": [],
-        "align": [],
-        "metrics": {n: {m: [] for m in METRICS} for n in names},
-    }
 
-    def track(step: int) -> dict[str, float]:
+    def track(step: int) -> Record:
         w = model.memory.weight.detach()
-        u, s, vh = truncated_svd(w, config.d)  # all components, exact, sorted descending
+        # All components, exact, sorted descending (one matrix in, one (U, S, Vh) out).
+        u, s, vh = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor]", truncated_svd(w, config.d))
         share, align = noise_components(model, u, s, vh)
-        record["sv"].append(s.tolist())
-        record["share"].append(share[:k_top])
-        record["align"].append(align[:k_top])
         weights = {"full": w}
         for k in config.ks:
             top = (u[:, :k] * s[:k]) @ vh[:k]
             weights[f"remove_top_{k}"] = w - top
             weights[f"keep_top_{k}"] = top
-        for name, weight in weights.items():
-            for metric, value in prediction_metrics(model, weight).items():
-                record["metrics"][name][metric].append(value)
-        return {}
+        return Record(
+            singular_values=s.tolist(),
+            noise_share=share[:k_top],
+            noise_alignment=align[:k_top],
+            predictions={name: prediction_metrics(model, weight) for name, weight in weights.items()},
+        )
 
     optim = OptimConfig(name="sgd", lr=float(config.lr), momentum=0.0)  # plain SGD / GD, as in the model's analysis
     history = train(
@@ -251,22 +289,36 @@ def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> Memo
         steps=config.steps,
         optim=optim,
         progress=progress,
-        description="memory: training",
+        stage="memory: training",
         track=track,
         track_every=config.record_every,
         progress_every=max(1, config.steps // 100),
     )
     steps = list(history.track_steps)
-    result = MemoryResult(
+    records = history.tracked
+
+    def series(name: str) -> Predictions[list[float]]:
+        rows = [r.predictions[name] for r in records]
+        return Predictions(
+            accuracy=[p.accuracy for p in rows],
+            p_noise=[p.p_noise for p in rows],
+            p_clean=[p.p_clean for p in rows],
+            association_accuracy=[p.association_accuracy for p in rows],
+        )
+
+    singular_values = [r.singular_values for r in records]
+    noise_share = [r.noise_share for r in records]
+    noise_alignment = [r.noise_alignment for r in records]
+    metrics = {name: series(name) for name in variants(config.ks)}
+    return MemoryResult(
         config=config,
         steps=steps,
         samples=None if config.full_batch else [t * config.batch_size for t in steps],
         losses=history.losses,
-        singular_values=record["sv"],
-        noise_share=record["share"],
-        noise_alignment=record["align"],
-        metrics=record["metrics"],
+        singular_values=singular_values,
+        noise_share=noise_share,
+        noise_alignment=noise_alignment,
+        metrics=metrics,
+        summary=summarize(config, steps, singular_values, noise_share, noise_alignment, metrics),
+        seconds=time.perf_counter() - start,
     )
-    result.summary = summarize(result)
-    result.seconds = time.perf_counter() - start
-    return result

@@ -8,23 +8,25 @@ truncates the chosen matrices, scores again and restores.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fasttrunc import checks
+from fasttrunc.families import expand_matrices
+from fasttrunc.hub import load_model
 from fasttrunc.ranks import validate_rank_spec
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
+from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device
 from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import (
     DEFAULT_BATCH_SIZE,
     Prompt,
+    PromptMetrics,
     TaskMetrics,
     aggregate,
-    check_count,
     encode_prompts,
     score,
 )
-from fasttrunc.truncation import Targets, expand_matrices, truncate_
+from fasttrunc.truncation import Targets, truncate_
 
 TASKS = ("ioi", "factual")
 # IOI prompts by default: the paper's and LASER's evaluation sets are a few hundred prompts;
@@ -32,13 +34,11 @@ TASKS = ("ioi", "factual")
 DEFAULT_IOI_PROMPTS = 200
 
 
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not known; allowed: {', '.join(TASKS)}")
-    return task
+def check_task(task: object) -> str:
+    return checks.choice("task", task, TASKS)
 
 
-def task_prompts(task: str, tokenizer, n: int | None, seed: int) -> list[Prompt]:
+def task_prompts(task: str, tokenizer: Any, n: int | None, seed: int) -> list[Prompt]:
     """``n`` prompts of ``task`` (IOI: 200 by default; factual: every usable fact by default)."""
     check_task(task)
     if task == "ioi":
@@ -50,11 +50,19 @@ def task_prompts(task: str, tokenizer, n: int | None, seed: int) -> list[Prompt]
     return build_factual_prompts(tokenizer, n, seed)
 
 
-@dataclass(kw_only=True)
-class ModelRunSettings:
-    """What every Pythia experiment takes besides its own grid: where, which prompts, how."""
+def _freeze(config: object, name: str, value: object) -> None:
+    """Set a field of a frozen config to its canonical form (tuples for sequences, as given in JSON)."""
+    object.__setattr__(config, name, value)
 
-    revisions: Sequence[str | None] = (None,)
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRunSettings:
+    """What every Pythia experiment takes besides its own grid: where, which prompts, how.
+
+    Checked on construction, before any model is loaded.
+    """
+
+    revisions: tuple[str | None, ...] = (None,)
     n: int | None = None
     seed: int = 0
     device: str = "cpu"
@@ -62,27 +70,50 @@ class ModelRunSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     method: str = "exact"
 
-    def check_settings(self) -> None:
-        """Checks run before any model is loaded."""
-        from fasttrunc.models.neox import parse_dtype
-
-        if not self.revisions:
-            raise ValueError("revisions is empty; give at least one (None: the default revision)")
+    def __post_init__(self) -> None:
+        revisions = checks.non_empty("revisions", self.revisions)
+        for revision in revisions:
+            if revision is not None:
+                checks.text("revision", revision)
+        _freeze(self, "revisions", tuple(revisions))
         if self.n is not None:
-            check_count("n", self.n)
-        check_count("batch_size", self.batch_size)
+            checks.positive("n", self.n)
+        checks.seed("seed", self.seed)
+        checks.positive("batch_size", self.batch_size)
         resolve_device(self.device)
         parse_dtype(self.dtype)
         check_method(self.method)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PythiaConfig(ModelRunSettings):
     model: str
-    layers: Sequence[int]
-    matrices: Sequence[str]
+    layers: tuple[int, ...]
+    matrices: tuple[str, ...]
     rank: int | float
     task: str = "ioi"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.text("model", self.model)
+        layers = [checks.integer("layer", layer) for layer in checks.non_empty("layers", self.layers)]
+        _freeze(self, "layers", tuple(layers))
+        matrices = [self.matrices] if isinstance(self.matrices, str) else self.matrices
+        expand_matrices(matrices)
+        _freeze(self, "matrices", tuple(matrices))
+        validate_rank_spec(self.rank)
+        check_task(self.task)
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """One prompt and its metrics before and after the truncation."""
+
+    text: str
+    answer: str
+    subject: str | None
+    baseline: PromptMetrics
+    truncated: PromptMetrics
 
 
 @dataclass
@@ -90,11 +121,11 @@ class RevisionResult:
     revision: str | None
     baseline: TaskMetrics
     truncated: TaskMetrics
-    modules: dict[str, dict[str, Any]]  # truncated module -> rank, method
+    modules: dict[str, dict[str, Any]]  # truncated module -> rank, method (Truncation.spec())
     # truncated / baseline, for each of the two ratio aggregates
     gain_mean_of_ratios: float
     gain_ratio_of_means: float
-    prompts: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[PromptScore] = field(default_factory=list)
 
 
 @dataclass
@@ -110,14 +141,7 @@ def _gain(after: float, before: float) -> float:
 
 
 def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
-    from fasttrunc.models.neox import load_model
-
-    check_task(config.task)
-    config.check_settings()
-    validate_rank_spec(config.rank)
-    expand_matrices(config.matrices)
-    if not config.layers:
-        raise ValueError("layers is empty; give at least one layer index")
+    """For each revision: load, score the prompts, truncate through ``truncate_``, score again, restore."""
     start = time.perf_counter()
     results: list[RevisionResult] = []
     n_prompts = 0
@@ -144,7 +168,7 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
                 gain_mean_of_ratios=_gain(cut_metrics.mean_of_ratios, base_metrics.mean_of_ratios),
                 gain_ratio_of_means=_gain(cut_metrics.ratio_of_means, base_metrics.ratio_of_means),
                 prompts=[
-                    {"text": p.text, "answer": p.answer, "subject": p.subject, "baseline": b, "truncated": c}
+                    PromptScore(text=p.text, answer=p.answer, subject=p.subject, baseline=b, truncated=c)
                     for p, b, c in zip(prompts, base.per_prompt(), cut.per_prompt())
                 ],
             )

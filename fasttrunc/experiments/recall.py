@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from fasttrunc import checks
-from fasttrunc.experiments.training import OptimConfig, TrainHistory, check_steps, summary, train
-from fasttrunc.models.toy import ToyTransformer
+from fasttrunc.linear import TruncatedLinear
+from fasttrunc.models.toy import Block, ToyTransformer
 from fasttrunc.runs import Progress, ResultMixin, cpu_threads, report, resolve_device
 from fasttrunc.tasks.recall import TRIGGER, MarkovChain, RecallBatch, make_chain, sample_batch
+from fasttrunc.training import OptimConfig, TrainHistory, check_steps, train
 from fasttrunc.truncation import Targets, truncate_
 
 # (label, layer, matrix alias) of the FF matrices the evaluation grid truncates.
@@ -79,56 +80,142 @@ class RecallConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides: Any) -> RecallConfig:
-        if preset not in PRESETS:
-            raise ValueError(f"preset {preset!r} is not known; allowed: {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        """The preset's values, with every override that is not None."""
+        values = {
+            **PRESETS[checks.choice("preset", preset, PRESETS)],
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
         return cls(preset=preset, **values)
 
-    def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset {self.preset!r} is not known; allowed: {', '.join(PRESETS)}")
+    def __post_init__(self) -> None:
+        checks.choice("preset", self.preset, PRESETS)
         checks.fraction("alpha", self.alpha)
         check_steps(self.steps, self.track_every)
-        for name in (
-            "n_tokens",
-            "d_model",
-            "d_ff",
-            "seq_len",
-            "batch_size",
-            "eval_sequences",
-            "track_sequences",
-            "cpu_threads",
-        ):
-            value = getattr(self, name)
-            low = 3 if name == "n_tokens" else 2 if name == "seq_len" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} {value!r} must be an integer >= {low}")
-        if not self.rhos:
-            raise ValueError("rhos is empty; give at least one rho in [0, 1]")
-        for rho in self.rhos:
-            checks.fraction("rho", rho)
+        checks.integer("n_tokens", self.n_tokens, 3)  # the trigger, the noise token and at least one answer
+        checks.integer("seq_len", self.seq_len, 2)  # a trigger and the token after it
+        for name in ("d_model", "d_ff", "batch_size", "eval_sequences", "track_sequences", "cpu_threads"):
+            checks.positive(name, getattr(self, name))
+        checks.seed("seed", self.seed)
+        rhos = tuple(checks.fraction("rho", rho) for rho in checks.non_empty("rhos", self.rhos))
+        object.__setattr__(self, "rhos", rhos)
         self.optim()
+        resolve_device(self.device)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(self.optimizer, self.lr, self.momentum, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class RecallMetrics:
+    """Metrics at the evaluated trigger positions (see :func:`evaluate`)."""
+
+    accuracy: float
+    p_answer: float
+    p_noise: float
+    probe_margin: float
+    attention_mass: float
+
+
+@dataclass(frozen=True)
+class RecallCell:
+    """One cell of the truncation grid: one FF matrix at one rho."""
+
+    matrix: str  # FF1 W1, FF1 W2, FF2 W1 or FF2 W2
+    module: str  # its qualified name in the model
+    rho: float
+    rank: int
+    metrics: RecallMetrics
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Mean loss over the first and the last 20 steps, the steps taken and the training time."""
+
+    loss_first: float
+    loss_last: float
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What counts as the effect being shown (see the constants of this module)."""
+
+    min_p_noise_drop: float = MIN_P_NOISE_DROP
+    min_accuracy_without_ff2: float = MIN_ACCURACY_WITHOUT_FF2
+    full_model_accuracy_lower_by: float = CLEARLY_WORSE
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Removing FF2 against the full model, and whether that meets :class:`Criteria`."""
+
+    p_noise_full: float
+    p_noise_without_ff2: float
+    p_noise_drop: float
+    accuracy_full: float
+    accuracy_without_ff2: float
+    criteria: Criteria
+    shown: bool
+
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Tracked(Generic[V]):
+    """One value per tracked quantity: a measurement (floats), a curve (lists) or when each appears.
+
+    ``_full``: the model as it is; ``_no_ff2``: with FF2 removed. ``ff2_noise_share``: P(noise)
+    minus P(noise) without FF2. ``probe_margin`` and ``attention_mass``: as in :func:`evaluate`.
+    """
+
+    accuracy_full: V
+    accuracy_no_ff2: V
+    p_noise_full: V
+    p_noise_no_ff2: V
+    ff2_noise_share: V
+    probe_margin: V
+    attention_mass: V
+
+
+TRACKED = tuple(f.name for f in dataclasses.fields(Tracked))
+
+DYNAMICS_DEFINITION = (
+    "a metric appears at the first tracked step where it has risen half of the way from its value at "
+    "step 0 to its final value (a metric that ends lower than it started never appears); FF2's noise "
+    "association is ff2_noise_share = P(noise) of the full model minus P(noise) with FF2 removed, the "
+    "in-context mechanism is attention_mass"
+)
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    """The tracked curves, lined up with ``steps``, and the step at which each appears."""
+
+    steps: list[int]
+    series: Tracked[list[float]]
+    appears: Tracked[int | None]
+    ff2_noise_before_in_context: bool | None
+    definition: str = DYNAMICS_DEFINITION
 
 
 @dataclass
 class RecallResult(ResultMixin):
     """Metrics at trigger positions of clean test data; ``cells`` holds one row per (matrix, rho)."""
 
-    config: dict[str, Any]
+    config: RecallConfig
     data: str
     n_eval_positions: int
-    train: dict[str, Any]
-    full: dict[str, float]
-    cells: list[dict[str, Any]]
-    effect: dict[str, Any]
-    dynamics: dict[str, Any] | None = None
+    train: TrainSummary
+    full: RecallMetrics
+    cells: list[RecallCell]
+    effect: Effect
+    dynamics: Dynamics | None = None
     seconds: float = 0.0
 
 
-def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> dict[str, float]:
+def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> RecallMetrics:
     """Accuracy of ybar, mean P(ybar), mean P(noise), the FF2 probe and layer-2 attention mass.
 
     All at the masked positions (trigger with an earlier trigger). ``probe_margin``: FF2 applied
@@ -142,7 +229,7 @@ def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> dic
         probs = logits.float().softmax(dim=-1)
         answers = batch.answers[:, None].expand_as(batch.mask)[batch.mask]
         last = len(model.blocks) - 1
-        ff_logits = model.logits_of(model.blocks[last].ff(capture[f"blocks.{last}.ff_in"])).float()
+        ff_logits = model.logits_of(cast(Block, model.blocks[last]).ff(capture[f"blocks.{last}.ff_in"])).float()
         others = ff_logits.clone()
         others[:, noise_token] = float("-inf")
         margin = ff_logits[:, noise_token] - others.max(dim=-1).values
@@ -150,16 +237,16 @@ def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> dic
         after_trigger[:, 1:] = batch.inputs[:, :-1] == TRIGGER
         attn = capture[f"blocks.{last}.attn"]
         mass = (attn * after_trigger[:, None, :]).sum(dim=-1)[batch.mask]
-    return {
-        "accuracy": float((probs.argmax(dim=-1) == answers).float().mean()),
-        "p_answer": float(probs.gather(1, answers[:, None]).mean()),
-        "p_noise": float(probs[:, noise_token].mean()),
-        "probe_margin": float(margin.mean()),
-        "attention_mass": float(mass.mean()),
-    }
+    return RecallMetrics(
+        accuracy=float((probs.argmax(dim=-1) == answers).float().mean()),
+        p_answer=float(probs.gather(1, answers[:, None]).mean()),
+        p_noise=float(probs[:, noise_token].mean()),
+        probe_margin=float(margin.mean()),
+        attention_mass=float(mass.mean()),
+    )
 
 
-def evaluate_without_ff2(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> dict[str, float]:
+def evaluate_without_ff2(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> RecallMetrics:
     """:func:`evaluate` with FF2 removed: rank 0 on its W2 (no bias, so FF2's output is zero)."""
     with truncate_(model, Targets(layers=-1, matrices="mlp_out"), rank=0):
         return evaluate(model, batch, noise_token)
@@ -186,26 +273,21 @@ def _loss(model: ToyTransformer, batch: RecallBatch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum") / max(int(targets.numel()), 1)
 
 
-def _dynamics(history: TrainHistory) -> dict[str, Any]:
-    steps, series = history.track_steps, history.tracked
-    appears = {name: first_crossing(steps, values) for name, values in series.items()}
-    ff2, attn = appears["ff2_noise_share"], appears["attention_mass"]
-    return {
-        "steps": steps,
-        "series": series,
-        "appears": appears,
-        "definition": (
-            "a metric appears at the first tracked step where it has risen half of the way from its value at "
-            "step 0 to its final value (a metric that ends lower than it started never appears); FF2's noise association is ff2_noise_share = P(noise) of the full model "
-            "minus P(noise) with FF2 removed, the in-context mechanism is attention_mass"
-        ),
-        "ff2_noise_before_in_context": None if ff2 is None or attn is None else ff2 < attn,
-    }
+def _dynamics(history: TrainHistory[Tracked[float]]) -> Dynamics:
+    steps = list(history.track_steps)
+    series = Tracked[list[float]](**{name: [getattr(t, name) for t in history.tracked] for name in TRACKED})
+    appears = Tracked[int | None](**{name: first_crossing(steps, getattr(series, name)) for name in TRACKED})
+    ff2, attn = appears.ff2_noise_share, appears.attention_mass
+    return Dynamics(
+        steps=steps,
+        series=series,
+        appears=appears,
+        ff2_noise_before_in_context=None if ff2 is None or attn is None else ff2 < attn,
+    )
 
 
 def run(config: RecallConfig, progress: Progress = None) -> RecallResult:
     """Train, evaluate the truncation grid, and (with ``track_every``) record the dynamics."""
-    config.validate()
     device = resolve_device(config.device)
     with cpu_threads(config.cpu_threads, device):
         return _run(config, device, progress)
@@ -231,18 +313,19 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
     def loss_at(step: int) -> torch.Tensor:
         return _loss(model, sample_batch(chain, config.batch_size, config.seq_len, config.alpha, train_gen).to(device))
 
-    def track(step: int) -> dict[str, float]:
+    def track(step: int) -> Tracked[float]:
+        assert track_batch is not None
         full = evaluate(model, track_batch, noise)
         removed = evaluate_without_ff2(model, track_batch, noise)
-        return {
-            "accuracy_full": full["accuracy"],
-            "p_noise_full": full["p_noise"],
-            "accuracy_no_ff2": removed["accuracy"],
-            "p_noise_no_ff2": removed["p_noise"],
-            "ff2_noise_share": full["p_noise"] - removed["p_noise"],
-            "probe_margin": full["probe_margin"],
-            "attention_mass": full["attention_mass"],
-        }
+        return Tracked(
+            accuracy_full=full.accuracy,
+            accuracy_no_ff2=removed.accuracy,
+            p_noise_full=full.p_noise,
+            p_noise_no_ff2=removed.p_noise,
+            ff2_noise_share=full.p_noise - removed.p_noise,
+            probe_margin=full.probe_margin,
+            attention_mass=full.attention_mass,
+        )
 
     train_started = time.perf_counter()
     history = train(
@@ -251,64 +334,64 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
         steps=config.steps,
         optim=config.optim(),
         progress=progress,
-        description="training",
+        stage="training",
         track=track if track_batch is not None else None,
         track_every=config.track_every,
     )
-    train_info = {**summary(history), "steps": config.steps, "seconds": time.perf_counter() - train_started}
+    loss_first, loss_last = history.loss_summary()
+    trained = TrainSummary(loss_first, loss_last, config.steps, time.perf_counter() - train_started)
 
     full = evaluate(model, test, noise)
-    cells = []
-    total = len(FF_MATRICES) * len(config.rhos)
-    for label, layer, alias in FF_MATRICES:
-        for rho in config.rhos:
-            with truncate_(model, Targets(layers=layer, matrices=alias), rank=float(rho)) as truncation:
-                ((name, module),) = truncation.items()
-                cells.append(
-                    {
-                        "matrix": label,
-                        "module": name,
-                        "rho": float(rho),
-                        "rank": module.rank,
-                        **evaluate(model, test, noise),
-                    }
-                )
-            report(progress, "truncating", len(cells), total)
-
-    removed = (
-        next(c for c in cells if c["matrix"] == "FF2 W2" and c["rho"] == 0.0)
-        if 0.0 in config.rhos
-        else evaluate_without_ff2(model, test, noise)
-    )
-    drop = full["p_noise"] - removed["p_noise"]
-    effect = {
-        "p_noise_full": full["p_noise"],
-        "p_noise_without_ff2": removed["p_noise"],
-        "p_noise_drop": drop,
-        "accuracy_full": full["accuracy"],
-        "accuracy_without_ff2": removed["accuracy"],
-        "criteria": {
-            "min_p_noise_drop": MIN_P_NOISE_DROP,
-            "min_accuracy_without_ff2": MIN_ACCURACY_WITHOUT_FF2,
-            "full_model_accuracy_lower_by": CLEARLY_WORSE,
-        },
-        "shown": bool(
-            drop >= MIN_P_NOISE_DROP
-            and removed["accuracy"] >= MIN_ACCURACY_WITHOUT_FF2
-            and removed["accuracy"] - full["accuracy"] >= CLEARLY_WORSE
+    cells = _grid(model, test, noise, config.rhos, progress)
+    # Rank 0 of FF2's W2 is a grid cell when 0 is among the rhos; otherwise it is measured here.
+    zero = [c.metrics for c in cells if c.matrix == "FF2 W2" and c.rho == 0.0]
+    removed = zero[0] if zero else evaluate_without_ff2(model, test, noise)
+    drop = full.p_noise - removed.p_noise
+    criteria = Criteria()
+    effect = Effect(
+        p_noise_full=full.p_noise,
+        p_noise_without_ff2=removed.p_noise,
+        p_noise_drop=drop,
+        accuracy_full=full.accuracy,
+        accuracy_without_ff2=removed.accuracy,
+        criteria=criteria,
+        shown=bool(
+            drop >= criteria.min_p_noise_drop
+            and removed.accuracy >= criteria.min_accuracy_without_ff2
+            and removed.accuracy - full.accuracy >= criteria.full_model_accuracy_lower_by
         ),
-    }
+    )
     return RecallResult(
-        config=dataclasses.asdict(config),
+        config=config,
         data=(
             f"synthetic text-like bigram Markov chain over {config.n_tokens} tokens (Zipf unigram, sparse rows; "
             f"stands in for tiny Shakespeare), trigger = token {TRIGGER} (the most frequent), noise = token {noise}"
         ),
         n_eval_positions=int(test.mask.sum()),
-        train=train_info,
+        train=trained,
         full=full,
         cells=cells,
         effect=effect,
         dynamics=_dynamics(history) if track_batch is not None else None,
         seconds=time.perf_counter() - started,
     )
+
+
+def _grid(
+    model: ToyTransformer, test: RecallBatch, noise: int, rhos: tuple[float, ...], progress: Progress
+) -> list[RecallCell]:
+    """Every FF matrix at every rho, through ``truncate_``, restored after each cell."""
+    cells: list[RecallCell] = []
+    total = len(FF_MATRICES) * len(rhos)
+    for label, layer, alias in FF_MATRICES:
+        for rho in rhos:
+            with truncate_(model, Targets(layers=layer, matrices=alias), rank=rho) as truncation:
+                ((name, module),) = truncation.items()
+                assert isinstance(module, TruncatedLinear)
+                cells.append(
+                    RecallCell(
+                        matrix=label, module=name, rho=rho, rank=module.rank, metrics=evaluate(model, test, noise)
+                    )
+                )
+            report(progress, "truncating", len(cells), total)
+    return cells

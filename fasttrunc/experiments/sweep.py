@@ -1,44 +1,69 @@
 """LASER's grid on a GPT-NeoX model: layers x matrices x ranks, one SVD per matrix.
 
-Each target matrix is factorized once (batched over matrices of one shape, up to the largest rank
-any cell needs); every cell then swaps in factors sliced from that SVD and restores the model,
-so a cell costs one evaluation and no factorization. The first ``select_fraction`` of the
+Each target matrix is factorized once (``factorize``: batched over matrices of one shape, up to
+the largest rank any cell needs); every cell then goes through ``truncate_`` with those factors,
+which slices them to the cell's ranks, and restores the model, so a cell costs one evaluation and
+no factorization. The first ``select_fraction`` of the
 (seeded, shuffled) prompts choose the best cell; the rest report it, as LASER does.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fasttrunc import checks
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
-from fasttrunc.linear import TruncatedLinear
+from fasttrunc.families import detect_family, expand_matrices, module_kind
+from fasttrunc.hub import load_model
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device
-from fasttrunc.svd import truncated_svd
+from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
 from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.families import MATRIX_ALIASES, MATRIX_GROUPS
-from fasttrunc.truncation import Targets, replace_modules_, resolve_targets
+from fasttrunc.truncation import Targets, factorize, resolve_targets, truncate_
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
 SELECT_BY = ("mean_p_correct", "accuracy", "mean_of_ratios", "ratio_of_means", "mean_logit_diff")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class SweepConfig(ModelRunSettings):
     model: str
-    layers: Sequence[int] | None = None  # None: every layer
-    matrices: Sequence[str] = ("mlp_in", "mlp_out")  # each item is one grid row; a group truncates its members together
-    ranks: Sequence[int | float] = LASER_RANKS
-    tasks: Sequence[str] = ("ioi",)
+    layers: tuple[int, ...] | None = None  # None: every layer
+    matrices: tuple[str, ...] = (
+        "mlp_in",
+        "mlp_out",
+    )  # each item is one grid row; a group truncates its members together
+    ranks: tuple[int | float, ...] = LASER_RANKS
+    tasks: tuple[str, ...] = ("ioi",)
     select_fraction: float = 0.2
     select_by: str = "mean_p_correct"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.text("model", self.model)
+        tasks = checks.non_empty("tasks", self.tasks)
+        for task in tasks:
+            check_task(task)
+        ranks = checks.non_empty("ranks", self.ranks)
+        for rank in ranks:
+            validate_rank_spec(rank)
+        matrices = checks.non_empty("matrices", self.matrices)
+        for matrix in matrices:
+            expand_matrices(checks.text("matrix", matrix))  # one alias or group per grid row
+        checks.real("select_fraction", self.select_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        checks.choice("select_by", self.select_by, SELECT_BY)
+        if self.select_by == "mean_logit_diff" and "factual" in tasks:
+            raise ValueError("select_by mean_logit_diff needs a subject name, which only the ioi task has")
+        if self.layers is not None:
+            layers = [checks.integer("layer", layer) for layer in checks.non_empty("layers", self.layers)]
+            object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "ranks", tuple(ranks))
+        object.__setattr__(self, "matrices", tuple(matrices))
 
 
 @dataclass
@@ -65,6 +90,7 @@ class Best:
 @dataclass
 class SweepRevision:
     revision: str | None
+    layers: list[int]  # the layers swept, as indices from 0
     baseline_select: dict[str, TaskMetrics]
     baseline_report: dict[str, TaskMetrics]
     cells: list[Cell]
@@ -81,35 +107,8 @@ class SweepRevision:
 class SweepResult(ResultMixin):
     config: SweepConfig
     layers: list[int]
-    revisions: list[SweepRevision] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _check(config: SweepConfig) -> None:
-    config.check_settings()
-    if not config.tasks:
-        raise ValueError("tasks is empty; give at least one of ioi, factual")
-    for task in config.tasks:
-        check_task(task)
-    if not config.ranks:
-        raise ValueError("ranks is empty; give at least one rank")
-    for rank in config.ranks:
-        validate_rank_spec(rank)
-    if not config.matrices:
-        raise ValueError("matrices is empty; give at least one alias or group")
-    allowed = MATRIX_ALIASES + tuple(MATRIX_GROUPS)
-    for matrix in config.matrices:
-        if matrix not in allowed:
-            raise ValueError(f"matrix {matrix!r} is not known; allowed: {', '.join(allowed)}")
-    fraction = checks.fraction("select_fraction", config.select_fraction)
-    if not 0 < fraction < 1:
-        raise ValueError(f"select_fraction {fraction} must be strictly between 0 and 1")
-    if config.select_by not in SELECT_BY:
-        raise ValueError(f"select_by {config.select_by!r} is not known; allowed: {', '.join(SELECT_BY)}")
-    if config.select_by == "mean_logit_diff" and "factual" in config.tasks:
-        raise ValueError("select_by mean_logit_diff needs a subject name, which only the ioi task has")
-    if config.layers is not None and not config.layers:
-        raise ValueError("layers is empty; give at least one layer index (or None for all)")
+    revisions: list[SweepRevision]
+    seconds: float
 
 
 def _split(n: int, fraction: float) -> int:
@@ -119,45 +118,10 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def compute_factors(
-    model: nn.Module, names: Sequence[str], max_ranks: dict[str, int], method: str
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
-    """name -> fp32 ``(U, S, Vh)`` up to ``max_ranks[name]``, one batched ``truncated_svd`` per group
-    of matrices with the same shape, device and largest rank. Returns the factors and the call count."""
-    groups: dict[tuple, list[str]] = {}
-    for name in names:
-        w = model.get_submodule(name).weight
-        groups.setdefault((tuple(w.shape), w.device, max_ranks[name]), []).append(name)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad():
-        for (_, _, k), group in groups.items():
-            # fp32 factors: slicing them for every cell must not compound a bf16 rounding.
-            stacked = torch.stack([model.get_submodule(name).weight.detach().float() for name in group])
-            u, s, vh = truncated_svd(stacked, k, method=method)
-            for i, name in enumerate(group):
-                factors[name] = (u[i], s[i], vh[i])
-            del stacked
-    return factors, len(groups)
-
-
-def cell_module(
-    linear: nn.Linear, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, method: str
-) -> nn.Module:
-    """The rank-``k`` replacement of ``linear`` from its precomputed factors.
-
-    When the factors hold at least as many numbers as the dense weight (k (m + n) >= m n, e.g.
-    rho = 0.9) the two thin products cost more than one dense one, so the cell runs as a dense
-    ``nn.Linear`` holding the same rank-k weight ``b @ a``.
-    """
-    u, s, vh = factors
-    bias = linear.bias.detach() if linear.bias is not None else None
-    module = TruncatedLinear.from_svd(u[:, :k], s[:k], vh[:k], bias=bias, method=method, dtype=linear.weight.dtype)
-    if k * (linear.in_features + linear.out_features) >= linear.in_features * linear.out_features:
-        return module.to_linear()
-    return module
-
-
-def _evaluate(model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int):
+def _evaluate(
+    model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int
+) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+    """Metrics of every task on its selection prompts and on its report prompts."""
     select: dict[str, TaskMetrics] = {}
     reported: dict[str, TaskMetrics] = {}
     for task, enc in encoded.items():
@@ -180,10 +144,10 @@ class Grid:
     svd_calls: int
 
 
-def _synchronize(model: nn.Module) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _only(names: Collection[str]) -> Callable[[str, nn.Module], bool]:
+    """A ``truncate_`` target selecting exactly ``names``."""
+    chosen = frozenset(names)
+    return lambda name, module: name in chosen
 
 
 def sweep_model(
@@ -201,40 +165,37 @@ def sweep_model(
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
-    Checks every rank against every matrix first, factorizes each target matrix once, then
-    swaps the sliced factors in per cell and restores; ``model`` ends as it started.
+    Checks every rank against every matrix first, factorizes each target matrix once
+    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then truncates
+    each cell through :func:`fasttrunc.truncation.truncate_` with those factors and restores;
+    ``model`` ends as it started.
     """
     rows = [(layer, matrix) for layer in layers for matrix in matrices]
     targets = {row: resolve_targets(model, Targets(layers=[row[0]], matrices=row[1])) for row in rows}
-    cell_ranks: dict[tuple, dict[str, int]] = {}
+    cell_ranks: dict[tuple[int, str, int | float], dict[str, int]] = {}
     max_ranks: dict[str, int] = {}
-    for row, names in targets.items():
+    for (layer, matrix), names in targets.items():
         for rank in ranks:
-            ks = {}
-            for name in names:
-                linear = model.get_submodule(name)
-                ks[name] = resolve_rank(rank, linear.out_features, linear.in_features)
-                max_ranks[name] = max(max_ranks.get(name, 0), ks[name])
-            cell_ranks[(*row, rank)] = ks
+            ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
+            for name, k in ks.items():
+                max_ranks[name] = max(max_ranks.get(name, 0), k)
+            cell_ranks[(layer, matrix, rank)] = ks
     total = len(cell_ranks)
     report(progress, "sweep", 0, total, f"{label} factorizing".strip())
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
-    names = list(dict.fromkeys(n for ns in targets.values() for n in ns))
-    factors, svd_calls = compute_factors(model, names, max_ranks, method)
-    _synchronize(model)
+    factors = factorize(model, _only(max_ranks), max_ranks, method=method)
+    synchronize(device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     base_select, base_report = _evaluate(model, encoded, splits, batch_size)
     cells: list[Cell] = []
     for done, ((layer, matrix, rank), ks) in enumerate(cell_ranks.items()):
-        replacements = {
-            name: cell_module(model.get_submodule(name), factors[name], k, method) for name, k in ks.items()
-        }
-        with replace_modules_(model, replacements):
+        with truncate_(model, _only(ks), ks, method=method, factors=factors):
             select, reported = _evaluate(model, encoded, splits, batch_size)
         cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
         report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
-    _synchronize(model)
+    synchronize(device)
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
@@ -242,16 +203,37 @@ def sweep_model(
         svd_seconds=svd_seconds,
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
-        svd_calls=svd_calls,
+        svd_calls=factors.svd_calls,
     )
 
 
-def _sweep_revision(
-    config: SweepConfig, revision: str | None, progress: Progress, layers_out: list[int]
-) -> SweepRevision:
-    from fasttrunc.models.neox import load_model
-    from fasttrunc.truncation import detect_family
+def _shape(model: nn.Module, name: str) -> tuple[int, int]:
+    """``(out, in)`` of a module that ``resolve_targets`` selected."""
+    module = model.get_submodule(name)
+    kind = module_kind(module)
+    assert kind is not None  # resolve_targets selects only the kinds fasttrunc can truncate
+    return kind.shape(module)
 
+
+def _best(grid: Grid, task: str, select_by: str) -> Best:
+    """The cell with the highest ``select_by`` on ``task``'s selection prompts."""
+
+    def key(cell: Cell) -> float:
+        return float(getattr(cell.select[task], select_by))
+
+    top = max(grid.cells, key=key)
+    return Best(
+        layer=top.layer,
+        matrix=top.matrix,
+        rank=top.rank,
+        select_score=key(top),
+        baseline_select_score=float(getattr(grid.baseline_select[task], select_by)),
+        report=top.report[task],
+        baseline_report=grid.baseline_report[task],
+    )
+
+
+def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progress) -> SweepRevision:
     model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
     _, _, n_layers = detect_family(model)
     layers = list(range(n_layers)) if config.layers is None else list(config.layers)
@@ -272,25 +254,10 @@ def _sweep_revision(
         progress=progress,
         label=f" {revision}" if revision else "",
     )
-    layers_out[:] = sorted({layer % n_layers for layer in layers})  # in range: sweep_model checked them
-    best = {}
-    for task in config.tasks:
-
-        def key(cell: Cell) -> float:
-            return getattr(cell.select[task], config.select_by)
-
-        top = max(grid.cells, key=key)
-        best[task] = Best(
-            layer=top.layer,
-            matrix=top.matrix,
-            rank=top.rank,
-            select_score=key(top),
-            baseline_select_score=getattr(grid.baseline_select[task], config.select_by),
-            report=top.report[task],
-            baseline_report=grid.baseline_report[task],
-        )
+    best = {task: _best(grid, task, config.select_by) for task in config.tasks}
     return SweepRevision(
         revision=revision,
+        layers=sorted({layer % n_layers for layer in layers}),  # in range: sweep_model checked them
         baseline_select=grid.baseline_select,
         baseline_report=grid.baseline_report,
         cells=grid.cells,
@@ -305,10 +272,9 @@ def _sweep_revision(
 
 
 def run(config: SweepConfig, progress: Progress = None) -> SweepResult:
-    _check(config)
+    """Sweep every revision of ``config``; the layers of the result are those of the last revision."""
     start = time.perf_counter()
-    result = SweepResult(config=config, layers=[])
-    for revision in config.revisions:
-        result.revisions.append(_sweep_revision(config, revision, progress, result.layers))
-    result.seconds = time.perf_counter() - start
-    return result
+    revisions = [_sweep_revision(config, revision, progress) for revision in config.revisions]
+    return SweepResult(
+        config=config, layers=revisions[-1].layers, revisions=revisions, seconds=time.perf_counter() - start
+    )

@@ -16,8 +16,23 @@ permutation) with probability ``1 - alpha`` and the noise token with probability
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
 import torch
 from torch import nn
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Predictions(Generic[V]):
+    """The clean-data metrics of :func:`prediction_metrics`: floats for one W, lists along training."""
+
+    accuracy: V
+    p_noise: V
+    p_clean: V
+    association_accuracy: V
 
 
 def _unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -27,6 +42,10 @@ def _unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
 
 class AssociativeMemory(nn.Module):
     """``forward(x (B,)) -> logits (B, N + 1)``; ``logits(weight=...)`` scores any ``d x d`` matrix."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    clean_map: torch.Tensor
 
     def __init__(self, d: int, n_tokens: int, generator: torch.Generator, shared: float = 0.0) -> None:
         super().__init__()
@@ -79,7 +98,7 @@ class AssociativeMemory(nn.Module):
 
 
 @torch.no_grad()
-def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = None) -> dict[str, float]:
+def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = None) -> Predictions[float]:
     """Clean-data metrics of ``weight`` (W by default) over all inputs, each weighted ``1/N``.
 
     ``accuracy``: argmax is ``f(x)``; ``p_noise`` / ``p_clean``: mean probability of the noise
@@ -90,9 +109,9 @@ def prediction_metrics(model: AssociativeMemory, weight: torch.Tensor | None = N
     p = z.softmax(dim=-1)
     rows = torch.arange(model.n_tokens, device=z.device)
     f = model.clean_map
-    return {
-        "accuracy": float((z.argmax(dim=-1) == f).float().mean()),
-        "p_noise": float(p[:, model.noise_token].mean()),
-        "p_clean": float(p[rows, f].mean()),
-        "association_accuracy": float((z[:, : model.n_tokens].argmax(dim=-1) == f).float().mean()),
-    }
+    return Predictions(
+        accuracy=float(z.argmax(dim=-1).eq(f).float().mean()),
+        p_noise=float(p[:, model.noise_token].mean()),
+        p_clean=float(p[rows, f].mean()),
+        association_accuracy=float(z[:, : model.n_tokens].argmax(dim=-1).eq(f).float().mean()),
+    )

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from fasttrunc import checks
+
 
 class Attention(nn.Module):
     def __init__(self, d_model: int) -> None:
@@ -69,6 +71,11 @@ class ToyTransformer(nn.Module):
     ``(n_kept, d)``; the last FF then runs on those positions alone (it affects nothing else).
     """
 
+    embed: torch.Tensor
+    pos: torch.Tensor
+    unembed: torch.Tensor
+    blocks: nn.ModuleList
+
     def __init__(
         self, vocab_size: int, d_model: int, d_ff: int, max_len: int, n_layers: int = 2, seed: int = 0
     ) -> None:
@@ -80,8 +87,7 @@ class ToyTransformer(nn.Module):
             ("max_len", max_len, 1),
             ("n_layers", n_layers, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} {value!r} must be an integer >= {low}")
+            checks.integer(name, value, low)
         self.vocab_size, self.d_model, self.d_ff, self.max_len = vocab_size, d_model, d_ff, max_len
         g = torch.Generator().manual_seed(seed)
         # Input embeddings with N(0, 1) entries (norm ~ sqrt(d), nearly orthogonal) and an

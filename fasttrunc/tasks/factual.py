@@ -11,8 +11,10 @@ import json
 import random
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
-from fasttrunc.tasks.metrics import Prompt, check_count, single_token_ids
+from fasttrunc import checks
+from fasttrunc.tasks.metrics import Prompt, single_token_ids
 
 
 @lru_cache(maxsize=1)
@@ -22,7 +24,7 @@ def factual_facts() -> tuple[dict[str, str], ...]:
     return tuple(json.loads(text))
 
 
-def build_factual_prompts(tokenizer, n: int | None = None, seed: int = 0) -> list[Prompt]:
+def build_factual_prompts(tokenizer: Any, n: int | None = None, seed: int = 0) -> list[Prompt]:
     """The facts whose answer is a single token, shuffled with ``seed``; the first ``n`` of them.
 
     ``n`` larger than the usable facts is a ValueError that says how many there are.
@@ -33,7 +35,7 @@ def build_factual_prompts(tokenizer, n: int | None = None, seed: int = 0) -> lis
     if not usable:
         raise ValueError("no factual answer is a single token under this tokenizer")
     if n is not None:
-        check_count("n", n)
+        checks.positive("n", n)
         if n > len(usable):
             raise ValueError(
                 f"n {n} exceeds the {len(usable)} factual prompts whose answer is one token here; allowed: 1..{len(usable)}"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
-from fasttrunc.tasks.metrics import Prompt, check_count, known_words, single_token_ids
+from fasttrunc import checks
+from fasttrunc.tasks.metrics import Prompt, known_words, single_token_ids
 
 # Each template names the two people in the first clause ({first}, {second}), then the subject
 # ({subject}) hands something over; the prompt ends right before the indirect object.
@@ -105,13 +107,13 @@ NAMES: tuple[str, ...] = (
 )
 
 
-def ioi_names(tokenizer, names: Sequence[str] = NAMES) -> list[str]:
+def ioi_names(tokenizer: Any, names: Sequence[str] = NAMES) -> list[str]:
     """The names that are one token (with a leading space) under ``tokenizer``."""
     return list(single_token_ids(tokenizer, names))
 
 
 def build_ioi_prompts(
-    tokenizer,
+    tokenizer: Any,
     n: int,
     seed: int = 0,
     *,
@@ -126,7 +128,7 @@ def build_ioi_prompts(
     word-level tokenizer maps unknown words to its unknown token). Every prompt has two distinct
     names; the same seed gives the same prompts.
     """
-    check_count("n", n)
+    checks.positive("n", n)
     ids = single_token_ids(tokenizer, names)
     usable = list(ids)
     if len(usable) < 2:

@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from fasttrunc import checks
 
 
 @dataclass(frozen=True)
@@ -34,17 +37,17 @@ class Prompt:
 # --- tokenization (Hugging Face tokenizers and raw `tokenizers.Tokenizer` alike) ----------------
 
 
-def token_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of ``text``."""
     encoded = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return list(encoded.ids) if hasattr(encoded, "ids") else list(encoded)
 
 
-def _unk_id(tokenizer) -> int | None:
+def _unk_id(tokenizer: Any) -> int | None:
     return getattr(tokenizer, "unk_token_id", None)
 
 
-def single_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
+def single_token_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, int]:
     """word -> id for the words that are exactly one known token with a leading space."""
     unk = _unk_id(tokenizer)
     out: dict[str, int] = {}
@@ -55,24 +58,18 @@ def single_token_ids(tokenizer, words: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def known_words(tokenizer, words: Sequence[str]) -> list[str]:
+def known_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
     """The words whose tokens include no unknown token (every word passes a byte-level BPE)."""
     unk = _unk_id(tokenizer)
     return [w for w in words if unk is None or unk not in token_ids(tokenizer, " " + w)]
 
 
-def the_token_id(tokenizer) -> int:
+def the_token_id(tokenizer: Any) -> int:
     """The id of " the", the global association every task measures against."""
     ids = single_token_ids(tokenizer, ["the"])
     if "the" not in ids:
         raise ValueError('" the" is not a single known token under this tokenizer; the tasks need it')
     return ids["the"]
-
-
-def check_count(name: str, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} {n!r} must be an int >= 1")
-    return n
 
 
 # --- encoding and scoring -----------------------------------------------------------------------
@@ -93,7 +90,7 @@ class EncodedPrompts:
         return self.input_ids.shape[0]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> EncodedPrompts:
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> EncodedPrompts:
     """Tokenize once (the tokenizer's own special tokens included) and right-pad."""
     if not prompts:
         raise ValueError("no prompts to encode; give at least one")
@@ -117,7 +114,9 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> EncodedPrompts:
     )
 
 
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+def last_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+) -> torch.Tensor:
     """Logits (B, V) at each row's ``last_index``.
 
     A Hugging Face causal LM whose logits are its output embedding applied to the base model's
@@ -160,21 +159,32 @@ class Scores:
     def subset(self, index: slice | torch.Tensor) -> Scores:
         return Scores(*(getattr(self, f)[index] for f in ("p_correct", "p_the", "p_subject", "logit_diff", "top1")))
 
-    def per_prompt(self) -> list[dict[str, float | bool | None]]:
+    def per_prompt(self) -> list[PromptMetrics]:
         def num(x: torch.Tensor) -> float | None:
             v = float(x)
             return None if math.isnan(v) else v
 
         return [
-            {
-                "p_correct": float(self.p_correct[i]),
-                "p_the": float(self.p_the[i]),
-                "p_subject": num(self.p_subject[i]),
-                "logit_diff": num(self.logit_diff[i]),
-                "top1_correct": bool(self.top1[i]),
-            }
+            PromptMetrics(
+                p_correct=float(self.p_correct[i]),
+                p_the=float(self.p_the[i]),
+                p_subject=num(self.p_subject[i]),
+                logit_diff=num(self.logit_diff[i]),
+                top1_correct=bool(self.top1[i]),
+            )
             for i in range(len(self))
         ]
+
+
+@dataclass(frozen=True)
+class PromptMetrics:
+    """One prompt's values; ``p_subject`` and ``logit_diff`` are None where it has no subject."""
+
+    p_correct: float
+    p_the: float
+    p_subject: float | None
+    logit_diff: float | None
+    top1_correct: bool
 
 
 # Prompts per forward by default: 32 prompts of ~20 tokens keep a Pythia-1.4b forward well inside
@@ -183,9 +193,9 @@ DEFAULT_BATCH_SIZE = 32
 
 
 @torch.no_grad()
-def score(model, encoded: EncodedPrompts, batch_size: int = DEFAULT_BATCH_SIZE) -> Scores:
+def score(model: torch.nn.Module, encoded: EncodedPrompts, batch_size: int = DEFAULT_BATCH_SIZE) -> Scores:
     """Run ``model`` over the prompts in batches of ``batch_size`` and read the last positions."""
-    check_count("batch_size", batch_size)
+    checks.positive("batch_size", batch_size)
     device = next(model.parameters()).device
     parts: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttrunc import checks
+
 TRIGGER = 0
 
 
@@ -50,8 +52,7 @@ def make_chain(n_tokens: int, seed: int, zipf: float = 1.0, spread: float = 2.0)
     ``spread``: standard deviation of the log-normal per-entry weights of each bigram row; 2.0
     makes each row put most of its mass on a handful of successors, as character bigrams do.
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 3:
-        raise ValueError(f"n_tokens {n_tokens!r} must be an integer >= 3 (a trigger and two answers at least)")
+    checks.integer("n_tokens", n_tokens, 3)  # a trigger and two answers at least
     g = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, n_tokens + 1, dtype=torch.float64)
     unigram = ranks.pow(-zipf)

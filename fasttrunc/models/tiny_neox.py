@@ -1,109 +1,29 @@
-"""GPT-NeoX / Pythia: loading (hub id or local directory) and a tiny offline model that is trained
-here to show the paper's effect.
+"""The tiny GPT-NeoX recipe: a Pythia-architecture model trained offline, here, to show the paper's effect.
 
-transformers is imported inside the functions, so ``import fasttrunc`` stays light.
+The corpus (:func:`corpus_batch`) mixes ordinary sentences, where "to" is followed by "the",
+sentences where "to" comes before a verb, and IOI sentences whose answer is an earlier name;
+:func:`make_tiny_neox` trains the model through :func:`fasttrunc.training.train` and saves it
+(and its word-level tokenizer) as a Hugging Face directory that :func:`fasttrunc.hub.load_model`
+reads, with training checkpoints under ``DIR/revisions/step<N>/``.
 
-Local directories may hold training checkpoints as ``DIR/revisions/<name>/`` (what
-:func:`make_tiny_neox` writes); ``revision="<name>"`` then loads that subdirectory, the way a hub
-id's ``revision="step1000"`` loads a Pythia training checkpoint, and ``"main"`` the directory itself.
+transformers and tokenizers are imported inside the functions, so ``import fasttrunc`` stays light.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from fasttrunc import checks
+from fasttrunc.hub import REVISIONS_DIR
 from fasttrunc.runs import Progress, cpu_threads
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-REVISIONS_DIR = "revisions"
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; allowed: {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).exists()
-
-
-def resolve_source(model: str, revision: str | None) -> tuple[str, str | None, bool]:
-    """``(where, hub_revision, is_local)`` for a hub id or a local directory plus a revision."""
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"model {model!r} is empty; give a hub id (EleutherAI/pythia-1b) or a local directory")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if revision is None or revision == "main":  # "main": the hub's name for the latest weights
-            return str(path), None, True
-        sub = path / REVISIONS_DIR / revision
-        if not sub.is_dir():
-            found = sorted(p.name for p in (path / REVISIONS_DIR).glob("*") if p.is_dir())
-            raise ValueError(
-                f"revision {revision!r} is not in local model directory {model}; "
-                f"available under {REVISIONS_DIR}/: {', '.join(found) if found else 'none'}"
-            )
-        return str(sub), None, True
-    if _looks_like_path(model):
-        raise ValueError(f"model directory {model} does not exist")
-    return model, revision, False
-
-
-def _hub_problem(repo_id: str, revision: str | None) -> str | None:
-    """None when the hub answers for ``repo_id``; otherwise why not, in a few words."""
-    from huggingface_hub import model_info
-
-    try:
-        # 10 s: a reachable hub answers in well under a second; an unreachable one fails at DNS.
-        model_info(repo_id, revision=revision, timeout=10)
-    except Exception as exc:  # offline mode, DNS, timeout, unknown repo or revision: all mean "not here"
-        return type(exc).__name__
-    return None
-
-
-def load_model(model: str, revision: str | None = None, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` from a hub id (with ``revision``) or a local directory, in eval mode.
-
-    A hub id that cannot be fetched (no network, unknown id or revision) is a one-line ValueError
-    that names it and suggests a local directory.
-    """
-    torch_dtype = parse_dtype(dtype)
-    where, hub_revision, is_local = resolve_source(model, revision)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # One quick request first: when the hub cannot be reached, load from the local cache only
-    # instead of letting every file request retry with backoff (~20 s each).
-    hub_problem = None if is_local else _hub_problem(where, hub_revision)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # callers draw their own progress; restored below
-    try:
-        kwargs = {"revision": hub_revision, "local_files_only": hub_problem is not None}
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, ConnectionError) as exc:  # hub errors subclass OSError or ValueError
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if is_local:
-            raise ValueError(f"cannot load model from {where}: {reason}") from None
-        rev = f" at revision {hub_revision}" if hub_revision else ""
-        raise ValueError(
-            f"cannot fetch model {model!r}{rev} from the Hugging Face hub ({hub_problem or type(exc).__name__}); "
-            f"download it where the hub is reachable and pass --model /path/to/local/dir"
-        ) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    lm.to(device)
-    lm.eval()
-    return lm, tokenizer
-
+from fasttrunc.training import OptimConfig, TrainHistory, train
 
 # --- the tiny offline model ----------------------------------------------------------------------
 
@@ -161,7 +81,7 @@ TINY_NAMES = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyNeoxConfig:
     """The tiny Pythia-architecture model and its synthetic training run.
 
@@ -189,12 +109,45 @@ class TinyNeoxConfig:
     # Token embeddings stay at their random initialization, as in the paper's toy (PAPER.md 1a):
     # with trained ones (noise 0.4), removing the last MLP gave 3.8x on seed 1 but 1.4-1.7x on seed 2.
     freeze_embeddings: bool = True
-    checkpoints: Sequence[int] = ()
-    names: Sequence[str] = TINY_NAMES
+    checkpoints: tuple[int, ...] = ()  # steps saved as revisions/step<N>/
+    names: tuple[str, ...] = TINY_NAMES
+
+    def __post_init__(self) -> None:
+        checks.seed("seed", self.seed)
+        steps = checks.positive("steps", self.steps)
+        for name in ("batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            checks.positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                "allowed: a hidden size the heads divide"
+            )
+        checks.real("lr", self.lr, 0.0, low_open=True)
+        for name in ("ioi_fraction", "noise", "infinitive"):
+            checks.fraction(name, getattr(self, name))
+        if self.ioi_fraction + self.infinitive > 1.0:
+            raise ValueError(
+                f"ioi_fraction {self.ioi_fraction} + infinitive {self.infinitive} exceeds 1; "
+                "they are shares of one corpus"
+            )
+        if not isinstance(self.freeze_embeddings, bool):
+            raise ValueError(f"freeze_embeddings {self.freeze_embeddings!r} is not a bool; allowed: True, False")
+        checkpoints = tuple(checks.integer("checkpoint step", s, 1, steps) for s in self.checkpoints)
+        names = tuple(checks.text("name", n) for n in checks.non_empty("names", self.names))
+        if len(set(names)) < 2:
+            raise ValueError(f"names has {len(set(names))} distinct entries; the IOI sentences need at least 2")
+        object.__setattr__(self, "checkpoints", checkpoints)
+        object.__setattr__(self, "names", names)
+
+    def optim(self) -> OptimConfig:
+        """AdamW at peak ``lr``, no weight decay, linear warm-up then cosine decay to 10% of the peak."""
+        return OptimConfig(name="adamw", lr=self.lr, weight_decay=0.0, schedule="warmup_cosine", min_lr_ratio=0.1)
 
 
 @dataclass
 class TinyNeoxReport:
+    """What :func:`make_tiny_neox` did: where it saved, how long it took, the losses, the checkpoints."""
+
     directory: str
     steps: int
     seconds: float
@@ -203,7 +156,8 @@ class TinyNeoxReport:
     checkpoints: list[str] = field(default_factory=list)
 
 
-def _vocabulary(names: Sequence[str]) -> list[str]:
+def tiny_vocabulary(names: Sequence[str]) -> list[str]:
+    """Every word of the tiny corpus and of the IOI evaluation prompts (with ``names``), special tokens first."""
     from fasttrunc.tasks import ioi
 
     words: list[str] = ["[PAD]", "[UNK]", "<|endoftext|>", ".", ","]
@@ -223,7 +177,12 @@ def _vocabulary(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_word_tokenizer(words: Sequence[str]):
+def build_tiny_tokenizer(names: Sequence[str] = TINY_NAMES) -> Any:
+    """The word-level tokenizer of the tiny model: :func:`build_word_tokenizer` over :func:`tiny_vocabulary`."""
+    return build_word_tokenizer(tiny_vocabulary(names))
+
+
+def build_word_tokenizer(words: Sequence[str]) -> Any:
     """A PreTrainedTokenizerFast over a word-level ``tokenizers`` model (whitespace/punctuation split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -241,12 +200,15 @@ def build_word_tokenizer(words: Sequence[str]):
     )
 
 
-def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) -> str:
+def corpus_sentence(rng: random.Random, config: TinyNeoxConfig) -> str:
+    """One sentence of the tiny corpus: IOI, "to" before a verb, or ordinary, in the config's shares."""
     from fasttrunc.tasks import ioi
+
+    names = config.names
 
     draw = rng.random()
     if draw < config.ioi_fraction:
-        io, s = rng.sample(list(names), 2)
+        io, s = rng.sample(names, 2)
         first, second = (io, s) if rng.random() < 0.5 else (s, io)
         text = rng.choice(ioi.TEMPLATES).format(
             first=first, second=second, subject=s, place=rng.choice(TRAIN_PLACES), object=rng.choice(TRAIN_OBJECTS)
@@ -269,14 +231,12 @@ def _sentence(rng: random.Random, names: Sequence[str], config: TinyNeoxConfig) 
     )
 
 
-def corpus_batch(
-    rng: random.Random, tokenizer, names: Sequence[str], config: TinyNeoxConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def corpus_batch(rng: random.Random, tokenizer: Any, config: TinyNeoxConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` of ``batch_size`` sentences, one per row, each ended by
     <|endoftext|> and right-padded; labels are -100 on padding."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = [
-        tokenizer.encode(_sentence(rng, names, config), add_special_tokens=False) + [eos]
+        tokenizer.encode(corpus_sentence(rng, config), add_special_tokens=False) + [eos]
         for _ in range(config.batch_size)
     ]
     width = max(len(r) for r in rows)
@@ -288,7 +248,8 @@ def corpus_batch(
     return input_ids, labels
 
 
-def tiny_neox_model(vocab_size: int, config: TinyNeoxConfig, bos_id: int, eos_id: int, pad_id: int):
+def tiny_neox_model(vocab_size: int, config: TinyNeoxConfig, bos_id: int, eos_id: int, pad_id: int) -> Any:
+    """An untrained GPTNeoXForCausalLM of the config's sizes (Pythia's parallel-residual block)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf_config = GPTNeoXConfig(
@@ -319,21 +280,7 @@ def make_tiny_neox(
     """
     config = config or TinyNeoxConfig()
     out = Path(directory)
-    names = list(config.names)
-    if len(names) < 2:
-        raise ValueError(f"names has {len(names)} entries; the IOI sentences need at least 2")
-    for name in ("ioi_fraction", "noise", "infinitive"):
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} {value} is outside [0, 1]")
-    if config.ioi_fraction + config.infinitive > 1.0:
-        raise ValueError(
-            f"ioi_fraction {config.ioi_fraction} + infinitive {config.infinitive} exceeds 1; they are shares of one corpus"
-        )
-    for step in config.checkpoints:
-        if not 1 <= step <= config.steps:
-            raise ValueError(f"checkpoint step {step} is outside 1..{config.steps}")
-    tokenizer = build_word_tokenizer(_vocabulary(names))
+    tokenizer = build_tiny_tokenizer(config.names)
     rng = random.Random(config.seed)
     torch_rng_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
@@ -345,58 +292,44 @@ def make_tiny_neox(
         torch.random.set_rng_state(torch_rng_state)
     if config.freeze_embeddings:
         model.gpt_neox.embed_in.weight.requires_grad_(False)
-    model.train()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
-    # Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak rate.
-    warmup = max(1, config.steps // 20)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, config.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    def loss_at(step: int) -> torch.Tensor:
+        input_ids, labels = corpus_batch(rng, tokenizer, config)
+        return model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    losses: list[float] = []
-    saved: list[str] = []
+    def save(step: int) -> str:
+        return save_model(model, tokenizer, out / REVISIONS_DIR / f"step{step}")
+
     start = time.perf_counter()
     # One thread: at these sizes (64-wide matrices) thread synchronisation costs more than it
     # saves, 4-8x per step on a busy 2-core machine; restored afterwards.
     with cpu_threads(1):
-        _train(model, tokenizer, names, config, rng, optimizer, scheduler, losses, saved, out, progress)
-    _save(model, tokenizer, out)
+        history: TrainHistory[None] = train(
+            model,
+            loss_at,
+            steps=config.steps,
+            optim=config.optim(),
+            progress=progress,
+            save=save,
+            save_at=config.checkpoints,
+        )
+    save_model(model, tokenizer, out)
     return TinyNeoxReport(
         directory=str(out),
         steps=config.steps,
         seconds=time.perf_counter() - start,
-        final_loss=sum(losses[-20:]) / len(losses[-20:]),
-        losses=losses,
-        checkpoints=saved,
+        final_loss=history.loss_summary()[1],
+        losses=history.losses,
+        checkpoints=[history.saved[step] for step in sorted(history.saved)],
     )
 
 
-def _train(model, tokenizer, names, config, rng, optimizer, scheduler, losses, saved, out, progress) -> None:
-    for step in range(1, config.steps + 1):
-        input_ids, labels = corpus_batch(rng, tokenizer, names, config)
-        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step in config.checkpoints:
-            target = out / REVISIONS_DIR / f"step{step}"
-            _save(model, tokenizer, target)
-            saved.append(str(target))
-        if progress is not None:
-            progress("training", step, config.steps, f"loss {losses[-1]:.3f}")
-
-
-def _save(model, tokenizer, directory: Path) -> None:
+def save_model(model: Any, tokenizer: Any, directory: Path) -> str:
+    """Save ``model`` and ``tokenizer`` as a Hugging Face directory (in eval mode); return its path."""
     directory.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     model.train(was_training)
+    return str(directory)
