@@ -169,13 +169,16 @@ def save_truncated(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     empty module table, and loading it truncates nothing. Errors are one line: a ``TypeError``
     for a model that is not an ``nn.Module`` or a directory that is not a path, a ``ValueError``
     naming the path for a target that is a file, lies under a file or cannot be written, and for
-    a model with tensors on the meta device.
+    a model with tensors on the meta device or one that is itself a ``TruncatedLinear``.
     """
     _check_model(model, "save_truncated")
     target = _check_directory(directory, "save_truncated").expanduser().resolve()
     _check_materialized(model, "save_truncated")
+    modules = truncation_spec(model)
+    if "" in modules:
+        raise ValueError("save_truncated: the model itself is a TruncatedLinear; wrap it in a container module")
     parent = _prepare_target(target)
-    spec = {"format": FORMAT, "model_class": type(model).__name__, "modules": truncation_spec(model)}
+    spec = {"format": FORMAT, "model_class": type(model).__name__, "modules": modules}
     try:
         staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:
@@ -223,6 +226,8 @@ def _read_spec(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except ValueError as exc:
         raise ValueError(f"{path} is not valid for fasttrunc: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deeply; expected the JSON that save_truncated writes") from None
     except OSError as exc:
         raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
     if not isinstance(spec, dict):

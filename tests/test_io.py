@@ -300,6 +300,7 @@ def spec_cases(setup: str) -> list[Case]:
         "null": lambda b: b"null",
         "string": lambda b: b'"fasttrunc"',
         "duplicate_key": lambda b: b[:-2] + b', "format": "fasttrunc-truncation/1"}\n',
+        "nested_too_deeply": lambda b: b"[" * 100_000 + b"]" * 100_000,
     }.items():
         cases.append(Case(setup, f"spec_file_{label}", write_bytes(SPEC, data)))
     cases.append(Case(setup, "spec_file_removed", remove(SPEC), error=FileNotFoundError))
@@ -525,6 +526,13 @@ def test_bad_arguments_are_one_line_errors(function, saves, tmp_path):
     with pytest.raises(ValueError, match="meta device") as info:
         function(meta, saves["neox"][0] if function is load_truncated else tmp_path / "meta")
     assert_one_line(info.value)
+
+
+def test_a_bare_truncated_linear_is_refused(tmp_path):
+    layer = TruncatedLinear.from_linear(nn.Linear(6, 4), 2)
+    with pytest.raises(ValueError, match="wrap it in a container module"):
+        save_truncated(layer, tmp_path / "bare")
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_directory_is_file_not_found(tmp_path):
