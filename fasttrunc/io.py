@@ -119,6 +119,9 @@ def _prepare_target(target: Path) -> Path:
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise ValueError(f"cannot save into {target}: it is a file, not a directory")
+        cwd = Path.cwd().resolve()
+        if target == cwd or target in cwd.parents:
+            raise ValueError(f"cannot save into {target}: it holds the working directory, which a save would replace")
         foreign = sorted(
             entry.name
             for entry in target.iterdir()
@@ -138,6 +141,15 @@ def _prepare_target(target: Path) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot save into {target}: {parent} is not writable")
     return parent
+
+
+def _directory_mode(target: Path) -> int:
+    """The mode the save directory gets: the old one's, or what ``mkdir`` would give under the umask."""
+    if target.is_dir():
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _move_into_place(staged: Path, target: Path) -> None:
@@ -188,6 +200,7 @@ def save_truncated(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         _write_spec(staged / SPEC_FILE, spec)
         for path in (staged / WEIGHTS_FILE, staged / SPEC_FILE, staged):
             _fsync(path)
+        staged.chmod(_directory_mode(target))  # mkdtemp's 0o700 would hide the save from others
         _move_into_place(staged, target)
         _fsync(parent)
     finally:

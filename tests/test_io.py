@@ -623,6 +623,26 @@ def test_a_first_save_that_fails_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_the_save_directory_gets_the_usual_mode_or_keeps_its_own(tmp_path):
+    (tmp_path / "plain").mkdir()
+    target = save_truncated(tiny_neox(), tmp_path / "new")
+    assert target.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    target.chmod(0o750)
+    save_truncated(tiny_neox(), target)
+    assert target.stat().st_mode & 0o7777 == 0o750
+
+
+def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for directory in (".", tmp_path):
+        with pytest.raises(ValueError, match="holds the working directory") as info:
+            save_truncated(tiny_neox(), directory)
+        assert_one_line(info.value)
+    assert os.listdir(work) == [] and os.listdir(tmp_path) == ["work"]
+
+
 def test_a_directory_with_other_files_is_refused(tmp_path):
     target = tmp_path / "mine"
     target.mkdir()
