@@ -379,16 +379,20 @@ def _check_header(
         if len(present) == 1 and present[0] in whole:
             required.add(present[0])
         elif not present:
-            problems.append(f"tensor {whole[0] if whole else group[0]!r} (shared by {', '.join(group)}) is missing")
+            name = whole[0] if whole else sorted(group)[0]
+            problems.append(
+                f"tensor {name!r} is missing; the model ties {', '.join(sorted(group))} and expects one of them "
+                f"with {_describe(*expected[name])}"
+            )
         else:
             problems.append(
-                f"tensors {', '.join(present)} share one storage in the model; expected exactly one of "
+                f"tensors {', '.join(sorted(present))} are tied in the model; expected exactly one of "
                 f"{', '.join(whole) or 'none (no name covers the whole storage)'}"
             )
     shared = {key for group in groups for key in group}
     for key in sorted(required):
         if key not in header:
-            problems.append(f"tensor {key!r} is missing; the model as rebuilt has {_describe(*expected[key])}")
+            problems.append(f"tensor {key!r} is missing; the model as rebuilt expects {_describe(*expected[key])}")
     for key in sorted(header):
         if key not in expected:
             problems.append(f"tensor {key!r} is not in the model as rebuilt")
@@ -401,7 +405,7 @@ def _check_header(
                     f"{_describe(want_shape, want_dtype)}"
                 )
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(f"{path}: {problems[0]}{more}")
     return sorted(required)
 

@@ -455,6 +455,25 @@ def test_a_model_without_truncations_saves_its_plain_state(tmp_path):
     assert_same_state(model, source)
 
 
+@pytest.mark.gpu
+def test_round_trip_and_rollback_on_cuda(saves, fresh_models, monkeypatch):
+    directory, source = saves["neox"]
+    model = copy.deepcopy(fresh_models["neox"]).cuda()
+    before = state_hash(model)
+
+    def fail(*args: Any) -> None:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(ftio, "replace_modules_", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_truncated(model, directory)
+    assert state_hash(model) == before
+    monkeypatch.undo()
+    truncation = load_truncated(model, directory)
+    assert all(p.is_cuda for m in truncation.values() for p in m.parameters())
+    assert_same_state(model.cpu(), source)
+
+
 def test_load_keeps_requires_grad_and_training_mode(saves):
     model = tiny_neox(seed=2).train()
     model.gpt_neox.layers[0].mlp.dense_h_to_4h.requires_grad_(False)
