@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,6 @@ SETUPS = {"neox": Setup("neox", tiny_neox, truncate_neox), "gpt2": Setup("gpt2",
 @functools.cache
 def saved_layout(setup_name: str) -> tuple[dict[str, Any], dict[str, tuple[list[int], str]]]:
     """The spec and the safetensors header (name -> shape, dtype) of a setup's save, read from a real save."""
-    import tempfile
-
     setup = SETUPS[setup_name]
     model = setup.build(seed=1)
     setup.truncate(model)
