@@ -682,20 +682,8 @@ def test_a_target_that_is_a_file_or_under_a_file_is_refused(tmp_path):
     assert os.listdir(tmp_path) == ["file"] and blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
-def test_an_unwritable_parent_is_refused(tmp_path):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o500)
-    try:
-        with pytest.raises(ValueError, match="is not writable") as info:
-            save_truncated(tiny_neox(), parent / "save")
-        assert_one_line(info.value, str(parent))
-    finally:
-        parent.chmod(0o700)
-
-
 def test_a_parent_the_filesystem_refuses_is_a_value_error(tmp_path, monkeypatch):
+    # Stands in for a read-only parent: tests run as root (CI), which permission bits do not stop.
     def refuse(*args: Any, **kwargs: Any) -> str:
         raise PermissionError(13, "Permission denied")
 
