@@ -40,7 +40,7 @@ class TargetsDescription:
     family: str
     model_type: str | None
     model_class: str
-    matched_by: str  # "model_type", "structure" or "module names" (see fasttrunc.families.find_family)
+    matched_by: str  # "model_type", "module names" or "row layout" (see fasttrunc.families.find_family)
     layers_path: str  # qualified name of the nn.ModuleList of blocks
     n_layers: int
     aliases: tuple[str, ...]  # every alias this family has

@@ -2,7 +2,8 @@
 
 A *family row* says, for one kind of model, where its ``nn.ModuleList`` of blocks lives and which
 linear modules inside one block each matrix alias names. A new family is a new row, not a new
-code path. Rows are found from ``config.model_type`` first, then by structure.
+code path. Rows are found from ``config.model_type`` first, then by structure: the model's list
+of blocks and the well-known names of the linears in them (:func:`find_family`).
 
 A *module kind* is a class of module that holds one weight matrix fasttrunc can truncate:
 ``nn.Linear`` (and subclasses) and transformers' ``Conv1D`` (GPT-2; weight stored ``(in, out)``).
@@ -371,12 +372,19 @@ def _context(rel: str) -> str | None:
 
 
 def _role(rel: str) -> str | None:
+    """The alias a block's linear plays by its name, or None when the name does not say.
+
+    A name the surrounding sub-module contradicts (a ``gate_proj`` inside the attention, a
+    ``key`` inside the MLP) says nothing.
+    """
     leaf = rel.rsplit(".", 1)[-1].lower()
-    if leaf in _ROLE_BY_LEAF:
-        return _ROLE_BY_LEAF[leaf]
-    if leaf in _OUTPUT_LEAVES:
-        return {"attn": "attn_out", "mlp": "mlp_out", None: None}[_context(rel)]
-    return None
+    context = _context(rel)
+    if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
+        return {"attn": "attn_out", "mlp": "mlp_out", None: None}[context]
+    role = _ROLE_BY_LEAF.get(leaf)
+    if role is None or context is None:
+        return role
+    return role if (role.startswith("mlp") or role == "gate_up") == (context == "mlp") else None
 
 
 class _NoRow(ValueError):
@@ -458,8 +466,21 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return sorted(outer, key=lambda item: -len(item[1]))
 
 
+def _read_blocks(path: str, layers: nn.ModuleList) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]:
+    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently)."""
+    first = _matrices_by_name(layers[0])
+    for index in range(1, len(layers)):
+        try:
+            other = _matrices_by_name(layers[index])
+        except _NoRow as exc:
+            raise _NoRow(f"{path}.{index}: {exc}") from None
+        if other != first:
+            raise _NoRow(f"its blocks differ: {path}.0 and {path}.{index} do not hold the same linears")
+    return first
+
+
 def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:
-    """A row built on the fly from the longest list of blocks and its first block's linear names."""
+    """A row built on the fly from the longest list of blocks and its blocks' linear names."""
     lists = _block_lists(model)
     if not lists:
         raise _NoRow("it has no nn.ModuleList of blocks (items of one class) that holds linears")
@@ -467,9 +488,9 @@ def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, 
     rows, reasons = [], []
     for path, layers in longest:
         try:
-            rows.append((path, layers, _matrices_by_name(layers[0])))
+            rows.append((path, layers, _read_blocks(path, layers)))
         except _NoRow as exc:
-            reasons.append(f"{path}.0: {exc}")
+            reasons.append(str(exc) if str(exc).startswith(f"{path}.") else f"{path}.0: {exc}")
     if len(rows) > 1:
         raise _NoRow(f"{len(rows)} lists of {len(longest[0][1])} blocks fit: {', '.join(p for p, _, _ in rows)}")
     if not rows:
@@ -493,9 +514,9 @@ def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, 
 class FamilyMatch:
     """The row that fits a model, where its blocks are, and how the row was found.
 
-    ``matched_by`` is ``"model_type"`` (a row lists ``config.model_type``), ``"structure"`` (a
-    row's block list and module names are all there) or ``"module names"`` (a row built from the
-    well-known names of the linears in the model's first block).
+    ``matched_by`` is ``"model_type"`` (a row lists ``config.model_type``), ``"module names"`` (a
+    row built from the well-known names of the linears in the model's blocks) or ``"row layout"``
+    (a row's block list and module names are all there); see :func:`find_family`.
     """
 
     family: Family
@@ -526,13 +547,16 @@ def _no_family(model: nn.Module, model_type: str | None, reason: str) -> ValueEr
 
 
 def find_family(model: nn.Module) -> FamilyMatch:
-    """The family row that fits ``model``: by ``config.model_type``, then by structure, then by names.
+    """The family row that fits ``model``: by ``config.model_type``, else by structure.
 
-    Structure: the row with the most named modules whose block list is found and whose first
-    block holds every module it names. Names: a row built from the longest ``nn.ModuleList`` of
-    blocks, its first block's linears classified by well-known names (``q_proj``, ``c_attn``,
-    ``fc1``, ``gate_proj``, ...). When neither fits, a one-line ValueError that lists the
-    model's linears and says how to select them by regex or callable instead.
+    A row that lists the model's ``config.model_type`` comes first. Otherwise a row is built on
+    the fly ("module names"): the longest outermost ``nn.ModuleList`` whose items share one
+    class is the list of blocks, and every block's linears are classified by well-known names
+    (``q_proj``, ``c_attn``, ``dense``, ``fc1``, ``gate_proj``, ``w1``, ...); the blocks must
+    agree. Failing that, a row that lists no model type (the toy transformer's) whose block list
+    and modules are all found ("row layout"); a row made for other model types is never guessed
+    for a model whose blocks read ambiguously. When nothing fits, a one-line ValueError that
+    lists the model's linears and says how to select them by regex or callable instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -542,15 +566,16 @@ def find_family(model: nn.Module) -> FamilyMatch:
             found = _layers_of(model, family)
             if found is not None:
                 return FamilyMatch(family, found[0], found[1], "model_type")
-    for family in sorted(FAMILIES, key=lambda f: -len(_module_names(f))):
-        found = _layers_of(model, family)
-        if found is not None:
-            return FamilyMatch(family, found[0], found[1], "structure")
     try:
         family, path, n_layers = _family_by_names(model, model_type)
+        return FamilyMatch(family, path, n_layers, "module names")
     except _NoRow as exc:
-        raise _no_family(model, model_type, str(exc)) from None
-    return FamilyMatch(family, path, n_layers, "module names")
+        reason = str(exc)
+    for family in FAMILIES:
+        found = None if family.model_types else _layers_of(model, family)
+        if found is not None:
+            return FamilyMatch(family, found[0], found[1], "row layout")
+    raise _no_family(model, model_type, reason)
 
 
 def detect_family(model: nn.Module) -> tuple[Family, str, int]:

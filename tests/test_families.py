@@ -371,7 +371,7 @@ def test_mixture_of_experts_truncates_attention_and_refuses_the_mlp_in_one_line(
 # --- rows found by structure and by module names -------------------------------------------------
 
 
-def test_a_renamed_llama_is_found_by_structure():
+def test_a_renamed_llama_is_read_by_module_names():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class RenamedConfig(LlamaConfig):
@@ -380,7 +380,7 @@ def test_a_renamed_llama_is_found_by_structure():
     torch.manual_seed(0)
     model = LlamaForCausalLM(RenamedConfig(**LLAMA_SIZES)).eval()
     match = find_family(model)
-    assert (match.family.name, match.matched_by, match.path) == ("llama", "structure", "model.layers")
+    assert (match.family.name, match.matched_by, match.path) == ("my_renamed_llama", "module names", "model.layers")
     assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(LLAMA_LAST)
 
 
@@ -527,6 +527,74 @@ def test_an_ambiguous_model_lists_its_linears_and_says_how_to_select_them(model,
     assert state_hash(model) == before
     example = re.search(r"truncate_\(model, r'([^']+)', rank\)", message).group(1)
     assert resolve_targets(model, example)  # the regex the message suggests selects something
+
+
+@pytest.mark.parametrize(
+    "rel, role",
+    [
+        ("self_attn.q_proj", "attn_q"),
+        ("attention.query_key_value", "qkv"),
+        ("attn.c_proj", "attn_out"),
+        ("mlp.c_proj", "mlp_out"),
+        ("self_attention.dense", "attn_out"),
+        ("mlp.dense", "mlp_out"),
+        ("dense", None),  # an output projection of what? the name alone does not say
+        ("fc1", "mlp_in"),
+        ("ff.w2", "mlp_out"),
+        ("mlp.gate_up_proj", "gate_up"),
+        ("self_attn.gate_proj", None),  # an attention output gate is not the MLP's gate
+        ("feed_forward.key", None),  # RWKV's channel mix: a "key" inside the MLP is no attention key
+        ("mlp.router", None),
+    ],
+)
+def test_linears_are_classified_by_name_and_the_sub_module_around_them(rel, role):
+    from fasttrunc.families import _role
+
+    assert _role(rel) == role
+
+
+class UpDownBlock(nn.Module):
+    """An ungated MLP named up/down: its up projection is its input."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.mlp = nn.Module()
+        self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+
+def test_an_ungated_up_down_mlp_reads_as_mlp_in_and_mlp_out():
+    model = nn.ModuleDict({"layers_": nn.ModuleList(UpDownBlock() for _ in range(2))})
+    match = find_family(model)
+    assert match.matched_by == "module names" and "mlp_up" not in match.family.matrices
+    assert resolve_targets(model, Targets(layers=1, matrices="mlp")) == [
+        "layers_.1.mlp.up_proj",
+        "layers_.1.mlp.down_proj",
+    ]
+
+
+def test_blocks_that_read_differently_are_ambiguous():
+    blocks = nn.ModuleList([UpDownBlock(), UpDownBlock()])
+    blocks[1].mlp.up_proj = nn.Identity()  # block 1 lost its MLP input: no one row fits both
+    with pytest.raises(ValueError, match=r"matches no known model family .*layers_\.1: no linear is known by name"):
+        find_family(nn.ModuleDict({"layers_": blocks}))
+    blocks[1].mlp.up_proj = nn.Linear(4, 8)
+    blocks[1].mlp.gate_proj = nn.Linear(4, 8)  # block 1 is gated, block 0 is not
+    with pytest.raises(ValueError, match=r"its blocks differ: layers_\.0 and layers_\.1 do not hold the same linears"):
+        find_family(nn.ModuleDict({"layers_": blocks}))
+
+
+def test_the_toy_row_lists_no_model_type_and_is_found_by_its_layout():
+    block = nn.Module()
+    block.attn, block.ff = nn.Module(), nn.Module()
+    block.attn.wk, block.attn.wv, block.attn.wo = (nn.Linear(4, 4, bias=False) for _ in range(3))
+    block.ff.w1, block.ff.w2 = nn.Linear(4, 8), nn.Linear(8, 4)
+    model = nn.ModuleDict({"blocks": nn.ModuleList([block])})
+    match = find_family(model)
+    assert (match.family.name, match.matched_by, match.n_layers) == ("toy-transformer", "row layout", 1)
+    with pytest.raises(ValueError, match="'attn_q' cannot be truncated in toy-transformer: .* is the identity"):
+        resolve_targets(model, Targets(matrices="attn_q"))
 
 
 @pytest.mark.parametrize("model_type", [t for t in TYPES if t not in MOE_TYPES])
