@@ -247,6 +247,15 @@ def greedy(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
         )
 
 
+def assert_exact_at_full_rank(model: nn.Module, forward=logits) -> None:
+    """Full-rank truncation of every aliased matrix keeps the outputs; leaving restores them bit for bit."""
+    x = inputs()
+    reference = forward(model, x)
+    with truncate_(model, Targets(matrices="all"), 1.0):
+        torch.testing.assert_close(forward(model, x), reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(forward(model, x), reference)
+
+
 def no_truncated(model: nn.Module) -> bool:
     return not any(isinstance(m, TruncatedLinear) for m in model.modules())
 
@@ -384,6 +393,49 @@ def test_a_renamed_llama_is_read_by_module_names():
     assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(LLAMA_LAST)
 
 
+UNROWED = {
+    "gemma3_text": ({**LLAMA_SIZES, "head_dim": 8}, LLAMA_LAST),
+    "stablelm": (LLAMA_SIZES, LLAMA_LAST),
+    "starcoder2": (
+        LLAMA_SIZES,
+        ("model.layers.1.mlp.c_fc", "model.layers.1.mlp.c_proj", *LLAMA_LAST[3:]),
+    ),
+    "gpt_bigcode": (ROWS["gpt2"].config, ROWS["gpt2"].last),  # GPT-2's names, in nn.Linear rather than Conv1D
+    "olmoe": ({**MOE_SIZES, "num_experts": 4}, MOE_LAST),  # fused experts: attention only
+}
+
+
+@pytest.mark.parametrize("model_type", list(UNROWED))
+def test_types_without_a_row_are_read_by_module_names(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes, last = UNROWED[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).eval()
+    match = find_family(model)
+    assert (match.family.name, match.matched_by, match.n_layers) == (model_type, "module names", 2)
+    assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(last)
+    assert bool(match.family.unsupported) == (model_type == "olmoe")
+    assert_exact_at_full_rank(model)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+        {"multi_query": False, "parallel_attn": False, "bias": True},
+    ],
+    ids=["falcon-40b-like", "falcon-rw-like"],
+)
+def test_falcon_variants_keep_the_row(variant):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(**ROWS["falcon"].config, **variant)).eval()
+    assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(BLOOM_LAST)
+    assert_exact_at_full_rank(model)
+
+
 class Attention(nn.Module):
     def __init__(self, d: int, fused: bool):
         super().__init__()
@@ -456,11 +508,7 @@ def test_a_model_without_a_row_is_read_by_module_names():
         "trunk.stack.2.attention.wv",
         "trunk.stack.2.attention.proj",
     ]
-    x = inputs()
-    reference = logits_of(model, x)
-    with truncate_(model, Targets(matrices="all"), 1.0):
-        torch.testing.assert_close(logits_of(model, x), reference, rtol=1e-4, atol=1e-4)
-    assert torch.equal(logits_of(model, x), reference)
+    assert_exact_at_full_rank(model, forward=logits_of)
 
 
 def test_a_fused_projection_read_by_module_names_names_the_fused_alias():
