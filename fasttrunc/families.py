@@ -362,7 +362,7 @@ _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
 
 
 def _context(rel: str) -> str | None:
-    """ "attn" or "mlp" when the sub-modules above ``rel`` say which, else None."""
+    """Whether the sub-modules above ``rel`` put it in the attention ("attn") or the MLP ("mlp"), if they say."""
     parents = rel.lower().split(".")[:-1]
     attention = any(word in p for p in parents for word in _ATTENTION_WORDS)
     mlp = any(p == "ff" or any(word in p for word in _MLP_WORDS) for p in parents)
@@ -391,6 +391,10 @@ class _NoRow(ValueError):
     """A block whose linears do not make one family row; the message says why."""
 
 
+# A row read from a block's linear names: (matrices, fused, unsupported), as in Family.
+_Reading = tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]
+
+
 def _block_linears(block: nn.Module) -> list[str]:
     return [rel for rel, m in block.named_modules() if rel and _is_slot(m)]
 
@@ -400,7 +404,7 @@ def _fused_experts(block: nn.Module) -> list[str]:
     return [name for name, p in block.named_parameters() if p.dim() >= 3]
 
 
-def _matrices_by_name(block: nn.Module) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]:
+def _matrices_by_name(block: nn.Module) -> _Reading:
     """``(matrices, fused, unsupported)`` of a row read from one block's linear names, or _NoRow."""
     claims: dict[str, list[str]] = {}
     for rel in _block_linears(block):
@@ -466,7 +470,7 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return sorted(outer, key=lambda item: -len(item[1]))
 
 
-def _read_blocks(path: str, layers: nn.ModuleList) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]:
+def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
     """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently)."""
     first = _matrices_by_name(layers[0])
     for index in range(1, len(layers)):
