@@ -324,6 +324,7 @@ def test_rank_zero_mlp_out_leaves_only_the_bias(model_type):
     expected = torch.zeros(3, 5, module.out_features) if bias is None else bias.detach().expand(3, 5, -1)
     with torch.no_grad():
         assert torch.equal(module(h), expected)
+    assert torch.isfinite(logits(model, inputs())).all()  # the model still runs through the bias-only layer
 
 
 @pytest.mark.parametrize("model_type", TYPES)
