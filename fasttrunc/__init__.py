@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FAMILIES": "fasttrunc.families",
     "Family": "fasttrunc.families",
+    "describe_targets": "fasttrunc.describe",
     "Factors": "fasttrunc.truncation",
     "factorize": "fasttrunc.truncation",
     "Targets": "fasttrunc.truncation",
@@ -50,6 +51,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from fasttrunc.describe import describe_targets
     from fasttrunc.families import FAMILIES, Family
     from fasttrunc.io import load_truncated, save_truncated
     from fasttrunc.kernels.lowrank import lowrank_linear

@@ -2,7 +2,8 @@
 
 A *family row* says, for one kind of model, where its ``nn.ModuleList`` of blocks lives and which
 linear modules inside one block each matrix alias names. A new family is a new row, not a new
-code path. Rows are found from ``config.model_type`` first, then by structure.
+code path. Rows are found from ``config.model_type`` first, then by structure: the model's list
+of blocks and the well-known names of the linears in them (:func:`find_family`).
 
 A *module kind* is a class of module that holds one weight matrix fasttrunc can truncate:
 ``nn.Linear`` (and subclasses) and transformers' ``Conv1D`` (GPT-2; weight stored ``(in, out)``).
@@ -12,6 +13,7 @@ dense one back.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,20 +54,26 @@ class ModuleKind:
     matches: Callable[[nn.Module], bool]
     transposed: bool  # True when the module stores its weight as (in, out)
 
+    @staticmethod
+    def _stored(module: nn.Module) -> torch.Tensor:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The weight as an ``(out, in)`` tensor (a view; detached)."""
-        w = module.weight.detach()
+        w = self._stored(module).detach()
         return w.t() if self.transposed else w
 
     def shape(self, module: nn.Module) -> tuple[int, int]:
         """``(out_features, in_features)``."""
-        rows, cols = module.weight.shape
+        rows, cols = self._stored(module).shape
         return (cols, rows) if self.transposed else (rows, cols)
 
     def write_weight(self, module: nn.Module, dense: torch.Tensor) -> None:
         """Copy a dense ``(out, in)`` weight into ``module``, in the module's own layout and dtype."""
         with torch.no_grad():
-            module.weight.copy_(dense.t() if self.transposed else dense)
+            self._stored(module).copy_(dense.t() if self.transposed else dense)
 
 
 LINEAR = ModuleKind("nn.Linear", lambda m: isinstance(m, nn.Linear), transposed=False)
@@ -129,27 +137,159 @@ class Family:
         raise ValueError(f"matrix {alias!r} does not exist in {self.name}; it has: {', '.join(self.aliases())}")
 
 
+# Row builders: the shapes of block that many families share, so each row states only its names.
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _attention(prefix: str, q: str, k: str, v: str, out: str) -> dict[str, tuple[str, ...]]:
+    """Separate query, key and value projections (attn_qkv names all three) and an output one."""
+    q, k, v = (_joined(prefix, n) for n in (q, k, v))
+    return {"attn_q": (q,), "attn_k": (k,), "attn_v": (v,), "attn_qkv": (q, k, v), "attn_out": (_joined(prefix, out),)}
+
+
+def _fused_attention(prefix: str, qkv: str, out: str) -> dict[str, tuple[str, ...]]:
+    """One fused query-key-value projection and an output one."""
+    return {"attn_qkv": (_joined(prefix, qkv),), "attn_out": (_joined(prefix, out),)}
+
+
+def _mlp(prefix: str, fc_in: str, fc_out: str) -> dict[str, tuple[str, ...]]:
+    return {"mlp_in": (_joined(prefix, fc_in),), "mlp_out": (_joined(prefix, fc_out),)}
+
+
+def _gated_mlp(prefix: str, gate: str, up: str, down: str) -> dict[str, tuple[str, ...]]:
+    """A gated MLP: mlp_in is the gate projection (as LASER maps Llama), mlp_up the up projection."""
+    return {**_mlp(prefix, gate, down), "mlp_up": (_joined(prefix, up),)}
+
+
+_FUSED_QKV = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv"}
+_EXPERTS = (
+    "its MLP is a mixture of experts whose weights are fused 3-D parameters ({where}), not linear modules; "
+    "only the attention aliases (attn_q, attn_k, attn_v, attn_qkv, attn_out) apply"
+)
+
+
+def _experts_unsupported(where: str, extra: str = "") -> dict[str, str]:
+    reason = _EXPERTS.format(where=where) + extra
+    return {alias: reason for alias in MATRIX_GROUPS["mlp"]}
+
+
+def _llama_shaped(name: str, model_type: str, example: str) -> Family:
+    """Llama's block: ``self_attn.{q,k,v,o}_proj`` and a gated ``mlp.{gate,up,down}_proj``."""
+    return Family(
+        name=name,
+        model_types=(model_type,),
+        layer_containers=("model.layers", "layers"),
+        matrices={
+            **_gated_mlp("mlp", "gate_proj", "up_proj", "down_proj"),
+            **_attention("self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+        },
+        example=example,
+    )
+
+
+def _bloom_shaped(name: str, model_type: str, example: str) -> Family:
+    """BLOOM's and Falcon's block: a fused ``self_attention.query_key_value`` and NeoX-named MLP."""
+    return Family(
+        name=name,
+        model_types=(model_type,),
+        layer_containers=("transformer.h", "h"),
+        matrices={
+            **_mlp("mlp", "dense_h_to_4h", "dense_4h_to_h"),
+            **_fused_attention("self_attention", "query_key_value", "dense"),
+        },
+        fused=_FUSED_QKV,
+        example=example,
+    )
+
+
+def _moe(name: str, model_type: str, example: str, extra: str = "") -> Family:
+    """A Llama-shaped attention over a mixture of experts kept as fused 3-D parameters."""
+    return Family(
+        name=name,
+        model_types=(model_type,),
+        layer_containers=("model.layers", "layers"),
+        matrices=_attention("self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+        unsupported=_experts_unsupported("mlp.experts.gate_up_proj, mlp.experts.down_proj", extra),
+        example=example,
+    )
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="gpt-neox",
         model_types=("gpt_neox",),
         layer_containers=("gpt_neox.layers", "layers"),
         matrices={
-            "mlp_in": ("mlp.dense_h_to_4h",),
-            "mlp_out": ("mlp.dense_4h_to_h",),
-            "attn_qkv": ("attention.query_key_value",),
-            "attn_out": ("attention.dense",),
+            **_mlp("mlp", "dense_h_to_4h", "dense_4h_to_h"),
+            **_fused_attention("attention", "query_key_value", "dense"),
         },
-        fused={"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv"},
+        fused=_FUSED_QKV,
         example="EleutherAI/pythia-1b",
     ),
+    _llama_shaped("llama", "llama", "meta-llama/Llama-3.2-1B"),
+    _llama_shaped("mistral", "mistral", "mistralai/Mistral-7B-v0.1"),
+    _llama_shaped("qwen2", "qwen2", "Qwen/Qwen2.5-0.5B"),
+    _llama_shaped("qwen3", "qwen3", "Qwen/Qwen3-0.6B"),
+    _llama_shaped("gemma", "gemma", "google/gemma-2b"),
+    _llama_shaped("gemma2", "gemma2", "google/gemma-2-2b"),
+    _llama_shaped("olmo", "olmo", "allenai/OLMo-1B-hf"),
+    _llama_shaped("olmo2", "olmo2", "allenai/OLMo-2-0425-1B"),
+    Family(
+        name="phi",
+        model_types=("phi",),
+        layer_containers=("model.layers", "layers"),
+        matrices={**_mlp("mlp", "fc1", "fc2"), **_attention("self_attn", "q_proj", "k_proj", "v_proj", "dense")},
+        example="microsoft/phi-1_5",
+    ),
+    Family(
+        name="phi3",
+        model_types=("phi3",),
+        layer_containers=("model.layers", "layers"),
+        matrices={**_mlp("mlp", "gate_up_proj", "down_proj"), **_fused_attention("self_attn", "qkv_proj", "o_proj")},
+        fused={**_FUSED_QKV, "mlp_up": "mlp_in"},
+        example="microsoft/Phi-3-mini-4k-instruct",
+    ),
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        layer_containers=("transformer.h", "h"),
+        matrices={**_mlp("mlp", "c_fc", "c_proj"), **_fused_attention("attn", "c_attn", "c_proj")},
+        fused=_FUSED_QKV,
+        example="openai-community/gpt2",
+    ),
+    Family(
+        name="gpt-j",
+        model_types=("gptj",),
+        layer_containers=("transformer.h", "h"),
+        matrices={**_mlp("mlp", "fc_in", "fc_out"), **_attention("attn", "q_proj", "k_proj", "v_proj", "out_proj")},
+        example="EleutherAI/gpt-j-6b",
+    ),
+    Family(
+        name="opt",
+        model_types=("opt",),
+        layer_containers=("model.decoder.layers", "decoder.layers", "layers"),
+        matrices={**_mlp("", "fc1", "fc2"), **_attention("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")},
+        example="facebook/opt-125m",
+    ),
+    _bloom_shaped("falcon", "falcon", "tiiuae/falcon-7b"),
+    _bloom_shaped("bloom", "bloom", "bigscience/bloom-560m"),
+    _moe("mixtral", "mixtral", "mistralai/Mixtral-8x7B-v0.1"),
+    _moe(
+        "qwen2-moe",
+        "qwen2_moe",
+        "Qwen/Qwen1.5-MoE-A2.7B",
+        extra=r"; its shared expert's linears can be selected by regex (model\.layers\.\d+\.mlp\.shared_expert\..*)",
+    ),
+    _moe("qwen3-moe", "qwen3_moe", "Qwen/Qwen3-30B-A3B"),
     Family(
         name="toy-transformer",  # fasttrunc.models.toy: the query is the identity, so qkv = key, value
         model_types=(),
         layer_containers=("blocks",),
         matrices={
-            "mlp_in": ("ff.w1",),
-            "mlp_out": ("ff.w2",),
+            **_mlp("ff", "w1", "w2"),
             "attn_k": ("attn.wk",),
             "attn_v": ("attn.wv",),
             "attn_qkv": ("attn.wk", "attn.wv"),
@@ -173,40 +313,282 @@ def _model_type(model: nn.Module) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _module_names(family: Family) -> list[str]:
+    """Every module name (relative to one block) that the row's aliases name, without repeats."""
+    return list(dict.fromkeys(rel for rels in family.matrices.values() for rel in rels))
+
+
+def _is_slot(module: nn.Module | None) -> bool:
+    """A module of a supported kind, or one fasttrunc already swapped in for one."""
+    # fasttrunc.linear imports this module; a TruncatedLinear exists only once it is imported.
+    truncated = getattr(sys.modules.get("fasttrunc.linear"), "TruncatedLinear", None)
+    return module_kind(module) is not None or (truncated is not None and isinstance(module, truncated))
+
+
 def _layers_of(model: nn.Module, family: Family) -> tuple[str, int] | None:
-    """``(path, n_layers)`` of the family's block list in ``model``, when its first block fits the row."""
+    """``(path, n_layers)`` of the family's block list in ``model``, when its first block fits the row.
+
+    A block fits when every module the row names is there, of a supported kind (or truncated).
+    """
     for path in family.layer_containers:
         layers = _try_submodule(model, path)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             continue
-        first = next(iter(family.matrices.values()))[0]
-        if _try_submodule(layers[0], first) is not None:
+        block = layers[0]
+        if all(_is_slot(_try_submodule(block, rel)) for rel in _module_names(family)):
             return path, len(layers)
     return None
+
+
+# --- matching a block by its module names ------------------------------------------------------
+
+# The alias each well-known leaf name plays in a block. "qkv" and "gate_up" are fused matrices:
+# attn_qkv whole, and mlp_in with mlp_up inside it.
+_ROLE_BY_LEAF: dict[str, str] = {
+    **dict.fromkeys(("q_proj", "query", "wq", "q_lin"), "attn_q"),
+    **dict.fromkeys(("k_proj", "key", "wk", "k_lin"), "attn_k"),
+    **dict.fromkeys(("v_proj", "value", "wv", "v_lin"), "attn_v"),
+    **dict.fromkeys(("query_key_value", "qkv_proj", "c_attn", "qkv", "wqkv"), "qkv"),
+    **dict.fromkeys(("o_proj", "out_proj", "out_lin"), "attn_out"),
+    **dict.fromkeys(("gate_proj", "w1", "fc1", "fc_in", "dense_h_to_4h", "c_fc"), "mlp_in"),
+    **dict.fromkeys(("up_proj", "w3"), "mlp_up"),
+    **dict.fromkeys(("down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"), "mlp_out"),
+    "gate_up_proj": "gate_up",
+}
+# Leaf names that are an output projection of whichever sub-module holds them (attention or MLP).
+_OUTPUT_LEAVES = ("dense", "c_proj", "wo", "proj", "out")
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
+
+
+def _context(rel: str) -> str | None:
+    """Whether the sub-modules above ``rel`` put it in the attention ("attn") or the MLP ("mlp"), if they say."""
+    parents = rel.lower().split(".")[:-1]
+    attention = any(word in p for p in parents for word in _ATTENTION_WORDS)
+    mlp = any(p == "ff" or any(word in p for word in _MLP_WORDS) for p in parents)
+    if attention == mlp:
+        return None
+    return "attn" if attention else "mlp"
+
+
+def _role(rel: str) -> str | None:
+    """The alias a block's linear plays by its name, or None when the name does not say.
+
+    A name the surrounding sub-module contradicts (a ``gate_proj`` inside the attention, a
+    ``key`` inside the MLP) says nothing.
+    """
+    leaf = rel.rsplit(".", 1)[-1].lower()
+    context = _context(rel)
+    if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
+        return {"attn": "attn_out", "mlp": "mlp_out", None: None}[context]
+    role = _ROLE_BY_LEAF.get(leaf)
+    if role is None or context is None:
+        return role
+    return role if (role.startswith("mlp") or role == "gate_up") == (context == "mlp") else None
+
+
+class _NoRow(ValueError):
+    """A block whose linears do not make one family row; the message says why."""
+
+
+# A row read from a block's linear names: (matrices, fused, unsupported), as in Family.
+_Reading = tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]
+
+
+def _block_linears(block: nn.Module) -> list[str]:
+    return [rel for rel, m in block.named_modules() if rel and _is_slot(m)]
+
+
+def _fused_experts(block: nn.Module) -> list[str]:
+    """Names of parameters with three or more dimensions: experts fused into one tensor."""
+    return [name for name, p in block.named_parameters() if p.dim() >= 3]
+
+
+def _matrices_by_name(block: nn.Module) -> _Reading:
+    """``(matrices, fused, unsupported)`` of a row read from one block's linear names, or _NoRow."""
+    claims: dict[str, list[str]] = {}
+    for rel in _block_linears(block):
+        role = _role(rel)
+        if role is not None:
+            claims.setdefault(role, []).append(rel)
+    doubled = {role: rels for role, rels in claims.items() if len(rels) > 1}
+    if doubled:
+        raise _NoRow(
+            "; ".join(f"{len(rels)} linears look like {role} ({', '.join(rels)})" for role, rels in doubled.items())
+        )
+    one = {role: rels[0] for role, rels in claims.items()}
+    if "mlp_up" in one and "mlp_in" not in one and "gate_up" not in one:
+        one["mlp_in"] = one.pop("mlp_up")  # an ungated MLP named up/down: its up projection is its input
+    matrices: dict[str, tuple[str, ...]] = {}
+    fused: dict[str, str] = {}
+    parts = [one[a] for a in QKV_PARTS if a in one]
+    if "qkv" in one:
+        if parts:
+            raise _NoRow(f"both a fused query-key-value ({one['qkv']}) and separate projections ({', '.join(parts)})")
+        matrices["attn_qkv"] = (one["qkv"],)
+        fused.update(_FUSED_QKV)
+    elif len(parts) == len(QKV_PARTS):
+        matrices.update({alias: (one[alias],) for alias in QKV_PARTS})
+        matrices["attn_qkv"] = tuple(parts)
+    elif parts:
+        raise _NoRow(f"only some of the query, key and value projections are known by name ({', '.join(parts)})")
+    if "gate_up" in one:
+        if "mlp_in" in one or "mlp_up" in one:
+            raise _NoRow(f"both a fused gate-up ({one['gate_up']}) and separate gate or up projections")
+        matrices["mlp_in"] = (one["gate_up"],)
+        fused["mlp_up"] = "mlp_in"
+    matrices.update({alias: (one[alias],) for alias in ("mlp_in", "mlp_up", "mlp_out", "attn_out") if alias in one})
+    unsupported: dict[str, str] = {}
+    experts = _fused_experts(block)
+    if experts:  # a linear MLP beside fused experts (a shared expert) is not the block's MLP
+        unsupported = _experts_unsupported(", ".join(experts))
+        matrices = {alias: rels for alias, rels in matrices.items() if alias not in unsupported}
+        fused = {alias: whole for alias, whole in fused.items() if alias not in unsupported}
+    wanted = ("attn_qkv", "attn_out") + (() if unsupported else ("mlp_in", "mlp_out"))
+    missing = [alias for alias in wanted if alias not in matrices]
+    if missing:
+        raise _NoRow(f"no linear is known by name as {', '.join(missing)}")
+    return matrices, fused, unsupported
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ModuleLists whose items share one class and hold linears, longest first.
+
+    A list inside an item of another (experts inside a layer) is not a list of blocks.
+    """
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and len({type(item) for item in m}) == 1
+        and any(_is_slot(x) for x in m.modules())
+    ]
+    outer = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found if other)]
+    if any(name == "" for name, _ in found):
+        outer = [(name, m) for name, m in found if name == ""]
+    return sorted(outer, key=lambda item: -len(item[1]))
+
+
+def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
+    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently)."""
+    first = _matrices_by_name(layers[0])
+    for index in range(1, len(layers)):
+        try:
+            other = _matrices_by_name(layers[index])
+        except _NoRow as exc:
+            raise _NoRow(f"{path}.{index}: {exc}") from None
+        if other != first:
+            raise _NoRow(f"its blocks differ: {path}.0 and {path}.{index} do not hold the same linears")
+    return first
+
+
+def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:
+    """A row built on the fly from the longest list of blocks and its blocks' linear names."""
+    lists = _block_lists(model)
+    if not lists:
+        raise _NoRow("it has no nn.ModuleList of blocks (items of one class) that holds linears")
+    longest = [(name, m) for name, m in lists if len(m) == len(lists[0][1])]
+    rows, reasons = [], []
+    for path, layers in longest:
+        try:
+            rows.append((path, layers, _read_blocks(path, layers)))
+        except _NoRow as exc:
+            reasons.append(str(exc) if str(exc).startswith(f"{path}.") else f"{path}.0: {exc}")
+    if len(rows) > 1:
+        raise _NoRow(f"{len(rows)} lists of {len(longest[0][1])} blocks fit: {', '.join(p for p, _, _ in rows)}")
+    if not rows:
+        raise _NoRow("; ".join(reasons))
+    path, layers, (matrices, fused, unsupported) = rows[0]
+    family = Family(
+        name=model_type or type(layers[0]).__name__,
+        model_types=() if model_type is None else (model_type,),
+        layer_containers=(path,),
+        matrices=matrices,
+        fused=fused,
+        unsupported=unsupported,
+    )
+    return family, path, len(layers)
+
+
+# --- finding a model's row ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyMatch:
+    """The row that fits a model, where its blocks are, and how the row was found.
+
+    ``matched_by`` is ``"model_type"`` (a row lists ``config.model_type``), ``"module names"`` (a
+    row built from the well-known names of the linears in the model's blocks) or ``"row layout"``
+    (a row's block list and module names are all there); see :func:`find_family`.
+    """
+
+    family: Family
+    path: str  # qualified name of the nn.ModuleList of blocks
+    n_layers: int
+    matched_by: str
+
+
+def _no_family(model: nn.Module, model_type: str | None, reason: str) -> ValueError:
+    known = ", ".join(f.name for f in FAMILIES)
+    lists = _block_lists(model)
+    if lists:
+        path, layers = lists[0]
+        rels = _block_linears(layers[0])
+        shown = f"{path}.<i>.{{{', '.join(rels)}}}"
+        example = f"{re.escape(path)}\\.\\d+\\.{re.escape(rels[0])}"
+    else:
+        linears = truncatable_names(model)
+        shown = ", ".join(linears[:8]) + (f", ... ({len(linears)} in all)" if len(linears) > 8 else "")
+        example = re.escape(linears[0]) if linears else ""
+    how = "select its linears by regex or by a callable (name, module) -> bool instead"
+    if example:
+        how += f", e.g. truncate_(model, r'{example}', rank)"
+    return ValueError(
+        f"{type(model).__name__} (model_type {model_type!r}) matches no known model family ({known}) and "
+        f"its blocks cannot be read by module names ({reason}); {how}; its linears: {shown or 'it has none'}"
+    )
+
+
+def find_family(model: nn.Module) -> FamilyMatch:
+    """The family row that fits ``model``: by ``config.model_type``, else by structure.
+
+    A row that lists the model's ``config.model_type`` comes first. Otherwise a row is built on
+    the fly ("module names"): the longest outermost ``nn.ModuleList`` whose items share one
+    class is the list of blocks, and every block's linears are classified by well-known names
+    (``q_proj``, ``c_attn``, ``dense``, ``fc1``, ``gate_proj``, ``w1``, ...); the blocks must
+    agree. Failing that, a row that lists no model type (the toy transformer's) whose block list
+    and modules are all found ("row layout"); a row made for other model types is never guessed
+    for a model whose blocks read ambiguously. When nothing fits, a one-line ValueError that
+    lists the model's linears and says how to select them by regex or callable instead.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    model_type = _model_type(model)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            found = _layers_of(model, family)
+            if found is not None:
+                return FamilyMatch(family, found[0], found[1], "model_type")
+    try:
+        family, path, n_layers = _family_by_names(model, model_type)
+        return FamilyMatch(family, path, n_layers, "module names")
+    except _NoRow as exc:
+        reason = str(exc)
+    for family in FAMILIES:
+        found = None if family.model_types else _layers_of(model, family)
+        if found is not None:
+            return FamilyMatch(family, found[0], found[1], "row layout")
+    raise _no_family(model, model_type, reason)
 
 
 def detect_family(model: nn.Module) -> tuple[Family, str, int]:
     """The family row that fits ``model``, the path of its block list, and its number of blocks.
 
-    By ``config.model_type`` first, then by structure (the first row whose block list and first
-    alias are found). No fit is a one-line ValueError that lists the model's linears and says how
-    to select them by regex or callable instead.
+    See :func:`find_family`, which also says how the row was found.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    model_type = _model_type(model)
-    ordered = sorted(FAMILIES, key=lambda f: model_type not in f.model_types)
-    for family in ordered:
-        found = _layers_of(model, family)
-        if found is not None:
-            return family, found[0], found[1]
-    known = ", ".join(f.name for f in FAMILIES)
-    linears = truncatable_names(model)
-    shown = ", ".join(linears[:8]) + (f", ... ({len(linears)} in all)" if len(linears) > 8 else "")
-    raise ValueError(
-        f"{type(model).__name__} (model_type {model_type!r}) matches no known model family ({known}); "
-        f"select its linears by regex or by a callable (name, module) -> bool instead: {shown or 'it has none'}"
-    )
+    match = find_family(model)
+    return match.family, match.path, match.n_layers
 
 
 def expand_matrices(matrices: str | Sequence[str], family: Family | None = None) -> list[str]:
@@ -231,6 +613,9 @@ def expand_matrices(matrices: str | Sequence[str], family: Family | None = None)
             raise ValueError(f"matrix {name!r} is not known; allowed: {', '.join(here)}")
         if name in MATRIX_GROUPS:
             members = [a for a in MATRIX_GROUPS[name] if family is None or a in family.matrices]
+            if not members and family is not None:
+                for alias in MATRIX_GROUPS[name]:
+                    family.names_for(alias)  # raises: unsupported (with why), or fused, or absent
         else:
             if family is not None:
                 family.names_for(name)  # raises for an alias the family lacks
