@@ -80,7 +80,6 @@ def bench_svd(
         full_svd=not no_full_svd,
         seed=seed,
     )
-    config.validate()
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables)
