@@ -47,6 +47,8 @@ class SvdBenchConfig:
     full_svd: bool = True
     seed: int = 0
     device: str = "cuda"
+    oversample: int = 10  # of every sketch compared (torch's too): l = k + oversample columns
+    defaults_variant: bool = True  # also time fasttrunc at its own defaults (n_iter, oversample)
 
     def __post_init__(self) -> None:
         known = MATRIX_SETS | QUICK_SETS | TINY_SETS
@@ -56,6 +58,7 @@ class SvdBenchConfig:
             checks.integer("rank", k, 1, 1024)
         checks.integer("reps", self.reps, 1, 100)
         checks.seed("seed", self.seed)
+        checks.integer("oversample", self.oversample, 1, 256)
 
 
 @dataclasses.dataclass
@@ -110,20 +113,20 @@ def _error_ratio(groups: list[torch.Tensor], factors: list[tuple], optimal: list
     return worst
 
 
-def _sketch_variants(k: int) -> list[tuple[str, dict[str, Any]]]:
+def _sketch_variants(k: int, os_: int, with_defaults: bool) -> list[tuple[str, dict[str, Any]]]:
     from fasttrunc.svd import DEFAULT_N_ITER, default_oversample
 
-    return [
-        ("fasttrunc n_iter=2 os=10 (tf32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "tf32"}),
-        ("fasttrunc n_iter=2 os=10 (fp32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "ieee"}),
-        (
-            f"fasttrunc defaults n_iter={DEFAULT_N_ITER} os={default_oversample(k)}",
-            {"n_iter": DEFAULT_N_ITER, "oversample": default_oversample(k), "range_precision": "tf32"},
-        ),
+    variants = [
+        (f"fasttrunc n_iter=2 os={os_} (tf32 range)", {"n_iter": 2, "oversample": os_, "range_precision": "tf32"}),
+        (f"fasttrunc n_iter=2 os={os_} (fp32 range)", {"n_iter": 2, "oversample": os_, "range_precision": "ieee"}),
     ]
+    if with_defaults:
+        defaults = {"n_iter": DEFAULT_N_ITER, "oversample": default_oversample(k), "range_precision": "tf32"}
+        variants.append((f"fasttrunc defaults n_iter={DEFAULT_N_ITER} os={default_oversample(k)}", defaults))
+    return variants
 
 
-def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
+def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str, Any]]:
     """One fasttrunc call split into its stages, on one batch of same-shape matrices."""
     from fasttrunc.kernels.svd import batched_matmul, cholesky_qr, jacobi_svd
 
@@ -131,7 +134,7 @@ def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
     if m < n:
         w = w.mT
         m, n = n, m
-    l = k + 10
+    l = k + os_
     g = torch.randn(batch, n, l, device=w.device)
     y = batched_matmul(w, g, "tf32")
     q, _ = cholesky_qr(y)
@@ -172,11 +175,11 @@ def _ours(weights: Sequence[torch.Tensor], k: int, options: dict[str, Any], seed
     )
 
 
-def _svd_lowrank_looped(groups: Sequence[torch.Tensor], k: int) -> Factors:
-    """LASER's routine, oversampled: ``torch.svd_lowrank(q=k+10, niter=2)`` per matrix."""
+def _svd_lowrank_looped(groups: Sequence[torch.Tensor], k: int, os_: int) -> Factors:
+    """LASER's routine, oversampled: ``torch.svd_lowrank(q=k+os, niter=2)`` per matrix."""
     out = []
     for w in groups:
-        factors = [torch.svd_lowrank(w[i], q=k + 10, niter=2) for i in range(w.shape[0])]
+        factors = [torch.svd_lowrank(w[i], q=k + os_, niter=2) for i in range(w.shape[0])]
         u = torch.stack([f[0][:, :k] for f in factors])
         s = torch.stack([f[1][:k] for f in factors])
         vh = torch.stack([f[2][:, :k].mT for f in factors])
@@ -184,12 +187,12 @@ def _svd_lowrank_looped(groups: Sequence[torch.Tensor], k: int) -> Factors:
     return out
 
 
-def _plain_torch(groups: Sequence[torch.Tensor], k: int, seed: int) -> Factors:
+def _plain_torch(groups: Sequence[torch.Tensor], k: int, os_: int, seed: int) -> Factors:
     from fasttrunc.kernels.svd import randomized_svd_reference
 
     return [
         randomized_svd_reference(
-            w, k, n_iter=2, oversample=10, generator=torch.Generator(device=w.device).manual_seed(seed)
+            w, k, n_iter=2, oversample=os_, generator=torch.Generator(device=w.device).manual_seed(seed)
         )
         for w in groups
     ]
@@ -220,7 +223,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
         )
     gen = torch.Generator().manual_seed(config.seed)
     sets = MATRIX_SETS | QUICK_SETS | TINY_SETS
-    steps = len(config.sets) * (len(config.ranks) * (6 + config.bf16) + config.full_svd)
+    steps = len(config.sets) * (len(config.ranks) * (5 + config.defaults_variant + config.bf16) + config.full_svd)
     done = 0
     rows: list[dict[str, Any]] = []
     stages: list[dict[str, Any]] = []
@@ -245,26 +248,27 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
             optimal = [sig[k:].pow(2).sum().sqrt().item() for sig in spectra]
             set_rows: list[dict[str, Any]] = []
 
-            for label, options in _sketch_variants(k):
+            os_ = config.oversample
+            for label, options in _sketch_variants(k, os_, config.defaults_variant):
                 set_rows.append(
                     _row(
                         label, _timed(functools.partial(_ours, groups, k, options, seed), config.reps), groups, optimal
                     )
                 )
                 step(f"{set_name} k={k} {label}")
-            timed = _timed(functools.partial(_svd_lowrank_looped, groups, k), config.reps)
+            timed = _timed(functools.partial(_svd_lowrank_looped, groups, k, os_), config.reps)
             baseline = timed[0]
-            set_rows.append(_row("torch.svd_lowrank(q=k+10, niter=2) looped", timed, groups, optimal))
+            set_rows.append(_row(f"torch.svd_lowrank(q=k+{os_}, niter=2) looped", timed, groups, optimal))
             step(f"{set_name} k={k} svd_lowrank")
-            timed = _timed(functools.partial(_plain_torch, groups, k, seed), config.reps)
-            set_rows.append(_row("plain-torch batched randomized n_iter=2 os=10", timed, groups, optimal))
+            timed = _timed(functools.partial(_plain_torch, groups, k, os_, seed), config.reps)
+            set_rows.append(_row(f"plain-torch batched randomized n_iter=2 os={os_}", timed, groups, optimal))
             step(f"{set_name} k={k} plain torch")
             if config.bf16:
                 stored = [w.to(torch.bfloat16) for w in groups]
-                options = {"n_iter": 2, "oversample": 10}
+                options = {"n_iter": 2, "oversample": os_}
                 # Scored against the fp32 matrices' optimum: includes the bf16 rounding of the weights.
                 timed = _timed(functools.partial(_ours, stored, k, options, seed), config.reps)
-                set_rows.append(_row("fasttrunc bf16 weights n_iter=2 os=10 (tf32 range)", timed, groups, optimal))
+                set_rows.append(_row(f"fasttrunc bf16 weights n_iter=2 os={os_} (tf32 range)", timed, groups, optimal))
                 del stored
                 step(f"{set_name} k={k} bf16")
             for row in set_rows:
@@ -276,7 +280,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
                     speedup_vs_linalg_svd=None if full_seconds is None else full_seconds / row["seconds"],
                 )
             rows.extend(set_rows)
-            stages.extend(_stage_times(groups[0], k, config.reps))
+            stages.extend(_stage_times(groups[0], k, os_, config.reps))
             step(f"{set_name} k={k} stages")
         if full_seconds is not None:
             rows.append(
