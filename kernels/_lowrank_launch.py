@@ -68,12 +68,12 @@ class KernelStep:
         self.runners: dict[tuple[bool, ...], Callable[..., Any]] = {}
         self.fast = True  # the light path, until it fails once
 
-    def __call__(self, tensors: Sequence[torch.Tensor], on_cuda: bool) -> None:
+    def __call__(self, tensors: Sequence[torch.Tensor], aligned: tuple[bool, ...] | None) -> None:
+        """Launch on ``tensors``; ``aligned`` (which operands are 16-byte aligned) is None off CUDA."""
         args = (*tensors, *self.ints)
-        if not on_cuda:
+        if aligned is None:
             self.kernel[self.grid](*args, **self.constexprs, **self.options)
             return
-        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])
         runner = self.runners.get(aligned) if self.fast else None
         if runner is not None:
             try:
@@ -101,7 +101,13 @@ def _device_guard_for(device: torch.device) -> contextlib.AbstractContextManager
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-# The guard every launch runs under (a module name, so that tests can watch it).
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+# What a launch asks about its device, and the guard every CUDA launch runs under: module names,
+# so that tests and the host-overhead measurement can stand in a CUDA device on a CPU.
+is_cuda = _is_cuda
 device_guard = _device_guard_for
 
 
@@ -208,16 +214,39 @@ def lowrank_linear_triton(
     steps = prepared.steps
     if not steps:
         y = _two_gemms(x2, a, b, bias)
-    else:
-        on_cuda = device.type == "cuda"
+    elif is_cuda(device):
         with device_guard(device):
-            y = torch.empty(m, n, dtype=dtype, device=device)
-            bias_arg = y if bias is None else bias  # the bias slot is never read without one
-            if len(steps) == 1:
-                steps[0]((x2, a, b, bias_arg, y), on_cuda)
-            else:
-                # Split-K: this launch's own partials, from the stream-ordered caching allocator.
-                ws = torch.empty(prepared.plan.ws_numel, dtype=torch.float32, device=device)
-                steps[0]((x2, a, ws), on_cuda)
-                steps[1]((ws, b, bias_arg, y), on_cuda)
+            y = _launch(prepared, x2, a, b, bias, m, n, device, True)
+    else:
+        y = _launch(prepared, x2, a, b, bias, m, n, device, False)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def _launch(
+    prepared: PreparedLaunch,
+    x2: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    n: int,
+    device: torch.device,
+    on_cuda: bool,
+) -> torch.Tensor:
+    steps = prepared.steps
+    y = torch.empty(m, n, dtype=x2.dtype, device=device)
+    bias_arg = y if bias is None else bias  # the bias slot is never read without one
+    # The binaries differ by which pointers are 16-byte aligned; fresh allocations (y, the
+    # workspace) always are, so only the caller's operands are looked at.
+    aligned = None
+    if on_cuda:
+        aligned = (x2.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0)
+        aligned += (bias_arg.data_ptr() % 16 == 0,)
+    if len(steps) == 1:
+        steps[0]((x2, a, b, bias_arg, y), aligned)
+    else:
+        # Split-K: this launch's own partials, from the stream-ordered caching allocator.
+        ws = torch.empty(prepared.plan.ws_numel, dtype=torch.float32, device=device)
+        steps[0]((x2, a, ws), aligned)
+        steps[1]((ws, b, bias_arg, y), aligned)
+    return y

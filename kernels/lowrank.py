@@ -103,7 +103,9 @@ def lowrank_linear(
         return lowrank_linear_reference(x, a, b, bias)
     if torch.compiler.is_compiling():
         return _lowrank_autograd.lowrank_op(x, a, b, bias)  # opaque to the compiler, with a fake impl
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, a, b, bias)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         out: torch.Tensor = _lowrank_autograd.LowRankLinearFunction.apply(x, a, b, bias, t)
         return out
     # Inference: no autograd node, the lightest eager path (launch cost is most of decode's time).

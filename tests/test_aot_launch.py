@@ -57,9 +57,10 @@ for force in ("splitk", "tiled"):
 
         step.kernel = Jit()
         tensors = [torch.zeros(64) for _ in pointers]
-        step(tensors, True)
-        step(tensors, True)
-        step(tensors, True)
+        aligned = tuple(True for _ in tensors)
+        step(tensors, aligned)
+        step(tensors, aligned)
+        step(tensors, aligned)
         one_d = None
         try:
             compiled[(step.grid[0],)](*tensors, *step.ints, *step.trailing)

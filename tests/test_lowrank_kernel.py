@@ -160,9 +160,9 @@ def test_splitk_launches_in_flight_never_share_state(monkeypatch):
     seen = []
     real_call = _lowrank_launch.KernelStep.__call__
 
-    def recording(step, tensors, on_cuda):
+    def recording(step, tensors, aligned):
         seen.append((step.kernel, tuple(tensors)))  # keeps every buffer alive, as a launch in flight
-        return real_call(step, tensors, on_cuda)
+        return real_call(step, tensors, aligned)
 
     monkeypatch.setattr(_lowrank_launch.KernelStep, "__call__", recording)
     x, a, b, bias = _operands(5, 64, 40, 7, torch.float32)
@@ -180,8 +180,8 @@ def test_splitk_launches_in_flight_never_share_state(monkeypatch):
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):
-    """Hazard: launches went to the current device. Every kernel step must run inside
-    torch.cuda.device(<the tensors' device>); checked with a stand-in device and guard."""
+    """Hazard: launches went to the current device. On CUDA every kernel step must run inside
+    torch.cuda.device(<the tensors' device>); checked with CPU tensors standing in for CUDA ones."""
     events = []
 
     class Guard:
@@ -194,24 +194,24 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         def __exit__(self, *exc):
             events.append(("exit", self.device))
 
+    monkeypatch.setattr(_lowrank_launch, "is_cuda", lambda device: True)
     monkeypatch.setattr(_lowrank_launch, "device_guard", Guard)
     real_call = _lowrank_launch.KernelStep.__call__
-    monkeypatch.setattr(
-        _lowrank_launch.KernelStep,
-        "__call__",
-        lambda step, tensors, on_cuda: (
-            events.append(("launch", tensors[0].device)) or real_call(step, tensors, on_cuda)
-        ),
-    )
+
+    def launch(step, tensors, aligned):
+        events.append(("launch", tensors[0].device))
+        real_call(step, tensors, None)  # the interpreter runs it
+
+    monkeypatch.setattr(_lowrank_launch.KernelStep, "__call__", launch)
     for force in ("splitk", "tiled"):
         events.clear()
         x, a, b, bias = _operands(3, 33, 20, 7, torch.float32)
-        fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme=force))
+        y = fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme=force))
+        assert _rel_err(y, x, a, b, bias) < RTOL[torch.float32]
         kinds = [e[0] for e in events]
         assert kinds[0] == "enter" and kinds[-1] == "exit" and set(kinds[1:-1]) == {"launch"}, events
         assert events[0][1] == x.device
-    cuda1 = torch.device("cuda", 1)
-    guard = _lowrank_launch.__dict__["_device_guard_for"](cuda1)
+    guard = _lowrank_launch._device_guard_for(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
@@ -450,22 +450,24 @@ def test_fast_launcher_reuses_binaries_only_for_matching_keys():
 
     step = _lowrank_launch.KernelStep(Kernel(), (2, 1, 1), (5, 7), {"BLOCK": 16}, {"num_warps": 4})
     t = torch.zeros(64)
-    step((t,), True)
+    step((t,), (True,))
     assert log[-1] == ("jit", (2, 1, 1), (t, 5, 7), {"BLOCK": 16, "num_warps": 4})
-    step((t,), True)
+    step((t,), (True,))
     assert log[-1] == ("fast", (2, 1, 1), (t, 5, 7, 16))  # runtime arguments, then the constexpr values
-    step((t[1:],), True)  # a pointer off 16-byte alignment: another binary
+    step((t[1:],), (False,))  # a pointer off 16-byte alignment: another binary
     assert log[-1][0] == "jit"
-    step((t[4:],), True)  # aligned again: the first binary
+    step((t[4:],), (True,))  # aligned again: the first binary
     assert log[-1][0] == "fast"
+    step((t,), None)  # off CUDA (the interpreter): always the ordinary launch
+    assert log[-1][0] == "jit"
 
     def broken(*args):
         raise TypeError("another launch API")
 
     step.runners = {key: broken for key in step.runners}
-    step((t,), True)
+    step((t,), (True,))
     assert log[-1][0] == "jit" and not step.fast
-    step((t,), True)
+    step((t,), (True,))
     assert log[-1][0] == "jit"
 
 
