@@ -123,14 +123,24 @@ def build_steps(plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dic
     options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
     m, k, n, r = ints["m"], ints["k"], ints["n"], ints["r"]
     sx, sa, sb = ints["sx"], ints["sa"], ints["sb"]
-    second = {"H_FP32": h_fp32, "PREC2": prec2, "HAS_BIAS": has_bias}
+    second: dict[str, Any] = {"H_FP32": h_fp32, "PREC2": prec2, "HAS_BIAS": has_bias}
     if plan.scheme == "tiled":
-        const = {"BLOCK_M": plan.block_m, "BLOCK_K": plan.block_k, "BLOCK_N": plan.block_n, "R_PAD": plan.r_pad}
+        const: dict[str, Any] = {
+            "BLOCK_M": plan.block_m,
+            "BLOCK_K": plan.block_k,
+            "BLOCK_N": plan.block_n,
+            "R_PAD": plan.r_pad,
+        }
         const |= {"H_FP32": h_fp32, "PREC1": prec1, "PREC2": prec2, "HAS_BIAS": has_bias}
         tiled = (m, k, n, r, sx, sa, sb, n, plan.n_groups)  # y is a fresh contiguous (m, n)
         return (KernelStep(kt.lowrank_tiled_kernel, plan.grids[0], tiled, const, options),)
-    shrink_const = {"BLOCK_M": plan.block_m, "BLOCK_K": plan.block_k, "R_PAD": plan.r_pad, "PREC1": prec1}
-    expand_const = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "R_PAD": plan.r_pad}
+    shrink_const: dict[str, Any] = {
+        "BLOCK_M": plan.block_m,
+        "BLOCK_K": plan.block_k,
+        "R_PAD": plan.r_pad,
+        "PREC1": prec1,
+    }
+    expand_const: dict[str, Any] = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "R_PAD": plan.r_pad}
     expand_const |= {"SPLIT_BLOCK": plan.split_block, **second}
     return (
         KernelStep(
@@ -238,10 +248,14 @@ def _launch(
     bias_arg = y if bias is None else bias  # the bias slot is never read without one
     # The binaries differ by which pointers are 16-byte aligned; fresh allocations (y, the
     # workspace) always are, so only the caller's operands are looked at.
-    aligned = None
+    aligned: tuple[bool, ...] | None = None
     if on_cuda:
-        aligned = (x2.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0)
-        aligned += (bias_arg.data_ptr() % 16 == 0,)
+        aligned = (
+            x2.data_ptr() % 16 == 0,
+            a.data_ptr() % 16 == 0,
+            b.data_ptr() % 16 == 0,
+            bias_arg.data_ptr() % 16 == 0,
+        )
     if len(steps) == 1:
         steps[0]((x2, a, b, bias_arg, y), aligned)
     else:

@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs
 """Triton kernels of the low-rank linear ``y = (x @ a.T) @ b.T + bias`` (layer 1; imported on first launch).
 
 - :func:`lowrank_tiled_kernel` (M > decode_max_m): each program keeps its ``BLOCK_M x R`` tile of

@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs
 """Triton kernels of the batched randomized SVD (layer 1; imported on first launch).
 
 - :func:`bmm_kernel`: batched ``C = A @ X`` reading ``A`` as stored (fp32 / bf16 / fp16, any

@@ -39,7 +39,7 @@ SCHEMES = ("dense", "torch", "splitk", "tiled")
 class LowrankTunables:
     """The planner's tuned constants; every one carries its reason (numbers from benchmarks/BASELINES.md)."""
 
-    # M <= decode_max_m takes split-K. 256 is where BASELINES.md section 1 stops being launch-bound
+    # M <= decode_max_m takes split-K. 256 is where benchmarks/BASELINES.md section 1 stops being launch-bound
     # (M = 256 costs barely more than M = 1 for both torch paths); the benchmark checks it by timing
     # both schemes at every cell.
     decode_max_m: int = 256
@@ -165,7 +165,7 @@ def plan_lowrank(
         n_m = -(-m // block_m)
         n_tiles = -(-n // block_n)
         # Recompute h in a few column groups only when the GPU would otherwise idle and in <= out
-        # (BASELINES.md 1b: recomputation loses when in > out).
+        # (benchmarks/BASELINES.md 1b: recomputation loses when in > out).
         n_groups = max(1, min(n_tiles, sms // max(1, n_m))) if k <= n else 1
         n_split, k_chunk, split_block = 1, k, 1
         grids = ((n_m * n_groups, 1, 1),)

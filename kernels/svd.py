@@ -19,7 +19,7 @@ every half step (without it the columns collapse onto the top singular vector in
 precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
 
 The Triton path differs only in how the small problems are solved, so that nothing loops over the
-batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, BASELINES.md section 2):
+batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
 - orthonormalization is CholeskyQR2: Gram ``Y^T Y`` in fp32 with IEEE products, Cholesky of the
   small ``l x l`` Gram in fp64 (batched in torch), ``Q = Y R^-1``; repeated while ``R`` is far
   from the identity; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
@@ -249,7 +249,7 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
 
 
 # Passes over W that only steer the range finder (the sketch and all but the last power-iteration
-# product) run on tf32 tensor cores, ~2.6x faster than fp32 FMA (BASELINES.md 2b). The two passes
+# product) run on tf32 tensor cores, ~2.6x faster than fp32 FMA (benchmarks/BASELINES.md 2b). The two passes
 # the factors are read from, the last W Z (it defines Q, hence U) and the projection W^T Q, use
 # IEEE fp32. Measured with tf32 rounding emulated on CPU (4096x1024, k = 256, 6 iterations,
 # sigma_i = 0.97^i): all passes tf32 give 1.029x the optimal error, tf32 with those two in fp32

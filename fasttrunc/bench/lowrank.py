@@ -14,7 +14,7 @@ For every cell (in -> out, rank r, rows M) of the grid, in one run on one card:
    forced (split-K and tiled; tunables passed explicitly), the data that sets ``decode_max_m``;
    every timed call cycles through ``rotate`` weight sets, so that decode cells read HBM, not L2;
    the graph-replayed output is checked again against the reference;
-3. the byte / FLOP floor of BASELINES.md: ``max(bytes / copy bandwidth, flops / matmul peak)``
+3. the byte / FLOP floor of benchmarks/BASELINES.md: ``max(bytes / copy bandwidth, flops / matmul peak)``
    with bytes = ``size * (M*in + in*r + r*out + M*out)`` and flops = ``2*M*r*(in + out)``, where
    the copy bandwidth and the matmul peak are measured in the same run on the same card.
 
@@ -25,6 +25,7 @@ under graphs with no cell below 1.0x, >= 1.3x eager, and >= 75% of the floor at 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -324,7 +325,7 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
                 "rel_err": rel_err,
                 "correct": math.isfinite(rel_err) and rel_err < rtol,
             }
-            replayed = _replayed_error(lambda x=x, a=a, b=b: fused(x, a, b), ref, device)
+            replayed = _replayed_error(functools.partial(fused, x, a, b), ref, device)
             row["replay_rel_err"] = replayed
             if replayed is not None and not replayed < rtol:
                 row["correct"] = False
