@@ -20,9 +20,9 @@ precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
 
 The Triton path differs only in how the small problems are solved, so that nothing loops over the
 batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
-- orthonormalization is CholeskyQR2: Gram ``Y^T Y`` in fp32 with IEEE products, Cholesky of the
-  small ``l x l`` Gram in fp64 (batched in torch), ``Q = Y R^-1``; repeated while ``R`` is far
-  from the identity; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
+- orthonormalization is CholeskyQR2: Gram ``Y^T Y`` with fp32-grade products (3xTF32 on tensor
+  cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (batched in torch),
+  ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
   CholeskyQR3), and only a matrix that still fails (e.g. all zeros) goes to Householder QR;
 - the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
   one-sided Jacobi SVD on the ``l x l`` ``R^T = U_T S V_T^T`` in Triton: ``U = Q U_T``,
@@ -34,6 +34,7 @@ registers, so no fp32 copy of a bf16 model is made.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -48,15 +49,39 @@ from fasttrunc.kernels._backend import use_triton
 # with 32-deep K steps keeps register pressure low enough for 2+ CTAs per SM; l = k + oversample
 # is 74..266 here, so the N side is 2..5 tiles. Untuned: no GPU timing has been taken yet.
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _BMM_WARPS = 64, 64, 32, 4
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32")
+
+
+@functools.cache
+def _has_tf32(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def dot_precision(precision: str, device: torch.device) -> str:
+    """Triton's input precision for ``precision`` on ``device``.
+
+    ``"fp32"`` means fp32-grade products: 3xTF32 (``"tf32x3"``) on tensor-core GPUs (sm_80+),
+    where plain ``"ieee"`` compiles to FMA only (benchmarks/AOT_AUDIT.md: 1024 FFMA, no MMA, in
+    the bmm kernel's K loop), else ``"ieee"``. Emulated on the CPU (tf32 rounding of the hi / lo
+    halves, 4096 x 1024, k = 256, 4 power iterations, spectra 1/i, 0.97^i, i^-0.5), every
+    fp32-grade product done as 3xTF32 gives the same error ratio as IEEE to 4 digits and
+    |U^T U - I| of 1.3-2.7e-7 against 0.7-2.3e-7. The interpreter computes every precision in fp32.
+    """
+    if precision != "fp32":
+        return precision
+    return "tf32x3" if device.type == "cuda" and _has_tf32(device) else "ieee"
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
 
     ``precision`` is Triton's dot input precision: ``"ieee"`` (true fp32 products), ``"tf32"``
-    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy).
+    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy), or
+    ``"fp32"``: fp32-grade, the fastest of those two the device has (:func:`dot_precision`).
     """
     if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
         raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
@@ -92,7 +117,7 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") ->
             BLOCK_M=_BLOCK_M,
             BLOCK_N=_BLOCK_N,
             BLOCK_K=_BLOCK_K,
-            PRECISION=precision,
+            PRECISION=dot_precision(precision, a.device),
             num_warps=_BMM_WARPS,
         )
     return c
@@ -182,7 +207,7 @@ def jacobi_svd(
 
 def _gram(y: torch.Tensor) -> torch.Tensor:
     """``y^T y`` in fp32 with IEEE products, symmetrized, returned in fp64."""
-    g = batched_matmul(y.mT, y, "ieee").double()
+    g = batched_matmul(y.mT, y, "fp32").double()
     return 0.5 * (g + g.mT)
 
 
@@ -209,7 +234,7 @@ _CHOLQR_STEPS, _CHOLQR_LOOSE_STEPS = 3, 2
 def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
 
-    CholeskyQR2 (Gram in fp32 with IEEE products, Cholesky in fp64) with a fixed number of steps
+    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed number of steps
     (3, or 2 with ``loose=True``, which accepts a step whose ``R`` is well enough conditioned for
     ``q`` to be orthonormal to ~1e-4: enough between power iterations). Each step also factors the
     shifted Gram ``G + s I``, ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3),
@@ -233,7 +258,7 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
         failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
         rs = torch.where((failed | done)[:, None, None], eye, rs)  # converged matrices stay as they are
         rs_inv = _upper_inverse(rs)
-        q = batched_matmul(q, rs_inv.float(), "ieee")
+        q = batched_matmul(q, rs_inv.float(), "fp32")
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
         if loose:
@@ -251,11 +276,11 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
 # Passes over W that only steer the range finder (the sketch and all but the last power-iteration
 # product) run on tf32 tensor cores, ~2.6x faster than fp32 FMA (benchmarks/BASELINES.md 2b). The two passes
 # the factors are read from, the last W Z (it defines Q, hence U) and the projection W^T Q, use
-# IEEE fp32. Measured with tf32 rounding emulated on CPU (4096x1024, k = 256, 6 iterations,
+# fp32-grade products (3xTF32 on tensor-core GPUs, see dot_precision). Measured with tf32 rounding emulated on CPU (4096x1024, k = 256, 6 iterations,
 # sigma_i = 0.97^i): all passes tf32 give 1.029x the optimal error, tf32 with those two in fp32
 # 1.0000x, like all fp32; for 1/i and i^-0.5 spectra tf32 changes nothing measurable.
 RANGE_PRECISION = "tf32"
-PROJECTION_PRECISION = "ieee"
+PROJECTION_PRECISION = "fp32"
 
 
 def _range_and_projection(
@@ -333,8 +358,8 @@ def randomized_svd_triton_many(
     out = []
     for (q, q2, _, transpose), (u_t, s, v_t), k in zip(parts, small, ks):
         # W ~ Q B = (Q U_T) S (Q2 V_T)^T.
-        u = batched_matmul(q, u_t[..., :k].contiguous(), "ieee")
-        v = batched_matmul(q2, v_t[..., :k].contiguous(), "ieee")
+        u = batched_matmul(q, u_t[..., :k].contiguous(), "fp32")
+        v = batched_matmul(q2, v_t[..., :k].contiguous(), "fp32")
         s = s[..., :k]
         out.append((v, s, u.mT) if transpose else (u, s, v.mT))
     return out

@@ -276,3 +276,16 @@ def test_svd_launches_run_under_the_tensors_device(monkeypatch):
     monkeypatch.undo()
     guard = svd_module._device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_fp32_grade_products_take_3xtf32_on_tensor_core_gpus(monkeypatch):
+    """"fp32" means 3xTF32 where tensor cores do TF32 (sm_80+), IEEE FMA elsewhere and off CUDA."""
+    import fasttrunc.kernels.svd as svd_module
+
+    assert svd_module.dot_precision("fp32", torch.device("cpu")) == "ieee"
+    assert svd_module.dot_precision("tf32", torch.device("cuda", 0)) == "tf32"
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: True)
+    assert svd_module.dot_precision("fp32", torch.device("cuda", 0)) == "tf32x3"
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: False)
+    assert svd_module.dot_precision("fp32", torch.device("cuda", 0)) == "ieee"
+    assert svd_module.PROJECTION_PRECISION == "fp32"

@@ -143,6 +143,7 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
     stages = [
         ("one pass W @ G, tf32", lambda: batched_matmul(w, g, "tf32")),
         ("one pass W @ G, fp32", lambda: batched_matmul(w, g, "ieee")),
+        ("one pass W @ G, 3xTF32", lambda: batched_matmul(w, g, "tf32x3")),
         ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
         (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
         (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
