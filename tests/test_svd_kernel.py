@@ -279,7 +279,7 @@ def test_svd_launches_run_under_the_tensors_device(monkeypatch):
 
 
 def test_fp32_grade_products_take_3xtf32_on_tensor_core_gpus(monkeypatch):
-    """"fp32" means 3xTF32 where tensor cores do TF32 (sm_80+), IEEE FMA elsewhere and off CUDA."""
+    """Precision "fp32" means 3xTF32 where tensor cores do TF32 (sm_80+), IEEE FMA elsewhere and off CUDA."""
     import fasttrunc.kernels.svd as svd_module
 
     assert svd_module.dot_precision("fp32", torch.device("cpu")) == "ieee"
