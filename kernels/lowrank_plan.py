@@ -19,7 +19,8 @@ win on both counts and the choice is between the fused kernel and torch's two GE
   benchmark reached rank 1843) and cuBLAS's two GEMMs, which tile r freely, are the better
   kernel: ``"torch"``;
 - ``M <= decode_max_m``: ``"splitk"`` (two launches, see :mod:`fasttrunc.kernels._lowrank_triton`);
-- otherwise ``"tiled"``.
+- otherwise ``"tiled"``, up to R_PAD = ``max_tiled_rank`` (256); beyond it ``"torch"``: those
+  tiles reach no wgmma (benchmarks/AOT_AUDIT.md) and cuBLAS's two GEMMs are estimated 3x faster.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class LowrankTunables:
     max_split: int = 64
     # Above this rank the fused tiles degrade (16 x 16, one stage); torch's two GEMMs take over.
     max_fused_rank: int = 1024
+    # Large M with R_PAD above this goes to torch's two GEMMs: the AOT audit (benchmarks/AOT_AUDIT.md)
+    # shows R_PAD = 512 tiled tiles of 32 rows on mma.sync, no wgmma, and the cost model estimates
+    # 255 us at 2048 -> 8192, M = 4096 against 75 us measured for cuBLAS (benchmarks/BASELINES.md 1).
+    max_tiled_rank: int = 256
     # SM count the interpreter plans for (there is no GPU to ask): small, so that CPU tests
     # exercise multi-split, multi-group grids with few programs.
     interpreter_sms: int = 4
@@ -68,6 +73,7 @@ class LowrankTunables:
         checks.positive("min_k_chunk", self.min_k_chunk)
         checks.positive("max_split", self.max_split)
         checks.integer("max_fused_rank", self.max_fused_rank, 1, 1024)
+        checks.integer("max_tiled_rank", self.max_tiled_rank, 1, 1024)
         checks.positive("interpreter_sms", self.interpreter_sms)
 
 
@@ -139,7 +145,10 @@ def plan_lowrank(
     # element size, never below tl.dot's 16.
     block_k = block_n = max(16, min(64, (32 * 1024) // (r_pad * itemsize)))
     target = t.programs_per_sm * sms
-    if forced == "splitk" or (forced is None and m <= t.decode_max_m):
+    decode = m <= t.decode_max_m
+    if forced is None and not decode and r_pad > t.max_tiled_rank:
+        return LowrankPlan("torch")
+    if forced == "splitk" or (forced is None and decode):
         # Rows of the M tile: just enough for M (>= 16 for tl.dot), capped so the fp32 h tile
         # (BLOCK_M x R_PAD) stays <= 16K elements = 64 registers per thread at 8 warps.
         block_m = min(max(16, _next_pow2(m)), 64, max(16, 16384 // r_pad))

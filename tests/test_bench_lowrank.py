@@ -98,3 +98,18 @@ def test_cli_bench_lowrank_errors_in_one_line(args, message):
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert message in text and "Traceback" not in result.output
+
+
+def test_cost_model_estimates_the_triton_plans_only():
+    from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, plan_lowrank
+
+    def est(m, k, n, r):
+        return bench.estimate_fused_us(plan_lowrank(m, k, n, r, torch.bfloat16, 132, DEFAULT_TUNABLES), m, k, n, r, 2)
+
+    assert est(4096, 2048, 8192, 512) is None  # torch's two GEMMs serve it
+    decode, prefill = est(1, 2048, 8192, 128), est(4096, 2048, 8192, 128)
+    assert 0 < decode < prefill
+    assert est(4096, 2048, 8192, 32) < prefill  # fewer bytes and FLOPs at a lower rank
+    # Never below the byte floor at the H200's measured copy bandwidth.
+    floor = 1e6 * 2 * (4096 * 2048 + 2048 * 128 + 128 * 8192 + 4096 * 8192) / 4.22e12
+    assert prefill > floor

@@ -264,6 +264,17 @@ def test_dense_weights_leave_with_their_factors():
     assert key not in lk._DENSE
 
 
+def test_large_m_at_wide_ranks_goes_to_torch():
+    """Cost model: tiled tiles at R_PAD 512 reach no wgmma; large M there runs cuBLAS's two GEMMs."""
+    t = DEFAULT_TUNABLES
+    assert plan_lowrank(4096, 2048, 8192, 512, torch.bfloat16, 132, t).scheme == "torch"
+    assert plan_lowrank(4096, 2048, 8192, 256, torch.bfloat16, 132, t).scheme == "tiled"
+    assert plan_lowrank(16, 2048, 8192, 512, torch.bfloat16, 132, t).scheme == "splitk"
+    assert (
+        plan_lowrank(4096, 2048, 8192, 512, torch.bfloat16, 132, LowrankTunables(max_tiled_rank=512)).scheme == "tiled"
+    )
+
+
 def test_ranks_past_the_fused_limit_run_two_torch_gemms():
     t = LowrankTunables(max_fused_rank=8)
     assert _plan(3, 200, 300, 9, torch.float16, t).scheme == "torch"

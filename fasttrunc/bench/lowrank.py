@@ -213,6 +213,61 @@ def _floor_us(m: int, k: int, n: int, r: int, itemsize: int, ceilings: dict[str,
     return 1e6 * max(bytes_moved / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
 
 
+# An H200 latency model of the fused kernels (estimates: no GPU has timed them). Bandwidth and peak
+# are the ceilings of benchmarks/BASELINES.md; the rest are assumptions, named so they can be
+# checked against the first gpu_check.sh run.
+_HBM_GBPS = 4220.0  # device copy, bytes read + written (BASELINES.md)
+_L2_GBPS = 10000.0  # assumed L2 bandwidth for re-read tiles and split partials
+_MMA_TFLOPS = {"wgmma": 343.0, "mma.sync": 170.0}  # assumed: 50% / 25% of the 686 TFLOP/s bf16 peak
+_LAUNCH_US = 2.0  # assumed cost of one kernel boundary under graph replay (drain + ramp)
+_ROUND_TRIP_US = 0.8  # assumed latency of one dependent global-memory round trip, pipelined loop step
+_SMS = 132
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsize: int) -> float | None:
+    """Estimated graph-replay time (us) of the Triton plan on an H200 (None for the torch schemes).
+
+    Per launch: max(bytes / bandwidth scaled by how many SMs the grid fills, FLOPs / MMA rate,
+    dependent loop steps x round-trip latency) + one kernel boundary. wgmma is assumed where the
+    AOT audit finds it (M tiles of 64 rows), mma.sync otherwise.
+    """
+    if not plan.triton:
+        return None
+    rate = _MMA_TFLOPS["wgmma" if plan.block_m >= 64 else "mma.sync"] * 1e6  # FLOP per us
+    total = 0.0
+    if plan.scheme == "splitk":
+        n_m = -(-m // plan.block_m)
+        programs = (plan.grids[0][0], plan.grids[1][0])
+        fill = [min(1.0, p / _SMS) for p in programs]
+        partials = 4 * n_m * plan.n_split * plan.block_m * plan.r_pad
+        shrink_bytes = itemsize * (m * k + r * k) + partials
+        shrink_steps = -(-plan.k_chunk // plan.block_k)
+        total += max(shrink_bytes / (_HBM_GBPS * 1e3 * fill[0]), shrink_steps * _ROUND_TRIP_US)
+        expand_bytes = itemsize * (r * n + m * n)
+        reread = partials * plan.n_groups
+        out_tiles = _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
+        expand_steps = -(-plan.n_split // plan.split_block) + out_tiles
+        total += max(
+            expand_bytes / (_HBM_GBPS * 1e3 * fill[1]) + reread / (_L2_GBPS * 1e3), expand_steps * _ROUND_TRIP_US
+        )
+        total += 2 * _LAUNCH_US
+        total += 2 * m * r * (k + n) / rate
+    else:
+        n_m = -(-m // plan.block_m)
+        fill = min(1.0, plan.grids[0][0] / _SMS)
+        hbm = itemsize * (m * k + r * (k + n) + m * n)
+        l2 = itemsize * (n_m * plan.n_groups * r * k + n_m * r * n)  # a and b re-read per M tile
+        steps = _cdiv(k, plan.block_k) + _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
+        waves = -(-plan.grids[0][0] // (2 * _SMS))
+        memory = hbm / (_HBM_GBPS * 1e3 * fill) + l2 / (_L2_GBPS * 1e3)
+        total += max(memory, 2 * m * r * (k + n) / rate, waves * steps * _ROUND_TRIP_US / 4) + _LAUNCH_US
+    return total
+
+
 def _geomean(values: list[float]) -> float | None:
     kept = [v for v in values if v > 0 and math.isfinite(v)]
     return math.exp(sum(math.log(v) for v in kept) / len(kept)) if kept else None
