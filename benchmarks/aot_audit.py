@@ -110,7 +110,9 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         npair = (l + 1) // 2
         block_p = svd._next_pow2(npair)
         block_r = max(1, min(svd._JACOBI_TILE // block_p, svd._next_pow2(l)))
-        args = {"x_ptr": None, "v_ptr": None, "info_ptr": None, "floor_ptr": None, "L": l, "NPAIR": npair}
+        stride = svd._cdiv(2 * npair, 32) * 32
+        args = {"x_ptr": None, "v_ptr": None, "info_ptr": None, "floor_ptr": None, "L": 0, "NPAIR": npair}
+        args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
         args |= {"tol": 1e-5, "max_sweeps": 30}
         types = dict.fromkeys(("x_ptr", "v_ptr", "info_ptr", "floor_ptr"), "*fp32")
         const = {"BLOCK_P": block_p, "BLOCK_R": block_r}

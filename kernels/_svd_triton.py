@@ -68,6 +68,7 @@ def jacobi_kernel(
     info_ptr,
     L,
     NPAIR,
+    STRIDE,
     tol,
     floor_ptr,
     max_sweeps,
@@ -75,7 +76,10 @@ def jacobi_kernel(
     BLOCK_R: tl.constexpr,
 ):
     # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
-    # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced.
+    # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced; rows
+    # are STRIDE floats apart, a multiple of 32, so that the loads are 128 bits wide for any l.
+    # L is the number of row entries processed: the launcher passes STRIDE (the padding is zero
+    # in x and in v and rotations keep it zero), so masks stay 128-bit aligned too.
     # Round-robin ordering: each round rotates NPAIR disjoint column pairs at once; N - 1
     # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
     # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps). Pairs whose inner product is below this
@@ -83,8 +87,8 @@ def jacobi_kernel(
     b = tl.program_id(0).to(tl.int64)
     floor = tl.load(floor_ptr + b)
     n_cols = 2 * NPAIR
-    x_base = x_ptr + b * n_cols * n_cols
-    v_base = v_ptr + b * n_cols * n_cols
+    x_base = x_ptr + b * n_cols * STRIDE
+    v_base = v_ptr + b * n_cols * STRIDE
     i = tl.arange(0, BLOCK_P)
     pmask = i < NPAIR
     sweep = tl.program_id(0) * 0
@@ -101,8 +105,8 @@ def jacobi_kernel(
             for r0 in range(0, L, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 m2 = pmask[:, None] & (rows[None, :] < L)
-                xa = tl.load(x_base + ca[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
-                xb = tl.load(x_base + cb[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
+                xa = tl.load(x_base + ca[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
+                xb = tl.load(x_base + cb[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
                 alpha += tl.sum(xa * xa, axis=1)
                 beta += tl.sum(xb * xb, axis=1)
                 gamma += tl.sum(xa * xb, axis=1)
@@ -120,14 +124,14 @@ def jacobi_kernel(
                 rows = r0 + tl.arange(0, BLOCK_R)
                 # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
                 m2 = rotate[:, None] & (rows[None, :] < L)
-                pa_x = x_base + ca[:, None] * n_cols + rows[None, :]
-                pb_x = x_base + cb[:, None] * n_cols + rows[None, :]
+                pa_x = x_base + ca[:, None] * STRIDE + rows[None, :]
+                pb_x = x_base + cb[:, None] * STRIDE + rows[None, :]
                 xa = tl.load(pa_x, mask=m2, other=0.0)
                 xb = tl.load(pb_x, mask=m2, other=0.0)
                 tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
                 tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
-                pa_v = v_base + ca[:, None] * n_cols + rows[None, :]
-                pb_v = v_base + cb[:, None] * n_cols + rows[None, :]
+                pa_v = v_base + ca[:, None] * STRIDE + rows[None, :]
+                pb_v = v_base + cb[:, None] * STRIDE + rows[None, :]
                 va = tl.load(pa_v, mask=m2, other=0.0)
                 vb = tl.load(pb_v, mask=m2, other=0.0)
                 tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)

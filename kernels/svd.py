@@ -168,9 +168,13 @@ def jacobi_svd(
     npair = (l + 1) // 2
     n_cols = 2 * npair
     # Transposed, zero-padded to an even column count: row j of the buffer is column j of r.
-    x = torch.zeros(batch, n_cols, n_cols, dtype=torch.float32, device=r.device)
+    # Rows padded to a multiple of 32 floats: 128-bit loads whatever l is (l = 266 compiled to
+    # scalar loads and 254 registers with rows l floats apart; benchmarks/AOT_AUDIT.md).
+    stride = _cdiv(n_cols, 32) * 32
+    x = torch.zeros(batch, n_cols, stride, dtype=torch.float32, device=r.device)
     x[:, :l, :l] = r.mT
-    v = torch.eye(n_cols, dtype=torch.float32, device=r.device).repeat(batch, 1, 1)
+    v = torch.zeros(batch, n_cols, stride, dtype=torch.float32, device=r.device)
+    v[:, :, :n_cols] = torch.eye(n_cols, dtype=torch.float32, device=r.device)
     info = torch.zeros(batch, 2, dtype=torch.float32, device=r.device)
     if batch and l:
         from fasttrunc.kernels._svd_triton import jacobi_kernel
@@ -186,8 +190,9 @@ def jacobi_svd(
                 x,
                 v,
                 info,
-                l,
+                stride,  # rows run to the padded length: the pad is zero in x and v and stays so
                 npair,
+                stride,
                 tol,
                 floor,
                 max_sweeps,

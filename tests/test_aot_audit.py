@@ -53,6 +53,6 @@ def test_every_planned_config_compiles_for_hopper_without_spills(tmp_path):
     # Hopper's wgmma where the tile allows it (M tiles of 64 rows): the M = 256 / 4096 cells at r <= 128.
     wide = [r for r in results if r["kernel"].startswith("lowrank") and " bm=64 " in f" {r['config']} "]
     assert wide and all(r["wgmma_in_ptx"] for r in wide)
-    # tf32 products of the rSVD reach wgmma; the Jacobi kernel of an l that is a multiple of 32 loads 128 bits.
+    # tf32 products of the rSVD reach wgmma; the Jacobi kernel loads 128 bits at every l (rows padded to 32).
     assert all(r["wgmma_in_ptx"] for r in results if r["kernel"] == "bmm_kernel" and not r["config"].startswith("ieee"))
-    assert all(r["ldg128"] > 0 for r in results if r["kernel"] == "jacobi_kernel" and r["config"] != "l=266 P=256 R=16")
+    assert all(r["ldg128"] > 0 for r in results if r["kernel"] == "jacobi_kernel")
