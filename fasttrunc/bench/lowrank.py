@@ -258,12 +258,12 @@ def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsiz
         total += 2 * m * r * (k + n) / rate
     else:
         n_m = -(-m // plan.block_m)
-        fill = min(1.0, plan.grids[0][0] / _SMS)
+        occupancy = min(1.0, plan.grids[0][0] / _SMS)
         hbm = itemsize * (m * k + r * (k + n) + m * n)
         l2 = itemsize * (n_m * plan.n_groups * r * k + n_m * r * n)  # a and b re-read per M tile
         steps = _cdiv(k, plan.block_k) + _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
         waves = -(-plan.grids[0][0] // (2 * _SMS))
-        memory = hbm / (_HBM_GBPS * 1e3 * fill) + l2 / (_L2_GBPS * 1e3)
+        memory = hbm / (_HBM_GBPS * 1e3 * occupancy) + l2 / (_L2_GBPS * 1e3)
         total += max(memory, 2 * m * r * (k + n) / rate, waves * steps * _ROUND_TRIP_US / 4) + _LAUNCH_US
     return total
 
