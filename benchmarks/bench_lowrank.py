@@ -1,6 +1,7 @@
 """Fused low-rank linear vs torch on the Pythia MLP grid: correctness, then the ratio table.
 
     python benchmarks/bench_lowrank.py [--quick] [--json PATH]
+    python benchmarks/bench_lowrank.py --tiny --json PATH   # CPU, Triton's interpreter: checks the script
 
 Runs fasttrunc.bench.lowrank (the same grid as `fasttrunc bench lowrank`): every cell is checked
 against the torch reference first, then dense F.linear, torch's two GEMMs and the fused kernel
@@ -23,23 +24,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Only r = 128 and M in {1, 4096}.")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32.")
     parser.add_argument(
+        "--tiny", action="store_true", help="A 2-cell fp32 grid on the CPU (needs TRITON_INTERPRET=1): the dry run."
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, help="Where to write the JSON (default: benchmarks/lowrank-<UTC time>.json)."
     )
     args = parser.parse_args(argv)
+
+    import dataclasses
 
     import torch
 
     from fasttrunc.bench.lowrank import LowrankBenchConfig, run, summary_lines, table_rows
 
-    if not torch.cuda.is_available():
+    if args.tiny:
+        config = LowrankBenchConfig(
+            shapes=((33, 20),), ranks=(5,), ms=(1, 3), dtype="float32", reps=1, calls=2, graph_ms=5, device="cpu"
+        )
+    elif not torch.cuda.is_available():
         print("bench_lowrank.py needs a CUDA device, and this machine has none", file=sys.stderr)
         return 2
-    config = LowrankBenchConfig(dtype=args.dtype)
+    else:
+        config = LowrankBenchConfig(dtype=args.dtype)
     if args.quick:
-        config.ranks, config.ms = (128,), (1, 4096)
+        config = dataclasses.replace(config, ranks=(128,), ms=(1, 4096))
 
-    def progress(done: int, total: int, description: str) -> None:
-        print(f"[{done}/{total}] {description}", file=sys.stderr, flush=True)
+    def progress(stage: str, done: int, total: int, description: str) -> None:
+        print(f"[{stage} {done}/{total}] {description}", file=sys.stderr, flush=True)
 
     result = run(config, progress)
     data = result.to_dict()
@@ -49,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = data["environment"]
     print(f"date {stamp}; card {result.device}; torch {env['torch']}; triton {env['triton']}; python {env['python']}")
-    print("command: python benchmarks/bench_lowrank.py" + (" --quick" if args.quick else "") + f" --dtype {args.dtype}")
+    flags = (" --tiny" if args.tiny else "") + (" --quick" if args.quick else "")
+    print(f"command: python benchmarks/bench_lowrank.py{flags} --dtype {args.dtype}")
     for line in summary_lines(result):
         print(line)
     print(f"JSON: {path}\n")

@@ -56,7 +56,6 @@ def bench_lowrank(
         reps=reps,
         seed=seed,
     )
-    config.validate()
     import torch
 
     if not torch.cuda.is_available():

@@ -62,25 +62,34 @@ def bench_svd(
         False, "--no-full-svd", help="Skip timing torch.linalg.svd, which takes about ten seconds per set."
     ),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Skip the run on bf16-stored weights."),
+    tiny: bool = typer.Option(
+        False,
+        "--tiny",
+        help="Three small matrices on the CPU (needs TRITON_INTERPRET=1): checks the benchmark, not the speed.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the test matrices and of the sketches."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
     import torch
 
-    if not torch.cuda.is_available():
+    if not tiny and not torch.cuda.is_available():
         fail("fasttrunc bench svd needs a CUDA device, and this machine has none")
-    from fasttrunc.bench.svd import MATRIX_SETS, QUICK_SETS, SvdBenchConfig, run
+    from fasttrunc.bench.svd import MATRIX_SETS, QUICK_SETS, TINY_SETS, SvdBenchConfig, run
 
+    sets = TINY_SETS if tiny else QUICK_SETS if quick else MATRIX_SETS
     config = SvdBenchConfig(
-        sets=tuple(QUICK_SETS) if quick else tuple(MATRIX_SETS),
-        ranks=tuple(rank),
-        reps=reps,
-        bf16=not no_bf16,
+        sets=tuple(sets),
+        ranks=(1,) if tiny else tuple(rank),
+        reps=1 if tiny else reps,
+        bf16=not (no_bf16 or tiny),
         full_svd=not no_full_svd,
         seed=seed,
+        device="cpu" if tiny else "cuda",
+        # Tiny: l = k + 2 = 3 columns, so that the interpreter's Jacobi takes seconds, not minutes.
+        oversample=2 if tiny else 10,
+        defaults_variant=not tiny,
     )
-    config.validate()
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables)

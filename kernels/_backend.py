@@ -22,10 +22,6 @@ class BackendError(RuntimeError):
     """A requested backend cannot run on the given tensors."""
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # find_spec costs microseconds per call and an eager decode step asks once per layer: the answer
 # is kept after the first call (a plain global, which torch.compile traces without warnings).
 _TRITON_FOUND: bool | None = None
@@ -38,9 +34,8 @@ def _triton_installed() -> bool:
     return _TRITON_FOUND
 
 
-def requested_backend() -> str | None:
-    """The backend forced by ``FASTTRUNC_BACKEND``, or None when it is unset or empty."""
-    value = os.environ.get("FASTTRUNC_BACKEND", "").strip().lower()
+def _parse_backend(value: str) -> str | None:
+    value = value.strip().lower()
     if not value:
         return None
     if value not in _BACKENDS:
@@ -48,18 +43,35 @@ def requested_backend() -> str | None:
     return value
 
 
+def requested_backend() -> str | None:
+    """The backend forced by ``FASTTRUNC_BACKEND``, or None when it is unset or empty."""
+    return _parse_backend(os.environ.get("FASTTRUNC_BACKEND", ""))
+
+
+# (FASTTRUNC_BACKEND, TRITON_INTERPRET, device type) -> the decision: the environment is read on
+# every call (two lookups), only its interpretation is kept (an eager decode step asks per layer).
+_DECISIONS: dict[tuple[str, str, str], bool] = {}
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should serve these tensors (all on one device)."""
-    device = tensors[0].device
-    forced = requested_backend()
+    environ = os.environ
+    key = (environ.get("FASTTRUNC_BACKEND", ""), environ.get("TRITON_INTERPRET", "0"), tensors[0].device.type)
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        decision = _decide(*key)
+        _DECISIONS[key] = decision
+    return decision
+
+
+def _decide(backend: str, interpret: str, device_type: str) -> bool:
+    forced = _parse_backend(backend)
     if forced == "torch":
         return False
-    runnable = _triton_installed() and (device.type == "cuda" or (device.type == "cpu" and _interpreter_on()))
-    if forced == "triton":
-        if not runnable:
-            raise BackendError(
-                f"FASTTRUNC_BACKEND=triton cannot run on device {device}: Triton needs CUDA, or "
-                "TRITON_INTERPRET=1 set before triton is imported for CPU tensors"
-            )
-        return True
+    runnable = _triton_installed() and (device_type == "cuda" or (device_type == "cpu" and interpret == "1"))
+    if forced == "triton" and not runnable:
+        raise BackendError(
+            f"FASTTRUNC_BACKEND=triton cannot run on device type {device_type}: Triton needs CUDA, or "
+            "TRITON_INTERPRET=1 set before triton is imported for CPU tensors"
+        )
     return runnable

@@ -1,8 +1,9 @@
 """Batched randomized truncated SVD.
 
 Layers of this file (DESIGN.md section 4):
-1. Triton kernels  -- ``_bmm_kernel`` (batched ``A @ X`` reading ``A`` as stored, any strides)
-                      and ``_jacobi_kernel`` (one-sided Jacobi SVD of a small square matrix, one
+1. Triton kernels  -- in ``_svd_triton`` (imported on the first launch): ``bmm_kernel``
+                      (batched ``A @ X`` reading ``A`` as stored, any strides) and
+                      ``jacobi_kernel`` (one-sided Jacobi SVD of a small square matrix, one
                       program per matrix, every sweep inside one launch);
 2. launchers       -- :func:`batched_matmul`, :func:`jacobi_svd`, and the pieces built from them:
                       :func:`cholesky_qr` and :func:`randomized_svd_triton`;
@@ -18,10 +19,10 @@ every half step (without it the columns collapse onto the top singular vector in
 precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
 
 The Triton path differs only in how the small problems are solved, so that nothing loops over the
-batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, BASELINES.md section 2):
-- orthonormalization is CholeskyQR2: Gram ``Y^T Y`` in fp32 with IEEE products, Cholesky of the
-  small ``l x l`` Gram in fp64 (batched in torch), ``Q = Y R^-1``; repeated while ``R`` is far
-  from the identity; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
+batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
+- orthonormalization is CholeskyQR2: Gram ``Y^T Y`` with fp32-grade products (3xTF32 on tensor
+  cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (batched in torch),
+  ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
   CholeskyQR3), and only a matrix that still fails (e.g. all zeros) goes to Householder QR;
 - the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
   one-sided Jacobi SVD on the ``l x l`` ``R^T = U_T S V_T^T`` in Triton: ``U = Q U_T``,
@@ -32,145 +33,13 @@ registers, so no fp32 copy of a bf16 model is made.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Any
 
 import torch
 
 from fasttrunc.kernels._backend import use_triton
-
-# ---------------------------------------------------------------------------------------------
-# 1. Triton kernels (built on first use: importing this module never imports triton)
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _kernels():
-    """Import triton and define the kernels; cached, so each is defined (and compiled) once."""
-    global triton, tl
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _bmm_kernel(
-        a_ptr,
-        x_ptr,
-        c_ptr,
-        M,
-        N,
-        K,
-        s_ab,
-        s_am,
-        s_ak,
-        s_xb,
-        s_xk,
-        s_xn,
-        s_cb,
-        s_cm,
-        s_cn,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
-        # nothing), X fp32, accumulation and C in fp32.
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // tiles_n
-        pid_n = pid % tiles_n
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + b * s_ab + rm[:, None] * s_am + rk[None, :] * s_ak
-        x_ptrs = x_ptr + b * s_xb + rk[:, None] * s_xk + rn[None, :] * s_xn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
-            x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * s_ak
-            x_ptrs += BLOCK_K * s_xk
-        c_ptrs = c_ptr + b * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn
-        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    @triton.jit
-    def _jacobi_kernel(
-        x_ptr,
-        v_ptr,
-        info_ptr,
-        L,
-        NPAIR,
-        tol,
-        floor,
-        max_sweeps,
-        BLOCK_P: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-    ):
-        # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
-        # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced.
-        # Round-robin ordering: each round rotates NPAIR disjoint column pairs at once; N - 1
-        # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
-        # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps).
-        b = tl.program_id(0).to(tl.int64)
-        n_cols = 2 * NPAIR
-        x_base = x_ptr + b * n_cols * n_cols
-        v_base = v_ptr + b * n_cols * n_cols
-        i = tl.arange(0, BLOCK_P)
-        pmask = i < NPAIR
-        sweep = tl.program_id(0) * 0
-        off = tol * 2.0
-        while (sweep < max_sweeps) & (off > tol):
-            off = tol * 0.0
-            for r in range(0, n_cols - 1):
-                pb = n_cols - 1 - i
-                ca = tl.where(i == 0, 0, (i - 1 + r) % (n_cols - 1) + 1)
-                cb = (pb - 1 + r) % (n_cols - 1) + 1
-                alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                beta = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                for r0 in range(0, L, BLOCK_R):
-                    rows = r0 + tl.arange(0, BLOCK_R)
-                    m2 = pmask[:, None] & (rows[None, :] < L)
-                    xa = tl.load(x_base + ca[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
-                    xb = tl.load(x_base + cb[:, None] * n_cols + rows[None, :], mask=m2, other=0.0)
-                    alpha += tl.sum(xa * xa, axis=1)
-                    beta += tl.sum(xb * xb, axis=1)
-                    gamma += tl.sum(xa * xb, axis=1)
-                norm = tl.sqrt(alpha * beta)
-                rotate = (tl.abs(gamma) > tol * norm) & (tl.abs(gamma) > floor) & pmask
-                ratio = tl.where(rotate, tl.abs(gamma) / tl.where(rotate, norm, 1.0), 0.0)
-                off = tl.maximum(off, tl.max(ratio, axis=0))
-                g = tl.where(rotate, gamma, 1.0)
-                zeta = (beta - alpha) / (2.0 * g)
-                t = tl.where(zeta >= 0, 1.0, -1.0) / (tl.abs(zeta) + tl.sqrt(1.0 + zeta * zeta))
-                c = 1.0 / tl.sqrt(1.0 + t * t)
-                s = tl.where(rotate, c * t, 0.0)
-                c = tl.where(rotate, c, 1.0)
-                for r0 in range(0, L, BLOCK_R):
-                    rows = r0 + tl.arange(0, BLOCK_R)
-                    # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
-                    m2 = rotate[:, None] & (rows[None, :] < L)
-                    pa_x = x_base + ca[:, None] * n_cols + rows[None, :]
-                    pb_x = x_base + cb[:, None] * n_cols + rows[None, :]
-                    xa = tl.load(pa_x, mask=m2, other=0.0)
-                    xb = tl.load(pb_x, mask=m2, other=0.0)
-                    tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
-                    tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
-                    pa_v = v_base + ca[:, None] * n_cols + rows[None, :]
-                    pb_v = v_base + cb[:, None] * n_cols + rows[None, :]
-                    va = tl.load(pa_v, mask=m2, other=0.0)
-                    vb = tl.load(pb_v, mask=m2, other=0.0)
-                    tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
-                    tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
-                # The next round reads columns other threads of this program just wrote.
-                tl.debug_barrier()
-            sweep += 1
-        tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
-        tl.store(info_ptr + 2 * b + 1, off)
-
-    return _bmm_kernel, _jacobi_kernel
-
 
 # ---------------------------------------------------------------------------------------------
 # 2. Launchers
@@ -180,15 +49,39 @@ def _kernels():
 # with 32-deep K steps keeps register pressure low enough for 2+ CTAs per SM; l = k + oversample
 # is 74..266 here, so the N side is 2..5 tiles. Untuned: no GPU timing has been taken yet.
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _BMM_WARPS = 64, 64, 32, 4
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32")
+
+
+@functools.cache
+def _has_tf32(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def dot_precision(precision: str, device: torch.device) -> str:
+    """Triton's input precision for ``precision`` on ``device``.
+
+    ``"fp32"`` means fp32-grade products: 3xTF32 (``"tf32x3"``) on tensor-core GPUs (sm_80+),
+    where plain ``"ieee"`` compiles to FMA only (benchmarks/AOT_AUDIT.md: 1024 FFMA, no MMA, in
+    the bmm kernel's K loop), else ``"ieee"``. Emulated on the CPU (tf32 rounding of the hi / lo
+    halves, 4096 x 1024, k = 256, 4 power iterations, spectra 1/i, 0.97^i, i^-0.5), every
+    fp32-grade product done as 3xTF32 gives the same error ratio as IEEE to 4 digits and
+    |U^T U - I| of 1.3-2.7e-7 against 0.7-2.3e-7. The interpreter computes every precision in fp32.
+    """
+    if precision != "fp32":
+        return precision
+    return "tf32x3" if device.type == "cuda" and _has_tf32(device) else "ieee"
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
 
     ``precision`` is Triton's dot input precision: ``"ieee"`` (true fp32 products), ``"tf32"``
-    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy).
+    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy), or
+    ``"fp32"``: fp32-grade, the fastest of those two the device has (:func:`dot_precision`).
     """
     if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
         raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
@@ -200,7 +93,8 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") ->
         raise ValueError(f"a and x must be on one device; got {a.device} and {x.device}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision {precision!r} is not a dot precision; allowed: {', '.join(_PRECISIONS)}")
-    bmm_kernel, _ = _kernels()
+    from fasttrunc.kernels._svd_triton import bmm_kernel
+
     batch, m, k = a.shape
     n = x.shape[2]
     c = torch.empty(batch, m, n, dtype=torch.float32, device=a.device)
@@ -208,24 +102,38 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "ieee") ->
         return c
     if k == 0:
         return c.zero_()
-    grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N), batch)
-    bmm_kernel[grid](
-        a,
-        x,
-        c,
-        m,
-        n,
-        k,
-        *a.stride(),
-        *x.stride(),
-        *c.stride(),
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
-        PRECISION=precision,
-        num_warps=_BMM_WARPS,
-    )
+    grid = (_cdiv(m, _BLOCK_M) * _cdiv(n, _BLOCK_N), batch, 1)
+    with _device_guard(a.device):
+        bmm_kernel[grid](
+            a,
+            x,
+            c,
+            m,
+            n,
+            k,
+            *a.stride(),
+            *x.stride(),
+            *c.stride(),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_N=_BLOCK_N,
+            BLOCK_K=_BLOCK_K,
+            PRECISION=dot_precision(precision, a.device),
+            num_warps=_BMM_WARPS,
+        )
     return c
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Launches go to the tensors' device, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +145,8 @@ def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # so the four tiles of the rotation pass and their pointers stay in registers. A column pair
 # converges to |a_p.a_q| <= tol |a_p||a_q| with tol = max(l, 16) * 2^-24 (LAPACK's m * eps
 # criterion in fp32); 30 sweeps is far above the 5-8 measured for R^T at l = 74..281 (one-sided
-# Jacobi converges quadratically).
+# Jacobi converges quadratically). A matrix that used every sweep counts as not converged.
+# Pairs whose inner product is below eps^2 |R|_F^2 of their own matrix are rounding noise.
 _JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
 
 
@@ -255,34 +164,42 @@ def jacobi_svd(
         raise ValueError(f"jacobi_svd needs a batch of square matrices (B, l, l); got {tuple(r.shape)}")
     if r.dtype != torch.float32:
         raise ValueError(f"jacobi_svd needs float32 input; got {r.dtype}")
-    _, jacobi_kernel = _kernels()
     batch, l, _ = r.shape
     npair = (l + 1) // 2
     n_cols = 2 * npair
     # Transposed, zero-padded to an even column count: row j of the buffer is column j of r.
-    x = torch.zeros(batch, n_cols, n_cols, dtype=torch.float32, device=r.device)
+    # Rows padded to a multiple of 32 floats: 128-bit loads whatever l is (l = 266 compiled to
+    # scalar loads and 254 registers with rows l floats apart; benchmarks/AOT_AUDIT.md).
+    stride = _cdiv(n_cols, 32) * 32
+    x = torch.zeros(batch, n_cols, stride, dtype=torch.float32, device=r.device)
     x[:, :l, :l] = r.mT
-    v = torch.eye(n_cols, dtype=torch.float32, device=r.device).repeat(batch, 1, 1)
+    v = torch.zeros(batch, n_cols, stride, dtype=torch.float32, device=r.device)
+    v[:, :, :n_cols] = torch.eye(n_cols, dtype=torch.float32, device=r.device)
     info = torch.zeros(batch, 2, dtype=torch.float32, device=r.device)
     if batch and l:
+        from fasttrunc.kernels._svd_triton import jacobi_kernel
+
         tol = max(l, 16) * 2.0**-24
-        # Pairs whose inner product is below eps^2 |r|_F^2 are rounding noise: leave them be.
-        floor = float(2.0**-48 * torch.linalg.matrix_norm(r).max().square().item())
-        block_p = triton.next_power_of_2(npair)
-        block_r = max(1, min(_JACOBI_TILE // block_p, triton.next_power_of_2(l)))
-        jacobi_kernel[(batch,)](
-            x,
-            v,
-            info,
-            l,
-            npair,
-            tol,
-            floor,
-            max_sweeps,
-            BLOCK_P=block_p,
-            BLOCK_R=block_r,
-            num_warps=_JACOBI_WARPS,
-        )
+        # Per matrix, on the device (no host sync): a small matrix batched with a large one keeps
+        # its own floor instead of inheriting the large one's.
+        floor = (2.0**-48 * torch.linalg.matrix_norm(r).square()).contiguous()
+        block_p = _next_pow2(npair)
+        block_r = max(1, min(_JACOBI_TILE // block_p, _next_pow2(l)))
+        with _device_guard(r.device):
+            jacobi_kernel[(batch, 1, 1)](
+                x,
+                v,
+                info,
+                stride,  # rows run to the padded length: the pad is zero in x and v and stays so
+                npair,
+                stride,
+                tol,
+                floor,
+                max_sweeps,
+                BLOCK_P=block_p,
+                BLOCK_R=block_r,
+                num_warps=_JACOBI_WARPS,
+            )
     rot = x[:, :l, :l].mT  # columns of r v
     vr = v[:, :l, :l].mT
     s = torch.linalg.vector_norm(rot, dim=1)
@@ -295,7 +212,7 @@ def jacobi_svd(
 
 def _gram(y: torch.Tensor) -> torch.Tensor:
     """``y^T y`` in fp32 with IEEE products, symmetrized, returned in fp64."""
-    g = batched_matmul(y.mT, y, "ieee").double()
+    g = batched_matmul(y.mT, y, "fp32").double()
     return 0.5 * (g + g.mT)
 
 
@@ -304,26 +221,31 @@ def _upper_inverse(r: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(r, eye, upper=True)
 
 
-# CholeskyQR repeats while a step's R differs from the identity by more than this (max entry):
-# a step whose input has Q^T Q = I + E with |E| < 0.2 leaves an fp32-rounding-level error behind.
+# A step counts as converged when its R differs from the identity by at most this (max entry): a
+# step whose input has Q^T Q = I + E with |E| < 0.2 leaves an fp32-rounding-level error behind;
+# converged matrices take R = I in later steps (their Q no longer changes).
 _CHOLQR_DONE = 0.1
 # A basis that only feeds the next power-iteration product needs its span, not exact
-# orthonormality: with ``loose=True`` one step is enough when kappa_F(R) = |R|_F |R^-1|_F <= 2^12
-# (measured in fp32: kappa_F = 4.3e3 leaves |Q^T Q - I| at 1.2e-4, 4096 x 1024, 1/i spectrum, l = 281).
+# orthonormality: a loose step is converged when kappa_F(R) = |R|_F |R^-1|_F <= 2^12 (measured in
+# fp32: kappa_F = 4.3e3 leaves |Q^T Q - I| at 1.2e-4, 4096 x 1024, 1/i spectrum, l = 281).
 _CHOLQR_LOOSE_KAPPA = 2.0**12
-# At most this many CholeskyQR steps: a Gram with condition number up to 1/eps_fp32 needs 3
-# (shifted CholeskyQR3); a matrix still not orthonormal after 5 goes to Householder QR.
-_CHOLQR_MAX_STEPS = 5
+# Fixed step counts, so that the loop needs no host sync (and can be captured in a CUDA graph):
+# a Gram with condition number up to 1/eps_fp32 needs 3 steps (shifted CholeskyQR3); a loose
+# basis needs 2 (one, and a second for blocks whose first R was too ill-conditioned). A matrix
+# not converged after them goes to Householder QR (one sync, after the loop).
+_CHOLQR_STEPS, _CHOLQR_LOOSE_STEPS = 3, 2
 
 
 def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
 
-    CholeskyQR2 (Gram in fp32 with IEEE products, Cholesky in fp64), repeated until a step's ``R``
-    is close to the identity. ``loose=True`` stops after the first step whose ``R`` is well enough
-    conditioned for ``q`` to be orthonormal to ~1e-4 (enough between power iterations). A Gram that is not numerically positive definite is retried with the
-    shift ``s = (m l + l (l + 1)) 2^-24 |y|_F^2 / l`` (shifted CholeskyQR3); a matrix that fails
-    even then (all zeros, or never converging) is factored with Householder QR.
+    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed number of steps
+    (3, or 2 with ``loose=True``, which accepts a step whose ``R`` is well enough conditioned for
+    ``q`` to be orthonormal to ~1e-4: enough between power iterations). Each step also factors the
+    shifted Gram ``G + s I``, ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3),
+    used where the plain Gram is not numerically positive definite. The loop itself never waits
+    for the device; a matrix that fails even then (all zeros, or not converged) is factored with
+    Householder QR after it.
     """
     batch, m, l = y.shape
     q = y
@@ -331,27 +253,23 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
     done = torch.zeros(batch, dtype=torch.bool, device=y.device)
     failed = torch.zeros(batch, dtype=torch.bool, device=y.device)
     eye = torch.eye(l, dtype=torch.float64, device=y.device)
-    for _ in range(_CHOLQR_MAX_STEPS):
+    for _ in range(_CHOLQR_LOOSE_STEPS if loose else _CHOLQR_STEPS):
         g = _gram(q)
         rs, info = torch.linalg.cholesky_ex(g, upper=True)
         bad = (info != 0) | ~torch.isfinite(rs).flatten(1).all(1)
-        if bool(bad.any()):
-            shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
-            shifted, info2 = torch.linalg.cholesky_ex(g + shift[:, None, None] * eye, upper=True)
-            rs = torch.where(bad[:, None, None], shifted, rs)
-            failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
-        rs = torch.where(failed[:, None, None], eye, rs)
-        rs = torch.where(done[:, None, None], eye, rs)  # converged matrices stay as they are
+        shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
+        shifted, info2 = torch.linalg.cholesky_ex(g + shift[:, None, None] * eye, upper=True)
+        rs = torch.where(bad[:, None, None], shifted, rs)
+        failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
+        rs = torch.where((failed | done)[:, None, None], eye, rs)  # converged matrices stay as they are
         rs_inv = _upper_inverse(rs)
-        q = batched_matmul(q, rs_inv.float(), "ieee")
+        q = batched_matmul(q, rs_inv.float(), "fp32")
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
         if loose:
             kappa = torch.linalg.matrix_norm(rs) * torch.linalg.matrix_norm(rs_inv)
             step_ok |= kappa <= _CHOLQR_LOOSE_KAPPA
         done |= step_ok & ~failed
-        if bool((done | failed).all()):
-            break
     failed |= ~done | ~torch.isfinite(q).flatten(1).all(1)
     if bool(failed.any()):
         qh, rh = torch.linalg.qr(y[failed].double(), mode="reduced")
@@ -361,13 +279,13 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
 
 
 # Passes over W that only steer the range finder (the sketch and all but the last power-iteration
-# product) run on tf32 tensor cores, ~2.6x faster than fp32 FMA (BASELINES.md 2b). The two passes
+# product) run on tf32 tensor cores, ~2.6x faster than fp32 FMA (benchmarks/BASELINES.md 2b). The two passes
 # the factors are read from, the last W Z (it defines Q, hence U) and the projection W^T Q, use
-# IEEE fp32. Measured with tf32 rounding emulated on CPU (4096x1024, k = 256, 6 iterations,
+# fp32-grade products (3xTF32 on tensor-core GPUs, see dot_precision). Measured with tf32 rounding emulated on CPU (4096x1024, k = 256, 6 iterations,
 # sigma_i = 0.97^i): all passes tf32 give 1.029x the optimal error, tf32 with those two in fp32
 # 1.0000x, like all fp32; for 1/i and i^-0.5 spectra tf32 changes nothing measurable.
 RANGE_PRECISION = "tf32"
-PROJECTION_PRECISION = "ieee"
+PROJECTION_PRECISION = "fp32"
 
 
 def _range_and_projection(
@@ -406,12 +324,15 @@ def randomized_svd_triton_many(
     generator: torch.Generator | None = None,
     range_precision: str = RANGE_PRECISION,
     projection_precision: str = PROJECTION_PRECISION,
+    jacobi_max_sweeps: int = _JACOBI_MAX_SWEEPS,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`randomized_svd_triton` for several batches ``(B_i, m_i, n_i)`` of different shapes.
 
     The passes over each batch run per batch; the small Jacobi SVDs of every batch with the same
     ``l = k + oversample`` run in one launch, so a model's differently shaped matrices share it.
     Sketches are drawn batch by batch in order: the results equal one call per batch in turn.
+    A small matrix whose Jacobi SVD used all ``jacobi_max_sweeps`` sweeps (not converged) is
+    solved again by ``torch.linalg.svd`` in fp64 (one host sync per launch to find them).
     """
     parts = [
         _range_and_projection(w, k, n_iter, os_, generator, range_precision, projection_precision)
@@ -420,22 +341,30 @@ def randomized_svd_triton_many(
     by_l: dict[int, list[int]] = {}
     for i, (k, os_) in enumerate(zip(ks, oversamples)):
         by_l.setdefault(k + os_, []).append(i)
-    small: list[tuple | None] = [None] * len(ws)
+    small: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for members in by_l.values():
         # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power
         # iteration graded by size, which saves a sweep over R): R^T = U_T S V_T^T.
-        u_t, s, v_t, _ = jacobi_svd(torch.cat([parts[i][2].mT.float() for i in members]))
+        rt = torch.cat([parts[i][2].mT for i in members])  # fp64 R^T
+        u_t, s, v_t, sweeps = jacobi_svd(rt.float(), max_sweeps=jacobi_max_sweeps)
+        unconverged = sweeps >= jacobi_max_sweeps
+        if bool(unconverged.any()):
+            u64, s64, vh64 = torch.linalg.svd(rt[unconverged])
+            u_t, s, v_t = u_t.clone(), s.clone(), v_t.clone()
+            u_t[unconverged], s[unconverged], v_t[unconverged] = u64.float(), s64.float(), vh64.mT.float()
         offsets = [0]
         for i in members:
             offsets.append(offsets[-1] + parts[i][2].shape[0])
         for j, i in enumerate(members):
             lo, hi = offsets[j], offsets[j + 1]
-            small[i] = (u_t[lo:hi], s[lo:hi], v_t[lo:hi])
+            slots[i] = (u_t[lo:hi], s[lo:hi], v_t[lo:hi])
+    small = [slots[i] for i in range(len(ws))]
     out = []
     for (q, q2, _, transpose), (u_t, s, v_t), k in zip(parts, small, ks):
         # W ~ Q B = (Q U_T) S (Q2 V_T)^T.
-        u = batched_matmul(q, u_t[..., :k].contiguous(), "ieee")
-        v = batched_matmul(q2, v_t[..., :k].contiguous(), "ieee")
+        u = batched_matmul(q, u_t[..., :k].contiguous(), "fp32")
+        v = batched_matmul(q2, v_t[..., :k].contiguous(), "fp32")
         s = s[..., :k]
         out.append((v, s, u.mT) if transpose else (u, s, v.mT))
     return out
@@ -450,6 +379,7 @@ def randomized_svd_triton(
     generator: torch.Generator | None = None,
     range_precision: str = RANGE_PRECISION,
     projection_precision: str = PROJECTION_PRECISION,
+    jacobi_max_sweeps: int = _JACOBI_MAX_SWEEPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` ``U, S, Vh`` (fp32) of a batch ``w (B, m, n)`` in fp32/bf16/fp16, read as stored.
 
@@ -465,6 +395,7 @@ def randomized_svd_triton(
         generator=generator,
         range_precision=range_precision,
         projection_precision=projection_precision,
+        jacobi_max_sweeps=jacobi_max_sweeps,
     )[0]
 
 

@@ -188,3 +188,104 @@ def test_batches_of_different_shapes_share_the_small_svd_and_match_one_by_one(de
         assert u.shape == u1.shape and vh.shape == vh1.shape
         torch.testing.assert_close(s, s1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, u1 @ torch.diag_embed(s1) @ vh1, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ hazards (issue 15) --------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_jacobi_floor_is_per_matrix(device):
+    """Hazard: one floor for the whole batch, taken from its largest matrix, left a small matrix
+    batched beside a large one unrotated. Each matrix keeps its own floor."""
+    dev = _device(device)
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn(9, 9, generator=g)
+    big = 1e6 * torch.randn(9, 9, generator=g)
+    u, s, v, _ = jacobi_svd(torch.stack([big, small]).to(dev))
+    ref = torch.linalg.svdvals(small.double())
+    assert (s[1].double().cpu() - ref).abs().max().item() <= 1e-5 * ref.max().item()
+    assert orthonormality(u[1]) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unconverged_jacobi_matrices_are_solved_again(device):
+    """Hazard: the sweep count Jacobi returns was ignored. With one sweep allowed, no matrix
+    converges; the result must still be the SVD (those matrices are solved again)."""
+    dev = _device(device)
+    sigma = 1.0 / torch.arange(1, 32, dtype=torch.float64)
+    w = _spectrum_matrix(45, 31, sigma, 2, seed=5).float().to(dev)
+    _, _, _, sweeps = jacobi_svd(torch.randn(2, 9, 9, device=dev), max_sweeps=1)
+    assert (sweeps >= 1).all()
+    kwargs = {"n_iter": 2, "oversample": 5}
+    u, s, vh = randomized_svd_triton(w, 4, generator=torch.Generator().manual_seed(1), jacobi_max_sweeps=1, **kwargs)
+    u2, s2, vh2 = randomized_svd_triton(w, 4, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert (s - s2).abs().max().item() < 1e-5
+    assert rel_err(u @ torch.diag_embed(s) @ vh, u2 @ torch.diag_embed(s2) @ vh2) < 1e-4
+    assert orthonormality(u) < 1e-4
+
+
+@pytest.mark.parametrize("loose", [False, True])
+def test_cholesky_qr_loop_never_waits_for_the_device(monkeypatch, loose):
+    """Hazard: `bool(t.any())` inside the CholeskyQR loop synced the host every step. Only the
+    Householder fallback after the loop may read a device value (once)."""
+    dev = _device("cpu")
+    y = torch.randn(2, 41, 13, device=dev)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    real_item = torch.Tensor.item
+
+    def counting_bool(t):
+        reads.append("bool")
+        return real_bool(t)
+
+    def counting_item(t):
+        reads.append("item")
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    q, r = cholesky_qr(y, loose=loose)
+    monkeypatch.undo()
+    assert len(reads) <= 1, reads
+    assert orthonormality(q) < (1e-3 if loose else 1e-5)
+    assert rel_err(q.double() @ r, y) < 1e-6
+
+
+def test_svd_launches_run_under_the_tensors_device(monkeypatch):
+    """Hazard: launches went to the current device; the bmm and Jacobi launches run inside the guard."""
+    import fasttrunc.kernels.svd as svd_module
+
+    _device("cpu")
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(svd_module, "_device_guard", Guard)
+    a, x = torch.randn(2, 5, 4), torch.randn(2, 4, 3)
+    batched_matmul(a, x)
+    jacobi_svd(torch.randn(1, 5, 5))
+    assert entered == [a.device, a.device]
+    monkeypatch.undo()
+    guard = svd_module._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_fp32_grade_products_take_3xtf32_on_tensor_core_gpus(monkeypatch):
+    """Precision "fp32" means 3xTF32 where tensor cores do TF32 (sm_80+), IEEE FMA elsewhere and off CUDA."""
+    import fasttrunc.kernels.svd as svd_module
+
+    assert svd_module.dot_precision("fp32", torch.device("cpu")) == "ieee"
+    assert svd_module.dot_precision("tf32", torch.device("cuda", 0)) == "tf32"
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: True)
+    assert svd_module.dot_precision("fp32", torch.device("cuda", 0)) == "tf32x3"
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: False)
+    assert svd_module.dot_precision("fp32", torch.device("cuda", 0)) == "ieee"
+    assert svd_module.PROJECTION_PRECISION == "fp32"

@@ -11,8 +11,10 @@ For every cell (in -> out, rank r, rows M) of the grid, in one run on one card:
    ``eager``: wall-clock per call of back-to-back calls with no sync in between, what a
    ``generate()`` loop sees (host launch cost and GPU time overlap; median of ``reps`` loops);
    with ``compare_schemes``, the fused kernel is also checked and graph-timed with each scheme
-   forced (split-K and tiled), the data that sets ``DECODE_MAX_M``;
-3. the byte / FLOP floor of BASELINES.md: ``max(bytes / copy bandwidth, flops / matmul peak)``
+   forced (split-K and tiled; tunables passed explicitly), the data that sets ``decode_max_m``;
+   every timed call cycles through ``rotate`` weight sets, so that decode cells read HBM, not L2;
+   the graph-replayed output is checked again against the reference;
+3. the byte / FLOP floor of benchmarks/BASELINES.md: ``max(bytes / copy bandwidth, flops / matmul peak)``
    with bytes = ``size * (M*in + in*r + r*out + M*out)`` and flops = ``2*M*r*(in + out)``, where
    the copy bandwidth and the matmul peak are measured in the same run on the same card.
 
@@ -23,6 +25,7 @@ under graphs with no cell below 1.0x, >= 1.3x eager, and >= 75% of the floor at 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -31,7 +34,9 @@ from typing import Any
 
 import torch
 
-from fasttrunc.runs import Progress, ResultMixin, report
+from fasttrunc import checks
+from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, LowrankPlan, LowrankTunables
+from fasttrunc.runs import DTYPES, Progress, ResultMixin, parse_dtype, report, synchronize
 
 # label -> (in, out): the MLP matrices of Pythia-1.4b and Pythia-12b.
 PYTHIA_SHAPES = {
@@ -41,9 +46,6 @@ PYTHIA_SHAPES = {
 }
 DEFAULT_RANKS = (32, 128, 512)
 DEFAULT_MS = (1, 16, 256, 4096)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Correctness bounds (relative Frobenius error vs the fp32 reference), as in the kernel tests.
-_RTOL = {"bfloat16": 2e-2, "float16": 3e-3, "float32": 1e-5}
 TARGETS = {"graph_geomean": 1.5, "graph_min": 1.0, "eager_geomean": 1.3, "floor_pct_at_4096": 75.0}
 
 
@@ -66,13 +68,10 @@ def parse_ints(name: str, text: str) -> tuple[int, ...]:
         raise ValueError(f"{name} {text!r} is not a comma-separated list of integers") from None
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} {value!r} is outside {lo}..{hi}")
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LowrankBenchConfig:
+    """The grid and timing settings; validated on construction (one-line ValueError)."""
+
     shapes: tuple[tuple[int, int], ...] = tuple(PYTHIA_SHAPES.values())
     ranks: tuple[int, ...] = DEFAULT_RANKS
     ms: tuple[int, ...] = DEFAULT_MS
@@ -81,27 +80,33 @@ class LowrankBenchConfig:
     calls: int = 200  # eager: back-to-back calls per timed loop
     graph_ms: int = 50  # do_bench_cudagraph's `rep`: milliseconds of replays per measurement
     compare_schemes: bool = True  # also graph-time the fused kernel with each scheme forced
+    # Distinct weight sets cycled through by the timed calls, so that decode cells (weights of a
+    # few MB) read HBM as a model's layers do, not an L2-resident copy (H200: 60 MB of L2).
+    rotate: int = 8
     seed: int = 0
     device: str = "cuda"
+    tunables: LowrankTunables = DEFAULT_TUNABLES
 
-    def validate(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; allowed: {', '.join(_DTYPES)}")
-        if not self.shapes or not self.ranks or not self.ms:
-            raise ValueError("shapes, ranks and ms must each name at least one value")
+    def __post_init__(self) -> None:
+        checks.choice("dtype", self.dtype, DTYPES)
+        for name in ("shapes", "ranks", "ms"):
+            checks.non_empty(name, getattr(self, name))
         for k, n in self.shapes:
-            _check_int("in_features", k, 1, 1 << 16)
-            _check_int("out_features", n, 1, 1 << 16)
+            checks.integer("in_features", k, 1, 1 << 16)
+            checks.integer("out_features", n, 1, 1 << 16)
         for r in self.ranks:
-            _check_int("rank", r, 1, 1024)
+            checks.integer("rank", r, 1, 1024)
             for k, n in self.shapes:
                 if r > min(k, n):
-                    raise ValueError(f"rank {r} is outside 1..{min(k, n)} for the shape {k}x{n}")
+                    raise ValueError(f"rank {r} is out of range for the shape {k}x{n}; allowed: 1..{min(k, n)}")
         for m in self.ms:
-            _check_int("M (rows)", m, 1, 65536)
-        _check_int("reps", self.reps, 1, 100)
-        _check_int("calls", self.calls, 1, 100000)
-        _check_int("graph_ms", self.graph_ms, 1, 10000)
+            checks.integer("M (rows)", m, 1, 65536)
+        checks.integer("reps", self.reps, 1, 100)
+        checks.integer("calls", self.calls, 1, 100000)
+        checks.integer("graph_ms", self.graph_ms, 1, 10000)
+        checks.integer("rotate", self.rotate, 1, 64)
+        if not isinstance(self.tunables, LowrankTunables):
+            raise TypeError(f"tunables {self.tunables!r} is not a LowrankTunables")
 
 
 @dataclasses.dataclass
@@ -113,21 +118,16 @@ class LowrankBenchResult(ResultMixin):
     summary: dict[str, Any]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _eager_us(fn: Callable[[], Any], calls: int, reps: int, device: torch.device) -> float:
     """Median over ``reps`` loops of the wall-clock microseconds per call of ``calls`` calls."""
     fn()
-    _sync(device)
+    synchronize(device)
     loops = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        synchronize(device)
         loops.append((time.perf_counter() - start) / calls)
     return 1e6 * statistics.median(loops)
 
@@ -138,22 +138,57 @@ def _graph_us(fn: Callable[[], Any], graph_ms: int, device: torch.device) -> flo
         return None
     import triton.testing
 
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=graph_ms, return_mode="median")
+    return 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=graph_ms, return_mode="median"))
 
 
-def _forced_scheme_us(scheme: str, x, a, b, ref, rtol: float, graph_ms: int) -> float | None:
+def _replayed_error(fn: Callable[[], torch.Tensor], ref: torch.Tensor, device: torch.device) -> float | None:
+    """Relative error of ``fn``'s output after capture and two replays (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn()
+    y.zero_()
+    graph.replay()
+    graph.replay()
+    synchronize(device)
+    return float(((y.float() - ref).norm() / ref.norm()).item())
+
+
+class _Cycle:
+    """A callable that runs ``fn(*operands[i])`` for i = 0, 1, 2, ... cyclically (weight rotation)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], operands: list[tuple[Any, ...]]) -> None:
+        self.fn, self.operands, self.i = fn, operands, 0
+
+    def __call__(self) -> torch.Tensor:
+        args = self.operands[self.i]
+        self.i = (self.i + 1) % len(self.operands)
+        return self.fn(*args)
+
+
+def _forced_scheme_us(
+    scheme: str,
+    cycle: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ref: torch.Tensor,
+    config: LowrankBenchConfig,
+) -> float | None:
     """Graph time of the fused kernel with ``scheme`` forced; None when it fails the check."""
-    from fasttrunc.kernels import lowrank as lk
+    from fasttrunc.kernels.lowrank import lowrank_linear
+    from fasttrunc.kernels.tolerances import lowrank_rtol
 
-    saved = lk.FORCE_SCHEME
-    lk.FORCE_SCHEME = scheme
-    try:
-        got = lk.lowrank_linear(x, a, b).float()
-        if not (got - ref).norm().item() / ref.norm().item() < rtol:
-            return None
-        return _graph_us(lambda: lk.lowrank_linear(x, a, b), graph_ms, x.device)
-    finally:
-        lk.FORCE_SCHEME = saved
+    tunables = dataclasses.replace(config.tunables, force_scheme=scheme)
+    x, a, b = cycle[0]
+    got = lowrank_linear(x, a, b, tunables=tunables).float()
+    if not (got - ref).norm().item() / ref.norm().item() < lowrank_rtol(x.dtype):
+        return None
+
+    def forced(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lowrank_linear(x, a, b, tunables=tunables)
+
+    return _graph_us(_Cycle(forced, list(cycle)), config.graph_ms, x.device)
 
 
 def _ceilings(dtype: torch.dtype, device: torch.device) -> dict[str, float]:
@@ -178,15 +213,70 @@ def _floor_us(m: int, k: int, n: int, r: int, itemsize: int, ceilings: dict[str,
     return 1e6 * max(bytes_moved / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
 
 
+# An H200 latency model of the fused kernels (estimates: no GPU has timed them). Bandwidth and peak
+# are the ceilings of benchmarks/BASELINES.md; the rest are assumptions, named so they can be
+# checked against the first gpu_check.sh run.
+_HBM_GBPS = 4220.0  # device copy, bytes read + written (BASELINES.md)
+_L2_GBPS = 10000.0  # assumed L2 bandwidth for re-read tiles and split partials
+_MMA_TFLOPS = {"wgmma": 343.0, "mma.sync": 170.0}  # assumed: 50% / 25% of the 686 TFLOP/s bf16 peak
+_LAUNCH_US = 2.0  # assumed cost of one kernel boundary under graph replay (drain + ramp)
+_ROUND_TRIP_US = 0.8  # assumed latency of one dependent global-memory round trip, pipelined loop step
+_SMS = 132
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsize: int) -> float | None:
+    """Estimated graph-replay time (us) of the Triton plan on an H200 (None for the torch schemes).
+
+    Per launch: max(bytes / bandwidth scaled by how many SMs the grid fills, FLOPs / MMA rate,
+    dependent loop steps x round-trip latency) + one kernel boundary. wgmma is assumed where the
+    AOT audit finds it (M tiles of 64 rows), mma.sync otherwise.
+    """
+    if not plan.triton:
+        return None
+    rate = _MMA_TFLOPS["wgmma" if plan.block_m >= 64 else "mma.sync"] * 1e6  # FLOP per us
+    total = 0.0
+    if plan.scheme == "splitk":
+        n_m = -(-m // plan.block_m)
+        programs = (plan.grids[0][0], plan.grids[1][0])
+        fill = [min(1.0, p / _SMS) for p in programs]
+        partials = 4 * n_m * plan.n_split * plan.block_m * plan.r_pad
+        shrink_bytes = itemsize * (m * k + r * k) + partials
+        shrink_steps = -(-plan.k_chunk // plan.block_k)
+        total += max(shrink_bytes / (_HBM_GBPS * 1e3 * fill[0]), shrink_steps * _ROUND_TRIP_US)
+        expand_bytes = itemsize * (r * n + m * n)
+        reread = partials * plan.n_groups
+        out_tiles = _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
+        expand_steps = -(-plan.n_split // plan.split_block) + out_tiles
+        total += max(
+            expand_bytes / (_HBM_GBPS * 1e3 * fill[1]) + reread / (_L2_GBPS * 1e3), expand_steps * _ROUND_TRIP_US
+        )
+        total += 2 * _LAUNCH_US
+        total += 2 * m * r * (k + n) / rate
+    else:
+        n_m = -(-m // plan.block_m)
+        occupancy = min(1.0, plan.grids[0][0] / _SMS)
+        hbm = itemsize * (m * k + r * (k + n) + m * n)
+        l2 = itemsize * (n_m * plan.n_groups * r * k + n_m * r * n)  # a and b re-read per M tile
+        steps = _cdiv(k, plan.block_k) + _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
+        waves = -(-plan.grids[0][0] // (2 * _SMS))
+        memory = hbm / (_HBM_GBPS * 1e3 * occupancy) + l2 / (_L2_GBPS * 1e3)
+        total += max(memory, 2 * m * r * (k + n) / rate, waves * steps * _ROUND_TRIP_US / 4) + _LAUNCH_US
+    return total
+
+
 def _geomean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+    kept = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in kept) / len(kept)) if kept else None
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     timed = [row for row in rows if row["correct"]]
     graph = [row["speedup_graph"] for row in timed if row["speedup_graph"] is not None]
-    eager = [row["speedup_eager"] for row in timed]
+    eager = [row["speedup_eager"] for row in timed if row["speedup_eager"] is not None]
     floor = [row["floor_pct"] for row in timed if row["m"] == 4096 and row["floor_pct"] is not None]
     out = {
         "cells": len(rows),
@@ -208,6 +298,36 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _cell_operands(
+    m: int, k: int, n: int, r: int, dtype: torch.dtype, copies: int, gen: torch.Generator, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``copies`` (x, a, b) sets: one input, distinct weights (rotated by the timed calls)."""
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    out = []
+    for _ in range(copies):
+        a = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype)
+        b = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(device=device, dtype=dtype)
+        out.append((x, a, b))
+    return out
+
+
+def _two_gemms(x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    return (x @ at) @ bt
+
+
+def _time_variant(
+    fn: Callable[..., torch.Tensor], operands: list[tuple[Any, ...]], config: LowrankBenchConfig, device: torch.device
+) -> tuple[float, float | None]:
+    cycle = _Cycle(fn, operands)
+    return _eager_us(cycle, config.calls, config.reps, device), _graph_us(cycle, config.graph_ms, device)
+
+
+def _copies(k: int, n: int, r: int, itemsize: int, rotate: int) -> int:
+    """Weight sets to rotate through: enough to exceed 64 MB (above an H200's L2), at most ``rotate``."""
+    per_set = itemsize * (r * (k + n) + k * n)  # factors and the dense weight
+    return max(1, min(rotate, -(-(64 << 20) // per_set)))
+
+
 def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchResult:
     """Check and time every cell of the grid; see the module docstring.
 
@@ -216,35 +336,39 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
     """
     import torch.nn.functional as F
 
-    from fasttrunc.kernels import lowrank as lk
     from fasttrunc.kernels._backend import use_triton
+    from fasttrunc.kernels._lowrank_launch import _sms
+    from fasttrunc.kernels.lowrank import lowrank_linear, lowrank_linear_reference, plan_lowrank
+    from fasttrunc.kernels.tolerances import lowrank_rtol
     from fasttrunc.runs import resolve_device
 
-    config.validate()
     device = resolve_device(config.device)
     if not use_triton(torch.empty(0, device=device)):
         raise ValueError(
             f"device {config.device!r} cannot run the Triton kernels; the low-rank benchmark needs a CUDA device"
         )
-    dtype = _DTYPES[config.dtype]
+    dtype = parse_dtype(config.dtype)
+    rtol = lowrank_rtol(dtype)
+    tunables = config.tunables
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     cells = [(k, n, r, m) for k, n in config.shapes for r in config.ranks for m in config.ms]
     report(progress, "bench lowrank", 0, len(cells) + 1, "ceilings")
     ceilings = _ceilings(dtype, device)
     labels = {shape: label for label, shape in PYTHIA_SHAPES.items()}
     rows: list[dict[str, Any]] = []
+
+    def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lowrank_linear(x, a, b, tunables=tunables)
+
     with torch.no_grad():
         for i, (k, n, r, m) in enumerate(cells):
             report(progress, "bench lowrank", i + 1, len(cells) + 1, f"{k}->{n} r={r} M={m}")
-            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-            a = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype)
-            b = (torch.randn(n, r, generator=gen) / math.sqrt(r)).to(device=device, dtype=dtype)
-            w = (b.float() @ a.float()).to(dtype)
-            at, bt = a.T, b.T
-            ref = lk.lowrank_linear_reference(x, a, b).float()
-            got = lk.lowrank_linear(x, a, b).float()
-            rel_err = ((got - ref).norm() / ref.norm()).item()
-            plan = lk.plan_lowrank(m, k, n, r, dtype, device)
+            itemsize = torch.finfo(dtype).bits // 8
+            operands = _cell_operands(m, k, n, r, dtype, _copies(k, n, r, itemsize, config.rotate), gen, device)
+            x, a, b = operands[0]
+            ref = lowrank_linear_reference(x, a, b).float()
+            rel_err = ((fused(x, a, b).float() - ref).norm() / ref.norm()).item()
+            plan: LowrankPlan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables)
             row: dict[str, Any] = {
                 "shape": labels.get((k, n), f"{k}->{n}"),
                 "in": k,
@@ -252,33 +376,36 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
                 "r": r,
                 "m": m,
                 "scheme": plan.scheme,
-                "grid": plan.grid,
+                "grid": [list(g) for g in plan.grids],
                 "rel_err": rel_err,
-                "correct": math.isfinite(rel_err) and rel_err < _RTOL[config.dtype],
+                "correct": math.isfinite(rel_err) and rel_err < rtol,
             }
-            variants = {
-                "dense": lambda: F.linear(x, w),
-                "two_gemms": lambda: (x @ at) @ bt,
-                "fused": lambda: lk.lowrank_linear(x, a, b),
+            replayed = _replayed_error(functools.partial(fused, x, a, b), ref, device)
+            row["replay_rel_err"] = replayed
+            if replayed is not None and not replayed < rtol:
+                row["correct"] = False
+            dense = [(x_, (b_.float() @ a_.float()).to(dtype)) for x_, a_, b_ in operands]
+            variants: dict[str, tuple[Callable[..., torch.Tensor], list[tuple[Any, ...]]]] = {
+                "dense": (F.linear, list(dense)),
+                "two_gemms": (_two_gemms, [(x_, a_.T, b_.T) for x_, a_, b_ in operands]),
+                "fused": (fused, list(operands)),
             }
-            for name, fn in variants.items():
+            for name, (fn, args) in variants.items():
                 if not row["correct"]:
                     row[f"{name}_eager_us"] = row[f"{name}_graph_us"] = None
                     continue
-                row[f"{name}_eager_us"] = _eager_us(fn, config.calls, config.reps, device)
-                row[f"{name}_graph_us"] = _graph_us(fn, config.graph_ms, device)
+                row[f"{name}_eager_us"], row[f"{name}_graph_us"] = _time_variant(fn, args, config, device)
             for scheme in ("splitk", "tiled") if config.compare_schemes else ():
-                row[f"{scheme}_graph_us"] = _forced_scheme_us(
-                    scheme, x, a, b, ref, _RTOL[config.dtype], config.graph_ms
-                )
-            floor = _floor_us(m, k, n, r, x.element_size(), ceilings)
+                row[f"{scheme}_graph_us"] = _forced_scheme_us(scheme, operands, ref, config) if row["correct"] else None
+            floor = _floor_us(m, k, n, r, itemsize, ceilings)
             row["floor_us"] = floor if math.isfinite(floor) else None
             fused_graph, fused_eager = row["fused_graph_us"], row["fused_eager_us"]
-            row["speedup_graph"] = row["two_gemms_graph_us"] / fused_graph if fused_graph else None
-            row["speedup_eager"] = row["two_gemms_eager_us"] / fused_eager if fused_eager else None
+            gemm_graph, gemm_eager = row["two_gemms_graph_us"], row["two_gemms_eager_us"]
+            row["speedup_graph"] = gemm_graph / fused_graph if fused_graph and gemm_graph else None
+            row["speedup_eager"] = gemm_eager / fused_eager if fused_eager and gemm_eager else None
             row["floor_pct"] = 100 * row["floor_us"] / fused_graph if fused_graph and row["floor_us"] else None
             rows.append(row)
-            del x, a, b, w, ref, got
+            del operands, dense, variants, x, a, b, ref
     report(progress, "bench lowrank", len(cells) + 1, len(cells) + 1, "done")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     return LowrankBenchResult(config, name, ceilings, rows, _summary(rows))

@@ -15,14 +15,16 @@ Times are medians of ``reps`` timed calls after one warm-up, with ``torch.cuda.s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from fasttrunc.runs import Progress, ResultMixin, report
+from fasttrunc import checks
+from fasttrunc.runs import Progress, ResultMixin, report, synchronize
 
 # name -> list of (count, m, n): the MLP matrices of one model.
 MATRIX_SETS = {
@@ -34,8 +36,10 @@ QUICK_SETS = {"pythia-1.4b-mlp-x4": [(4, 8192, 2048), (4, 2048, 8192)]}
 TINY_SETS = {"tiny": [(2, 48, 40), (1, 40, 56)]}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SvdBenchConfig:
+    """The matrix sets, ranks and timing settings; validated on construction (one-line ValueError)."""
+
     sets: tuple[str, ...] = ("pythia-1.4b-mlp", "pythia-12b-mlp")
     ranks: tuple[int, ...] = (64, 256)
     reps: int = 3
@@ -43,17 +47,18 @@ class SvdBenchConfig:
     full_svd: bool = True
     seed: int = 0
     device: str = "cuda"
+    oversample: int = 10  # of every sketch compared (torch's too): l = k + oversample columns
+    defaults_variant: bool = True  # also time fasttrunc at its own defaults (n_iter, oversample)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         known = MATRIX_SETS | QUICK_SETS | TINY_SETS
-        for name in self.sets:
-            if name not in known:
-                raise ValueError(f"matrix set {name!r} is unknown; allowed: {', '.join(known)}")
-        for k in self.ranks:
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1024:
-                raise ValueError(f"rank {k!r} is outside 1..1024")
-        if isinstance(self.reps, bool) or not isinstance(self.reps, int) or not 1 <= self.reps <= 100:
-            raise ValueError(f"reps {self.reps!r} is outside 1..100")
+        for name in checks.non_empty("sets", self.sets):
+            checks.choice("matrix set", name, known)
+        for k in checks.non_empty("ranks", self.ranks):
+            checks.integer("rank", k, 1, 1024)
+        checks.integer("reps", self.reps, 1, 100)
+        checks.seed("seed", self.seed)
+        checks.integer("oversample", self.oversample, 1, 256)
 
 
 @dataclasses.dataclass
@@ -78,22 +83,22 @@ def _spectrum_matrices(
     return out, sigma
 
 
-def _sync() -> None:
+def _sync_all() -> None:
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
+        synchronize("cuda")
 
 
 def _timed(fn: Callable[[], Any], reps: int, warmup: bool = True) -> tuple[float, Any]:
     """Median seconds of ``reps`` calls (after one warm-up call unless ``warmup=False``), and the last result."""
     if warmup:
         fn()
-        _sync()
+        _sync_all()
     times = []
     for _ in range(reps):
-        _sync()
+        _sync_all()
         start = time.perf_counter()
         out = fn()
-        _sync()
+        _sync_all()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -108,20 +113,20 @@ def _error_ratio(groups: list[torch.Tensor], factors: list[tuple], optimal: list
     return worst
 
 
-def _sketch_variants(k: int) -> list[tuple[str, dict[str, Any]]]:
+def _sketch_variants(k: int, os_: int, with_defaults: bool) -> list[tuple[str, dict[str, Any]]]:
     from fasttrunc.svd import DEFAULT_N_ITER, default_oversample
 
-    return [
-        ("fasttrunc n_iter=2 os=10 (tf32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "tf32"}),
-        ("fasttrunc n_iter=2 os=10 (fp32 range)", {"n_iter": 2, "oversample": 10, "range_precision": "ieee"}),
-        (
-            f"fasttrunc defaults n_iter={DEFAULT_N_ITER} os={default_oversample(k)}",
-            {"n_iter": DEFAULT_N_ITER, "oversample": default_oversample(k), "range_precision": "tf32"},
-        ),
+    variants = [
+        (f"fasttrunc n_iter=2 os={os_} (tf32 range)", {"n_iter": 2, "oversample": os_, "range_precision": "tf32"}),
+        (f"fasttrunc n_iter=2 os={os_} (fp32 range)", {"n_iter": 2, "oversample": os_, "range_precision": "ieee"}),
     ]
+    if with_defaults:
+        defaults = {"n_iter": DEFAULT_N_ITER, "oversample": default_oversample(k), "range_precision": "tf32"}
+        variants.append((f"fasttrunc defaults n_iter={DEFAULT_N_ITER} os={default_oversample(k)}", defaults))
+    return variants
 
 
-def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
+def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str, Any]]:
     """One fasttrunc call split into its stages, on one batch of same-shape matrices."""
     from fasttrunc.kernels.svd import batched_matmul, cholesky_qr, jacobi_svd
 
@@ -129,7 +134,7 @@ def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
     if m < n:
         w = w.mT
         m, n = n, m
-    l = k + 10
+    l = k + os_
     g = torch.randn(batch, n, l, device=w.device)
     y = batched_matmul(w, g, "tf32")
     q, _ = cholesky_qr(y)
@@ -138,6 +143,7 @@ def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
     stages = [
         ("one pass W @ G, tf32", lambda: batched_matmul(w, g, "tf32")),
         ("one pass W @ G, fp32", lambda: batched_matmul(w, g, "ieee")),
+        ("one pass W @ G, 3xTF32", lambda: batched_matmul(w, g, "tf32x3")),
         ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
         (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
         (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
@@ -153,6 +159,55 @@ def _stage_times(w: torch.Tensor, k: int, reps: int) -> list[dict[str, Any]]:
     return rows
 
 
+Factors = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _ours(weights: Sequence[torch.Tensor], k: int, options: dict[str, Any], seed: int) -> Factors:
+    """fasttrunc on a whole matrix set in one call, as truncated_svd's list form makes it."""
+    from fasttrunc.kernels.svd import randomized_svd_triton_many
+
+    return randomized_svd_triton_many(
+        list(weights),
+        [k] * len(weights),
+        n_iter=options["n_iter"],
+        oversamples=[options["oversample"]] * len(weights),
+        generator=torch.Generator(device=weights[0].device).manual_seed(seed),
+        range_precision=options.get("range_precision", "tf32"),
+    )
+
+
+def _svd_lowrank_looped(groups: Sequence[torch.Tensor], k: int, os_: int) -> Factors:
+    """LASER's routine, oversampled: ``torch.svd_lowrank(q=k+os, niter=2)`` per matrix."""
+    out = []
+    for w in groups:
+        factors = [torch.svd_lowrank(w[i], q=k + os_, niter=2) for i in range(w.shape[0])]
+        u = torch.stack([f[0][:, :k] for f in factors])
+        s = torch.stack([f[1][:k] for f in factors])
+        vh = torch.stack([f[2][:, :k].mT for f in factors])
+        out.append((u, s, vh))
+    return out
+
+
+def _plain_torch(groups: Sequence[torch.Tensor], k: int, os_: int, seed: int) -> Factors:
+    from fasttrunc.kernels.svd import randomized_svd_reference
+
+    return [
+        randomized_svd_reference(
+            w, k, n_iter=2, oversample=os_, generator=torch.Generator(device=w.device).manual_seed(seed)
+        )
+        for w in groups
+    ]
+
+
+def _full_svd(groups: Sequence[torch.Tensor]) -> list[Any]:
+    return [torch.linalg.svd(w, full_matrices=False) for w in groups]
+
+
+def _row(method: str, timed: tuple[float, Any], groups: Sequence[torch.Tensor], optimal: list[float]) -> dict[str, Any]:
+    seconds, out = timed
+    return {"method": method, "seconds": seconds, "error_ratio": _error_ratio(list(groups), out, optimal)}
+
+
 def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
     """Time and score every variant on every matrix set and rank of ``config``.
 
@@ -160,10 +215,8 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
     set, to test the benchmark itself.
     """
     from fasttrunc.kernels._backend import use_triton
-    from fasttrunc.kernels.svd import randomized_svd_reference, randomized_svd_triton_many
     from fasttrunc.runs import resolve_device
 
-    config.validate()
     device = resolve_device(config.device)
     if not use_triton(torch.empty(0, device=device)):
         raise ValueError(
@@ -171,7 +224,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
         )
     gen = torch.Generator().manual_seed(config.seed)
     sets = MATRIX_SETS | QUICK_SETS | TINY_SETS
-    steps = len(config.sets) * (len(config.ranks) * (6 + config.bf16) + config.full_svd)
+    steps = len(config.sets) * (len(config.ranks) * (5 + config.defaults_variant + config.bf16) + config.full_svd)
     done = 0
     rows: list[dict[str, Any]] = []
     stages: list[dict[str, Any]] = []
@@ -181,83 +234,42 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
         done += 1
         report(progress, "bench svd", done, steps, description)
 
+    seed = config.seed
     for set_name in config.sets:
-        groups, spectra = zip(*[_spectrum_matrices(c, m, n, gen, device) for c, m, n in sets[set_name]])
+        made = [_spectrum_matrices(c, m, n, gen, device) for c, m, n in sets[set_name]]
+        groups = [w for w, _ in made]
+        spectra = [sigma for _, sigma in made]
         count = sum(c for c, _, _ in sets[set_name])
-        set_rows: list[dict[str, Any]] = []
         full_seconds = None
         if config.full_svd:
             torch.linalg.svd(groups[0][0, :64, :64])  # load the solver once; the full run is too long to repeat
-            seconds, _ = _timed(lambda: [torch.linalg.svd(w, full_matrices=False) for w in groups], 1, warmup=False)
-            full_seconds = seconds
+            full_seconds, _ = _timed(functools.partial(_full_svd, groups), 1, warmup=False)
             step(f"{set_name} linalg.svd")
         for k in config.ranks:
             optimal = [sig[k:].pow(2).sum().sqrt().item() for sig in spectra]
-            sketch_gen = lambda: torch.Generator(device=device).manual_seed(config.seed)  # noqa: E731
+            set_rows: list[dict[str, Any]] = []
 
-            def ours(options: dict[str, Any], weights=groups) -> list[tuple]:
-                # One call for the whole set, as truncated_svd's list form makes it.
-                return randomized_svd_triton_many(
-                    list(weights),
-                    [k] * len(weights),
-                    n_iter=options["n_iter"],
-                    oversamples=[options["oversample"]] * len(weights),
-                    generator=sketch_gen(),
-                    range_precision=options.get("range_precision", "tf32"),
-                )
-
-            for label, options in _sketch_variants(k):
-                seconds, out = _timed(lambda: ours(options), config.reps)
+            os_ = config.oversample
+            for label, options in _sketch_variants(k, os_, config.defaults_variant):
                 set_rows.append(
-                    {"method": label, "seconds": seconds, "error_ratio": _error_ratio(groups, out, optimal)}
+                    _row(
+                        label, _timed(functools.partial(_ours, groups, k, options, seed), config.reps), groups, optimal
+                    )
                 )
                 step(f"{set_name} k={k} {label}")
-
-            def lowrank() -> list[tuple]:
-                out = []
-                for w in groups:
-                    factors = [torch.svd_lowrank(w[i], q=k + 10, niter=2) for i in range(w.shape[0])]
-                    u = torch.stack([f[0][:, :k] for f in factors])
-                    s = torch.stack([f[1][:k] for f in factors])
-                    vh = torch.stack([f[2][:, :k].mT for f in factors])
-                    out.append((u, s, vh))
-                return out
-
-            seconds, out = _timed(lowrank, config.reps)
-            baseline = seconds
-            set_rows.append(
-                {
-                    "method": "torch.svd_lowrank(q=k+10, niter=2) looped",
-                    "seconds": seconds,
-                    "error_ratio": _error_ratio(groups, out, optimal),
-                }
-            )
+            timed = _timed(functools.partial(_svd_lowrank_looped, groups, k, os_), config.reps)
+            baseline = timed[0]
+            set_rows.append(_row(f"torch.svd_lowrank(q=k+{os_}, niter=2) looped", timed, groups, optimal))
             step(f"{set_name} k={k} svd_lowrank")
-            seconds, out = _timed(
-                lambda: [
-                    randomized_svd_reference(w, k, n_iter=2, oversample=10, generator=sketch_gen()) for w in groups
-                ],
-                config.reps,
-            )
-            set_rows.append(
-                {
-                    "method": "plain-torch batched randomized n_iter=2 os=10",
-                    "seconds": seconds,
-                    "error_ratio": _error_ratio(groups, out, optimal),
-                }
-            )
+            timed = _timed(functools.partial(_plain_torch, groups, k, os_, seed), config.reps)
+            set_rows.append(_row(f"plain-torch batched randomized n_iter=2 os={os_}", timed, groups, optimal))
             step(f"{set_name} k={k} plain torch")
             if config.bf16:
                 stored = [w.to(torch.bfloat16) for w in groups]
-                seconds, out = _timed(lambda: ours({"n_iter": 2, "oversample": 10}, stored), config.reps)
+                options = {"n_iter": 2, "oversample": os_}
                 # Scored against the fp32 matrices' optimum: includes the bf16 rounding of the weights.
-                set_rows.append(
-                    {
-                        "method": "fasttrunc bf16 weights n_iter=2 os=10 (tf32 range)",
-                        "seconds": seconds,
-                        "error_ratio": _error_ratio(groups, out, optimal),
-                    }
-                )
+                timed = _timed(functools.partial(_ours, stored, k, options, seed), config.reps)
+                set_rows.append(_row(f"fasttrunc bf16 weights n_iter=2 os={os_} (tf32 range)", timed, groups, optimal))
                 del stored
                 step(f"{set_name} k={k} bf16")
             for row in set_rows:
@@ -269,8 +281,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
                     speedup_vs_linalg_svd=None if full_seconds is None else full_seconds / row["seconds"],
                 )
             rows.extend(set_rows)
-            set_rows = []
-            stages.extend(_stage_times(groups[0], k, config.reps))
+            stages.extend(_stage_times(groups[0], k, os_, config.reps))
             step(f"{set_name} k={k} stages")
         if full_seconds is not None:
             rows.append(
@@ -285,7 +296,7 @@ def run(config: SvdBenchConfig, progress: Progress = None) -> SvdBenchResult:
                     "speedup_vs_linalg_svd": 1.0,
                 }
             )
-        del groups
+        del groups, made
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"

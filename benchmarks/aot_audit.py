@@ -1,0 +1,188 @@
+"""Ahead-of-time audit for sm_90 (H100 / H200) of every kernel config the planners pick, without a GPU.
+
+    python benchmarks/aot_audit.py [--json PATH] [--markdown PATH] [--jobs N] [--subset]
+
+Configs: the low-rank planner's choices for the 36-cell bf16 grid of benchmarks/BASELINES.md
+(Pythia MLP shapes x r in {32, 128, 512} x M in {1, 16, 256, 4096}, 132 SMs, default tunables),
+deduplicated; the rSVD's batched product for each dot precision and weight dtype; the Jacobi
+kernel for l = 266 (k = 256 + 10), 512 and 544. For each: registers, spills, shared memory,
+whether the PTX holds wgmma (Hopper's tensor-core MMA) or mma.sync, 128-bit global loads and the
+SASS mix. Needs TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SMS_H200 = 132
+SHARED_LIMIT = 227 * 1024  # sm_90 opt-in shared memory per block (228 KB per SM, 1 KB reserved)
+JACOBI_LS = (266, 512, 544)
+
+
+def lowrank_jobs(subset: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(compile jobs, cells served by torch) for the 36-cell grid."""
+    import torch
+
+    from fasttrunc.bench.lowrank import DEFAULT_MS, DEFAULT_RANKS, PYTHIA_SHAPES
+    from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, plan_lowrank
+
+    jobs: dict[tuple[Any, ...], dict[str, Any]] = {}
+    torch_cells = []
+    shapes = list(PYTHIA_SHAPES.values())[:1] if subset else list(PYTHIA_SHAPES.values())
+    for k, n in shapes:
+        for r in DEFAULT_RANKS:
+            for m in DEFAULT_MS:
+                plan = plan_lowrank(m, k, n, r, torch.bfloat16, SMS_H200, DEFAULT_TUNABLES)
+                cell = f"{k}->{n} r={r} M={m}"
+                if not plan.triton:
+                    torch_cells.append({"cell": cell, "scheme": plan.scheme})
+                    continue
+                ints = {"m": m, "k": k, "n": n, "r": r, "sx": k, "sa": k, "sb": r}
+                for index in range(len(plan.grids)):
+                    key = (plan.scheme, index, plan.block_m, plan.block_k, plan.block_n, plan.r_pad)
+                    key += (plan.split_block, plan.num_warps, plan.num_stages, k % 16 == 0, n % 16 == 0)
+                    job = jobs.setdefault(key, {"family": "lowrank", "plan": plan, "ints": ints, "cells": []})
+                    job["index"] = index
+                    job["cells"].append(cell)
+    return list(jobs.values()), torch_cells
+
+
+def svd_jobs() -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = [
+        {"family": "bmm", "precision": p, "a_type": t} for p in ("ieee", "tf32", "tf32x3") for t in ("fp32", "bf16")
+    ]
+    jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
+    return jobs
+
+
+def _compile(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from fasttrunc.kernels import aot
+
+    if job["family"] == "lowrank":
+        from fasttrunc.kernels._lowrank_launch import build_steps
+
+        plan, ints = job["plan"], job["ints"]
+        step = build_steps(plan, torch.bfloat16, True, ints)[job["index"]]
+        kernel = step.kernel
+        names = [name for name in kernel.arg_names if name not in step.constexprs]
+        pointers = [name for name in names if name.endswith("_ptr")]
+        args: dict[str, Any] = dict.fromkeys(pointers)
+        args |= dict(zip([name for name in names if not name.endswith("_ptr")], step.ints))
+        types = {name: "*fp32" if name == "ws_ptr" else "*bf16" for name in pointers}
+        compiled = aot.compile_kernel(kernel, args, step.constexprs, step.options, types)
+        label = (
+            f"{kernel.__name__.removeprefix('lowrank_')} bm={plan.block_m} bk={plan.block_k} bn={plan.block_n} "
+            f"R={plan.r_pad} sb={plan.split_block} w={plan.num_warps} st={plan.num_stages}"
+        )
+        tensor_cores = True
+        what = {"kernel": kernel.__name__, "config": label, "cells": job["cells"]}
+    elif job["family"] == "bmm":
+        from fasttrunc.kernels import svd
+        from fasttrunc.kernels._svd_triton import bmm_kernel
+
+        m, k, n = 8192, 2048, 266
+        args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "M": m, "N": n, "K": k}
+        args |= {"s_ab": m * k, "s_am": k, "s_ak": 1, "s_xb": k * n, "s_xk": n, "s_xn": 1}
+        args |= {"s_cb": m * n, "s_cm": n, "s_cn": 1}
+        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd._BLOCK_N, "BLOCK_K": svd._BLOCK_K}
+        const["PRECISION"] = job["precision"]
+        types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32"}
+        compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": svd._BMM_WARPS}, types)
+        tensor_cores = job["precision"] != "ieee"
+        what = {
+            "kernel": "bmm_kernel",
+            "config": f"{job['precision']}, A {job['a_type']}",
+            "cells": ["8192x2048 @ 266"],
+        }
+    else:
+        from fasttrunc.kernels import svd
+        from fasttrunc.kernels._svd_triton import jacobi_kernel
+
+        l = job["l"]
+        npair = (l + 1) // 2
+        block_p = svd._next_pow2(npair)
+        block_r = max(1, min(svd._JACOBI_TILE // block_p, svd._next_pow2(l)))
+        stride = svd._cdiv(2 * npair, 32) * 32
+        args = {"x_ptr": None, "v_ptr": None, "info_ptr": None, "floor_ptr": None, "L": 0, "NPAIR": npair}
+        args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
+        args |= {"tol": 1e-5, "max_sweeps": 30}
+        types = dict.fromkeys(("x_ptr", "v_ptr", "info_ptr", "floor_ptr"), "*fp32")
+        const = {"BLOCK_P": block_p, "BLOCK_R": block_r}
+        compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
+        tensor_cores = False
+        what = {"kernel": "jacobi_kernel", "config": f"l={l} P={block_p} R={block_r}", "cells": [f"l = {l}"]}
+    report = aot.audit(compiled)
+    return {**what, "tensor_cores": tensor_cores, **report}
+
+
+def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], subset: bool, versions: str) -> str:
+    lines = [
+        "# Ahead-of-time audit, sm_90",
+        "",
+        "Written by `python benchmarks/aot_audit.py --markdown benchmarks/AOT_AUDIT.md` (no GPU: "
+        f"`triton.compile` for `GPUTarget('cuda', 90, 32)`, `ptxas -v`, `cuobjdump -sass`); {versions}.",
+        "`tests/test_aot_audit.py` (marked `aot`) runs the same audit and asserts: no spills, shared memory "
+        f"<= {SHARED_LIMIT // 1024} KB, and a tensor-core MMA (wgmma or mma.sync) in every tensor-core config. "
+        "`wgmma` says whether Hopper's warpgroup MMA was reached; `no` means the config runs `mma.sync` "
+        "(Ampere-style) tensor-core code on the H200.",
+        "",
+    ]
+    if subset:
+        lines += ["Subset: only the first shape of the grid was compiled.", ""]
+    lines += [
+        "| kernel | config | cells | regs | spill B | smem KB | wgmma | mma.sync | LDG.128 | HGMMA | HMMA | FFMA | LDG | LDGSTS | STG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cells = ", ".join(r["cells"][:3]) + (f" (+{len(r['cells']) - 3})" if len(r["cells"]) > 3 else "")
+        s = r["sass"]
+        lines.append(
+            f"| {r['kernel']} | {r['config']} | {cells} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {'yes' if r['wgmma_in_ptx'] else 'no'} | "
+            f"{'yes' if r['mma_sync_in_ptx'] else 'no'} | {r['ldg128']} | {s['HGMMA']} | {s['HMMA']} | "
+            f"{s['FFMA']} | {s['LDG']} | {s['LDGSTS']} | {s['STG']} |"
+        )
+    if torch_cells:
+        lines += ["", "Cells the planner serves with torch (no Triton kernel to audit):", ""]
+        lines += [f"- {c['cell']}: {c['scheme']}" for c in torch_cells]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--subset", action="store_true", help="Only the first shape of the low-rank grid.")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("aot_audit.py compiles kernels: run it with TRITON_INTERPRET unset", file=sys.stderr)
+        return 2
+    import torch
+    import triton
+
+    lowrank, torch_cells = lowrank_jobs(args.subset)
+    jobs = lowrank + svd_jobs()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(_compile, jobs))
+    versions = f"triton {triton.__version__}, torch {torch.__version__}"
+    data = {"versions": versions, "subset": args.subset, "results": results, "torch_cells": torch_cells}
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+    text = markdown(results, torch_cells, args.subset, versions)
+    if args.markdown:
+        args.markdown.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

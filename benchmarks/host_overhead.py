@@ -1,0 +1,86 @@
+"""Host time per eager call of the low-rank linear with the GPU launch stubbed, on this CPU.
+
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--calls N] [--json PATH]
+
+Measures the Python path a decode step pays per layer: the functional's checks and dispatch, the
+prepared-launch lookup, output / workspace allocation and the light launch path up to the
+compiled kernel's runner, which is replaced by a no-op (so no device time is counted). CPU
+tensors stand in for CUDA ones: ``torch.empty`` on CUDA, the CUDA device guard and the runner's
+own work (stream lookup, argument packing in Triton's C launcher) are not in this number. Needs TRITON_INTERPRET=1 (for the CPU tensors to take the Triton path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def measure(calls: int = 20000, repeats: int = 5) -> dict[str, Any]:
+    """Median microseconds per call (CPU and wall), per scheme, of ``lowrank_linear`` with the runner stubbed."""
+    import torch
+
+    from fasttrunc.kernels import _lowrank_launch
+    from fasttrunc.kernels.lowrank import lowrank_linear
+    from fasttrunc.kernels.lowrank_plan import LowrankTunables
+
+    saved_env = os.environ.get("FASTTRUNC_BACKEND")
+    os.environ["FASTTRUNC_BACKEND"] = "triton"
+    saved = _lowrank_launch.is_cuda, _lowrank_launch.device_guard
+    # The CUDA path of the launcher on CPU tensors: a reusable no-op guard, and every step's
+    # runner a no-op (set after the first call, which goes through the interpreter).
+    _lowrank_launch.is_cuda = lambda device: True
+    _lowrank_launch.device_guard = lambda device: contextlib.nullcontext()
+    results: dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            for scheme, m in (("splitk", 1), ("tiled", 512)):
+                tunables = LowrankTunables(force_scheme=scheme)
+                x = torch.randn(m, 2048)
+                a, b = torch.randn(128, 2048), torch.randn(8192, 128)
+                lowrank_linear(x, a, b, tunables=tunables)
+                key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
+                for step in _lowrank_launch._PREPARED[key].steps:
+                    step.runners = {(True, True, True, True): lambda *args: None}
+                wall, cpu = [], []
+                for _ in range(repeats):
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    for _ in range(calls):
+                        lowrank_linear(x, a, b, tunables=tunables)
+                    cpu.append((time.process_time() - start_cpu) / calls)
+                    wall.append((time.perf_counter() - start) / calls)
+                # CPU time of this process: what a shared, loaded machine distorts least.
+                results[scheme] = {"wall_us": 1e6 * statistics.median(wall), "cpu_us": 1e6 * statistics.median(cpu)}
+    finally:
+        _lowrank_launch.is_cuda, _lowrank_launch.device_guard = saved
+        if saved_env is None:
+            os.environ.pop("FASTTRUNC_BACKEND", None)
+        else:
+            os.environ["FASTTRUNC_BACKEND"] = saved_env
+    return {"us_per_call": results, "calls": calls, "repeats": repeats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("host_overhead.py needs TRITON_INTERPRET=1 (CPU tensors stand in for CUDA ones)", file=sys.stderr)
+        return 2
+    data = measure(args.calls)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+    for scheme, us in data["us_per_call"].items():
+        print(f"{scheme}: {us['cpu_us']:.2f} us of CPU time ({us['wall_us']:.2f} us wall) per call, launch stubbed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

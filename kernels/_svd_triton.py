@@ -1,0 +1,143 @@
+# mypy: allow-untyped-defs
+"""Triton kernels of the batched randomized SVD (layer 1; imported on first launch).
+
+- :func:`bmm_kernel`: batched ``C = A @ X`` reading ``A`` as stored (fp32 / bf16 / fp16, any
+  strides, so a transposed view costs nothing), ``X`` and ``C`` fp32;
+- :func:`jacobi_kernel`: one-sided (Hestenes) Jacobi SVD of one small square matrix per program,
+  every sweep inside one launch, with a per-matrix rounding floor.
+Offsets that multiply an index by a stride are int64: one matrix of a batch may pass 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bmm_kernel(
+    a_ptr,
+    x_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    s_ab,
+    s_am,
+    s_ak,
+    s_xb,
+    s_xk,
+    s_xn,
+    s_cb,
+    s_cm,
+    s_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
+    # nothing), X fp32, accumulation and C in fp32.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # int64 before the stride products: m x k of one matrix may pass 2^31 elements.
+    rm64, rn64, rk64 = rm.to(tl.int64), rn.to(tl.int64), rk.to(tl.int64)
+    a_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rk64[None, :] * s_ak
+    x_ptrs = x_ptr + b * s_xb + rk64[:, None] * s_xk + rn64[None, :] * s_xn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+        x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * s_ak
+        x_ptrs += BLOCK_K * s_xk
+    c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
+    tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def jacobi_kernel(
+    x_ptr,
+    v_ptr,
+    info_ptr,
+    L,
+    NPAIR,
+    STRIDE,
+    tol,
+    floor_ptr,
+    max_sweeps,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
+    # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced; rows
+    # are STRIDE floats apart, a multiple of 32, so that the loads are 128 bits wide for any l.
+    # L is the number of row entries processed: the launcher passes STRIDE (the padding is zero
+    # in x and in v and rotations keep it zero), so masks stay 128-bit aligned too.
+    # Round-robin ordering: each round rotates NPAIR disjoint column pairs at once; N - 1
+    # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
+    # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps). Pairs whose inner product is below this
+    # matrix's rounding floor (eps^2 |R|_F^2, read per matrix) are left alone.
+    b = tl.program_id(0).to(tl.int64)
+    floor = tl.load(floor_ptr + b)
+    n_cols = 2 * NPAIR
+    x_base = x_ptr + b * n_cols * STRIDE
+    v_base = v_ptr + b * n_cols * STRIDE
+    i = tl.arange(0, BLOCK_P)
+    pmask = i < NPAIR
+    sweep = tl.program_id(0) * 0
+    off = tol * 2.0
+    while (sweep < max_sweeps) & (off > tol):
+        off = tol * 0.0
+        for r in range(0, n_cols - 1):
+            pb = n_cols - 1 - i
+            ca = tl.where(i == 0, 0, (i - 1 + r) % (n_cols - 1) + 1)
+            cb = (pb - 1 + r) % (n_cols - 1) + 1
+            alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            beta = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for r0 in range(0, L, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                m2 = pmask[:, None] & (rows[None, :] < L)
+                xa = tl.load(x_base + ca[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
+                xb = tl.load(x_base + cb[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
+                alpha += tl.sum(xa * xa, axis=1)
+                beta += tl.sum(xb * xb, axis=1)
+                gamma += tl.sum(xa * xb, axis=1)
+            norm = tl.sqrt(alpha * beta)
+            rotate = (tl.abs(gamma) > tol * norm) & (tl.abs(gamma) > floor) & pmask
+            ratio = tl.where(rotate, tl.abs(gamma) / tl.where(rotate, norm, 1.0), 0.0)
+            off = tl.maximum(off, tl.max(ratio, axis=0))
+            g = tl.where(rotate, gamma, 1.0)
+            zeta = (beta - alpha) / (2.0 * g)
+            t = tl.where(zeta >= 0, 1.0, -1.0) / (tl.abs(zeta) + tl.sqrt(1.0 + zeta * zeta))
+            c = 1.0 / tl.sqrt(1.0 + t * t)
+            s = tl.where(rotate, c * t, 0.0)
+            c = tl.where(rotate, c, 1.0)
+            for r0 in range(0, L, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
+                m2 = rotate[:, None] & (rows[None, :] < L)
+                pa_x = x_base + ca[:, None] * STRIDE + rows[None, :]
+                pb_x = x_base + cb[:, None] * STRIDE + rows[None, :]
+                xa = tl.load(pa_x, mask=m2, other=0.0)
+                xb = tl.load(pb_x, mask=m2, other=0.0)
+                tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
+                tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
+                pa_v = v_base + ca[:, None] * STRIDE + rows[None, :]
+                pb_v = v_base + cb[:, None] * STRIDE + rows[None, :]
+                va = tl.load(pa_v, mask=m2, other=0.0)
+                vb = tl.load(pb_v, mask=m2, other=0.0)
+                tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
+                tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
+            # The next round reads columns other threads of this program just wrote.
+            tl.debug_barrier()
+        sweep += 1
+    tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
+    tl.store(info_ptr + 2 * b + 1, off)
