@@ -103,7 +103,7 @@ def truncated_svd(
     Computed in fp32 (fp64 for fp64 input) and returned in ``dtype`` (default ``w.dtype``); ``S``
     sorted descending.
 
-    ``method="randomized"``: ``n_iter`` power iterations (default 6) with ``oversample`` extra
+    ``method="randomized"``: ``n_iter`` power iterations (default 6, at most 100) with ``oversample`` extra
     columns (default ``max(16, k // 8)``); on CUDA it runs the Triton kernels, reading fp32 /
     bf16 / fp16 weights as stored. It falls back to the exact SVD when ``k + oversample >=
     min(m, n)``, where sketching saves nothing and the exact answer costs no more. For an exactly
