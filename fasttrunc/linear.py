@@ -30,7 +30,7 @@ def _check_factor(name: str, t: object, dim: int) -> torch.Tensor:
     return t
 
 
-# Sizes beyond 32 bits are a mistake, not a layer: cuBLAS GEMMs take 32-bit dimensions.
+# A size beyond 2**31 - 1 is a mistake, not a layer: one such row alone would hold 8 GiB in fp32.
 MAX_FEATURES = 2**31 - 1
 
 
