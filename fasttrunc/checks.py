@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def _show(value: object) -> str:
-    text = repr(value)
+def show(value: object) -> str:
+    """``repr(value)`` on one line (a numpy array's repr spans several) and at most 80 characters."""
+    text = re.sub(r"\s*\n\s*", " ", repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -34,7 +36,7 @@ def is_real(value: object) -> bool:
 def integer(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """``value`` as a plain int within ``[low, high]`` (either bound may be open)."""
     if not is_int(value):
-        raise ValueError(f"{name} {_show(value)} is not an integer; allowed: {_range(low, high)}")
+        raise ValueError(f"{name} {show(value)} is not an integer; allowed: {_range(low, high)}")
     number = int(value)  # type: ignore[call-overload]
     if (low is not None and number < low) or (high is not None and number > high):
         raise ValueError(f"{name} {number} is out of range; allowed: {_range(low, high)}")
@@ -81,7 +83,7 @@ def real(
     """A finite real within the given bounds (closed unless ``*_open``), as a float."""
     allowed = _interval(low, high, low_open, high_open)
     if not is_real(value) or not math.isfinite(float(value)):  # type: ignore[arg-type]
-        raise ValueError(f"{name} {_show(value)} is not a finite number; allowed: {allowed}")
+        raise ValueError(f"{name} {show(value)} is not a finite number; allowed: {allowed}")
     number = float(value)  # type: ignore[arg-type]
     if low is not None and (number < low or (low_open and number == low)):
         raise ValueError(f"{name} {number!r} is out of range; allowed: {allowed}")
@@ -109,14 +111,14 @@ def choice(name: str, value: object, allowed: Iterable[T]) -> T:
     """``value`` if it is one of ``allowed``."""
     options = tuple(allowed)
     if not isinstance(value, str | int | float | type(None)) or value not in options:
-        raise ValueError(f"{name} {_show(value)} is not known; allowed: {', '.join(map(str, options))}")
+        raise ValueError(f"{name} {show(value)} is not known; allowed: {', '.join(map(str, options))}")
     return value  # type: ignore[return-value]
 
 
 def non_empty(name: str, values: object) -> list[Any]:
     """A non-empty list from a sequence (a single string is not a sequence of items here)."""
     if isinstance(values, str) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} {_show(values)} is not a list; give a non-empty list")
+        raise ValueError(f"{name} {show(values)} is not a list; give a non-empty list")
     if not values:
         raise ValueError(f"{name} is empty; give at least one value")
     return list(values)
@@ -125,5 +127,5 @@ def non_empty(name: str, values: object) -> list[Any]:
 def text(name: str, value: object) -> str:
     """A non-blank string."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} {_show(value)} is not a non-empty string")
+        raise ValueError(f"{name} {show(value)} is not a non-empty string")
     return value

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from fasttrunc import checks
+from fasttrunc.checks import show
 from fasttrunc.families import kind_names, module_kind
 from fasttrunc.kernels.lowrank import lowrank_linear
 from fasttrunc.ranks import Rank, resolve_rank
 from fasttrunc.runs import compute_dtype
-from fasttrunc.svd import check_method, truncated_svd
+from fasttrunc.svd import check_matrix, check_method, truncated_svd
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -27,6 +28,29 @@ def _check_factor(name: str, t: object, dim: int) -> torch.Tensor:
     if t.device.type == "meta":
         raise ValueError(f"{name} is on the meta device and holds no values")
     return t
+
+
+# A size beyond 2**31 - 1 is a mistake, not a layer: one such row alone would hold 8 GiB in fp32.
+MAX_FEATURES = 2**31 - 1
+
+
+def _check_device(device: object) -> None:
+    """None, a device name, index or ``torch.device`` that tensors can be created on."""
+    if device is None:
+        return
+    if isinstance(device, bool) or not isinstance(device, str | int | torch.device):
+        raise TypeError(f"device must be a torch.device, a device name such as 'cpu', or None; got {show(device)}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"device {show(device)} is not usable here: {reason[:160]}") from None
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {show(value)}")
+    return value
 
 
 class TruncatedLinear(nn.Module):
@@ -48,10 +72,10 @@ class TruncatedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = checks.positive("in_features", in_features)
-        self.out_features = checks.positive("out_features", out_features)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False; got {bias!r}")
+        self.in_features = checks.integer("in_features", in_features, 1, MAX_FEATURES)
+        self.out_features = checks.integer("out_features", out_features, 1, MAX_FEATURES)
+        _check_flag("bias", bias)
+        _check_device(device)
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise ValueError(
                 f"dtype {dtype!r} is not a floating-point dtype; allowed: float32, float64, float16, bfloat16"
@@ -123,15 +147,24 @@ class TruncatedLinear(nn.Module):
                 f"u {tuple(u.shape)}, s {tuple(s.shape)} and vh {tuple(vh.shape)} do not agree on a rank; "
                 "expected u (out, r), s (r,), vh (r, in)"
             )
+        in_features = vh.shape[1]
+        if out_features == 0 or in_features == 0 or r > min(out_features, in_features):
+            raise ValueError(
+                f"u {tuple(u.shape)} and vh {tuple(vh.shape)} give a {out_features}x{in_features} matrix of rank {r}; "
+                "expected out >= 1, in >= 1 and r <= min(out, in)"
+            )
+        for name, t in (("u", u), ("s", s), ("vh", vh)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
         if bool((s < 0).any()):
             raise ValueError("s has negative entries; singular values are >= 0")
-        in_features = vh.shape[1]
         if bias is not None:
             _check_factor("bias", bias, 1)
             if bias.shape[0] != out_features:
                 raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},) to match u")
         if method is not None:
             check_method(method)
+        _check_flag("requires_grad", requires_grad)
         dtype = u.dtype if dtype is None else dtype
         module = cls(in_features, out_features, r, bias=bias is not None, device=u.device, dtype=dtype)
         compute = compute_dtype(s.dtype)
@@ -154,11 +187,11 @@ class TruncatedLinear(nn.Module):
         """
         kind = module_kind(linear)
         if kind is None:
-            raise TypeError(f"from_linear needs one of {kind_names()}; got {type(linear).__name__}")
+            raise TypeError(
+                f"linear must be a module of a kind fasttrunc truncates ({kind_names()}); got {show(linear)}"
+            )
         check_method(method)
-        weight = kind.weight(linear)
-        if weight.device.type == "meta":
-            raise ValueError("the module's weight is on the meta device and holds no values; load its weights first")
+        weight = check_matrix(kind.weight(linear), "linear.weight", finite=True)
         u, s, vh = truncated_svd(weight, rank, method=method, dtype=compute_dtype(weight.dtype), **svd_options)
         bias = getattr(linear, "bias", None)
         return cls.from_svd(

@@ -11,29 +11,36 @@ from __future__ import annotations
 import math
 import numbers
 
+from fasttrunc import checks
+from fasttrunc.checks import show
+
 Rank = int | float
 
 
-def validate_rank_spec(rank: object) -> None:
-    """Check the type and range a rank can have before any matrix is known."""
+def validate_rank_spec(rank: object, name: str = "rank") -> None:
+    """Check the type and range a rank can have before any matrix is known (``name``: the argument's)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
-        raise ValueError(f"rank {rank!r} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]")
+        raise ValueError(
+            f"{name} {show(rank)} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]"
+        )
     if isinstance(rank, numbers.Integral):
         if rank < 0:
-            raise ValueError(f"rank {rank} is negative; an int rank must be >= 0")
+            raise ValueError(f"{name} {rank} is negative; an int rank must be >= 0")
         return
     if not math.isfinite(rank) or not 0.0 <= rank <= 1.0:
-        raise ValueError(f"rank {rank!r} is not a fraction in [0, 1]; a float rank is rho, the kept fraction")
+        raise ValueError(f"{name} {rank!r} is not a fraction in [0, 1]; a float rank is rho, the kept fraction")
 
 
-def resolve_rank(rank: object, out_features: int, in_features: int) -> int:
+def resolve_rank(rank: object, out_features: int, in_features: int, *, name: str = "rank") -> int:
     """The absolute rank that ``rank`` means for an ``out_features x in_features`` matrix."""
-    validate_rank_spec(rank)
+    out_features = checks.non_negative("out_features", out_features)
+    in_features = checks.non_negative("in_features", in_features)
+    validate_rank_spec(rank, name)
     max_rank = min(out_features, in_features)
     if isinstance(rank, numbers.Integral):
         if rank > max_rank:
             raise ValueError(
-                f"rank {rank} exceeds the maximum rank {max_rank} of a {out_features}x{in_features} matrix; "
+                f"{name} {rank} exceeds the maximum rank {max_rank} of a {out_features}x{in_features} matrix; "
                 f"allowed: 0..{max_rank} or a float in [0, 1]"
             )
         return int(rank)

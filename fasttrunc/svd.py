@@ -42,7 +42,8 @@ def check_method(method: object) -> str:
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _check_matrix(w: object, where: str = "w") -> torch.Tensor:
+def check_matrix(w: object, where: str = "w", finite: bool = False) -> torch.Tensor:
+    """``w`` if it is a floating-point tensor ``(..., m, n)`` with values (and, with ``finite``, finite ones)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor of shape (..., m, n); got {type(w).__name__}")
     if w.dim() < 2:
@@ -51,6 +52,8 @@ def _check_matrix(w: object, where: str = "w") -> torch.Tensor:
         raise ValueError(f"{where} has dtype {w.dtype}; a floating-point matrix is required")
     if w.device.type == "meta":
         raise ValueError(f"{where} is on the meta device and holds no values; load its weights first")
+    if finite and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{where} contains NaN or infinite values; the SVD of a non-finite matrix is undefined")
     return w
 
 
@@ -62,6 +65,19 @@ def _check_generator(generator: object) -> None:
 def _check_out_dtype(dtype: object) -> None:
     if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; allowed: float32, float64, float16, bfloat16")
+
+
+# Each power iteration is two passes over the matrix; a few give fp32 accuracy (DEFAULT_N_ITER), and a
+# count beyond this bound is a mistake (a seed or a size passed in the wrong place), not a setting.
+MAX_N_ITER = 100
+
+
+def _check_options(n_iter: object, oversample: object) -> tuple[int | None, int | None]:
+    """``n_iter`` in [0, MAX_N_ITER] and ``oversample`` >= 0 as plain ints, or None (the defaults)."""
+    return (
+        None if n_iter is None else checks.integer("n_iter", n_iter, 0, MAX_N_ITER),
+        None if oversample is None else checks.non_negative("oversample", oversample),
+    )
 
 
 def group_matrices(ws: Sequence[torch.Tensor], ranks: Sequence[int]) -> dict[tuple, list[int]]:
@@ -87,7 +103,7 @@ def truncated_svd(
     Computed in fp32 (fp64 for fp64 input) and returned in ``dtype`` (default ``w.dtype``); ``S``
     sorted descending.
 
-    ``method="randomized"``: ``n_iter`` power iterations (default 6) with ``oversample`` extra
+    ``method="randomized"``: ``n_iter`` power iterations (default 6, at most 100) with ``oversample`` extra
     columns (default ``max(16, k // 8)``); on CUDA it runs the Triton kernels, reading fp32 /
     bf16 / fp16 weights as stored. It falls back to the exact SVD when ``k + oversample >=
     min(m, n)``, where sketching saves nothing and the exact answer costs no more. For an exactly
@@ -104,12 +120,9 @@ def truncated_svd(
     _check_out_dtype(dtype)
     if isinstance(w, list | tuple):
         return _truncated_svd_list(w, rank, method, n_iter, oversample, generator, dtype)
-    _check_matrix(w)
-    if n_iter is not None:
-        checks.non_negative("n_iter", n_iter)
-    if oversample is not None:
-        checks.non_negative("oversample", oversample)
-    n_iter = DEFAULT_N_ITER if n_iter is None else int(n_iter)
+    check_matrix(w)
+    n_iter, oversample = _check_options(n_iter, oversample)
+    n_iter = DEFAULT_N_ITER if n_iter is None else n_iter
     m, n = w.shape[-2:]
     k = resolve_rank(rank, m, n)
     oversample = default_oversample(k) if oversample is None else oversample
@@ -146,9 +159,7 @@ def _truncated_svd_list(
     Groups that take the randomized path go to one :func:`randomized_svd_many` call (on CUDA their
     small SVDs share launches); the others (exact, rank 0, rank near full) one call each.
     """
-    for name, value in (("n_iter", n_iter), ("oversample", oversample)):
-        if value is not None:
-            checks.non_negative(name, value)
+    n_iter, oversample = _check_options(n_iter, oversample)
     if isinstance(rank, list | tuple):
         if len(rank) != len(ws):
             raise ValueError(f"rank has {len(rank)} entries for {len(ws)} matrices; give one rank, or one per matrix")
@@ -157,7 +168,7 @@ def _truncated_svd_list(
         ranks_given = [rank] * len(ws)
     ks: list[int] = []
     for i, w in enumerate(ws):
-        _check_matrix(w, f"w[{i}]")
+        check_matrix(w, f"w[{i}]")
         if w.dim() != 2:
             raise ValueError(f"w[{i}] has shape {tuple(w.shape)}; a list holds single (m, n) matrices")
         ks.append(resolve_rank(ranks_given[i], *w.shape))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fasttrunc import checks
+from fasttrunc.checks import show
 from fasttrunc.families import detect_family, expand_matrices, module_kind, truncatable_names
 from fasttrunc.linear import TruncatedLinear
 from fasttrunc.ranks import Rank, resolve_rank, validate_rank_spec
@@ -41,14 +42,15 @@ class Targets:
             for layer in items:
                 if not checks.is_int(layer):
                     raise ValueError(
-                        f"layer {layer!r} is not an integer; give layer indices (negative count from the end) or None"
+                        f"layer {show(layer)} is not an integer; give layers as integer indices (negative count "
+                        "from the end) or None"
                     )
             object.__setattr__(self, "layers", int(layers) if checks.is_int(layers) else [int(x) for x in items])
         matrices = self.matrices
         if isinstance(matrices, str):
             return
         if not isinstance(matrices, list | tuple) or not all(isinstance(m, str) for m in matrices):
-            raise ValueError(f"matrices {matrices!r} must be an alias, a group, or a list of them (strings)")
+            raise ValueError(f"matrices {show(matrices)} must be an alias, a group, or a list of them (strings)")
         object.__setattr__(self, "matrices", list(matrices))
 
 
@@ -82,8 +84,8 @@ def _expand_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[in
     return out
 
 
-def _describe(names: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
+def _describe(names: Sequence[object], limit: int = 12) -> str:
+    shown = ", ".join(map(str, names[:limit]))
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
 
 
@@ -96,6 +98,9 @@ def _check_model(model: object) -> nn.Module:
 def _refuse_truncated(truncated: Sequence[str]) -> None:
     if truncated:
         raise ValueError(f"already truncated (restore first): {_describe(truncated)}")
+
+
+ROOT_REFUSED = "the root module itself cannot be truncated in place; wrap it in a container module"
 
 
 def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
@@ -132,7 +137,7 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
                 selected.append(name)
         _refuse_truncated(truncated)
         if "" in selected:
-            raise ValueError("the root module itself cannot be truncated in place; wrap it in a container module")
+            raise ValueError(f"targets select the root module; {ROOT_REFUSED}")
         if not selected:
             raise ValueError(f"the targets callable selects no nn.Linear; linears that exist: {_describe(linears)}")
         return selected
@@ -142,7 +147,8 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
         patterns = list(targets)
     else:
         raise ValueError(
-            f"targets {targets!r} must be a regex, a list of regexes, a callable (name, module) -> bool, or Targets(...)"
+            f"targets {show(targets)} must be a regex, a list of regexes, a callable (name, module) -> bool, or "
+            "Targets(...)"
         )
     compiled = []
     for pattern in patterns:
@@ -154,7 +160,7 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
     _refuse_truncated([name for name, module in named if isinstance(module, TruncatedLinear)])
     selected = [name for name, module in named if module_kind(module) is not None]
     if "" in selected:
-        raise ValueError("the root module itself cannot be truncated in place; wrap it in a container module")
+        raise ValueError(f"targets {patterns} select the root module; {ROOT_REFUSED}")
     if not selected:
         raise ValueError(f"targets {patterns} match no nn.Linear; linears that exist: {_describe(linears)}")
     return selected
@@ -196,25 +202,40 @@ class Factors(Mapping[str, Triplets]):
         return f"Factors({len(self)} modules, method={self.method!r}, svd_calls={self.svd_calls})"
 
 
-def _ranks_for(names: Sequence[str], rank: Rank | Mapping[str, Rank], shapes: Mapping[str, tuple[int, int]]):
-    """name -> absolute rank, every check done (a mapping must name exactly the selected modules)."""
+def _ranks_for(
+    names: Sequence[str], rank: Rank | Mapping[str, Rank], shapes: Mapping[str, tuple[int, int]], what: str = "rank"
+) -> dict[str, int]:
+    """name -> absolute rank, every check done (a mapping must name exactly the selected modules).
+
+    ``what`` is the argument's name in messages (``rank`` for truncate_, ``max_rank`` for factorize).
+    """
     if isinstance(rank, Mapping):
-        extra = [k for k in rank if k not in shapes]
+        extra = [show(k) for k in rank if k not in shapes]
         if extra:
-            raise ValueError(f"rank names modules that the targets do not select: {_describe(extra)}")
+            raise ValueError(f"{what} names modules that the targets do not select: {_describe(extra)}")
         missing = [n for n in names if n not in rank]
         if missing:
-            raise ValueError(f"rank gives no rank for the selected modules {_describe(missing)}")
-        return {name: resolve_rank(rank[name], *shapes[name]) for name in names}
-    validate_rank_spec(rank)
-    return {name: resolve_rank(rank, *shapes[name]) for name in names}
+            raise ValueError(f"{what} gives no rank for the selected modules {_describe(missing)}")
+        return {name: resolve_rank(rank[name], *shapes[name], name=what) for name in names}
+    validate_rank_spec(rank, what)
+    return {name: resolve_rank(rank, *shapes[name], name=what) for name in names}
 
 
 def _modules_of(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """The selected modules, each checked to hold a finite floating-point weight (before any work)."""
     modules = {name: model.get_submodule(name) for name in names}
     for name, module in modules.items():
-        if module.weight.device.type == "meta":
+        kind = module_kind(module)
+        assert kind is not None  # resolve_targets selected only supported kinds
+        weight = kind.weight(module)
+        if weight.device.type == "meta":
             raise ValueError(f"{name} is on the meta device and holds no weights; load the model's weights first")
+        if not weight.is_floating_point():
+            raise ValueError(f"the model's {name} has a {weight.dtype} weight; only floating-point weights truncate")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"the model's {name} has NaN or infinite weights; the SVD of a non-finite matrix is undefined"
+            )
     return modules
 
 
@@ -236,7 +257,7 @@ def factorize(
     modules = _modules_of(model, names)
     kinds = {name: module_kind(m) for name, m in modules.items()}
     shapes = {name: kinds[name].shape(m) for name, m in modules.items()}  # type: ignore[union-attr]
-    ks = _ranks_for(names, max_rank, shapes)
+    ks = _ranks_for(names, max_rank, shapes, "max_rank")
     weights = [kinds[name].weight(modules[name]) for name in names]  # type: ignore[union-attr]
     with torch.no_grad():
         triplets = truncated_svd(
@@ -405,7 +426,10 @@ def truncate_(
             if (u.shape[0], vh.shape[1]) != shapes[name]:
                 raise ValueError(f"factors of {name} are for a {u.shape[0]}x{vh.shape[1]} matrix, not {shapes[name]}")
             if ks[name] > s.shape[-1]:
-                raise ValueError(f"rank {ks[name]} for {name} exceeds the {s.shape[-1]} components factorized")
+                raise ValueError(
+                    f"rank {ks[name]} for {name} exceeds the {s.shape[-1]} components factorized; "
+                    f"the factors must come from factorize with max_rank >= {ks[name]}"
+                )
     with torch.no_grad():
         replacements = {name: _from_factors(modules[name], factors[name], ks[name], method) for name in names}
     return replace_modules_(model, replacements)
