@@ -78,7 +78,8 @@ def _check_model(model: object, function: str) -> nn.Module:
 
 def _check_directory(directory: object, function: str) -> Path:
     if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
-        raise TypeError(f"{function} needs a directory path (str or os.PathLike); got {directory!r}")
+        shown = repr(directory) if isinstance(directory, str | int | float | bool | None) else type(directory).__name__
+        raise TypeError(f"{function} needs a directory path (str or os.PathLike); got {shown}")
     return Path(directory)
 
 

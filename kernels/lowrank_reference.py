@@ -28,9 +28,20 @@ def operands_fit(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.
 
 
 def check_lowrank_inputs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise a one-line ValueError when the operands of the low-rank linear do not fit together."""
-    if operands_fit(x, a, b, bias):
+    """Raise a one-line ValueError (TypeError for a non-tensor) when the operands do not fit together."""
+    try:
+        fit = operands_fit(x, a, b, bias)
+    except AttributeError:  # a non-tensor operand: named below
+        fit = False
+    if fit:
+        if x.device.type == "meta":
+            raise ValueError("x, a and b are on the meta device and hold no values; load the weights first")
         return
+    operands_given = {"x": x, "a": a, "b": b, "bias": bias}
+    for name, t in operands_given.items():
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            allowed = "a torch.Tensor or None" if name == "bias" else "a torch.Tensor"
+            raise TypeError(f"{name} must be {allowed}; got {type(t).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"a must be (rank, in) and b (out, rank); got a {tuple(a.shape)} and b {tuple(b.shape)}")
     if x.dim() < 1:

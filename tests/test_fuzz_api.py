@@ -771,11 +771,6 @@ def test_targets_rejects_bad_arguments(data: st.DataObject) -> None:
 
 @FUZZ
 @given(data=st.data())
-@pytest.mark.xfail(
-    strict=True,
-    reason="fasttrunc/io.py (its owner's rewrite): save_truncated must check model is an nn.Module with no meta "
-    "tensors before creating the directory (today AttributeError / NotImplementedError)",
-)
 def test_save_truncated_rejects_a_bad_model(data: st.DataObject, tmp_path: Path) -> None:
     kind, model = data.draw(
         bad_model().filter(
@@ -801,12 +796,6 @@ def test_save_truncated_rejects_a_bad_model(data: st.DataObject, tmp_path: Path)
 
 @FUZZ
 @given(data=st.data())
-@pytest.mark.xfail(
-    strict=True,
-    reason="fasttrunc/io.py (its owner's rewrite): save_truncated must check directory is a non-empty str or "
-    "os.PathLike and name it (today Path() raises a TypeError that does not say 'directory', and '' saves into the "
-    "working directory)",
-)
 def test_save_truncated_rejects_a_bad_directory(data: st.DataObject) -> None:
     model = mixed()
     kind, directory = data.draw(
@@ -877,11 +866,6 @@ def _fits(argument: str, shape: tuple[int, ...], with_bias: bool) -> bool:
 
 @FUZZ
 @given(data=st.data(), with_bias=st.booleans())
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/lowrank.py check_lowrank_inputs must check that x, a, b (and bias unless None) are torch.Tensors "
-    "before calling .dim() (today AttributeError: 'NoneType' / 'numpy.ndarray' object has no attribute 'dim')",
-)
 def test_lowrank_linear_rejects_non_tensors(data: st.DataObject, with_bias: bool) -> None:
     args = _lowrank_operands(with_bias)
     argument = data.draw(st.sampled_from(["x", "a", "b", "bias"]))
@@ -900,11 +884,6 @@ def test_lowrank_linear_rejects_non_tensors(data: st.DataObject, with_bias: bool
 
 @FUZZ
 @given(with_bias=st.booleans(), batch=st.lists(st.integers(1, 3), max_size=2))
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/lowrank.py check_lowrank_inputs must refuse meta tensors (today all-meta operands run the torch "
-    "reference and return an empty meta tensor)",
-)
 def test_lowrank_linear_rejects_meta_tensors(with_bias: bool, batch: list[int]) -> None:
     args: dict[str, torch.Tensor | None] = {name: meta_tensor(*shape) for name, shape in LOWRANK_SHAPES.items()}
     args["x"] = meta_tensor(*batch, 4)
