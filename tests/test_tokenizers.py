@@ -231,3 +231,13 @@ def test_batch_equals_one_prompt_at_a_time(sp, word, kind, side):
         alone = torch.cat([getattr(s, field) for s in single])
         torch.testing.assert_close(getattr(batched, field), alone, rtol=1e-4, atol=1e-6)
     assert torch.equal(batched.top1, torch.cat([s.top1 for s in single]))
+
+
+def test_a_raw_tokenizers_object_reads_like_its_wrapper(sp):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_str(sentencepiece_core())
+    assert tokens.unk_id(raw) == sp.unk_token_id is not None
+    words = ioi.NAMES + ("the", "store", "Spain")
+    assert tokens.word_token_ids(raw, words) == tokens.word_token_ids(sp, words)
+    assert tokens.known_words(raw, ioi.PLACES) == tokens.known_words(sp, ioi.PLACES)
