@@ -286,3 +286,25 @@ def test_export_bad_layer_writes_no_checkpoint(llama_dir, tmp_path):
     )
     assert "layer 5 is out of range" in line and "0..1" in line
     assert not (out / "config.json").exists()
+
+
+def test_export_keeps_the_dtype_and_predicts_to_its_rounding(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    result = invoke(["export", "--model", str(llama_dir), *EXPORT, "--dtype", "bfloat16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([sentencepiece_tokenizer().encode("When Anna and Kate went to the garden, Kate gave a")])
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.dtype == torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        original = model(input_ids=ids).logits.float()
+        with truncate_(model, Targets(layers=[-1], matrices=["mlp_in", "attn_qkv"]), 0.25):
+            truncated = model(input_ids=ids).logits.float()
+        exported = plain(input_ids=ids).logits.float()
+    # bfloat16 keeps 8 bits of mantissa (eps 2^-7): the merged b @ a and the two factors round
+    # differently, by a few eps of the logits' scale; truncating moves them far more.
+    scale = float(truncated.abs().max())
+    torch.testing.assert_close(exported, truncated, rtol=1.6e-2, atol=2**-7 * 2 * scale)
+    assert float((truncated - original).abs().max()) > 10 * 2**-7 * scale
