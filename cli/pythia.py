@@ -117,14 +117,14 @@ def _pythia_tables(result: PythiaResult) -> list[Table]:
 @run_app.command("pythia")
 @user_errors
 def run_pythia(
-    model: str = MODEL_OPT,
+    model: str = typer.Option("EleutherAI/pythia-1b", "--model", help=MODEL_HELP),  # the paper's model
     layer: str = typer.Option(
         ...,
         "--layer",
         help="Layer indices to truncate, comma-separated (10,11), ranges (8-15) or negative from the end.",
     ),
     matrix: str = typer.Option(
-        ...,
+        "mlp_in",
         "--matrix",
         help="Matrices to truncate, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all.",
     ),

@@ -108,18 +108,18 @@ class FixedLogits(torch.nn.Module):
         self.rows = rows
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         logits = torch.stack([torch.tensor(self.rows[int(i)]) for i in input_ids[:, 0]])
         return SimpleNamespace(logits=logits[:, None, :].expand(-1, input_ids.shape[1], -1))
 
 
 class ToyTokenizer:
-    """Words ``w0 .. w4`` are ids 0..4; " the" is id 1."""
+    """Words ``w0 .. w4`` are ids 0..4; " the" is id 1 and "a" id 4; no special tokens."""
 
     unk_token_id = None
 
     def encode(self, text, add_special_tokens=False):
-        return [int(w[1:]) if w != "the" else 1 for w in text.split()]
+        return [{"the": 1, "a": 4}.get(w) or int(w[1:]) for w in text.split()]
 
 
 def test_metrics_on_a_hand_computed_example():

@@ -1,8 +1,9 @@
 """Factual recall prompts: "Madrid is located in" -> " Spain", against the global " the".
 
 The prompts ship with the package (``factual.json``: cities, landmarks, companies, people). Each
-answer must be one token with a leading space under the model's tokenizer; prompts whose answer
-is not are dropped.
+answer must be one token in running text under the model's tokenizer (after a space, in that
+tokenizer's convention: see :mod:`fasttrunc.tasks.tokens`); prompts whose answer is not are
+dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from importlib import resources
 from typing import Any
 
 from fasttrunc import checks
-from fasttrunc.tasks.metrics import Prompt, single_token_ids
+from fasttrunc.tasks.metrics import Prompt
+from fasttrunc.tasks.tokens import word_token_ids
 
 
 @lru_cache(maxsize=1)
@@ -30,7 +32,7 @@ def build_factual_prompts(tokenizer: Any, n: int | None = None, seed: int = 0) -
     ``n`` larger than the usable facts is a ValueError that says how many there are.
     """
     facts = factual_facts()
-    ids = single_token_ids(tokenizer, sorted({f["answer"] for f in facts}))
+    ids = word_token_ids(tokenizer, sorted({f["answer"] for f in facts}))
     usable = [f for f in facts if f["answer"] in ids]
     if not usable:
         raise ValueError("no factual answer is a single token under this tokenizer")

@@ -3,8 +3,9 @@
 "Then, Mary and John went to the store. John gave a drink to" -> " Mary". The indirect object
 (IO) appears once in the first clause, the subject (S) twice; the answer is the IO. Both name
 orders are built: ABBA (IO first) and BABA (S first). Names are kept only when they are a single
-token with a leading space under the model's tokenizer, so that P(IO) and P(S) are the
-probabilities of one next token.
+token in running text under the model's tokenizer (after a space, in that tokenizer's own
+convention: see :mod:`fasttrunc.tasks.tokens`), so that P(IO) and P(S) are the probabilities of
+one next token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fasttrunc import checks
-from fasttrunc.tasks.metrics import Prompt, known_words, single_token_ids
+from fasttrunc.tasks.metrics import Prompt
+from fasttrunc.tasks.tokens import known_words, word_token_ids
 
 # Each template names the two people in the first clause ({first}, {second}), then the subject
 # ({subject}) hands something over; the prompt ends right before the indirect object.
@@ -108,8 +110,8 @@ NAMES: tuple[str, ...] = (
 
 
 def ioi_names(tokenizer: Any, names: Sequence[str] = NAMES) -> list[str]:
-    """The names that are one token (with a leading space) under ``tokenizer``."""
-    return list(single_token_ids(tokenizer, names))
+    """The names that are one token in running text under ``tokenizer``."""
+    return list(word_token_ids(tokenizer, names))
 
 
 def build_ioi_prompts(
@@ -129,7 +131,7 @@ def build_ioi_prompts(
     names; the same seed gives the same prompts.
     """
     checks.positive("n", n)
-    ids = single_token_ids(tokenizer, names)
+    ids = word_token_ids(tokenizer, names)
     usable = list(ids)
     if len(usable) < 2:
         raise ValueError(

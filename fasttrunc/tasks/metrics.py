@@ -5,13 +5,16 @@ logit(IO) - logit(S) (IOI only) and whether the correct token is the top-1 predi
 Aggregates: mean probabilities, the *mean of per-prompt ratios* P(correct) / P(" the"), the
 *ratio of the means* mean P(correct) / mean P(" the"), and accuracies.
 
-Batches are right-padded and each prompt is read at its own last real position: with causal
-attention, positions before the padding never see it, so a batch gives the numbers of one prompt
-at a time (tested).
+Batches are padded on the tokenizer's side (:mod:`fasttrunc.tasks.tokens`) and each prompt is
+read at its own last real position. Right padding: with causal attention, real positions never
+see the padding after them. Left padding: the padding is masked out and the real tokens get the
+positions 0, 1, ... they have alone. Either way a batch gives the numbers of one prompt at a time
+(tested).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 
 from fasttrunc import checks
+from fasttrunc.tasks import tokens
+from fasttrunc.tasks.tokens import the_token_id
 
 
 @dataclass(frozen=True)
@@ -34,53 +39,15 @@ class Prompt:
     kind: str = ""
 
 
-# --- tokenization (Hugging Face tokenizers and raw `tokenizers.Tokenizer` alike) ----------------
-
-
-def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of ``text``."""
-    encoded = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    return list(encoded.ids) if hasattr(encoded, "ids") else list(encoded)
-
-
-def _unk_id(tokenizer: Any) -> int | None:
-    return getattr(tokenizer, "unk_token_id", None)
-
-
-def single_token_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, int]:
-    """word -> id for the words that are exactly one known token with a leading space."""
-    unk = _unk_id(tokenizer)
-    out: dict[str, int] = {}
-    for word in words:
-        ids = token_ids(tokenizer, " " + word)
-        if len(ids) == 1 and ids[0] != unk:
-            out[word] = ids[0]
-    return out
-
-
-def known_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
-    """The words whose tokens include no unknown token (every word passes a byte-level BPE)."""
-    unk = _unk_id(tokenizer)
-    return [w for w in words if unk is None or unk not in token_ids(tokenizer, " " + w)]
-
-
-def the_token_id(tokenizer: Any) -> int:
-    """The id of " the", the global association every task measures against."""
-    ids = single_token_ids(tokenizer, ["the"])
-    if "the" not in ids:
-        raise ValueError('" the" is not a single known token under this tokenizer; the tasks need it')
-    return ids["the"]
-
-
 # --- encoding and scoring -----------------------------------------------------------------------
 
 
 @dataclass
 class EncodedPrompts:
-    """Prompts as one right-padded id matrix plus what scoring needs."""
+    """Prompts as one padded id matrix plus what scoring needs."""
 
-    input_ids: torch.Tensor  # (N, L) long, right-padded with 0
-    attention_mask: torch.Tensor  # (N, L) long
+    input_ids: torch.Tensor  # (N, L) long, padded on either side
+    attention_mask: torch.Tensor  # (N, L) long, 0 at padded positions
     last_index: torch.Tensor  # (N,) position of each prompt's last real token
     answer_ids: torch.Tensor  # (N,)
     subject_ids: torch.Tensor  # (N,), -1 where a prompt has no subject
@@ -90,28 +57,48 @@ class EncodedPrompts:
         return self.input_ids.shape[0]
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> EncodedPrompts:
-    """Tokenize once (the tokenizer's own special tokens included) and right-pad."""
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], padding_side: str | None = None) -> EncodedPrompts:
+    """Tokenize once (after the tokenizer's own leading special tokens) and pad.
+
+    Padding goes on ``padding_side`` (``"left"`` or ``"right"``; by default the tokenizer's
+    ``padding_side``) with :func:`fasttrunc.tasks.tokens.pad_id`; the tokenizer is not changed.
+    """
     if not prompts:
         raise ValueError("no prompts to encode; give at least one")
-    rows = [token_ids(tokenizer, p.text, add_special_tokens=True) for p in prompts]
+    side = tokens.padding_side(tokenizer, padding_side)
+    prefix = tokens.special_prefix(tokenizer)
+    rows = [tokens.prompt_ids(tokenizer, p.text, prefix) for p in prompts]
     empty = [p.text for p, r in zip(prompts, rows) if not r]
     if empty:
         raise ValueError(f"prompt {empty[0]!r} encodes to no tokens")
     width = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), tokens.pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        input_ids[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    last = [len(r) - 1 if side == "right" else width - 1 for r in rows]
     return EncodedPrompts(
         input_ids=input_ids,
         attention_mask=mask,
-        last_index=torch.tensor([len(r) - 1 for r in rows]),
+        last_index=torch.tensor(last),
         answer_ids=torch.tensor([p.answer_id for p in prompts]),
         subject_ids=torch.tensor([-1 if p.subject_id is None else p.subject_id for p in prompts]),
         the_id=the_token_id(tokenizer),
     )
+
+
+def _trim(mask: torch.Tensor, last_index: torch.Tensor) -> tuple[slice, torch.Tensor]:
+    """The columns that are real in some row, and ``last_index`` within them."""
+    real = torch.nonzero(mask.any(dim=0)).flatten()
+    lo, hi = int(real[0]), int(real[-1]) + 1
+    return slice(lo, hi), last_index - lo
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position among its row's real tokens (0, 1, ...); 0 at padded positions."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
 
 
 def last_logits(
@@ -124,18 +111,32 @@ def last_logits(
     which skips B x L x V work the metrics never read; anything else runs its full forward.
     """
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    base = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (
+    base: Any = getattr(model, "base_model", None)
+    head: Any = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_only = (
         base is not None
         and base is not model
         and isinstance(head, torch.nn.Linear)
         and type(model).__name__ in _HEAD_ONLY
-    ):
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    )
+    runs = base if head_only else model
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if not bool(attention_mask[:, 0].all()) and _takes_positions(runs):
+        # Left padding: the real tokens get the positions they have alone. A model that takes no
+        # position ids (BLOOM's ALiBi) derives them from the mask itself.
+        inputs["position_ids"] = position_ids(attention_mask)
+    if head_only:
+        hidden = runs(**inputs).last_hidden_state
         return head(hidden[rows, last_index])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(**inputs).logits
     return logits[rows, last_index]
+
+
+def _takes_positions(model: Any) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no inspectable signature
+        return False
 
 
 # Causal LMs whose forward is exactly ``lm_head(base_model(...).last_hidden_state)`` (no logit
@@ -201,12 +202,9 @@ def score(model: torch.nn.Module, encoded: EncodedPrompts, batch_size: int = DEF
     for start in range(0, len(encoded), batch_size):
         stop = min(start + batch_size, len(encoded))
         mask = encoded.attention_mask[start:stop]
-        width = int(mask.sum(dim=1).max())  # drop columns that are padding in every row
+        cols, last = _trim(mask, encoded.last_index[start:stop])  # drop columns padded in every row
         logits = last_logits(
-            model,
-            encoded.input_ids[start:stop, :width].to(device),
-            mask[:, :width].to(device),
-            encoded.last_index[start:stop].to(device),
+            model, encoded.input_ids[start:stop, cols].to(device), mask[:, cols].to(device), last.to(device)
         )
         parts.append(logits.float().cpu())
     logits = torch.cat(parts)
