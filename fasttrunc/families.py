@@ -60,6 +60,15 @@ class ModuleKind:
         assert isinstance(weight, torch.Tensor)
         return weight
 
+    def parameter(self, module: nn.Module) -> torch.Tensor:
+        """The weight as stored (the parameter itself: its dtype, device and ``requires_grad``)."""
+        return self._stored(module)
+
+    @staticmethod
+    def bias(module: nn.Module) -> torch.Tensor | None:
+        bias = getattr(module, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The weight as an ``(out, in)`` tensor (a view; detached)."""
         w = self._stored(module).detach()

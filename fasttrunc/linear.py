@@ -81,11 +81,10 @@ class TruncatedLinear(nn.Module):
                 f"dtype {dtype!r} is not a floating-point dtype; allowed: float32, float64, float16, bfloat16"
             )
         r = resolve_rank(rank, self.out_features, self.in_features)
-        factory = {"device": device, "dtype": dtype}
-        self.a = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.b = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.a = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         self.method: str | None = None
@@ -193,7 +192,7 @@ class TruncatedLinear(nn.Module):
         check_method(method)
         weight = check_matrix(kind.weight(linear), "linear.weight", finite=True)
         u, s, vh = truncated_svd(weight, rank, method=method, dtype=compute_dtype(weight.dtype), **svd_options)
-        bias = getattr(linear, "bias", None)
+        bias = kind.bias(linear)
         return cls.from_svd(
             u,
             s,
@@ -201,7 +200,7 @@ class TruncatedLinear(nn.Module):
             bias=None if bias is None else bias.detach(),
             method=method,
             dtype=weight.dtype,
-            requires_grad=linear.weight.requires_grad,
+            requires_grad=kind.parameter(linear).requires_grad,
         )
 
     def to_linear(self) -> nn.Linear:

@@ -24,10 +24,11 @@ def validate_rank_spec(rank: object, name: str = "rank") -> None:
             f"{name} {show(rank)} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]"
         )
     if isinstance(rank, numbers.Integral):
-        if rank < 0:
+        if int(rank) < 0:
             raise ValueError(f"{name} {rank} is negative; an int rank must be >= 0")
         return
-    if not math.isfinite(rank) or not 0.0 <= rank <= 1.0:
+    value = float(rank)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} {rank!r} is not a fraction in [0, 1]; a float rank is rho, the kept fraction")
 
 
@@ -38,12 +39,13 @@ def resolve_rank(rank: object, out_features: int, in_features: int, *, name: str
     validate_rank_spec(rank, name)
     max_rank = min(out_features, in_features)
     if isinstance(rank, numbers.Integral):
-        if rank > max_rank:
+        if int(rank) > max_rank:
             raise ValueError(
                 f"{name} {rank} exceeds the maximum rank {max_rank} of a {out_features}x{in_features} matrix; "
                 f"allowed: 0..{max_rank} or a float in [0, 1]"
             )
         return int(rank)
+    assert isinstance(rank, numbers.Real)  # validate_rank_spec checked it
     return int(float(rank) * max_rank)
 
 

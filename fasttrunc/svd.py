@@ -8,6 +8,7 @@ the torch reference on CPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 
@@ -88,6 +89,30 @@ def group_matrices(ws: Sequence[torch.Tensor], ranks: Sequence[int]) -> dict[tup
     return groups
 
 
+@overload
+def truncated_svd(
+    w: torch.Tensor,
+    rank: Rank,
+    method: str = ...,
+    n_iter: int | None = ...,
+    oversample: int | None = ...,
+    generator: torch.Generator | None = ...,
+    dtype: torch.dtype | None = ...,
+) -> Triplets: ...
+
+
+@overload
+def truncated_svd(
+    w: Sequence[torch.Tensor],
+    rank: Rank | Sequence[Rank],
+    method: str = ...,
+    n_iter: int | None = ...,
+    oversample: int | None = ...,
+    generator: torch.Generator | None = ...,
+    dtype: torch.dtype | None = ...,
+) -> list[Triplets]: ...
+
+
 def truncated_svd(
     w: torch.Tensor | Sequence[torch.Tensor],
     rank: Rank | Sequence[Rank],
@@ -120,7 +145,7 @@ def truncated_svd(
     _check_out_dtype(dtype)
     if isinstance(w, list | tuple):
         return _truncated_svd_list(w, rank, method, n_iter, oversample, generator, dtype)
-    check_matrix(w)
+    w = check_matrix(w)
     n_iter, oversample = _check_options(n_iter, oversample)
     n_iter = DEFAULT_N_ITER if n_iter is None else n_iter
     m, n = w.shape[-2:]
@@ -165,7 +190,7 @@ def _truncated_svd_list(
             raise ValueError(f"rank has {len(rank)} entries for {len(ws)} matrices; give one rank, or one per matrix")
         ranks_given: Sequence[Rank] = rank
     else:
-        ranks_given = [rank] * len(ws)
+        ranks_given = [rank] * len(ws)  # type: ignore[list-item]  # a single rank here
     ks: list[int] = []
     for i, w in enumerate(ws):
         check_matrix(w, f"w[{i}]")

@@ -38,14 +38,15 @@ class Targets:
     def __post_init__(self) -> None:
         layers = self.layers
         if layers is not None:
-            items = [layers] if not isinstance(layers, list | tuple | range) else list(layers)
+            items: list[object] = [layers] if not isinstance(layers, list | tuple | range) else list(layers)
             for layer in items:
                 if not checks.is_int(layer):
                     raise ValueError(
                         f"layer {show(layer)} is not an integer; give layers as integer indices (negative count "
                         "from the end) or None"
                     )
-            object.__setattr__(self, "layers", int(layers) if checks.is_int(layers) else [int(x) for x in items])
+            normalized = [checks.integer("layer", x) for x in items]
+            object.__setattr__(self, "layers", normalized[0] if checks.is_int(layers) else normalized)
         matrices = self.matrices
         if isinstance(matrices, str):
             return
@@ -115,7 +116,7 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
     if isinstance(targets, Targets):
         family, path, n_layers = detect_family(model)
         aliases = expand_matrices(targets.matrices, family)
-        wanted = []
+        wanted: list[str] = []
         for layer in _expand_layers(targets.layers, n_layers):
             for alias in aliases:
                 wanted.extend(f"{path}.{layer}.{rel}" for rel in family.names_for(alias))
@@ -340,10 +341,11 @@ class Truncation(Mapping[str, nn.Module]):
                 raise ValueError(
                     f"{name}: cannot merge a {type(replacement).__name__} into a {type(original).__name__}"
                 )
-            kind.write_weight(original, replacement.weight.to(original.weight.dtype))
-            if original.bias is not None and replacement.bias is not None:
+            kind.write_weight(original, replacement.weight.to(kind.parameter(original).dtype))
+            original_bias = kind.bias(original)
+            if original_bias is not None and replacement.bias is not None:
                 with torch.no_grad():
-                    original.bias.copy_(replacement.bias)
+                    original_bias.copy_(replacement.bias)
         for name, original in self.originals.items():
             _set_submodule(self._model, name, original)
         self.merged = True
@@ -372,15 +374,16 @@ def _from_factors(module: nn.Module, triplets: Triplets, k: int, method: str) ->
     kind = module_kind(module)
     assert kind is not None  # resolve_targets selected only supported kinds
     u, s, vh = triplets
-    bias = getattr(module, "bias", None)
+    bias = kind.bias(module)
+    weight = kind.parameter(module)
     replacement = TruncatedLinear.from_svd(
         u[:, :k],
         s[:k],
         vh[:k],
         bias=None if bias is None else bias.detach(),
         method=method,
-        dtype=module.weight.dtype,
-        requires_grad=module.weight.requires_grad,
+        dtype=weight.dtype,
+        requires_grad=weight.requires_grad,
     )
     replacement.train(module.training)
     return replacement

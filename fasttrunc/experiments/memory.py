@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +267,7 @@ def _run(config: MemoryConfig, device: torch.device, progress: Progress) -> Memo
     def track(step: int) -> Record:
         w = model.memory.weight.detach()
         # All components, exact, sorted descending (one matrix in, one (U, S, Vh) out).
-        u, s, vh = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor]", truncated_svd(w, config.d))
+        u, s, vh = truncated_svd(w, config.d)
         share, align = noise_components(model, u, s, vh)
         weights = {"full": w}
         for k in config.ks:
