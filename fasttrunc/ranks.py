@@ -19,7 +19,7 @@ Rank = int | float
 
 def validate_rank_spec(rank: object, name: str = "rank") -> None:
     """Check the type and range a rank can have before any matrix is known (``name``: the argument's)."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+    if not checks.is_real(rank):
         raise ValueError(
             f"{name} {show(rank)} is not a number; give an int (absolute rank >= 0) or a float rho in [0, 1]"
         )
