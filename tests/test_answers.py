@@ -19,25 +19,28 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 def neox_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from tests.conftest import TOKENIZER_JSON
+    # the file the conftest fixture neox_tokenizer_path names; read here once per module
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(__file__).resolve().parent / "data" / "gpt-neox-20b-tokenizer.json")
+    )
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_JSON))
+
+def tiny_lm(family: str, vocab_size: int, seed: int):
+    """A random 2-layer GPT-NeoX or Llama (grouped-query attention) of width 16, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    if family == "neox":
+        config = transformers.GPTNeoXConfig(**sizes, intermediate_size=32, max_position_embeddings=64)
+        return transformers.GPTNeoXForCausalLM(config).eval()
+    config = transformers.LlamaConfig(**sizes, num_key_value_heads=1, intermediate_size=24, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
 def neox(neox_tokenizer):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(1)
-    config = GPTNeoXConfig(
-        vocab_size=len(neox_tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return tiny_lm("neox", len(neox_tokenizer), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +52,7 @@ def word_tokenizer():
 
 @pytest.fixture(scope="module")
 def llama(word_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=len(word_tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=24,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_lm("llama", len(word_tokenizer), seed=2)
 
 
 @pytest.fixture(scope="module")

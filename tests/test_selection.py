@@ -6,7 +6,7 @@ import copy
 import hashlib
 
 import pytest
-import torch
+from test_answers import tiny_lm  # the tests folder is on sys.path (pytest rootdir-less import)
 from torch import nn
 
 from fasttrunc.edits import Edit, apply_edits
@@ -123,21 +123,10 @@ def test_greedy_with_a_synthetic_score_rejects_a_non_improving_step_exactly():
 
 @pytest.fixture(scope="module")
 def word_model():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     from fasttrunc.models.tiny_neox import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(["Mary", "John", "Tom", "Anna"])
-    torch.manual_seed(5)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    return GPTNeoXForCausalLM(config).eval(), tokenizer
+    return tiny_lm("neox", len(tokenizer), seed=5), tokenizer
 
 
 def test_greedy_with_a_real_metric_rejects_an_equal_step_and_restores_bit_exactly(word_model):
