@@ -27,6 +27,7 @@ def validate_rank_spec(rank: object, name: str = "rank") -> None:
         if int(rank) < 0:
             raise ValueError(f"{name} {rank} is negative; an int rank must be >= 0")
         return
+    assert isinstance(rank, numbers.Real)  # is_real checked it
     value = float(rank)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} {rank!r} is not a fraction in [0, 1]; a float rank is rho, the kept fraction")

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from fasttrunc import checks
-from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, token_ids
+from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE
+from fasttrunc.tasks.tokens import token_ids
 from fasttrunc.tasks.user import Example, continuation
 
 PADDING_SIDES = ("right", "left")
