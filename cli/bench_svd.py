@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from fasttrunc.cli._common import emit, fail, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, fail, int_option, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import bench_app
 
 
@@ -54,7 +54,7 @@ HELP = (
 @user_errors
 def bench_svd(
     rank: list[int] = typer.Option([64, 256], "--rank", help="Rank k to keep; repeat the option for several ranks."),
-    reps: int = typer.Option(3, "--reps", help="Timed runs per method after one warm-up; the median is reported."),
+    reps: int = int_option(3, "--reps", help="Timed runs per method after one warm-up; the median is reported."),
     quick: bool = typer.Option(
         False, "--quick", help="Use 8 matrices of Pythia-1.4b's MLP shapes instead of the full sets."
     ),
@@ -62,14 +62,10 @@ def bench_svd(
         False, "--no-full-svd", help="Skip timing torch.linalg.svd, which takes about ten seconds per set."
     ),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Skip the run on bf16-stored weights."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the test matrices and of the sketches."),
+    seed: int = int_option(0, "--seed", help="Seed of the test matrices and of the sketches."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        fail("fasttrunc bench svd needs a CUDA device, and this machine has none")
     from fasttrunc.bench.svd import MATRIX_SETS, QUICK_SETS, SvdBenchConfig, run
 
     config = SvdBenchConfig(
@@ -81,6 +77,11 @@ def bench_svd(
         seed=seed,
     )
     config.validate()
+    out = check_out(out)
+    import torch
+
+    if not torch.cuda.is_available():
+        fail("fasttrunc bench svd needs a CUDA device, and this machine has none")
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables)
