@@ -219,6 +219,13 @@ def check_models(model: str, revisions: Iterable[str | None]) -> None:
             fail(str(exc))
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_plots(result: R, out: Path, plots: Callable[[R, Path], list[Path]]) -> list[Path]:
     """Draw the plots into a hidden folder in ``out``, then rename each into ``out``: never half a file."""
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".fasttrunc-plots-"))
@@ -247,10 +254,13 @@ def emit(
     """
     data = result.to_dict()
     if out is not None:
-        from fasttrunc.runs import atomic_write_text
+        from fasttrunc.runs import atomic_output
 
         out.mkdir(parents=True, exist_ok=True)
-        written = [atomic_write_text(out / "results.json", json.dumps(data, indent=2) + "\n")]
+        with atomic_output(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.chmod(tmp, _file_mode())  # a temporary file is private (0600); results are not
+        written = [out / "results.json"]
         if plots is not None:
             written += _write_plots(result, out, plots)
         if not as_json:

@@ -250,6 +250,7 @@ def test_results_and_plots_are_written_under_temporary_names(tmp_path, monkeypat
     _common.emit(Fake(), as_json=True, out=tmp_path, tables=lambda r: [], plots=plots)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "results.json"]
     assert seen[0] != tmp_path  # drawn elsewhere, then renamed in
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == (tmp_path / "a.png").stat().st_mode & 0o777
 
     def crash(result, folder):
         (folder / "b.png").write_bytes(b"half")
