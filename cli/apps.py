@@ -4,7 +4,11 @@ from typing import Any
 
 import typer
 
+from fasttrunc.cli._common import OneLineErrors
+
 _settings: dict[str, Any] = {"no_args_is_help": True, "rich_markup_mode": "rich", "pretty_exceptions_enable": False}
+# One-line usage errors: the group the command line enters by.
+_settings["cls"] = OneLineErrors
 
 app = typer.Typer(
     help="fasttrunc truncates weight matrices of transformers to low rank and measures what the models then predict.",

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from fasttrunc.cli._common import emit, fail, make_table, progress_bar, stderr, user_errors
+from fasttrunc.cli._common import check_out, emit, fail, int_option, make_table, progress_bar, stderr, user_errors
 from fasttrunc.cli.apps import bench_app
 
 
@@ -41,8 +41,8 @@ def bench_lowrank(
     ranks: str = typer.Option("32,128,512", "--ranks", help="Ranks to time, comma-separated (1 to 1024)."),
     rows: str = typer.Option("1,16,256,4096", "--rows", help="Numbers of input rows M to time, comma-separated."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Data type of every operand: bfloat16, float16 or float32."),
-    reps: int = typer.Option(5, "--reps", help="Timed eager loops per variant; the median is reported."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    reps: int = int_option(5, "--reps", help="Timed eager loops per variant; the median is reported."),
+    seed: int = int_option(0, "--seed", help="Seed of the random inputs."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
@@ -56,6 +56,7 @@ def bench_lowrank(
         reps=reps,
         seed=seed,
     )
+    out = check_out(out)
     import torch
 
     if not torch.cuda.is_available():

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from fasttrunc.cli._common import emit, fail, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, fail, int_option, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import bench_app
 
 
@@ -54,7 +54,7 @@ HELP = (
 @user_errors
 def bench_svd(
     rank: list[int] = typer.Option([64, 256], "--rank", help="Rank k to keep; repeat the option for several ranks."),
-    reps: int = typer.Option(3, "--reps", help="Timed runs per method after one warm-up; the median is reported."),
+    reps: int = int_option(3, "--reps", help="Timed runs per method after one warm-up; the median is reported."),
     quick: bool = typer.Option(
         False, "--quick", help="Use 8 matrices of Pythia-1.4b's MLP shapes instead of the full sets."
     ),
@@ -67,14 +67,10 @@ def bench_svd(
         "--tiny",
         help="Three small matrices on the CPU (needs TRITON_INTERPRET=1): checks the benchmark, not the speed.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the test matrices and of the sketches."),
+    seed: int = int_option(0, "--seed", help="Seed of the test matrices and of the sketches."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
-    import torch
-
-    if not tiny and not torch.cuda.is_available():
-        fail("fasttrunc bench svd needs a CUDA device, and this machine has none")
     from fasttrunc.bench.svd import MATRIX_SETS, QUICK_SETS, TINY_SETS, SvdBenchConfig, run
 
     sets = TINY_SETS if tiny else QUICK_SETS if quick else MATRIX_SETS
@@ -90,6 +86,11 @@ def bench_svd(
         oversample=2 if tiny else 10,
         defaults_variant=not tiny,
     )
+    out = check_out(out)
+    import torch
+
+    if not tiny and not torch.cuda.is_available():
+        fail("fasttrunc bench svd needs a CUDA device, and this machine has none")
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables)

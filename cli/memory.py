@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import check_out, emit, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, int_option, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import run_app
 
 if TYPE_CHECKING:
@@ -83,15 +83,15 @@ def memory(
         help="Weight in [0, 1) of a direction common to all input embeddings; 0 keeps them near-orthogonal.",
     ),
     lr: float = typer.Option(1.0, "--lr", help="Learning rate of plain SGD (or of full-batch gradient descent)."),
-    steps: int = typer.Option(2000, "--steps", help="Number of optimizer steps."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Training pairs per SGD step; ignored with --full-batch."),
+    steps: int = int_option(2000, "--steps", help="Number of optimizer steps."),
+    batch_size: int = int_option(4, "--batch-size", help="Training pairs per SGD step; ignored with --full-batch."),
     full_batch: bool = typer.Option(
         False, "--full-batch", help="Use gradient descent on the exact expected loss instead of SGD on sampled pairs."
     ),
     record_every: int = typer.Option(
         10, "--record-every", help="Record W's singular structure and predictions every this many steps."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the embeddings, the clean map and the sampled pairs."),
+    seed: int = int_option(0, "--seed", help="Seed of the embeddings, the clean map and the sampled pairs."),
     device: str = typer.Option("cpu", "--device", help="Torch device to train on, such as cpu or cuda."),
     out: Path | None = typer.Option(None, "--out", help="Write results.json and the PNG plots into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
@@ -99,7 +99,6 @@ def memory(
     from fasttrunc.experiments.memory import MemoryConfig, run
     from fasttrunc.plots import plot_memory
 
-    check_out(out)
     config = MemoryConfig(
         d=d,
         n_tokens=n_tokens,
@@ -113,6 +112,7 @@ def memory(
         seed=seed,
         device=device,
     )
+    out = check_out(out)
     with progress_bar(enabled=not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables, plots=plot_memory)

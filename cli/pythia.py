@@ -11,7 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import check_out, emit, fail, make_table, progress_bar, stderr, user_errors
+from fasttrunc.cli._common import (
+    check_models,
+    check_out,
+    emit,
+    fail,
+    int_option,
+    make_table,
+    progress_bar,
+    stderr,
+    user_errors,
+)
 from fasttrunc.cli.apps import app, run_app, sweep_app
 
 if TYPE_CHECKING:
@@ -37,11 +47,11 @@ SEED_HELP = "Seed of the prompt sampler."
 MODEL_OPT = typer.Option(..., "--model", help=MODEL_HELP)
 REVISION_OPT = typer.Option(None, "--revision", help=REVISION_HELP)
 REVISIONS_OPT = typer.Option(None, "--revisions", help=REVISIONS_HELP)
-N_OPT = typer.Option(None, "--n", help=N_HELP)
-SEED_OPT = typer.Option(0, "--seed", help=SEED_HELP)
+N_OPT = int_option(None, "--n", help=N_HELP)
+SEED_OPT = int_option(0, "--seed", help=SEED_HELP)
 DEVICE_OPT = typer.Option("cpu", "--device", help=DEVICE_HELP)
 DTYPE_OPT = typer.Option("float32", "--dtype", help=DTYPE_HELP)
-BATCH_OPT = typer.Option(32, "--batch-size", help=BATCH_HELP)
+BATCH_OPT = int_option(32, "--batch-size", help=BATCH_HELP)
 METHOD_OPT = typer.Option("exact", "--method", help=METHOD_HELP)
 OUT_OPT = typer.Option(None, "--out", help=OUT_HELP)
 JSON_OPT = typer.Option(False, "--json", help=JSON_HELP)
@@ -166,6 +176,7 @@ def run_pythia(
         batch_size=batch_size,
         method=method,
     )
+    check_models(config.model, config.revisions)
     with progress_bar(not as_json) as progress:
         result = pythia.run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
@@ -257,6 +268,7 @@ def sweep_pythia(
         select_fraction=select_fraction,
         select_by=select_by,
     )
+    check_models(config.model, config.revisions)
     with progress_bar(not as_json) as progress:
         result = sweep.run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_sweep_tables, plots=sweep_plots)
@@ -266,8 +278,8 @@ def sweep_pythia(
 @user_errors
 def make_tiny_neox(
     directory: Path = typer.Argument(..., help="Where to save the model, its tokenizer and its checkpoints."),
-    steps: int | None = typer.Option(None, "--steps", help="Training steps; the recipe's default is 3000."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initialization and of the corpus."),
+    steps: int | None = int_option(None, "--steps", help="Training steps; the recipe's default is 3000."),
+    seed: int = int_option(0, "--seed", help="Seed of the initialization and of the corpus."),
     checkpoints: str | None = typer.Option(
         None,
         "--checkpoints",
@@ -287,8 +299,6 @@ def make_tiny_neox(
 
     if (directory / "config.json").exists() and not overwrite:
         fail(f"{directory} already holds a model; pass --overwrite to replace it")
-    if directory.exists() and not directory.is_dir():
-        fail(f"{directory} exists and is not a directory")
     options: dict[str, Any] = {"seed": seed}
     if steps is not None:
         options["steps"] = steps
@@ -298,6 +308,7 @@ def make_tiny_neox(
         except ValueError:
             fail(f"checkpoints {checkpoints!r} must be comma-separated integers, for example 300,600")
     config = TinyNeoxConfig(**options)
+    check_out(directory, "DIR")
     with progress_bar(True) as progress:
         report = build(directory, config, progress)
     stderr.print(

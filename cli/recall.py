@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import check_out, emit, make_table, progress_bar, user_errors
+from fasttrunc.cli._common import check_out, emit, int_option, make_table, progress_bar, user_errors
 from fasttrunc.cli.apps import run_app
 
 if TYPE_CHECKING:
@@ -107,8 +107,8 @@ def recall(
         "--alpha",
         help="Probability of the noise token after a trigger in training data, in [0, 1]; the preset's 0.5 by default.",
     ),
-    steps: int | None = typer.Option(None, "--steps", help="Number of SGD steps; the preset's value by default."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data, the model and the training order."),
+    steps: int | None = int_option(None, "--steps", help="Number of SGD steps; the preset's value by default."),
+    seed: int = int_option(0, "--seed", help="Seed of the data, the model and the training order."),
     device: str = typer.Option("cpu", "--device", help="Device to train on, such as cpu or cuda:0."),
     track_every: int | None = typer.Option(
         None,
@@ -120,10 +120,10 @@ def recall(
 ) -> None:
     from fasttrunc.experiments.recall import RecallConfig, run
 
-    check_out(out)
     config = RecallConfig.from_preset(
         preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every
     )
+    out = check_out(out)
     with progress_bar(not as_json) as progress:
         result = run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_tables, plots=_plots)
