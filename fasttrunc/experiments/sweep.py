@@ -10,19 +10,22 @@ no factorization. The first ``select_fraction`` of the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fasttrunc import checks
+from fasttrunc.experiments.prefix import PrefixCache
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.families import detect_family, expand_matrices, module_kind
 from fasttrunc.hub import load_model
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
-from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.truncation import Targets, factorize, resolve_targets, truncate_
+from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, Scores, TaskMetrics, aggregate, encode_prompts
+from fasttrunc.truncation import Factors, Targets, Truncation, factorize, replace_modules_, resolve_targets, truncate_
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
@@ -41,9 +44,11 @@ class SweepConfig(ModelRunSettings):
     tasks: tuple[str, ...] = ("ioi",)
     select_fraction: float = 0.2
     select_by: str = "mean_p_correct"
+    cache_budget_mb: float = 1024.0  # device memory for the cached prefixes
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        checks.real("cache_budget_mb", self.cache_budget_mb, 0.0, float("inf"), low_open=True)
         checks.text("model", self.model)
         tasks = checks.non_empty("tasks", self.tasks)
         for task in tasks:
@@ -74,6 +79,7 @@ class Cell:
     ranks: dict[str, int]  # module -> absolute rank used
     select: dict[str, TaskMetrics]  # task -> metrics on the selection prompts
     report: dict[str, TaskMetrics]  # task -> metrics on the report prompts
+    form: str = "factored"  # how the edit ran: "factored" (TruncatedLinear) or "dense" (rank-r weight)
 
 
 @dataclass
@@ -118,17 +124,17 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def _evaluate(
-    model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int
-) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
-    """Metrics of every task on its selection prompts and on its report prompts."""
-    select: dict[str, TaskMetrics] = {}
-    reported: dict[str, TaskMetrics] = {}
-    for task, enc in encoded.items():
-        scores = score(model, enc, batch_size)
-        select[task] = aggregate(scores.subset(slice(0, splits[task])))
-        reported[task] = aggregate(scores.subset(slice(splits[task], None)))
-    return select, reported
+def _rows(enc: EncodedPrompts, start: int, stop: int | None) -> EncodedPrompts:
+    """Prompts ``start:stop`` of ``enc``."""
+    part = slice(start, stop)
+    return EncodedPrompts(
+        input_ids=enc.input_ids[part],
+        attention_mask=enc.attention_mask[part],
+        last_index=enc.last_index[part],
+        answer_ids=enc.answer_ids[part],
+        subject_ids=enc.subject_ids[part],
+        the_id=enc.the_id,
+    )
 
 
 @dataclass
@@ -142,12 +148,55 @@ class Grid:
     eval_seconds: float
     matrices_factorized: int
     svd_calls: int
+    cache_mb: float = 0.0  # the largest prefix cache held at once
+    captures: int = 0  # unedited passes that filled the cache (one per group of layers the budget holds)
 
 
 def _only(names: Collection[str]) -> Callable[[str, nn.Module], bool]:
     """A ``truncate_`` target selecting exactly ``names``."""
     chosen = frozenset(names)
     return lambda name, module: name in chosen
+
+
+def dense_is_cheaper(rank: int, shape: tuple[int, int]) -> bool:
+    """Whether the dense rank-``rank`` weight costs no more FLOPs than its two factors."""
+    out_features, in_features = shape
+    return rank * (in_features + out_features) >= in_features * out_features
+
+
+def _dense_copy(module: nn.Module, triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) -> nn.Module:
+    """A copy of ``module`` (its own kind: nn.Linear, Conv1D) holding the rank-``k`` weight."""
+    kind = module_kind(module)
+    assert kind is not None
+    u, s, vh = triplets
+    copy = deepcopy(module)
+    dtype = kind.weight(module).dtype
+    kind.write_weight(copy, ((u[:, :k] * s[:k]) @ vh[:k]).to(dtype))
+    return copy
+
+
+def _edit(model: nn.Module, ks: dict[str, int], factors: Factors, method: str) -> tuple[Truncation, str]:
+    """The cell's edit in its cheaper form; returns the restorable swap and ``"dense"`` or ``"factored"``."""
+    shapes = {name: _shape(model, name) for name in ks}
+    if all(dense_is_cheaper(k, shapes[name]) for name, k in ks.items()):
+        with torch.no_grad():
+            dense = {name: _dense_copy(model.get_submodule(name), factors[name], k) for name, k in ks.items()}
+        return replace_modules_(model, dense), "dense"
+    return truncate_(model, _only(ks), ks, method=method, factors=factors), "factored"
+
+
+class Shard:
+    """Which cells this process evaluates, and how their results reach rank 0 (one process: all)."""
+
+    rank = 0
+    world = 1
+
+    def gather(self, item: object) -> list[object]:
+        """Every rank's ``item`` of this round, in rank order, on rank 0 (elsewhere: an empty list)."""
+        return [item]
+
+
+CellKey = tuple[int, str, int | float]
 
 
 def sweep_model(
@@ -162,49 +211,134 @@ def sweep_model(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = None,
     label: str = "",
+    cache_budget_mb: float = 1024.0,
+    done: Mapping[CellKey, Cell] | None = None,
+    on_cell: Callable[[Cell], None] | None = None,
+    shard: Shard | None = None,
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
     Checks every rank against every matrix first, factorizes each target matrix once
-    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then truncates
-    each cell through :func:`fasttrunc.truncation.truncate_` with those factors and restores;
-    ``model`` ends as it started.
+    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then runs the
+    cells layer by layer with the blocks before the layer replayed from a cache
+    (:class:`fasttrunc.experiments.prefix.PrefixCache`, at most ``cache_budget_mb`` at once), each
+    edit in its cheaper form (:func:`dense_is_cheaper`), restoring after each; ``model`` ends as
+    it started. Cells in ``done`` are taken as they are; ``on_cell`` gets each new cell (on rank
+    0 of ``shard``, which evaluates its share of the cells and gathers the rest).
     """
+    shard = shard or Shard()
+    done = dict(done or {})
+    _, blocks_path, n_layers = detect_family(model)
     rows = [(layer, matrix) for layer in layers for matrix in matrices]
     targets = {row: resolve_targets(model, Targets(layers=[row[0]], matrices=row[1])) for row in rows}
-    cell_ranks: dict[tuple[int, str, int | float], dict[str, int]] = {}
+    cell_ranks: dict[CellKey, dict[str, int]] = {}
     max_ranks: dict[str, int] = {}
     for (layer, matrix), names in targets.items():
         for rank in ranks:
             ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
             for name, k in ks.items():
                 max_ranks[name] = max(max_ranks.get(name, 0), k)
-            cell_ranks[(layer, matrix, rank)] = ks
+            cell_ranks[(layer % n_layers, matrix, rank)] = ks
     total = len(cell_ranks)
-    report(progress, "sweep", 0, total, f"{label} factorizing".strip())
+    report(progress, "sweep", len(done), total, f"{label} factorizing".strip())
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     factors = factorize(model, _only(max_ranks), max_ranks, method=method)
     synchronize(device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base_select, base_report = _evaluate(model, encoded, splits, batch_size)
-    cells: list[Cell] = []
-    for done, ((layer, matrix, rank), ks) in enumerate(cell_ranks.items()):
-        with truncate_(model, _only(ks), ks, method=method, factors=factors):
-            select, reported = _evaluate(model, encoded, splits, batch_size)
-        cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
-        report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
+    tasks = list(encoded)
+    sets = [part for t in tasks for part in (_rows(encoded[t], 0, splits[t]), _rows(encoded[t], splits[t], None))]
+    cache = PrefixCache(model, blocks_path, batch_size)
+    swept = sorted({key[0] for key in cell_ranks})
+    groups = _layer_groups(cache, sets, swept, cache_budget_mb)
+    results: dict[CellKey, Cell] = dict(done)
+    baseline: list[Scores] | None = None
+    largest = captures = 0
+    for group in groups:
+        todo = [key for key in cell_ranks if key[0] in group and key not in results]
+        if not todo and baseline is not None:
+            continue
+        scores = _evaluate(model, cache, sets, group)
+        captures += 1
+        largest = max(largest, cache.bytes)
+        baseline = baseline or scores
+        for start in range(0, len(todo), shard.world):
+            mine = todo[start + shard.rank] if start + shard.rank < len(todo) else None
+            cell = None if mine is None else _cell(model, cache, sets, tasks, mine, cell_ranks[mine], factors, method)
+            for item in shard.gather(cell):
+                if isinstance(item, Cell):
+                    results[(item.layer, item.matrix, item.rank)] = item
+                    if on_cell is not None:
+                        on_cell(item)
+            last = todo[min(start + shard.world, len(todo)) - 1]
+            report(progress, "sweep", len(results), total, f"{label} L{last[0]} {last[1]} {last[2]}".strip())
+        cache.outputs = {}
+    if baseline is None:  # nothing swept: the baseline alone
+        baseline = _evaluate(model, cache, sets, [])
     synchronize(device)
+    base_select, base_report = _metrics(tasks, baseline)
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
-        cells=cells,
+        cells=[results[key] for key in cell_ranks if key in results],
         svd_seconds=svd_seconds,
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
         svd_calls=factors.svd_calls,
+        cache_mb=largest / 2**20,
+        captures=captures,
     )
+
+
+def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+    """Per task, the metrics of its selection set and of its report set (``scores`` in that order)."""
+    select = {t: aggregate(scores[2 * i]) for i, t in enumerate(tasks)}
+    reported = {t: aggregate(scores[2 * i + 1]) for i, t in enumerate(tasks)}
+    return select, reported
+
+
+def _evaluate(
+    model: nn.Module, cache: PrefixCache, sets: Sequence[EncodedPrompts], what: int | list[int]
+) -> list[Scores]:
+    """Scores of every prompt set: a list of layers captures their prefixes (the unedited model,
+    the baseline); one layer runs ``model`` as it is from that layer on."""
+    if isinstance(what, list):
+        return cache.capture(sets, what)
+    return cache.score(what, sets)
+
+
+def _cell(
+    model: nn.Module,
+    cache: PrefixCache,
+    sets: Sequence[EncodedPrompts],
+    tasks: Sequence[str],
+    key: CellKey,
+    ks: dict[str, int],
+    factors: Factors,
+    method: str,
+) -> Cell:
+    layer, matrix, rank = key
+    edit, form = _edit(model, ks, factors, method)
+    with edit:
+        select, reported = _metrics(tasks, _evaluate(model, cache, sets, layer))
+    return Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported, form=form)
+
+
+def _layer_groups(
+    cache: PrefixCache, sets: Sequence[EncodedPrompts], layers: Sequence[int], budget_mb: float
+) -> list[list[int]]:
+    """The swept layers in groups whose prefix caches fit ``budget_mb`` together (one capture each)."""
+    budget = budget_mb * 2**20
+    needs = {layer: cache.layer_bytes(sets, layer) if layer > 0 else 0 for layer in (layers[0], layers[-1])}
+    per_layer = max(needs.values())
+    if per_layer > budget:
+        raise ValueError(
+            f"cache budget {budget_mb:g} MB holds less than one layer's cached prefix "
+            f"({per_layer / 2**20:.3g} MB for these prompts); raise --cache-budget or use fewer prompts"
+        )
+    size = len(layers) if per_layer == 0 else max(1, int(budget // per_layer))
+    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
 
 
 def _shape(model: nn.Module, name: str) -> tuple[int, int]:
@@ -253,6 +387,7 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
         batch_size=config.batch_size,
         progress=progress,
         label=f" {revision}" if revision else "",
+        cache_budget_mb=config.cache_budget_mb,
     )
     best = {task: _best(grid, task, config.select_by) for task in config.tasks}
     return SweepRevision(
