@@ -1,6 +1,6 @@
 """Entry point of the ``fasttrunc`` command: the apps plus every command module."""
 
-from fasttrunc.cli import bench, bench_svd, memory, pythia, recall  # noqa: F401  (each registers its commands)
+from fasttrunc.cli import bench, bench_svd, memory, pythia, recall, sweep  # noqa: F401  (each registers its commands)
 from fasttrunc.cli.apps import app
 
 

@@ -192,7 +192,7 @@ class Shard:
     world = 1
 
     def gather(self, item: object) -> list[object]:
-        """Every rank's ``item`` of this round, in rank order, on rank 0 (elsewhere: an empty list)."""
+        """Every rank's ``item`` of this round, in rank order, on every rank."""
         return [item]
 
 
@@ -240,6 +240,8 @@ def sweep_model(
                 max_ranks[name] = max(max_ranks.get(name, 0), k)
             cell_ranks[(layer % n_layers, matrix, rank)] = ks
     total = len(cell_ranks)
+    if shard.world > total:
+        raise ValueError(f"{shard.world} ranks for {total} cells: start at most {total} processes")
     report(progress, "sweep", len(done), total, f"{label} factorizing".strip())
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -367,7 +369,14 @@ def _best(grid: Grid, task: str, select_by: str) -> Best:
     )
 
 
-def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progress) -> SweepRevision:
+def _sweep_revision(
+    config: SweepConfig,
+    revision: str | None,
+    progress: Progress,
+    done: Mapping[CellKey, Cell] | None = None,
+    on_cell: Callable[[str | None, Cell], None] | None = None,
+    shard: Shard | None = None,
+) -> SweepRevision:
     model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
     _, _, n_layers = detect_family(model)
     layers = list(range(n_layers)) if config.layers is None else list(config.layers)
@@ -388,6 +397,9 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
         progress=progress,
         label=f" {revision}" if revision else "",
         cache_budget_mb=config.cache_budget_mb,
+        done=done,
+        on_cell=None if on_cell is None else (lambda cell: on_cell(revision, cell)),
+        shard=shard,
     )
     best = {task: _best(grid, task, config.select_by) for task in config.tasks}
     return SweepRevision(
@@ -406,10 +418,25 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
     )
 
 
-def run(config: SweepConfig, progress: Progress = None) -> SweepResult:
-    """Sweep every revision of ``config``; the layers of the result are those of the last revision."""
+def run(
+    config: SweepConfig,
+    progress: Progress = None,
+    *,
+    done: Mapping[str | None, Mapping[CellKey, Cell]] | None = None,
+    on_cell: Callable[[str | None, Cell], None] | None = None,
+    shard: Shard | None = None,
+) -> SweepResult:
+    """Sweep every revision of ``config``; the layers of the result are those of the last revision.
+
+    ``done`` (revision -> cells already finished, as a resumed sweep reads them) are not
+    evaluated again; ``on_cell(revision, cell)`` gets every new cell as it finishes (on rank 0 of
+    ``shard`` when the sweep is sharded).
+    """
     start = time.perf_counter()
-    revisions = [_sweep_revision(config, revision, progress) for revision in config.revisions]
+    done = done or {}
+    revisions = [
+        _sweep_revision(config, revision, progress, done.get(revision), on_cell, shard) for revision in config.revisions
+    ]
     return SweepResult(
         config=config, layers=revisions[-1].layers, revisions=revisions, seconds=time.perf_counter() - start
     )
