@@ -63,11 +63,21 @@ def _sweep_tables(result: SweepResult) -> list[Table]:
             for row_key in dict.fromkeys((c.layer, c.matrix) for c in rev.cells):
                 cells = [c for c in rev.cells if (c.layer, c.matrix) == row_key]
                 grid_rows.append(
-                    [f"L{row_key[0]} {row_key[1]}"] + [getattr(c.select[task], cfg.select_by) for c in cells]
+                    [f"L{row_key[0]} {row_key[1]}"]
+                    + [_grid_value(getattr(c.select[task], cfg.select_by), c.evaluated) for c in cells]
                 )
             grid_title = f"{task}: {cfg.select_by} on the selection prompts (baseline {getattr(rev.baseline_select[task], cfg.select_by):.4f})"
+            if rev.cells_evaluated < len(rev.cells):
+                grid_title += (
+                    f"; screened: {rev.cells_evaluated} of {len(rev.cells)} cells evaluated exactly, "
+                    "~ marks an estimate on fewer selection prompts"
+                )
             tables.append(make_table(grid_title, ["cell"] + [str(r) for r in cfg.ranks], grid_rows))
     return tables
+
+
+def _grid_value(value: object, evaluated: bool) -> object:
+    return value if evaluated or not isinstance(value, float) else f"~{value:.4f}"
 
 
 def _rated(progress: Callable[[str, int, int, str], None] | None) -> Callable[[str, int, int, str], None] | None:
@@ -137,6 +147,14 @@ def sweep_pythia(
     cache_budget: float = typer.Option(
         1024.0, "--cache-budget", help="Device memory (MB) for the cached outputs of the blocks before each layer."
     ),
+    search: str = typer.Option(
+        "exhaustive",
+        "--search",
+        help="exhaustive: every cell evaluated; screened: every cell estimated on a few selection prompts, halved round by round, the last --keep evaluated exactly.",
+    ),
+    keep: int | None = typer.Option(
+        None, "--keep", help="Screened search: cells evaluated exactly (default: 1 in 20)."
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="Stream cells to DIR/cells.jsonl; at the end write results.json and the plots."
     ),
@@ -173,6 +191,8 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
     out: Path | None = opts["out"]
     if opts["resume"] and out is None:
         raise ValueError("--resume continues the sweep in --out DIR; give --out")
+    if opts["resume"] and opts["search"] != "exhaustive":
+        raise ValueError("--resume continues an exhaustive sweep only; a screened search reruns from the start")
     if out is not None and lead:
         out = check_output_dir(out)
     swept = parse_layers(opts["layers"])
@@ -192,6 +212,8 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
         select_fraction=opts["select_fraction"],
         select_by=opts["select_by"],
         cache_budget_mb=opts["cache_budget"],
+        search=opts["search"],
+        keep=opts["keep"],
     )
     log = CellLog(out, config) if out is not None else None
     done: dict = {}

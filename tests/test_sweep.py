@@ -188,3 +188,45 @@ def test_small_budget_gives_the_same_cells_in_more_captures(neox_dir):
     assert (big.captures, small.captures) == (1, 3)
     assert [c.select for c in small.cells] == [c.select for c in big.cells]
     assert [c.report for c in small.cells] == [c.report for c in big.cells]
+
+
+def test_screen_bounds_grow_to_every_selection_prompt():
+    for n_select, total, keep in [(13, 432, 22), (40, 100, 10), (3, 432, 5), (20, 8, 4)]:
+        bounds = sweep._screen_bounds(n_select, total, keep)
+        assert bounds[-1] == n_select and bounds[0] >= 1
+        assert all(a < b for a, b in zip(bounds, bounds[1:]))
+
+
+def test_screened_search_evaluates_keep_cells_exactly(neox_dir):
+    from fasttrunc.experiments.pythia import task_prompts
+    from fasttrunc.hub import load_model
+    from fasttrunc.tasks.metrics import encode_prompts
+
+    model, tok = load_model(str(neox_dir), None, "float32", torch.device("cpu"))
+    encoded = {"ioi": encode_prompts(tok, task_prompts("ioi", tok, 24, 0))}
+    args = (model, encoded, {"ioi": 12}, [0, 1, 2], ["mlp_in", "mlp_out"], [0.9, 0.5, 0.2, 0.05, 0])
+    exhaustive = sweep.sweep_model(*args, batch_size=8)
+    screened = sweep.sweep_model(*args, batch_size=8, search="screened", keep=3)
+    assert len(screened.cells) == 30 and sum(c.evaluated for c in screened.cells) == 3
+    exact = {(c.layer, c.matrix, c.rank): c for c in exhaustive.cells}
+    for cell in screened.cells:
+        if cell.evaluated:
+            _close(cell.select["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].select["ioi"])
+            _close(cell.report["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].report["ioi"])
+            assert cell.estimate_prompts == 0
+        else:
+            assert cell.report == {} and 1 <= cell.estimate_prompts < 12
+    _close(screened.baseline_select["ioi"], exhaustive.baseline_select["ioi"])
+    with pytest.raises(ValueError, match="keep 30 is out of range for 30 cells; allowed: 1..29"):
+        sweep.sweep_model(*args, search="screened", keep=30)
+
+
+def test_screened_config_checks(neox_dir):
+    with pytest.raises(ValueError, match="keep applies to search screened only"):
+        sweep.SweepConfig(model=str(neox_dir), keep=3)
+    with pytest.raises(ValueError, match="search"):
+        sweep.SweepConfig(model=str(neox_dir), search="greedy")
+    config = sweep.SweepConfig(model=str(neox_dir), ranks=(0.5, 0), n=12, search="screened", keep=2)
+    rev = sweep.run(config).revisions[0]
+    assert rev.cells_evaluated == 2 and len(rev.cells) == 3 * 2 * 2
+    assert rev.best["ioi"].select_score == max(c.select["ioi"].mean_p_correct for c in rev.cells if c.evaluated)

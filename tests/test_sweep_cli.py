@@ -132,3 +132,19 @@ def test_more_ranks_than_cells_is_one_line(model_dir):
     config = sweep.SweepConfig(model=str(model_dir), layers=(0,), matrices=("mlp_in",), ranks=(0.5, 0), n=4)
     with pytest.raises(ValueError, match="5 ranks for 2 cells: start at most 2 processes"):
         sweep.run(config, shard=Five())
+
+
+def test_screened_search_on_the_command_line(model_dir, tmp_path):
+    result = runner.invoke(
+        app, [*_args(model_dir, ranks="0.9,0.5,0.1,0"), "--search", "screened", "--keep", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    cells = json.loads(result.stdout)["revisions"][0]["cells"]
+    assert sum(c["evaluated"] for c in cells) == 2 and len(cells) == 24
+    for args, message in [
+        (["--search", "screened", "--keep", "24"], "keep 24 is out of range for 24 cells"),
+        (["--search", "screened", "--keep", "0"], "keep 0"),
+        (["--search", "screened", "--out", str(tmp_path / "s"), "--resume"], "exhaustive sweep only"),
+    ]:
+        bad = runner.invoke(app, [*_args(model_dir, ranks="0.9,0.5,0.1,0"), *args])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output

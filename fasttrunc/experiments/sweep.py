@@ -9,6 +9,7 @@ no factorization. The first ``select_fraction`` of the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from copy import deepcopy
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from fasttrunc import checks
-from fasttrunc.experiments.prefix import PrefixCache
+from fasttrunc.experiments.prefix import PrefixCache, cat_scores
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.families import detect_family, expand_matrices, module_kind
 from fasttrunc.hub import load_model
@@ -29,6 +30,7 @@ from fasttrunc.truncation import Factors, Targets, Truncation, factorize, replac
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
+SEARCHES = ("exhaustive", "screened")
 SELECT_BY = ("mean_p_correct", "accuracy", "mean_of_ratios", "ratio_of_means", "mean_logit_diff")
 
 
@@ -45,10 +47,17 @@ class SweepConfig(ModelRunSettings):
     select_fraction: float = 0.2
     select_by: str = "mean_p_correct"
     cache_budget_mb: float = 1024.0  # device memory for the cached prefixes
+    search: str = "exhaustive"  # or "screened": successive halving on the selection prompts
+    keep: int | None = None  # screened: cells evaluated exactly (default: 1 in 20)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         checks.real("cache_budget_mb", self.cache_budget_mb, 0.0, float("inf"), low_open=True)
+        checks.choice("search", self.search, SEARCHES)
+        if self.keep is not None:
+            checks.positive("keep", self.keep)
+            if self.search != "screened":
+                raise ValueError("keep applies to search screened only")
         checks.text("model", self.model)
         tasks = checks.non_empty("tasks", self.tasks)
         for task in tasks:
@@ -80,6 +89,8 @@ class Cell:
     select: dict[str, TaskMetrics]  # task -> metrics on the selection prompts
     report: dict[str, TaskMetrics]  # task -> metrics on the report prompts
     form: str = "factored"  # how the edit ran: "factored" (TruncatedLinear) or "dense" (rank-r weight)
+    evaluated: bool = True  # False: screened search only estimated it (``select`` on a few prompts, no report)
+    estimate_prompts: int = 0  # for an estimate: how many selection prompts it saw
 
 
 @dataclass
@@ -107,6 +118,8 @@ class SweepRevision:
     eval_seconds: float
     matrices_factorized: int
     svd_calls: int
+    cells_evaluated: int = 0  # cells evaluated exactly (all of them unless the search was screened)
+    captures: int = 0  # unedited passes that filled the prefix cache
 
 
 @dataclass
@@ -215,6 +228,9 @@ def sweep_model(
     done: Mapping[CellKey, Cell] | None = None,
     on_cell: Callable[[Cell], None] | None = None,
     shard: Shard | None = None,
+    search: str = "exhaustive",
+    keep: int | None = None,
+    select_by: str = "mean_p_correct",
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
@@ -250,36 +266,51 @@ def sweep_model(
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     tasks = list(encoded)
-    sets = [part for t in tasks for part in (_rows(encoded[t], 0, splits[t]), _rows(encoded[t], splits[t], None))]
+    if search == "exhaustive":
+        sets = [part for t in tasks for part in (_rows(encoded[t], 0, splits[t]), _rows(encoded[t], splits[t], None))]
+    else:
+        if len(tasks) != 1:
+            raise ValueError(f"screened search ranks cells by one task's selection metric; got tasks {tasks}")
+        keep = max(1, round(total / 20)) if keep is None else keep
+        if not 1 <= keep < total:
+            raise ValueError(f"keep {keep} is out of range for {total} cells; allowed: 1..{total - 1}")
+        bounds = _screen_bounds(splits[tasks[0]], total, keep)
+        enc = encoded[tasks[0]]
+        sets = [_rows(enc, lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)] + [_rows(enc, splits[tasks[0]], None)]
     cache = PrefixCache(model, blocks_path, batch_size)
     swept = sorted({key[0] for key in cell_ranks})
-    groups = _layer_groups(cache, sets, swept, cache_budget_mb)
+    engine = _Engine(model, cache, sets, _layer_groups(cache, sets, swept, cache_budget_mb), shard)
     results: dict[CellKey, Cell] = dict(done)
-    baseline: list[Scores] | None = None
-    largest = captures = 0
-    for group in groups:
-        todo = [key for key in cell_ranks if key[0] in group and key not in results]
-        if not todo and baseline is not None:
-            continue
-        scores = _evaluate(model, cache, sets, group)
-        captures += 1
-        largest = max(largest, cache.bytes)
-        baseline = baseline or scores
-        for start in range(0, len(todo), shard.world):
-            mine = todo[start + shard.rank] if start + shard.rank < len(todo) else None
-            cell = None if mine is None else _cell(model, cache, sets, tasks, mine, cell_ranks[mine], factors, method)
-            for item in shard.gather(cell):
-                if isinstance(item, Cell):
-                    results[(item.layer, item.matrix, item.rank)] = item
-                    if on_cell is not None:
-                        on_cell(item)
-            last = todo[min(start + shard.world, len(todo)) - 1]
-            report(progress, "sweep", len(results), total, f"{label} L{last[0]} {last[1]} {last[2]}".strip())
-        cache.outputs = {}
-    if baseline is None:  # nothing swept: the baseline alone
-        baseline = _evaluate(model, cache, sets, [])
+
+    def edit(key: CellKey) -> tuple[Truncation, str]:
+        return _edit(model, cell_ranks[key], factors, method)
+
+    if search == "exhaustive":
+
+        def finished(key: CellKey, form: str, scores: list[Scores]) -> None:
+            select, reported = _metrics(tasks, scores)
+            layer, matrix, rank = key
+            cell = Cell(layer, matrix, rank, cell_ranks[key], select, reported, form=form)
+            results[key] = cell
+            if on_cell is not None:
+                on_cell(cell)
+            report(progress, "sweep", len(results), total, f"{label} L{layer} {matrix} {rank}".strip())
+
+        every = tuple(range(len(sets)))
+        engine.run([(key, every) for key in cell_ranks if key not in results], edit, finished)
+    else:
+        assert keep is not None  # set above for a screened search
+        _screen(engine, tasks[0], cell_ranks, bounds, keep, select_by, edit, results, progress, label)
+        if on_cell is not None:
+            for key in cell_ranks:
+                on_cell(results[key])
+    baseline = engine.baseline or _evaluate(model, cache, sets, [])  # nothing left to sweep: the baseline alone
     synchronize(device)
-    base_select, base_report = _metrics(tasks, baseline)
+    if search == "exhaustive":
+        base_select, base_report = _metrics(tasks, baseline)
+    else:
+        base_select = {tasks[0]: aggregate(cat_scores(baseline[:-1]))}
+        base_report = {tasks[0]: aggregate(baseline[-1])}
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
@@ -288,9 +319,122 @@ def sweep_model(
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
         svd_calls=factors.svd_calls,
-        cache_mb=largest / 2**20,
-        captures=captures,
+        cache_mb=engine.largest / 2**20,
+        captures=engine.captures,
     )
+
+
+# Successive halving: each round keeps 1 / SCREEN_ETA of the cells on SCREEN_ETA x the prompts.
+SCREEN_ETA = 2
+
+
+def _screen_bounds(n_select: int, total: int, keep: int) -> list[int]:
+    """Cumulative selection-prompt counts of the screening rounds; the last is all of them."""
+    alive, rounds = total, 0
+    while alive > keep:
+        alive = max(keep, -(-alive // SCREEN_ETA))
+        rounds += 1
+    rounds = min(rounds, n_select - 1)
+    bounds: list[int] = []
+    for i in range(rounds):
+        want = math.ceil(n_select * SCREEN_ETA ** (i - rounds))
+        bounds.append(min(n_select - rounds + i, max(bounds[-1] + 1 if bounds else 1, want)))
+    return [*bounds, n_select]
+
+
+def _screen(
+    engine: _Engine,
+    task: str,
+    cell_ranks: Mapping[CellKey, dict[str, int]],
+    bounds: list[int],
+    keep: int,
+    select_by: str,
+    edit: Callable[[CellKey], tuple[Truncation, str]],
+    results: dict[CellKey, Cell],
+    progress: Progress,
+    label: str,
+) -> None:
+    """Estimate every cell on a few selection prompts, halve, repeat; evaluate the last ``keep`` exactly."""
+    seen: dict[CellKey, list[Scores]] = {key: [] for key in cell_ranks}
+    forms: dict[CellKey, str] = {}
+
+    def add(key: CellKey, form: str, scores: list[Scores]) -> None:
+        seen[key].extend(scores)
+        forms[key] = form
+
+    def value(key: CellKey) -> float:
+        v = getattr(aggregate(cat_scores(seen[key])), select_by)
+        return -math.inf if v is None or math.isnan(v) else float(v)
+
+    alive = list(cell_ranks)
+    rounds = len(bounds) - 1
+    for i in range(rounds):
+        engine.run([(key, (i,)) for key in alive], edit, add)
+        report(progress, "sweep", i + 1, rounds + 1, f"{label} screening round {i + 1}: {len(alive)} cells".strip())
+        if i < rounds - 1:
+            survivors = max(keep, -(-len(alive) // SCREEN_ETA))
+        else:
+            survivors = keep
+        alive = sorted(alive, key=value, reverse=True)[:survivors]
+        for key in cell_ranks:
+            if key not in alive and key not in results:
+                layer, matrix, rank = key
+                select = {task: aggregate(cat_scores(seen[key]))}
+                results[key] = Cell(
+                    layer, matrix, rank, dict(cell_ranks[key]), select, {}, form=forms[key], evaluated=False,
+                    estimate_prompts=bounds[len(seen[key]) - 1],
+                )  # fmt: skip
+    n_sets = len(bounds) + 1
+    engine.run([(key, tuple(range(len(seen[key]), n_sets))) for key in alive], edit, add)
+    for key in alive:
+        layer, matrix, rank = key
+        select = {task: aggregate(cat_scores(seen[key][:-1]))}
+        reported = {task: aggregate(seen[key][-1])}
+        results[key] = Cell(layer, matrix, rank, dict(cell_ranks[key]), select, reported, form=forms[key])
+    report(progress, "sweep", rounds + 1, rounds + 1, f"{label} {len(alive)} cells evaluated exactly".strip())
+
+
+class _Engine:
+    """Runs (cell, prompt sets) items layer group by layer group, sharded, from the cached prefix."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: PrefixCache,
+        sets: Sequence[EncodedPrompts],
+        groups: list[list[int]],
+        shard: Shard,
+    ):
+        self.model, self.cache, self.sets, self.groups, self.shard = model, cache, sets, groups, shard
+        self.baseline: list[Scores] | None = None
+        self.captures = self.largest = 0
+
+    def run(
+        self,
+        items: Sequence[tuple[CellKey, tuple[int, ...]]],
+        edit: Callable[[CellKey], tuple[Truncation, str]],
+        finished: Callable[[CellKey, str, list[Scores]], None],
+    ) -> None:
+        shard = self.shard
+        for group in self.groups:
+            todo = [item for item in items if item[0][0] in group]
+            if not todo and self.baseline is not None:
+                continue
+            scores = _evaluate(self.model, self.cache, self.sets, group)
+            self.captures += 1
+            self.largest = max(self.largest, self.cache.bytes)
+            self.baseline = self.baseline or scores
+            for start in range(0, len(todo), shard.world):
+                out = None
+                if start + shard.rank < len(todo):
+                    key, which = todo[start + shard.rank]
+                    truncation, form = edit(key)
+                    with truncation:
+                        out = (key, form, _evaluate(self.model, self.cache, self.sets, (key[0], which)))
+                for item in shard.gather(out):
+                    if item is not None:
+                        finished(*item)  # type: ignore[misc]
+            self.cache.outputs = {}
 
 
 def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
@@ -301,30 +445,18 @@ def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, 
 
 
 def _evaluate(
-    model: nn.Module, cache: PrefixCache, sets: Sequence[EncodedPrompts], what: int | list[int]
-) -> list[Scores]:
-    """Scores of every prompt set: a list of layers captures their prefixes (the unedited model,
-    the baseline); one layer runs ``model`` as it is from that layer on."""
-    if isinstance(what, list):
-        return cache.capture(sets, what)
-    return cache.score(what, sets)
-
-
-def _cell(
     model: nn.Module,
     cache: PrefixCache,
     sets: Sequence[EncodedPrompts],
-    tasks: Sequence[str],
-    key: CellKey,
-    ks: dict[str, int],
-    factors: Factors,
-    method: str,
-) -> Cell:
-    layer, matrix, rank = key
-    edit, form = _edit(model, ks, factors, method)
-    with edit:
-        select, reported = _metrics(tasks, _evaluate(model, cache, sets, layer))
-    return Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported, form=form)
+    what: list[int] | tuple[int, Sequence[int]],
+) -> list[Scores]:
+    """Scores of prompt sets. ``what`` a list of layers: capture their prefixes over every set
+    (the unedited model: the baseline); ``(layer, which)``: ``model`` as it is, from ``layer``
+    on, over the sets numbered ``which``."""
+    if isinstance(what, list):
+        return cache.capture(sets, what)
+    layer, which = what
+    return cache.score(layer, sets, which)
 
 
 def _layer_groups(
@@ -357,7 +489,7 @@ def _best(grid: Grid, task: str, select_by: str) -> Best:
     def key(cell: Cell) -> float:
         return float(getattr(cell.select[task], select_by))
 
-    top = max(grid.cells, key=key)
+    top = max((cell for cell in grid.cells if cell.evaluated), key=key)  # screened: the exact cells only
     return Best(
         layer=top.layer,
         matrix=top.matrix,
@@ -397,6 +529,9 @@ def _sweep_revision(
         progress=progress,
         label=f" {revision}" if revision else "",
         cache_budget_mb=config.cache_budget_mb,
+        search=config.search,
+        keep=config.keep,
+        select_by=config.select_by,
         done=done,
         on_cell=None if on_cell is None else (lambda cell: on_cell(revision, cell)),
         shard=shard,
@@ -415,6 +550,8 @@ def _sweep_revision(
         eval_seconds=grid.eval_seconds,
         matrices_factorized=grid.matrices_factorized,
         svd_calls=grid.svd_calls,
+        cells_evaluated=sum(cell.evaluated for cell in grid.cells),
+        captures=grid.captures,
     )
 
 
