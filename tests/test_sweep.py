@@ -230,3 +230,19 @@ def test_screened_config_checks(neox_dir):
     rev = sweep.run(config).revisions[0]
     assert rev.cells_evaluated == 2 and len(rev.cells) == 3 * 2 * 2
     assert rev.best["ioi"].select_score == max(c.select["ioi"].mean_p_correct for c in rev.cells if c.evaluated)
+
+
+def test_sweep_benchmark_reports_floor_baselines_and_screening():
+    from fasttrunc.bench.sweep import SweepBenchConfig, run
+
+    small = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=300, n_prompts=10)
+    small |= dict(prompt_len=5, batch_size=5, dtype="float32", device="cpu", ranks=(0.9, 0.5, 0.1, 0.0))
+    result = run(SweepBenchConfig(**small))
+    assert result.cells == result.cells_evaluated == 2 * 2 * 4
+    assert result.floor_seconds > 0 and result.recipe_seconds > 0 and result.laser_shipped_seconds > 0
+    assert result.floor_ratio == pytest.approx(result.fasttrunc_seconds / result.floor_seconds)
+    assert result.max_abs_diff_p_correct_recipe < 0.01 and result.max_abs_diff_p_correct_shipped < 0.01
+    assert result.best_matches_exhaustive
+    screened = run(SweepBenchConfig(**small, search="screened", keep=3, baselines=False))
+    assert screened.cells == 16 and screened.cells_evaluated == 3 and screened.recipe_seconds is None
+    assert isinstance(screened.best_matches_exhaustive, bool)
