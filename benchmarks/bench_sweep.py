@@ -5,6 +5,7 @@
         --n-prompts 64 --json                        # the CPU shape (fp32)
     python benchmarks/bench_sweep.py ... --search screened --keep 5
     python benchmarks/bench_sweep.py ... --ranks 0.9,0.2,0.01 --no-baselines
+    python benchmarks/bench_sweep.py --study trained:0   # screened vs exhaustive, 432 cells (fasttrunc.bench.screen)
 
 Every path runs in the same process on the same device (fasttrunc.bench.sweep); copy the table
 into benchmarks/RESULTS.md with the device's name.
@@ -39,8 +40,21 @@ def main(
     method: str = typer.Option("exact", "--method", help="fasttrunc's SVD: exact or randomized."),
     out: Path = typer.Option(None, "--out", help="Write results.json into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
+    study: str | None = typer.Option(
+        None, "--study", help="Instead: screened vs exhaustive on a tiny GPT-NeoX, trained:SEED or random:SEED."
+    ),
 ) -> None:
     """Time fasttrunc's LASER sweep against its floor and two baselines on a random GPT-NeoX."""
+    if study is not None:
+        import json
+        import tempfile
+
+        from fasttrunc.bench.screen import study as screen_study
+
+        kind, _, seed = study.partition(":")
+        where = Path(out) if out is not None else Path(tempfile.gettempdir()) / "fasttrunc-screen-study"
+        print(json.dumps(screen_study(kind, int(seed or 0), where, keep)))
+        return
     from fasttrunc.bench.sweep import SweepBenchConfig, run, summary_rows
     from fasttrunc.cli._common import emit, make_table, progress_bar, user_errors
 
