@@ -1,6 +1,15 @@
 """Entry point of the ``fasttrunc`` command: the apps plus every command module."""
 
-from fasttrunc.cli import bench, bench_svd, export, memory, pythia, recall, targets  # noqa: F401  (each registers its commands)
+from fasttrunc.cli import (  # noqa: F401  (each registers its commands)
+    bench,
+    bench_svd,
+    export,
+    memory,
+    pythia,
+    recall,
+    sweep,
+    targets,
+)
 from fasttrunc.cli.apps import app
 
 

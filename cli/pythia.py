@@ -1,4 +1,4 @@
-"""`fasttrunc run pythia`, `fasttrunc sweep pythia` and `fasttrunc make-tiny-neox`.
+"""`fasttrunc run pythia` and `fasttrunc make-tiny-neox` (`fasttrunc sweep pythia` lives in cli/sweep.py).
 
 Thin: options -> config, progress on stderr, tables / JSON / --out. The library is imported
 inside the command bodies so that `fasttrunc --help` stays fast.
@@ -22,13 +22,12 @@ from fasttrunc.cli._common import (
     stderr,
     user_errors,
 )
-from fasttrunc.cli.apps import app, run_app, sweep_app
+from fasttrunc.cli.apps import app, run_app
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from fasttrunc.experiments.pythia import PythiaResult
-    from fasttrunc.experiments.sweep import SweepResult
 
 MODEL_HELP = "A Hugging Face hub id (EleutherAI/pythia-1b) or a local model directory."
 REVISION_HELP = "One revision to load, for example step14000 (a local directory looks in DIR/revisions/)."
@@ -180,98 +179,6 @@ def run_pythia(
     with progress_bar(not as_json) as progress:
         result = pythia.run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
-
-
-def _sweep_tables(result: SweepResult) -> list[Table]:
-    cfg = result.config
-    tables = []
-    for rev in result.revisions:
-        for task, best in rev.best.items():
-            title = (
-                f"{cfg.model} {rev.revision or ''} {task}: best cell on {rev.n_select[task]} selection prompts "
-                f"(by {cfg.select_by}) = layer {best.layer} {best.matrix} rank {best.rank}; "
-                f"reported on the other {rev.n_report[task]}"
-            )
-            rows = [
-                [label, _fmt(getattr(best.baseline_report, key)), _fmt(getattr(best.report, key))]
-                for label, key in METRIC_ROWS
-            ]
-            tables.append(make_table(title, ["metric", "baseline", "best cell"], rows))
-            grid_rows = []
-            for row_key in dict.fromkeys((c.layer, c.matrix) for c in rev.cells):
-                cells = [c for c in rev.cells if (c.layer, c.matrix) == row_key]
-                grid_rows.append(
-                    [f"L{row_key[0]} {row_key[1]}"] + [getattr(c.select[task], cfg.select_by) for c in cells]
-                )
-            grid_title = f"{task}: {cfg.select_by} on the selection prompts (baseline {getattr(rev.baseline_select[task], cfg.select_by):.4f})"
-            tables.append(make_table(grid_title, ["cell"] + [str(r) for r in cfg.ranks], grid_rows))
-    return tables
-
-
-@sweep_app.command("pythia")
-@user_errors
-def sweep_pythia(
-    model: str = MODEL_OPT,
-    layers: str = typer.Option(
-        "all", "--layers", help="Layers to sweep: comma-separated indices, ranges such as 8-15, or all."
-    ),
-    matrices: str = typer.Option(
-        "mlp_in,mlp_out",
-        "--matrices",
-        help="Grid rows per layer, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or a group (mlp, attn, all) truncated together.",
-    ),
-    ranks: str = typer.Option(
-        "0.9,0.8,0.6,0.4,0.2,0.1,0.05,0.01,0.005",
-        "--ranks",
-        help="Ranks to sweep, comma-separated: ints are absolute, floats in [0, 1] are fractions of the full rank (LASER's grid by default).",
-    ),
-    task: str = typer.Option("ioi", "--task", help="Tasks, comma-separated: ioi, factual."),
-    revision: str | None = REVISION_OPT,
-    revisions: str | None = REVISIONS_OPT,
-    n: int | None = N_OPT,
-    seed: int = SEED_OPT,
-    device: str = DEVICE_OPT,
-    dtype: str = DTYPE_OPT,
-    batch_size: int = BATCH_OPT,
-    method: str = METHOD_OPT,
-    select_fraction: float = typer.Option(
-        0.2, "--select-fraction", help="Fraction of the prompts that selects the best cell; the rest report it."
-    ),
-    select_by: str = typer.Option(
-        "mean_p_correct",
-        "--select-by",
-        help="The selection metric: mean_p_correct, accuracy, mean_of_ratios, ratio_of_means or mean_logit_diff.",
-    ),
-    out: Path | None = OUT_OPT,
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Sweep layers x matrices x ranks as LASER does, factorizing each matrix once, and report the best cell."""
-    from fasttrunc.experiments import sweep
-    from fasttrunc.plots import sweep_plots
-    from fasttrunc.ranks import parse_rank
-
-    check_out(out)
-    swept = parse_layers(layers)
-    config = sweep.SweepConfig(
-        model=model,
-        layers=None if swept is None else tuple(swept),
-        matrices=tuple(split_list(matrices, "matrices")),
-        ranks=tuple(parse_rank(r) for r in split_list(ranks, "ranks")),
-        tasks=tuple(split_list(task, "tasks")),
-        revisions=parse_revisions(revision, revisions),
-        n=n,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        method=method,
-        select_fraction=select_fraction,
-        select_by=select_by,
-    )
-    check_models(config.model, config.revisions)
-    with progress_bar(not as_json) as progress:
-        result = sweep.run(config, progress)
-    emit(result, as_json=as_json, out=out, tables=_sweep_tables, plots=sweep_plots)
 
 
 @app.command("make-tiny-neox")

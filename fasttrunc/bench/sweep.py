@@ -1,26 +1,27 @@
-"""A LASER sweep on a Pythia-1.4b-shaped GPT-NeoX: fasttrunc against LASER's own recipe (CUDA).
+"""A LASER sweep on a GPT-NeoX of a chosen shape: fasttrunc against its floor and two baselines.
 
-The model is built from its config with random weights (timing does not depend on them) in
-bf16; the prompts are random token ids of IOI length. Both paths sweep the same grid (every
-layer x {mlp_in, mlp_out} x LASER's 9 rhos by default), score the same prompts with the same
-batch size, and are timed in the same run on the same card:
+The model is built from its config with random weights (timing does not depend on them); the
+prompts are random token ids of IOI length. Every path sweeps the same grid (every layer x
+{mlp_in, mlp_out} x LASER's 9 rhos by default), scores the same prompts, in the same run:
 
-- ``fasttrunc``: :func:`fasttrunc.experiments.sweep.sweep_model`: each matrix factorized once
-  (``factorize``, batched), every cell truncated by ``truncate_`` from the sliced factors
-  (``TruncatedLinear``, so the low-rank kernel when it is there) and restored; the head is
-  applied at the last positions only;
-- ``laser``: for each cell ``torch.svd_lowrank(W.float(), q=rank, niter=2)``, write
-  ``U diag(S) V^T`` into the dense weight, run the Hugging Face forward (full logits), restore
-  the weight from a saved copy.
+- ``fasttrunc``: :func:`fasttrunc.experiments.sweep.sweep_model` (factorize once, prefix reuse,
+  the cheaper form of each edit, head at the last position; ``search`` exhaustive or screened);
+- ``floor``: the suffix forwards alone: every cell's edit built beforehand and the prefix
+  captured beforehand, only the forwards from the edited layer on timed;
+- ``recipe``: per cell ``torch.svd_lowrank(W.float(), q=rank, niter=2)``, written into the dense
+  weight, the Hugging Face forward (full logits), the weight restored from a saved copy;
+- ``laser_shipped``: LASER as it ships: per cell a ``deepcopy`` of the model on the CPU, the
+  randomized SVD there in fp32, the edited copy moved to the device, prompts scored one at a time.
 
-The metrics of both paths are compared cell by cell (the randomized SVD of the LASER recipe is
-approximate, so they agree closely, not exactly).
+The metrics are compared cell by cell (both baselines use the randomized SVD, so they agree
+closely, not exactly: the spread is reported).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -54,6 +55,9 @@ class SweepBenchConfig:
     method: str = "exact"
     device: str = "cuda"
     seed: int = 0
+    search: str = "exhaustive"
+    keep: int | None = None
+    baselines: bool = True  # time the recipe and LASER as shipped (the slow part)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "batch_size", "prompt_len"):
@@ -77,6 +81,7 @@ class SweepBenchConfig:
         check_method(self.method)
         resolve_device(self.device)
         checks.seed("seed", self.seed)
+        checks.choice("search", self.search, ("exhaustive", "screened"))
 
 
 @dataclasses.dataclass
@@ -84,14 +89,30 @@ class SweepBenchResult(ResultMixin):
     config: SweepBenchConfig
     device: str
     cells: int
+    cells_evaluated: int  # exactly (fewer than cells for a screened search)
     fasttrunc_seconds: float
     fasttrunc_svd_seconds: float
     fasttrunc_eval_seconds: float
-    laser_seconds: float
-    laser_svd_seconds: float
-    laser_eval_seconds: float
-    speedup: float
-    max_abs_diff_p_correct: float  # between the two paths, over cells (selection + report prompts)
+    floor_seconds: float  # the suffix forwards of every cell, nothing else
+    recipe_seconds: float | None
+    laser_shipped_seconds: float | None
+    floor_ratio: float  # fasttrunc / floor
+    recipe_speedup: float | None  # recipe / fasttrunc
+    laser_shipped_speedup: float | None
+    max_abs_diff_p_correct_recipe: float | None  # fasttrunc vs the recipe, over evaluated cells
+    max_abs_diff_p_correct_shipped: float | None
+    best_cell: list[Any]
+    exhaustive_best_cell: list[Any] | None  # screened search: the best cell of the floor's exhaustive pass
+    best_matches_exhaustive: bool | None
+
+    @property
+    def laser_seconds(self) -> float | None:
+        """The per-cell recipe's seconds (its name before the floor and LASER as shipped were timed)."""
+        return self.recipe_seconds
+
+    @property
+    def max_abs_diff_p_correct(self) -> float | None:
+        return self.max_abs_diff_p_correct_recipe
 
 
 def _model(config: SweepBenchConfig, device: torch.device) -> Any:
@@ -149,13 +170,16 @@ def _laser_scores(model: Any, enc: EncodedPrompts, batch_size: int) -> Scores:
     )
 
 
-def _laser(
-    model: Any, enc: EncodedPrompts, config: SweepBenchConfig, device: torch.device, progress: Progress
-) -> tuple[float, float, list[float]]:
-    """LASER's per-cell recipe; returns (svd seconds, eval seconds, mean P(correct) per cell)."""
-    svd_s = eval_s = 0.0
+def _cells(config: SweepBenchConfig) -> list[tuple[int, str, float]]:
+    return [(layer, m, r) for layer in range(config.num_layers) for m in config.matrices for r in config.ranks]
+
+
+def _recipe(model: Any, enc: EncodedPrompts, config: SweepBenchConfig, progress: Progress) -> tuple[float, list[float]]:
+    """The per-cell recipe; returns (seconds, mean P(correct) per cell)."""
+    device = next(model.parameters()).device
+    seconds = 0.0
     p_correct: list[float] = []
-    cells = [(layer, m, r) for layer in range(config.num_layers) for m in config.matrices for r in config.ranks]
+    cells = _cells(config)
     for done, (layer, matrix, rank) in enumerate(cells):
         synchronize(device)
         t0 = time.perf_counter()
@@ -164,25 +188,98 @@ def _laser(
             for name in resolve_targets(model, Targets(layers=[layer], matrices=matrix)):
                 weight = model.get_submodule(name).weight
                 saved[name] = weight.detach().clone()
-                k = resolve_rank(rank, *weight.shape)
-                if k == 0:
-                    weight.zero_()
-                    continue
-                u, s, v = torch.svd_lowrank(weight.float(), q=k, niter=2)
-                weight.copy_(((u * s) @ v.T).to(weight.dtype))
-        synchronize(device)
-        t1 = time.perf_counter()
+                _write_lowrank(weight, rank)
         scores = _laser_scores(model, enc, config.batch_size)
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_submodule(name).weight.copy_(original)
         synchronize(device)
-        t2 = time.perf_counter()
-        svd_s += t1 - t0
-        eval_s += t2 - t1
+        seconds += time.perf_counter() - t0
         p_correct.append(aggregate(scores).mean_p_correct)
-        report(progress, "laser recipe", done + 1, len(cells))
-    return svd_s, eval_s, p_correct
+        report(progress, "recipe", done + 1, len(cells))
+    return seconds, p_correct
+
+
+def _write_lowrank(weight: torch.Tensor, rank: float) -> None:
+    """LASER's edit: the randomized rank-k approximation (niter=2) written into ``weight``."""
+    k = resolve_rank(rank, *weight.shape)
+    if k == 0:
+        weight.zero_()
+        return
+    u, s, v = torch.svd_lowrank(weight.float(), q=k, niter=2)
+    weight.copy_(((u * s) @ v.T).to(weight.dtype))
+
+
+def _shipped(
+    model: Any, enc: EncodedPrompts, config: SweepBenchConfig, progress: Progress
+) -> tuple[float, list[float]]:
+    """LASER as shipped: per cell deepcopy on the CPU, CPU fp32 SVD, move, prompts one at a time."""
+    device = next(model.parameters()).device
+    cpu_model = deepcopy(model).to("cpu")
+    seconds = 0.0
+    p_correct: list[float] = []
+    cells = _cells(config)
+    for done, (layer, matrix, rank) in enumerate(cells):
+        synchronize(device)
+        t0 = time.perf_counter()
+        edited = deepcopy(cpu_model)
+        with torch.no_grad():
+            for name in resolve_targets(edited, Targets(layers=[layer], matrices=matrix)):
+                _write_lowrank(edited.get_submodule(name).weight, rank)
+        edited = edited.to(device)
+        scores = _laser_scores(edited, enc, 1)
+        del edited
+        synchronize(device)
+        seconds += time.perf_counter() - t0
+        p_correct.append(aggregate(scores).mean_p_correct)
+        report(progress, "laser shipped", done + 1, len(cells))
+    return seconds, p_correct
+
+
+def _floor(
+    model: Any, enc: EncodedPrompts, splits: dict[str, int], config: SweepBenchConfig
+) -> tuple[float, list[Cell]]:
+    """Only the suffix forwards of every cell timed: edits and prefixes prepared beforehand."""
+    from fasttrunc.experiments.prefix import PrefixCache
+    from fasttrunc.experiments.sweep import _edit, _metrics, _rows
+    from fasttrunc.families import detect_family
+    from fasttrunc.truncation import factorize
+
+    device = next(model.parameters()).device
+    _, blocks_path, _ = detect_family(model)
+    n = splits["ioi"]
+    sets = [_rows(enc, 0, n), _rows(enc, n, None)]
+    cache = PrefixCache(model, blocks_path, config.batch_size)
+    cache.capture(sets, list(range(config.num_layers)))
+    cells = _cells(config)
+    ks_of = {}
+    for layer, matrix, rank in cells:
+        names = resolve_targets(model, Targets(layers=[layer], matrices=matrix))
+        ks_of[(layer, matrix, rank)] = {
+            name: resolve_rank(rank, *model.get_submodule(name).weight.shape) for name in names
+        }
+    max_ranks: dict[str, int] = {}
+    for ks in ks_of.values():
+        for name, k in ks.items():
+            max_ranks[name] = max(max_ranks.get(name, 0), k)
+    factors = factorize(model, lambda name, _: name in max_ranks, max_ranks, method=config.method)
+    seconds = 0.0
+    out: list[Cell] = []
+    for key, ks in ks_of.items():
+        edit, form = _edit(model, ks, factors, config.method)
+        with edit:
+            synchronize(device)
+            t0 = time.perf_counter()
+            scores = cache.score(key[0], sets)
+            synchronize(device)
+            seconds += time.perf_counter() - t0
+        select, reported = _metrics(["ioi"], scores)
+        out.append(Cell(key[0], key[1], key[2], ks, select, reported, form=form))
+    return seconds, out
+
+
+def _key(cell: Cell) -> list[Any]:
+    return [cell.layer, cell.matrix, cell.rank]
 
 
 def _mean_p_correct(cell: Cell, n_select: int, n_report: int) -> float:
@@ -196,20 +293,11 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
     model = _model(config, device)
     enc = _prompts(config)
     n_select = max(1, round(0.2 * config.n_prompts))
+    n_report = config.n_prompts - n_select
     splits = {"ioi": n_select}
-    # Warm-up: one forward per path, so neither pays first-call costs (kernel compilation, cuBLAS
-    # handles) inside its timing.
+    # Warm-up: one forward per path, so none pays first-call costs inside its timing.
     _laser_scores(model, enc, config.batch_size)
-    sweep_model(
-        model,
-        {"ioi": enc},
-        splits,
-        [0],
-        config.matrices[:1],
-        config.ranks[-1:],
-        method=config.method,
-        batch_size=config.batch_size,
-    )
+    sweep_model(model, {"ioi": enc}, splits, [0], config.matrices[:1], config.ranks[-1:], batch_size=config.batch_size)
     synchronize(device)
     t0 = time.perf_counter()
     grid = sweep_model(
@@ -223,41 +311,65 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
         batch_size=config.batch_size,
         progress=progress,
         label=" fasttrunc",
+        search=config.search,
+        keep=config.keep,
     )
     synchronize(device)
     ft_seconds = time.perf_counter() - t0
-    laser_svd, laser_eval, laser_p = _laser(model, enc, config, device, progress)
-    ours = [_mean_p_correct(c, n_select, config.n_prompts - n_select) for c in grid.cells]
-    laser_total = laser_svd + laser_eval
+    floor_seconds, exhaustive = _floor(model, enc, splits, config)
+    evaluated = [c for c in grid.cells if c.evaluated]
+
+    def select(c: Cell) -> float:
+        return c.select["ioi"].mean_p_correct
+
+    best = max(evaluated, key=select)
+    exhaustive_best = max(exhaustive, key=select)
+    recipe_s = shipped_s = diff_recipe = diff_shipped = None
+    if config.baselines:
+        recipe_s, recipe_p = _recipe(model, enc, config, progress)
+        shipped_s, shipped_p = _shipped(model, enc, config, progress)
+        ours = {tuple(_key(c)): _mean_p_correct(c, n_select, n_report) for c in evaluated}
+        keys = [tuple(k) for k in _cells(config)]
+        diff_recipe = max(abs(ours[k] - p) for k, p in zip(keys, recipe_p) if k in ours)
+        diff_shipped = max(abs(ours[k] - p) for k, p in zip(keys, shipped_p) if k in ours)
     return SweepBenchResult(
         config=config,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         cells=len(grid.cells),
+        cells_evaluated=len(evaluated),
         fasttrunc_seconds=ft_seconds,
         fasttrunc_svd_seconds=grid.svd_seconds,
         fasttrunc_eval_seconds=grid.eval_seconds,
-        laser_seconds=laser_total,
-        laser_svd_seconds=laser_svd,
-        laser_eval_seconds=laser_eval,
-        speedup=laser_total / ft_seconds,
-        max_abs_diff_p_correct=max(abs(a - b) for a, b in zip(ours, laser_p)),
+        floor_seconds=floor_seconds,
+        recipe_seconds=recipe_s,
+        laser_shipped_seconds=shipped_s,
+        floor_ratio=ft_seconds / floor_seconds,
+        recipe_speedup=None if recipe_s is None else recipe_s / ft_seconds,
+        laser_shipped_speedup=None if shipped_s is None else shipped_s / ft_seconds,
+        max_abs_diff_p_correct_recipe=diff_recipe,
+        max_abs_diff_p_correct_shipped=diff_shipped,
+        best_cell=_key(best),
+        exhaustive_best_cell=_key(exhaustive_best),
+        best_matches_exhaustive=_key(best) == _key(exhaustive_best),
     )
 
 
 def summary_rows(result: SweepBenchResult) -> list[list[Any]]:
+    def row(name: str, seconds: float | None, vs: str) -> list[Any]:
+        return [name, "-" if seconds is None else f"{seconds:.2f}", vs]
+
+    ft = result.fasttrunc_seconds
     return [
-        [
-            "fasttrunc",
-            f"{result.fasttrunc_svd_seconds:.2f}",
-            f"{result.fasttrunc_eval_seconds:.2f}",
-            f"{result.fasttrunc_seconds:.2f}",
-            "1.0x",
-        ],
-        [
-            "LASER recipe",
-            f"{result.laser_svd_seconds:.2f}",
-            f"{result.laser_eval_seconds:.2f}",
-            f"{result.laser_seconds:.2f}",
-            f"{result.speedup:.1f}x slower",
-        ],
+        row("fasttrunc", ft, f"{result.floor_ratio:.2f}x the floor"),
+        row("floor (suffix forwards only)", result.floor_seconds, ""),
+        row(
+            "per-cell recipe",
+            result.recipe_seconds,
+            "" if result.recipe_speedup is None else f"{result.recipe_speedup:.1f}x fasttrunc",
+        ),
+        row(
+            "LASER as shipped",
+            result.laser_shipped_seconds,
+            "" if result.laser_shipped_speedup is None else f"{result.laser_shipped_speedup:.1f}x fasttrunc",
+        ),
     ]

@@ -9,23 +9,28 @@ no factorization. The first ``select_fraction`` of the
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fasttrunc import checks
+from fasttrunc.experiments.prefix import PrefixCache, cat_scores
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.families import detect_family, expand_matrices, module_kind
 from fasttrunc.hub import load_model
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
-from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, TaskMetrics, aggregate, encode_prompts, score
-from fasttrunc.truncation import Targets, factorize, resolve_targets, truncate_
+from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, Scores, TaskMetrics, aggregate, encode_prompts
+from fasttrunc.truncation import Factors, Targets, Truncation, factorize, replace_modules_, resolve_targets, truncate_
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
+SEARCHES = ("exhaustive", "screened")
 SELECT_BY = ("mean_p_correct", "accuracy", "mean_of_ratios", "ratio_of_means", "mean_logit_diff")
 
 
@@ -41,9 +46,18 @@ class SweepConfig(ModelRunSettings):
     tasks: tuple[str, ...] = ("ioi",)
     select_fraction: float = 0.2
     select_by: str = "mean_p_correct"
+    cache_budget_mb: float = 1024.0  # device memory for the cached prefixes
+    search: str = "exhaustive"  # or "screened": successive halving on the selection prompts
+    keep: int | None = None  # screened: cells evaluated exactly (default: 1 in 20)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        checks.real("cache_budget_mb", self.cache_budget_mb, 0.0, float("inf"), low_open=True)
+        checks.choice("search", self.search, SEARCHES)
+        if self.keep is not None:
+            checks.positive("keep", self.keep)
+            if self.search != "screened":
+                raise ValueError("keep applies to search screened only")
         checks.text("model", self.model)
         tasks = checks.non_empty("tasks", self.tasks)
         for task in tasks:
@@ -74,6 +88,9 @@ class Cell:
     ranks: dict[str, int]  # module -> absolute rank used
     select: dict[str, TaskMetrics]  # task -> metrics on the selection prompts
     report: dict[str, TaskMetrics]  # task -> metrics on the report prompts
+    form: str = "factored"  # how the edit ran: "factored" (TruncatedLinear) or "dense" (rank-r weight)
+    evaluated: bool = True  # False: screened search only estimated it (``select`` on a few prompts, no report)
+    estimate_prompts: int = 0  # for an estimate: how many selection prompts it saw
 
 
 @dataclass
@@ -101,6 +118,8 @@ class SweepRevision:
     eval_seconds: float
     matrices_factorized: int
     svd_calls: int
+    cells_evaluated: int = 0  # cells evaluated exactly (all of them unless the search was screened)
+    captures: int = 0  # unedited passes that filled the prefix cache
 
 
 @dataclass
@@ -118,17 +137,17 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def _evaluate(
-    model: nn.Module, encoded: dict[str, EncodedPrompts], splits: dict[str, int], batch_size: int
-) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
-    """Metrics of every task on its selection prompts and on its report prompts."""
-    select: dict[str, TaskMetrics] = {}
-    reported: dict[str, TaskMetrics] = {}
-    for task, enc in encoded.items():
-        scores = score(model, enc, batch_size)
-        select[task] = aggregate(scores.subset(slice(0, splits[task])))
-        reported[task] = aggregate(scores.subset(slice(splits[task], None)))
-    return select, reported
+def _rows(enc: EncodedPrompts, start: int, stop: int | None) -> EncodedPrompts:
+    """Prompts ``start:stop`` of ``enc``."""
+    part = slice(start, stop)
+    return EncodedPrompts(
+        input_ids=enc.input_ids[part],
+        attention_mask=enc.attention_mask[part],
+        last_index=enc.last_index[part],
+        answer_ids=enc.answer_ids[part],
+        subject_ids=enc.subject_ids[part],
+        the_id=enc.the_id,
+    )
 
 
 @dataclass
@@ -142,12 +161,55 @@ class Grid:
     eval_seconds: float
     matrices_factorized: int
     svd_calls: int
+    cache_mb: float = 0.0  # the largest prefix cache held at once
+    captures: int = 0  # unedited passes that filled the cache (one per group of layers the budget holds)
 
 
 def _only(names: Collection[str]) -> Callable[[str, nn.Module], bool]:
     """A ``truncate_`` target selecting exactly ``names``."""
     chosen = frozenset(names)
     return lambda name, module: name in chosen
+
+
+def dense_is_cheaper(rank: int, shape: tuple[int, int]) -> bool:
+    """Whether the dense rank-``rank`` weight costs no more FLOPs than its two factors."""
+    out_features, in_features = shape
+    return rank * (in_features + out_features) >= in_features * out_features
+
+
+def _dense_copy(module: nn.Module, triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) -> nn.Module:
+    """A copy of ``module`` (its own kind: nn.Linear, Conv1D) holding the rank-``k`` weight."""
+    kind = module_kind(module)
+    assert kind is not None
+    u, s, vh = triplets
+    copy = deepcopy(module)
+    dtype = kind.weight(module).dtype
+    kind.write_weight(copy, ((u[:, :k] * s[:k]) @ vh[:k]).to(dtype))
+    return copy
+
+
+def _edit(model: nn.Module, ks: dict[str, int], factors: Factors, method: str) -> tuple[Truncation, str]:
+    """The cell's edit in its cheaper form; returns the restorable swap and ``"dense"`` or ``"factored"``."""
+    shapes = {name: _shape(model, name) for name in ks}
+    if all(dense_is_cheaper(k, shapes[name]) for name, k in ks.items()):
+        with torch.no_grad():
+            dense = {name: _dense_copy(model.get_submodule(name), factors[name], k) for name, k in ks.items()}
+        return replace_modules_(model, dense), "dense"
+    return truncate_(model, _only(ks), ks, method=method, factors=factors), "factored"
+
+
+class Shard:
+    """Which cells this process evaluates, and how their results reach rank 0 (one process: all)."""
+
+    rank = 0
+    world = 1
+
+    def gather(self, item: object) -> list[object]:
+        """Every rank's ``item`` of this round, in rank order, on every rank."""
+        return [item]
+
+
+CellKey = tuple[int, str, int | float]
 
 
 def sweep_model(
@@ -162,49 +224,255 @@ def sweep_model(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress = None,
     label: str = "",
+    cache_budget_mb: float = 1024.0,
+    done: Mapping[CellKey, Cell] | None = None,
+    on_cell: Callable[[Cell], None] | None = None,
+    shard: Shard | None = None,
+    search: str = "exhaustive",
+    keep: int | None = None,
+    select_by: str = "mean_p_correct",
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
     Checks every rank against every matrix first, factorizes each target matrix once
-    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then truncates
-    each cell through :func:`fasttrunc.truncation.truncate_` with those factors and restores;
-    ``model`` ends as it started.
+    (:func:`fasttrunc.truncation.factorize`, up to the largest rank any cell needs), then runs the
+    cells layer by layer with the blocks before the layer replayed from a cache
+    (:class:`fasttrunc.experiments.prefix.PrefixCache`, at most ``cache_budget_mb`` at once), each
+    edit in its cheaper form (:func:`dense_is_cheaper`), restoring after each; ``model`` ends as
+    it started. Cells in ``done`` are taken as they are; ``on_cell`` gets each new cell (on rank
+    0 of ``shard``, which evaluates its share of the cells and gathers the rest).
     """
+    shard = shard or Shard()
+    done = dict(done or {})
+    _, blocks_path, n_layers = detect_family(model)
     rows = [(layer, matrix) for layer in layers for matrix in matrices]
     targets = {row: resolve_targets(model, Targets(layers=[row[0]], matrices=row[1])) for row in rows}
-    cell_ranks: dict[tuple[int, str, int | float], dict[str, int]] = {}
+    cell_ranks: dict[CellKey, dict[str, int]] = {}
     max_ranks: dict[str, int] = {}
     for (layer, matrix), names in targets.items():
         for rank in ranks:
             ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
             for name, k in ks.items():
                 max_ranks[name] = max(max_ranks.get(name, 0), k)
-            cell_ranks[(layer, matrix, rank)] = ks
+            cell_ranks[(layer % n_layers, matrix, rank)] = ks
     total = len(cell_ranks)
-    report(progress, "sweep", 0, total, f"{label} factorizing".strip())
+    if shard.world > total:
+        raise ValueError(f"{shard.world} ranks for {total} cells: start at most {total} processes")
+    report(progress, "sweep", len(done), total, f"{label} factorizing".strip())
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     factors = factorize(model, _only(max_ranks), max_ranks, method=method)
     synchronize(device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base_select, base_report = _evaluate(model, encoded, splits, batch_size)
-    cells: list[Cell] = []
-    for done, ((layer, matrix, rank), ks) in enumerate(cell_ranks.items()):
-        with truncate_(model, _only(ks), ks, method=method, factors=factors):
-            select, reported = _evaluate(model, encoded, splits, batch_size)
-        cells.append(Cell(layer=layer, matrix=matrix, rank=rank, ranks=ks, select=select, report=reported))
-        report(progress, "sweep", done + 1, total, f"{label} L{layer} {matrix} {rank}".strip())
+    tasks = list(encoded)
+    if search == "exhaustive":
+        sets = [part for t in tasks for part in (_rows(encoded[t], 0, splits[t]), _rows(encoded[t], splits[t], None))]
+    else:
+        if len(tasks) != 1:
+            raise ValueError(f"screened search ranks cells by one task's selection metric; got tasks {tasks}")
+        keep = max(1, round(total / 20)) if keep is None else keep
+        if not 1 <= keep < total:
+            raise ValueError(f"keep {keep} is out of range for {total} cells; allowed: 1..{total - 1}")
+        bounds = _screen_bounds(splits[tasks[0]], total, keep)
+        enc = encoded[tasks[0]]
+        sets = [_rows(enc, lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)] + [_rows(enc, splits[tasks[0]], None)]
+    cache = PrefixCache(model, blocks_path, batch_size)
+    swept = sorted({key[0] for key in cell_ranks})
+    engine = _Engine(model, cache, sets, _layer_groups(cache, sets, swept, cache_budget_mb), shard)
+    results: dict[CellKey, Cell] = dict(done)
+
+    def edit(key: CellKey) -> tuple[Truncation, str]:
+        return _edit(model, cell_ranks[key], factors, method)
+
+    if search == "exhaustive":
+
+        def finished(key: CellKey, form: str, scores: list[Scores]) -> None:
+            select, reported = _metrics(tasks, scores)
+            layer, matrix, rank = key
+            cell = Cell(layer, matrix, rank, cell_ranks[key], select, reported, form=form)
+            results[key] = cell
+            if on_cell is not None:
+                on_cell(cell)
+            report(progress, "sweep", len(results), total, f"{label} L{layer} {matrix} {rank}".strip())
+
+        every = tuple(range(len(sets)))
+        engine.run([(key, every) for key in cell_ranks if key not in results], edit, finished)
+    else:
+        assert keep is not None  # set above for a screened search
+        _screen(engine, tasks[0], cell_ranks, bounds, keep, select_by, edit, results, progress, label)
+        if on_cell is not None:
+            for key in cell_ranks:
+                on_cell(results[key])
+    baseline = engine.baseline or _evaluate(model, cache, sets, [])  # nothing left to sweep: the baseline alone
     synchronize(device)
+    if search == "exhaustive":
+        base_select, base_report = _metrics(tasks, baseline)
+    else:
+        base_select = {tasks[0]: aggregate(cat_scores(baseline[:-1]))}
+        base_report = {tasks[0]: aggregate(baseline[-1])}
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
-        cells=cells,
+        cells=[results[key] for key in cell_ranks if key in results],
         svd_seconds=svd_seconds,
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
         svd_calls=factors.svd_calls,
+        cache_mb=engine.largest / 2**20,
+        captures=engine.captures,
     )
+
+
+# Successive halving: each round keeps 1 / SCREEN_ETA of the cells on SCREEN_ETA x the prompts.
+SCREEN_ETA = 2
+
+
+def _screen_bounds(n_select: int, total: int, keep: int) -> list[int]:
+    """Cumulative selection-prompt counts of the screening rounds; the last is all of them."""
+    alive, rounds = total, 0
+    while alive > keep:
+        alive = max(keep, -(-alive // SCREEN_ETA))
+        rounds += 1
+    rounds = min(rounds, n_select - 1)
+    bounds: list[int] = []
+    for i in range(rounds):
+        want = math.ceil(n_select * SCREEN_ETA ** (i - rounds))
+        bounds.append(min(n_select - rounds + i, max(bounds[-1] + 1 if bounds else 1, want)))
+    return [*bounds, n_select]
+
+
+def _screen(
+    engine: _Engine,
+    task: str,
+    cell_ranks: Mapping[CellKey, dict[str, int]],
+    bounds: list[int],
+    keep: int,
+    select_by: str,
+    edit: Callable[[CellKey], tuple[Truncation, str]],
+    results: dict[CellKey, Cell],
+    progress: Progress,
+    label: str,
+) -> None:
+    """Estimate every cell on a few selection prompts, halve, repeat; evaluate the last ``keep`` exactly."""
+    seen: dict[CellKey, list[Scores]] = {key: [] for key in cell_ranks}
+    forms: dict[CellKey, str] = {}
+
+    def add(key: CellKey, form: str, scores: list[Scores]) -> None:
+        seen[key].extend(scores)
+        forms[key] = form
+
+    def value(key: CellKey) -> float:
+        v = getattr(aggregate(cat_scores(seen[key])), select_by)
+        return -math.inf if v is None or math.isnan(v) else float(v)
+
+    alive = list(cell_ranks)
+    rounds = len(bounds) - 1
+    for i in range(rounds):
+        engine.run([(key, (i,)) for key in alive], edit, add)
+        report(progress, "sweep", i + 1, rounds + 1, f"{label} screening round {i + 1}: {len(alive)} cells".strip())
+        if i < rounds - 1:
+            survivors = max(keep, -(-len(alive) // SCREEN_ETA))
+        else:
+            survivors = keep
+        alive = sorted(alive, key=value, reverse=True)[:survivors]
+        for key in cell_ranks:
+            if key not in alive and key not in results:
+                layer, matrix, rank = key
+                select = {task: aggregate(cat_scores(seen[key]))}
+                results[key] = Cell(
+                    layer, matrix, rank, dict(cell_ranks[key]), select, {}, form=forms[key], evaluated=False,
+                    estimate_prompts=bounds[len(seen[key]) - 1],
+                )  # fmt: skip
+    n_sets = len(bounds) + 1
+    engine.run([(key, tuple(range(len(seen[key]), n_sets))) for key in alive], edit, add)
+    for key in alive:
+        layer, matrix, rank = key
+        select = {task: aggregate(cat_scores(seen[key][:-1]))}
+        reported = {task: aggregate(seen[key][-1])}
+        results[key] = Cell(layer, matrix, rank, dict(cell_ranks[key]), select, reported, form=forms[key])
+    report(progress, "sweep", rounds + 1, rounds + 1, f"{label} {len(alive)} cells evaluated exactly".strip())
+
+
+class _Engine:
+    """Runs (cell, prompt sets) items layer group by layer group, sharded, from the cached prefix."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: PrefixCache,
+        sets: Sequence[EncodedPrompts],
+        groups: list[list[int]],
+        shard: Shard,
+    ):
+        self.model, self.cache, self.sets, self.groups, self.shard = model, cache, sets, groups, shard
+        self.baseline: list[Scores] | None = None
+        self.captures = self.largest = 0
+
+    def run(
+        self,
+        items: Sequence[tuple[CellKey, tuple[int, ...]]],
+        edit: Callable[[CellKey], tuple[Truncation, str]],
+        finished: Callable[[CellKey, str, list[Scores]], None],
+    ) -> None:
+        shard = self.shard
+        for group in self.groups:
+            todo = [item for item in items if item[0][0] in group]
+            if not todo and self.baseline is not None:
+                continue
+            scores = _evaluate(self.model, self.cache, self.sets, group)
+            self.captures += 1
+            self.largest = max(self.largest, self.cache.bytes)
+            self.baseline = self.baseline or scores
+            for start in range(0, len(todo), shard.world):
+                out = None
+                if start + shard.rank < len(todo):
+                    key, which = todo[start + shard.rank]
+                    truncation, form = edit(key)
+                    with truncation:
+                        out = (key, form, _evaluate(self.model, self.cache, self.sets, (key[0], which)))
+                for item in shard.gather(out):
+                    if item is not None:
+                        finished(*item)  # type: ignore[misc]
+            self.cache.outputs = {}
+
+
+def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+    """Per task, the metrics of its selection set and of its report set (``scores`` in that order)."""
+    select = {t: aggregate(scores[2 * i]) for i, t in enumerate(tasks)}
+    reported = {t: aggregate(scores[2 * i + 1]) for i, t in enumerate(tasks)}
+    return select, reported
+
+
+def _evaluate(
+    model: nn.Module,
+    cache: PrefixCache,
+    sets: Sequence[EncodedPrompts],
+    what: list[int] | tuple[int, Sequence[int]],
+) -> list[Scores]:
+    """Scores of prompt sets. ``what`` a list of layers: capture their prefixes over every set
+    (the unedited model: the baseline); ``(layer, which)``: ``model`` as it is, from ``layer``
+    on, over the sets numbered ``which``."""
+    if isinstance(what, list):
+        return cache.capture(sets, what)
+    layer, which = what
+    return cache.score(layer, sets, which)
+
+
+def _layer_groups(
+    cache: PrefixCache, sets: Sequence[EncodedPrompts], layers: Sequence[int], budget_mb: float
+) -> list[list[int]]:
+    """The swept layers in groups whose prefix caches fit ``budget_mb`` together (one capture each)."""
+    budget = budget_mb * 2**20
+    needs = {layer: cache.layer_bytes(sets, layer) if layer > 0 else 0 for layer in (layers[0], layers[-1])}
+    per_layer = max(needs.values())
+    if per_layer > budget:
+        raise ValueError(
+            f"cache budget {budget_mb:g} MB holds less than one layer's cached prefix "
+            f"({per_layer / 2**20:.3g} MB for these prompts); raise --cache-budget or use fewer prompts"
+        )
+    size = len(layers) if per_layer == 0 else max(1, int(budget // per_layer))
+    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
 
 
 def _shape(model: nn.Module, name: str) -> tuple[int, int]:
@@ -221,7 +489,7 @@ def _best(grid: Grid, task: str, select_by: str) -> Best:
     def key(cell: Cell) -> float:
         return float(getattr(cell.select[task], select_by))
 
-    top = max(grid.cells, key=key)
+    top = max((cell for cell in grid.cells if cell.evaluated), key=key)  # screened: the exact cells only
     return Best(
         layer=top.layer,
         matrix=top.matrix,
@@ -233,7 +501,14 @@ def _best(grid: Grid, task: str, select_by: str) -> Best:
     )
 
 
-def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progress) -> SweepRevision:
+def _sweep_revision(
+    config: SweepConfig,
+    revision: str | None,
+    progress: Progress,
+    done: Mapping[CellKey, Cell] | None = None,
+    on_cell: Callable[[str | None, Cell], None] | None = None,
+    shard: Shard | None = None,
+) -> SweepRevision:
     model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
     _, _, n_layers = detect_family(model)
     layers = list(range(n_layers)) if config.layers is None else list(config.layers)
@@ -253,6 +528,13 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
         batch_size=config.batch_size,
         progress=progress,
         label=f" {revision}" if revision else "",
+        cache_budget_mb=config.cache_budget_mb,
+        search=config.search,
+        keep=config.keep,
+        select_by=config.select_by,
+        done=done,
+        on_cell=None if on_cell is None else (lambda cell: on_cell(revision, cell)),
+        shard=shard,
     )
     best = {task: _best(grid, task, config.select_by) for task in config.tasks}
     return SweepRevision(
@@ -268,13 +550,30 @@ def _sweep_revision(config: SweepConfig, revision: str | None, progress: Progres
         eval_seconds=grid.eval_seconds,
         matrices_factorized=grid.matrices_factorized,
         svd_calls=grid.svd_calls,
+        cells_evaluated=sum(cell.evaluated for cell in grid.cells),
+        captures=grid.captures,
     )
 
 
-def run(config: SweepConfig, progress: Progress = None) -> SweepResult:
-    """Sweep every revision of ``config``; the layers of the result are those of the last revision."""
+def run(
+    config: SweepConfig,
+    progress: Progress = None,
+    *,
+    done: Mapping[str | None, Mapping[CellKey, Cell]] | None = None,
+    on_cell: Callable[[str | None, Cell], None] | None = None,
+    shard: Shard | None = None,
+) -> SweepResult:
+    """Sweep every revision of ``config``; the layers of the result are those of the last revision.
+
+    ``done`` (revision -> cells already finished, as a resumed sweep reads them) are not
+    evaluated again; ``on_cell(revision, cell)`` gets every new cell as it finishes (on rank 0 of
+    ``shard`` when the sweep is sharded).
+    """
     start = time.perf_counter()
-    revisions = [_sweep_revision(config, revision, progress) for revision in config.revisions]
+    done = done or {}
+    revisions = [
+        _sweep_revision(config, revision, progress, done.get(revision), on_cell, shard) for revision in config.revisions
+    ]
     return SweepResult(
         config=config, layers=revisions[-1].layers, revisions=revisions, seconds=time.perf_counter() - start
     )
