@@ -134,7 +134,7 @@ def sweep_pythia(
         None,
         "--n-prompts",
         "--n",
-        parser=ranged_int("--n-prompts", *INT_RULES["--n"]),
+        parser=ranged_int("--n", *INT_RULES["--n"]),
         metavar="INTEGER",
         help=N_HELP + f" ({INT_RULES['--n'][0]} to {INT_RULES['--n'][1]}; --n is an alias, which torchrun swallows).",
     ),
