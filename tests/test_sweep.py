@@ -6,12 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from test_families import TYPES as FAMILY_TYPES
+from test_families import tiny as family_tiny
 
 from fasttrunc.experiments import sweep
 from fasttrunc.experiments.prefix import PrefixCache
 from fasttrunc.models import tiny_neox
 from fasttrunc.tasks.metrics import EncodedPrompts, aggregate, score
-from fasttrunc.truncation import truncate_
+from fasttrunc.truncation import Targets, truncate_
 
 
 @pytest.fixture(autouse=True)
@@ -246,3 +248,24 @@ def test_sweep_benchmark_reports_floor_baselines_and_screening():
     screened = run(SweepBenchConfig(**small, search="screened", keep=3, baselines=False))
     assert screened.cells == 16 and screened.cells_evaluated == 3 and screened.recipe_seconds is None
     assert isinstance(screened.best_matches_exhaustive, bool)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_prefix_reuse_equals_the_plain_forward_for_every_row(model_type):
+    """Every family row of tests/test_families.py: first, middle and last layer, with attn_out cut."""
+    from fasttrunc.families import detect_family
+
+    model = family_tiny(model_type)
+    _, blocks, n_layers = detect_family(model)
+    enc = _prompts(model.get_output_embeddings().out_features)
+    batch = 3
+    cache = PrefixCache(model, blocks, batch)
+    layers = sorted({0, n_layers // 2, n_layers - 1})
+    cache.capture([enc], layers)
+    for layer in layers:
+        with truncate_(model, Targets(layers=layer, matrices="attn_out"), 2):
+            reference = _plain_logits(model, enc)
+            got = _cached_logits(cache, enc, layer, batch)
+            assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
+            _close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
+    assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
