@@ -310,9 +310,10 @@ def make_tiny_neox(
     """Train a tiny GPT-NeoX (Pythia architecture) with a word-level tokenizer on a synthetic corpus, offline.
 
     The corpus mixes ordinary sentences, where "to" is followed by "the", sentences where "to" comes
-    before a verb, and IOI sentences whose answer is an earlier name. The model and tokenizer are
-    saved as a Hugging Face directory that run pythia and sweep pythia accept as --model. Training
-    takes one to three minutes on a 2-core CPU, depending on how busy it is.
+    before a verb, IOI sentences whose answer is an earlier name, and the shipped facts. The model
+    and tokenizer are saved as a Hugging Face directory that run pythia and sweep pythia accept as
+    --model. Training (5000 steps) takes about two and a half minutes on an idle 2-core CPU and much
+    longer on a busy one.
     """
     from fasttrunc.models.tiny_neox import TinyNeoxConfig, checkpoint_steps
     from fasttrunc.models.tiny_neox import make_tiny_neox as build
