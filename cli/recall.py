@@ -21,25 +21,29 @@ def _tables(result: RecallResult) -> list[Table]:
     from fasttrunc.experiments.recall import Tracked
 
     full, effect, config = result.full, result.effect, result.config
-    rows: list[list[Any]] = [["full model", "-", "-", full.accuracy, full.p_answer, full.p_noise, full.probe_margin]]
-    rows += [
-        [
-            c.matrix,
-            f"{c.rho:g}",
-            c.rank,
-            c.metrics.accuracy,
-            c.metrics.p_answer,
-            c.metrics.p_noise,
-            c.metrics.probe_margin,
-        ]
-        for c in result.cells
-    ]
+
+    def row(name: str, rho: str, rank: Any, m: Any) -> list[Any]:
+        return [name, rho, rank, m.accuracy, m.p_answer, m.p_noise, m.ff2_probe_embedding, m.ff2_probe_residual]
+
+    rows = [row("full model", "-", "-", full)] + [row(c.matrix, f"{c.rho:g}", c.rank, c.metrics) for c in result.cells]
     grid = make_table(
-        f"Noisy in-context recall: {result.n_eval_positions} clean trigger positions",
-        ["truncated", "rho", "rank", "accuracy", "P(ybar)", "P(noise)", "FF2 probe"],
+        f"Noisy in-context recall ({config.data} data, {config.init} unembedding): "
+        f"{result.n_eval_positions} clean trigger positions",
+        [
+            "truncated",
+            "rho",
+            "rank",
+            "accuracy",
+            "P(ybar)",
+            "P(noise)",
+            "FF2 probe (embedding)",
+            "FF2 probe (residual)",
+        ],
         rows,
     )
     grid.caption = (
+        "FF2 probe: the noise logit minus the largest other when FF2 alone reads the trigger's token embedding "
+        "(the paper's probe) or the residual stream entering FF2. "
         f"alpha {config.alpha:g}, {config.steps} steps, {result.seconds:.0f} s. Removing FF2: "
         f"P(noise) {effect.p_noise_full:.3f} -> {effect.p_noise_without_ff2:.3f}, accuracy "
         f"{effect.accuracy_full:.3f} -> {effect.accuracy_without_ff2:.3f}: effect "
@@ -54,7 +58,8 @@ def _tables(result: RecallResult) -> list[Table]:
             p_noise_full="Pnoise",
             p_noise_no_ff2="Pnoise-FF2",
             ff2_noise_share="FF2 share",
-            probe_margin="probe",
+            ff2_probe_embedding="probe(emb)",
+            ff2_probe_residual="probe(res)",
             attention_mass="attn",
         )
         names = [f.name for f in dataclasses.fields(short)]
@@ -90,9 +95,11 @@ HELP = (
     "each feed-forward matrix changes its predictions.\n\n"
     "After each trigger token the training data holds the sequence's answer with probability "
     "1 - alpha and a fixed noise token with probability alpha. The trained model is evaluated on "
-    "clean sequences at trigger positions: as it is, and with W1 or W2 of either feed-forward layer "
-    "cut to rank int(rho * d) for rho in 0, 0.1, 0.2, 0.5 and 1. The quick preset runs in under a "
-    "minute on a CPU; the paper preset is the paper's size and wants a GPU."
+    "clean sequences at trigger positions: as it is, with W1 or W2 of either feed-forward layer, "
+    "the second block's attention Wv or Wo, or their product Wo Wv cut to rank int(rho * d) for rho "
+    "in 0, 0.1, 0.2, 0.5 and 1. The quick preset (synthetic data, N(0, 1/d) unembedding) runs in "
+    "under a minute on a CPU; paper-small is the paper's data and init at CPU sizes; paper is the "
+    "paper's size and wants a GPU."
 )
 
 
@@ -100,7 +107,19 @@ HELP = (
 @user_errors
 def recall(
     preset: str = typer.Option(
-        "quick", "--preset", help="Sizes and schedule to start from: quick (CPU, default) or paper (GPU)."
+        "quick",
+        "--preset",
+        help="Data, init, sizes and schedule to start from: quick (CPU, default), paper-small (the paper's data and init, CPU sizes) or paper (GPU).",
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="The Markov chain: shakespeare (the paper's tiny-Shakespeare character statistics) or synthetic (the CPU-friendly stand-in); the preset's by default.",
+    ),
+    init: str | None = typer.Option(
+        None,
+        "--init",
+        help="The frozen unembedding's init: paper (nn.Linear's default, U(+-1/sqrt(d))) or normal (N(0, 1/d)); the preset's by default.",
     ),
     alpha: float | None = typer.Option(
         None,
@@ -121,7 +140,7 @@ def recall(
     from fasttrunc.experiments.recall import RecallConfig, run
 
     config = RecallConfig.from_preset(
-        preset, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every
+        preset, data=data, init=init, alpha=alpha, steps=steps, seed=seed, device=device, track_every=track_every
     )
     out = check_out(out)
     with progress_bar(not as_json) as progress:

@@ -37,20 +37,31 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_recall_truncation(result: RecallResult, path: Path) -> Path:
-    """Accuracy and P(noise) against rho, one line per truncated FF matrix, the full model dashed."""
+    """Accuracy, P(noise) and both FF2 probes against rho, one line per truncated matrix, the full model dashed."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "accuracy", "accuracy of ybar"), (axes[1], "p_noise", "mean P(noise)")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    panels = (
+        (axes[0], "accuracy", "accuracy of ybar"),
+        (axes[1], "p_noise", "mean P(noise)"),
+        (axes[2], "ff2_probe_embedding", "FF2 probe (embedding): noise margin"),
+        (axes[3], "ff2_probe_residual", "FF2 probe (residual): noise margin"),
+    )
+    for ax, key, label in panels:
         for matrix in dict.fromkeys(c.matrix for c in result.cells):
             cells = sorted((c for c in result.cells if c.matrix == matrix), key=lambda c: c.rho)
             ax.plot([c.rho for c in cells], [getattr(c.metrics, key) for c in cells], marker="o", label=matrix)
         ax.axhline(getattr(result.full, key), color="black", linestyle="--", linewidth=1, label="full model")
         ax.set_xlabel("rho (fraction of rank kept)")
         ax.set_ylabel(label)
-        ax.set_ylim(-0.02, 1.02)
+        if key in ("accuracy", "p_noise"):
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Noisy in-context recall: truncating one FF matrix (clean data, alpha {result.config.alpha:g})")
+    cfg = result.config
+    fig.suptitle(
+        f"Noisy in-context recall: truncating one matrix ({cfg.data} data, {cfg.init} unembedding, "
+        f"clean test data, alpha {cfg.alpha:g})"
+    )
     return _save(fig, path)
 
 
@@ -69,7 +80,7 @@ def plot_recall_dynamics(result: RecallResult, path: Path) -> Path:
             ("p_noise_full", "p_noise_no_ff2", "ff2_noise_share", "attention_mass"),
             "probability / attention mass",
         ),
-        (axes[2], ("probe_margin",), "FF2 probe: noise logit margin"),
+        (axes[2], ("ff2_probe_embedding", "ff2_probe_residual"), "FF2 probes: noise logit margin"),
     )
     for ax, names, ylabel in panels:
         for name in names:
@@ -182,17 +193,50 @@ def _checkpoint_lines(
     return _save(fig, path)
 
 
+def _pythia_along_training(result: PythiaResult, title: str, path: Path) -> Path:
+    """P(" the"), P(correct), IO>S (top-1 for factual) and P(correct)/P(" the") per checkpoint,
+    solid before and dashed after the truncation; a log step axis when every revision is stepN."""
+    import re
+
+    plt = _pyplot()
+    revs = result.revisions
+    names = [r.revision or "default" for r in revs]
+    steps = [re.fullmatch(r"step(\d+)", n) for n in names]
+    by_step = all(steps)
+    x = [int(m.group(1)) for m in steps if m] if by_step else list(range(len(revs)))
+    accuracy = "logit_diff_accuracy" if revs[0].baseline.logit_diff_accuracy is not None else "accuracy"
+    panels = (
+        ("mean_p_the", 'mean P(" the")'),
+        ("mean_p_correct", "mean P(correct)"),
+        (accuracy, "IO > S accuracy" if accuracy == "logit_diff_accuracy" else "top-1 accuracy"),
+        ("ratio_of_means", 'P(correct) / P(" the") (ratio of means)'),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(x, [getattr(r.baseline, key) for r in revs], "o-", color="tab:blue", label="baseline")
+        ax.plot(x, [getattr(r.truncated, key) for r in revs], "s--", color="tab:red", label="truncated")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "ratio_of_means":
+            ax.set_yscale("log")
+        if by_step:
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+        else:
+            ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel("checkpoint")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}, along training", fontsize=10)
+    return _save(fig, path)
+
+
 def pythia_plots(result: PythiaResult, out: Path) -> list[Path]:
     """Bars of baseline vs truncated for one revision; lines along checkpoints for several."""
     cfg = result.config
     revs = result.revisions
     title = f"{cfg.task}: layers {list(cfg.layers)} {','.join(cfg.matrices)} rank {cfg.rank}"
     if len(revs) > 1:
-        names = [r.revision or "default" for r in revs]
-        path = out / f"pythia_{cfg.task}_checkpoints.png"
-        return [
-            _checkpoint_lines(names, [r.baseline for r in revs], [r.truncated for r in revs], "truncated", title, path)
-        ]
+        return [_pythia_along_training(result, title, out / f"pythia_{cfg.task}_checkpoints.png")]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     series = [(label, key) for key, label in _CHECKPOINT_SERIES if getattr(revs[0].baseline, key) is not None]

@@ -41,8 +41,8 @@ def random_dir(tmp_path_factory):
     return path
 
 
-# The default recipe (seed 0), as the README measures it (2.4x / 2.7x): the last-MLP effect has
-# little margin to spare (2.4-3.2x on seeds 0-2), so the test does not shrink the model.
+# The default recipe (seed 0), as the README measures it over seeds 0-4; the test does not shrink
+# the model, so what it checks is what the README reports.
 TEST_RECIPE = dict(checkpoints=(1500, 3000))
 
 
@@ -234,11 +234,23 @@ def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix)
     data = json.loads(result.output)
     rev = data["revisions"][0]
     base, cut = rev["baseline"], rev["truncated"]
-    assert base["logit_diff_accuracy"] > 0.8  # the model has learned the in-context task
+    assert base["logit_diff_accuracy"] > 0.9  # the model has learned the in-context task
     assert base["mean_p_the"] > 0.1  # and " the" competes with the answer
     assert rev["gain_mean_of_ratios"] >= 2.0, rev
     assert cut["mean_p_the"] < 0.8 * base["mean_p_the"]  # measured 0.70x (mlp_in) and 0.67x (mlp_out)
     assert data["environment"]["torch"] == torch.__version__
+
+
+def test_run_pythia_along_all_revisions_prints_and_plots_each_checkpoint(trained_dir, tmp_path):
+    out = tmp_path / "all"
+    args = ["run", "pythia", "--model", str(trained_dir), "--revisions", "all", "--layer=-1", "--matrix", "mlp_out"]
+    result = invoke(args + ["--rank", "0", "--n", "40", "--task", "factual", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "factual along training" in result.output and "step1500" in result.output
+    data = (out / "results.json").read_text()
+    revisions = [r["revision"] for r in json.loads(data)["revisions"]]
+    assert revisions == ["step1500", "step3000"]  # every saved checkpoint, in training order
+    assert (out / "pythia_factual_checkpoints.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_and_sweep_along_revisions_write_plots(trained_dir, tmp_path):

@@ -23,10 +23,12 @@ def _after_trigger(batch):
 
 
 def test_chain_is_a_distribution_with_the_trigger_most_frequent(chain):
-    assert chain.vocab_size == 33 and chain.noise_token == 32
+    assert chain.vocab_size == 33 and chain.noise_token == 32 and chain.trigger == TRIGGER
     assert torch.allclose(chain.bigram.sum(dim=1), torch.ones(33), atol=1e-5)
     assert chain.unigram.argmax().item() == TRIGGER
-    assert chain.bigram.shape == (33, 32)  # no row ever draws the noise token
+    assert chain.bigram.shape == (33, 33)
+    assert chain.bigram[:, 32].abs().max() == 0 and chain.unigram[32] == 0  # nothing draws the noise token
+    assert chain.answers.tolist() == list(range(1, 32))  # ybar: ordinary tokens but the trigger
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
@@ -43,7 +45,7 @@ def test_noise_rate_at_triggers_is_alpha(chain, alpha):
 
 def test_answer_is_constant_within_a_sequence_and_never_the_trigger(chain):
     batch = sample_batch(chain, 128, 64, 0.0, torch.Generator().manual_seed(2))
-    assert ((batch.answers >= 1) & (batch.answers < chain.n_tokens)).all()
+    assert ((batch.answers >= 1) & (batch.answers < chain.noise_token)).all()
     for b in range(batch.inputs.shape[0]):
         tokens = torch.cat([batch.inputs[b], batch.targets[b, -1:]])
         after = tokens[1:][tokens[:-1] == TRIGGER]
@@ -125,8 +127,8 @@ def test_tokens_follow_the_chain(chain):
     prev, nxt = tokens[:, :-1].flatten(), tokens[:, 1:].flatten()
     for state in (3, 7):  # ordinary tokens: their successors follow the bigram row
         sel = prev == state
-        empirical = torch.bincount(nxt[sel], minlength=chain.vocab_size)[: chain.n_tokens].double() / sel.sum()
+        empirical = torch.bincount(nxt[sel], minlength=chain.vocab_size).double() / sel.sum()
         assert sel.sum() > 1000
         assert (empirical - chain.bigram[state].double()).abs().max() < 0.03
-    first = torch.bincount(tokens[:, 0], minlength=chain.n_tokens).double() / tokens.shape[0]
+    first = torch.bincount(tokens[:, 0], minlength=chain.vocab_size).double() / tokens.shape[0]
     assert (first - chain.unigram.double()).abs().max() < 0.05

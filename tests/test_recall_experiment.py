@@ -53,21 +53,35 @@ def test_removing_ff2_restores_in_context_recall(default_run):
     # Rank 0 of W1 or of W2 of a bias-free FF both remove it.
     w1 = next(c.metrics for c in default_run.cells if c.matrix == "FF2 W1" and c.rho == 0.0)
     assert w1.p_noise == pytest.approx(removed.p_noise, abs=1e-5)
-    # The probe: FF2 alone pushes the trigger towards the noise token.
-    assert full.probe_margin > 0 and removed.probe_margin == 0.0
+    # Both probes: FF2 alone pushes the trigger towards the noise token, read on the trigger's
+    # embedding (the paper's probe) and on the residual stream entering FF2.
+    assert full.ff2_probe_embedding > 0 and removed.ff2_probe_embedding == 0.0
+    assert full.ff2_probe_residual > 0 and removed.ff2_probe_residual == 0.0
 
 
 @pytest.mark.slow
 def test_grid_and_full_rank_cells(default_run):
     cells = default_run.cells
     assert [(c.matrix, c.rho) for c in cells] == [
-        (m, r) for m in ("FF1 W1", "FF1 W2", "FF2 W1", "FF2 W2") for r in (0.0, 0.1, 0.2, 0.5, 1.0)
+        (m, r)
+        for m in ("FF1 W1", "FF1 W2", "FF2 W1", "FF2 W2", "Attn2 Wv", "Attn2 Wo", "Attn2 WoWv")
+        for r in (0.0, 0.1, 0.2, 0.5, 1.0)
     ]
+    assert {c.module for c in cells if c.matrix.startswith("Attn2")} == {
+        "blocks.1.attn.wv",
+        "blocks.1.attn.wo",
+        "blocks.1.attn.wo @ blocks.1.attn.wv",
+    }
     assert [c.rank for c in cells[:5]] == [0, 6, 12, 32, 64]  # int(rho * d), d = 64
     for cell in cells:
-        if cell.rho == 1.0:  # full rank through truncate_ is the model itself
+        if cell.rho == 1.0:  # full rank (of a matrix or of the product Wo Wv) is the model itself
             assert cell.metrics.accuracy == pytest.approx(default_run.full.accuracy, abs=2e-3)
             assert cell.metrics.p_noise == pytest.approx(default_run.full.p_noise, abs=1e-3)
+    # Rank 0 of Wv, of Wo and of their product all remove the second attention's output.
+    zero = [c.metrics for c in cells if c.matrix.startswith("Attn2") and c.rho == 0.0]
+    assert all(m.p_noise == pytest.approx(zero[0].p_noise, abs=1e-5) for m in zero)
+    # and the in-context answer with it: the copy goes through layer-2 attention.
+    assert zero[0].accuracy < default_run.full.accuracy
 
 
 @pytest.mark.slow
@@ -81,7 +95,8 @@ def test_tracking_bookkeeping_and_json(default_run):
         "accuracy_no_ff2",
         "p_noise_no_ff2",
         "ff2_noise_share",
-        "probe_margin",
+        "ff2_probe_embedding",
+        "ff2_probe_residual",
         "attention_mass",
     }
     assert all(len(v) == len(dyn.steps) for v in series.values())
@@ -145,6 +160,8 @@ def test_first_crossing():
         (dict(lr=-1.0), "lr -1.0"),
         (dict(optimizer="lbfgs"), "optimizer 'lbfgs'"),
         (dict(device="tpu"), "tpu"),
+        (dict(data="poetry"), "data 'poetry'"),
+        (dict(init="zeros"), "init 'zeros'"),
     ],
 )
 def test_bad_config_is_a_value_error(change, words):
@@ -161,9 +178,15 @@ def test_presets_are_as_documented():
         "batch_size": 512,
         "steps": 5000,
         "alpha": 0.5,
+        "data": "shakespeare",
+        "init": "paper",
     }
     config = RecallConfig.from_preset("paper", steps=7)
-    assert config.steps == 7 and config.d_model == 256 and config.lr == 0.03
+    assert config.steps == 7 and config.d_model == 256 and config.lr == 0.03 and config.momentum == 0.9
+    assert config.weight_decay == 1e-4 and config.optimizer == "sgd"
+    quick = RecallConfig.from_preset("quick")
+    assert (quick.data, quick.init) == (RecallConfig().data, RecallConfig().init) == ("synthetic", "normal")
+    assert RecallConfig.from_preset("quick", data="shakespeare", init="paper").data == "shakespeare"
     with pytest.raises(ValueError, match="preset 'nope' is not known"):
         RecallConfig.from_preset("nope")
 
@@ -183,7 +206,8 @@ def test_cli_json_prints_json_only():
     res = CliRunner().invoke(_app(), CLI + ["--json", "--seed", "2"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert data["config"]["steps"] == 3 and data["config"]["seed"] == 2 and len(data["cells"]) == 20
+    assert data["config"]["steps"] == 3 and data["config"]["seed"] == 2 and len(data["cells"]) == 35
+    assert {"ff2_probe_embedding", "ff2_probe_residual"} <= set(data["full"])
     assert data["dynamics"] is None
 
 
@@ -207,6 +231,8 @@ def test_cli_table_and_out_writes_results_and_plots(tmp_path):
         (["--device", "tpu"], "tpu"),
         (["--preset", "huge"], "preset 'huge'"),
         (["--track-every", "0"], "track_every 0"),
+        (["--data", "poetry"], "data 'poetry'"),
+        (["--init", "zeros"], "init 'zeros'"),
     ],
 )
 def test_cli_bad_options_exit_2_with_one_line(args, words):

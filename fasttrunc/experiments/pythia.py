@@ -7,13 +7,15 @@ truncates the chosen matrices, scores again and restores.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fasttrunc import checks
 from fasttrunc.families import expand_matrices
-from fasttrunc.hub import load_model
+from fasttrunc.hub import REVISIONS_DIR, load_model
 from fasttrunc.ranks import validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device
 from fasttrunc.svd import check_method
@@ -32,6 +34,41 @@ TASKS = ("ioi", "factual")
 # IOI prompts by default: the paper's and LASER's evaluation sets are a few hundred prompts;
 # 200 keeps the standard error of a mean probability near 0.02.
 DEFAULT_IOI_PROMPTS = 200
+
+
+# ``revisions=("all",)``: every checkpoint saved under a local model directory (DIR/revisions/).
+ALL_REVISIONS = "all"
+
+
+def _step_order(name: str) -> tuple[int, str]:
+    match = re.fullmatch(r"step(\d+)", name)
+    return (int(match.group(1)), "") if match else (2**62, name)
+
+
+def local_revisions(model: str) -> tuple[str, ...]:
+    """The checkpoints under a local model directory's ``revisions/``, in training order (``stepN`` by N).
+
+    A model that is not a local directory, or one without checkpoints, is a ValueError.
+    """
+    root = Path(model).expanduser() / REVISIONS_DIR
+    if not Path(model).expanduser().is_dir():
+        raise ValueError(f"revisions {ALL_REVISIONS!r} needs a local model directory; {model} is not one")
+    found = sorted((p.name for p in root.glob("*") if p.is_dir()), key=_step_order) if root.is_dir() else []
+    if not found:
+        raise ValueError(
+            f"model directory {model} holds no checkpoints under {REVISIONS_DIR}/ for revisions {ALL_REVISIONS!r}; "
+            "save some with make-tiny-neox --checkpoints"
+        )
+    return tuple(found)
+
+
+def resolve_revisions(model: str, revisions: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """``revisions`` with ``"all"`` (alone) expanded by :func:`local_revisions`."""
+    if ALL_REVISIONS in revisions:
+        if len(revisions) != 1:
+            raise ValueError(f"revisions {ALL_REVISIONS!r} stands alone; got {', '.join(map(str, revisions))}")
+        return local_revisions(model)
+    return revisions
 
 
 def check_task(task: object) -> str:
@@ -145,8 +182,9 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
     start = time.perf_counter()
     results: list[RevisionResult] = []
     n_prompts = 0
-    total = len(config.revisions)
-    for i, revision in enumerate(config.revisions):
+    revisions = resolve_revisions(config.model, config.revisions)
+    total = len(revisions)
+    for i, revision in enumerate(revisions):
         report(progress, "pythia", i, total, f"loading {revision or 'default revision'}")
         model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
         prompts = task_prompts(config.task, tokenizer, config.n, config.seed)

@@ -1,32 +1,43 @@
 """Noisy in-context recall (PAPER.md 1a): train the two-layer toy transformer, then truncate its FFs.
 
 The model is trained on sequences where the token after each trigger is the sequence's answer
-ybar with probability 1 - alpha and a fixed noise token with probability alpha. It is evaluated on
-clean sequences (alpha = 0) at trigger positions that follow an earlier trigger: as it is, and
-with each FF matrix (FF1/FF2 x W1/W2) truncated to rank int(rho * d) through ``truncate_``.
-With ``track_every`` the training dynamics are recorded as well (issue 6, part 2).
+ybar with probability 1 - alpha and a fixed noise token with probability alpha, on the paper's
+tiny-Shakespeare statistics or the synthetic stand-in (``data``, see fasttrunc.tasks.recall). It
+is evaluated on clean sequences (alpha = 0) at trigger positions that follow an earlier trigger:
+as it is, with each FF matrix (FF1/FF2 x W1/W2) truncated to rank int(rho * d) through
+``truncate_``, and with the second block's attention value and output maps truncated (Wv, Wo,
+and their product Wo Wv as one matrix), as the paper's code does. With ``track_every`` the
+training dynamics are recorded as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fasttrunc import checks
 from fasttrunc.linear import TruncatedLinear
-from fasttrunc.models.toy import Block, ToyTransformer
+from fasttrunc.models.toy import UNEMBED_INITS, Attention, Block, ToyTransformer
 from fasttrunc.runs import Progress, ResultMixin, cpu_threads, report, resolve_device
-from fasttrunc.tasks.recall import TRIGGER, MarkovChain, RecallBatch, make_chain, sample_batch
+from fasttrunc.tasks.recall import DATA, MarkovChain, RecallBatch, chain_for, sample_batch
 from fasttrunc.training import OptimConfig, TrainHistory, check_steps, train
 from fasttrunc.truncation import Targets, truncate_
 
 # (label, layer, matrix alias) of the FF matrices the evaluation grid truncates.
 FF_MATRICES = (("FF1 W1", 0, "mlp_in"), ("FF1 W2", 0, "mlp_out"), ("FF2 W1", 1, "mlp_in"), ("FF2 W2", 1, "mlp_out"))
+# The second block's attention, as the paper's code truncates it: Wv and Wo one at a time, and
+# the product Wo Wv as one matrix (PRODUCT: its rank-r approximation replaces both).
+ATTN_MATRICES = (("Attn2 Wv", 1, "attn_v"), ("Attn2 Wo", 1, "attn_out"))
+PRODUCT = "Attn2 WoWv"
+GRID_MATRICES = tuple(label for label, _, _ in FF_MATRICES + ATTN_MATRICES) + (PRODUCT,)
 RHOS = (0.0, 0.1, 0.2, 0.5, 1.0)
 
 # The effect the experiment exists to show (issue 2): removing FF2 lowers mean P(noise) by at
@@ -38,16 +49,47 @@ MIN_ACCURACY_WITHOUT_FF2 = 0.95
 CLEARLY_WORSE = 0.2
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: a 32-token vocabulary (the in-context mechanism needs O(N) samples), d 64, T 64,
-    # batch 64 and 300 SGD steps at the paper's lr 0.03: on a 2-core CPU the effect is already
-    # complete (accuracy without FF2 > 0.95) by step ~250, and the run takes about a minute.
+    # CPU-sized (the default): the synthetic 32-token chain (the in-context mechanism needs O(N)
+    # samples), the N(0, 1/d) unembedding, d 64, T 64, batch 64 and 300 SGD steps at the paper's
+    # lr 0.03: on a 2-core CPU the effect is complete (accuracy without FF2 > 0.95) by step ~250,
+    # and the run takes well under a minute.
     "quick": dict(
-        n_tokens=32, d_model=64, d_ff=256, seq_len=64, batch_size=64, steps=300, alpha=0.5, eval_sequences=256
+        data="synthetic",
+        init="normal",
+        n_tokens=32,
+        d_model=64,
+        d_ff=256,
+        seq_len=64,
+        batch_size=64,
+        steps=300,
+        alpha=0.5,
+        eval_sequences=256,
     ),
-    # PAPER.md 1a: 65 tokens (64 + noise, as tiny Shakespeare's 65 characters), d 256, FF 1024,
-    # T 256, batch 512, 5000 steps, alpha 0.5 (for a GPU).
+    # The paper's data and init at the CPU sizes of `quick`: tiny Shakespeare (65 characters) and
+    # U(+-1/sqrt(d)); they learn more slowly, so 1000 steps (a few minutes on a 2-core CPU).
+    "paper-small": dict(
+        data="shakespeare",
+        init="paper",
+        d_model=64,
+        d_ff=256,
+        seq_len=64,
+        batch_size=64,
+        steps=1000,
+        alpha=0.5,
+        eval_sequences=256,
+    ),
+    # PAPER.md 1a and the paper's script: tiny Shakespeare, U(+-1/sqrt(d)), d 256, FF 1024, T 256,
+    # batch 512, 5000 steps, alpha 0.5 (for a GPU).
     "paper": dict(
-        n_tokens=64, d_model=256, d_ff=1024, seq_len=256, batch_size=512, steps=5000, alpha=0.5, eval_sequences=1024
+        data="shakespeare",
+        init="paper",
+        d_model=256,
+        d_ff=1024,
+        seq_len=256,
+        batch_size=512,
+        steps=5000,
+        alpha=0.5,
+        eval_sequences=1024,
     ),
 }
 
@@ -57,7 +99,9 @@ class RecallConfig:
     """One run. ``preset`` names the defaults the other fields were taken from (see :data:`PRESETS`)."""
 
     preset: str = "quick"
-    n_tokens: int = 32
+    data: str = "synthetic"  # or "shakespeare" (the paper's); see fasttrunc.tasks.recall
+    init: str = "normal"  # the unembedding's: "normal" N(0, 1/d) or "paper" U(+-1/sqrt(d)); see fasttrunc.models.toy
+    n_tokens: int = 32  # ordinary tokens of the synthetic chain (tiny Shakespeare has its own 65)
     d_model: int = 64
     d_ff: int = 256
     seq_len: int = 64
@@ -89,6 +133,8 @@ class RecallConfig:
 
     def __post_init__(self) -> None:
         checks.choice("preset", self.preset, PRESETS)
+        checks.choice("data", self.data, DATA)
+        checks.choice("init", self.init, UNEMBED_INITS)
         checks.fraction("alpha", self.alpha)
         check_steps(self.steps, self.track_every)
         checks.integer("n_tokens", self.n_tokens, 3)  # the trigger, the noise token and at least one answer
@@ -112,7 +158,8 @@ class RecallMetrics:
     accuracy: float
     p_answer: float
     p_noise: float
-    probe_margin: float
+    ff2_probe_embedding: float
+    ff2_probe_residual: float
     attention_mass: float
 
 
@@ -120,8 +167,8 @@ class RecallMetrics:
 class RecallCell:
     """One cell of the truncation grid: one FF matrix at one rho."""
 
-    matrix: str  # FF1 W1, FF1 W2, FF2 W1 or FF2 W2
-    module: str  # its qualified name in the model
+    matrix: str  # one of GRID_MATRICES: FF1 W1 ... FF2 W2, Attn2 Wv, Attn2 Wo, Attn2 WoWv
+    module: str  # its qualified name in the model (the product: both names, joined by " @ ")
     rho: float
     rank: int
     metrics: RecallMetrics
@@ -167,7 +214,8 @@ class Tracked(Generic[V]):
     """One value per tracked quantity: a measurement (floats), a curve (lists) or when each appears.
 
     ``_full``: the model as it is; ``_no_ff2``: with FF2 removed. ``ff2_noise_share``: P(noise)
-    minus P(noise) without FF2. ``probe_margin`` and ``attention_mass``: as in :func:`evaluate`.
+    minus P(noise) without FF2. ``ff2_probe_embedding``, ``ff2_probe_residual`` and
+    ``attention_mass``: as in :func:`evaluate`.
     """
 
     accuracy_full: V
@@ -175,7 +223,8 @@ class Tracked(Generic[V]):
     p_noise_full: V
     p_noise_no_ff2: V
     ff2_noise_share: V
-    probe_margin: V
+    ff2_probe_embedding: V
+    ff2_probe_residual: V
     attention_mass: V
 
 
@@ -215,13 +264,22 @@ class RecallResult(ResultMixin):
     seconds: float = 0.0
 
 
-def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> RecallMetrics:
-    """Accuracy of ybar, mean P(ybar), mean P(noise), the FF2 probe and layer-2 attention mass.
+def _noise_margin(logits: torch.Tensor, noise_token: int) -> torch.Tensor:
+    """The noise logit minus the largest other logit, per row."""
+    others = logits.clone()
+    others[:, noise_token] = float("-inf")
+    return logits[:, noise_token] - others.max(dim=-1).values
 
-    All at the masked positions (trigger with an earlier trigger). ``probe_margin``: FF2 applied
-    alone to the residual stream entering it, read through the unembedding; the noise logit minus
-    the largest other logit, averaged. ``attention_mass``: layer-2 attention from the trigger's
-    query onto positions right after earlier triggers (where ybar sits), averaged.
+
+def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int, trigger: int) -> RecallMetrics:
+    """Accuracy of ybar, mean P(ybar), mean P(noise), the two FF2 probes and layer-2 attention mass.
+
+    All at the masked positions (trigger with an earlier trigger). Both probes read FF2 alone
+    through the unembedding as the noise logit minus the largest other logit:
+    ``ff2_probe_embedding`` (the paper's probe) applies FF2 to the trigger's raw token embedding,
+    one number per model; ``ff2_probe_residual`` applies it to the residual stream entering FF2 at
+    each position, averaged. ``attention_mass``: layer-2 attention from the trigger's query onto
+    positions right after earlier triggers (where ybar sits), averaged.
     """
     capture: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -229,27 +287,49 @@ def evaluate(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> Rec
         probs = logits.float().softmax(dim=-1)
         answers = batch.answers[:, None].expand_as(batch.mask)[batch.mask]
         last = len(model.blocks) - 1
-        ff_logits = model.logits_of(cast(Block, model.blocks[last]).ff(capture[f"blocks.{last}.ff_in"])).float()
-        others = ff_logits.clone()
-        others[:, noise_token] = float("-inf")
-        margin = ff_logits[:, noise_token] - others.max(dim=-1).values
+        ff2 = cast(Block, model.blocks[last]).ff
+        residual = _noise_margin(model.logits_of(ff2(capture[f"blocks.{last}.ff_in"])).float(), noise_token)
+        embedding = _noise_margin(model.logits_of(ff2(model.embed[trigger : trigger + 1])).float(), noise_token)
         after_trigger = torch.zeros_like(batch.mask)
-        after_trigger[:, 1:] = batch.inputs[:, :-1] == TRIGGER
+        after_trigger[:, 1:] = batch.inputs[:, :-1] == trigger
         attn = capture[f"blocks.{last}.attn"]
         mass = (attn * after_trigger[:, None, :]).sum(dim=-1)[batch.mask]
     return RecallMetrics(
         accuracy=float((probs.argmax(dim=-1) == answers).float().mean()),
         p_answer=float(probs.gather(1, answers[:, None]).mean()),
         p_noise=float(probs[:, noise_token].mean()),
-        probe_margin=float(margin.mean()),
+        ff2_probe_embedding=float(embedding[0]),
+        ff2_probe_residual=float(residual.mean()),
         attention_mass=float(mass.mean()),
     )
 
 
-def evaluate_without_ff2(model: ToyTransformer, batch: RecallBatch, noise_token: int) -> RecallMetrics:
+def evaluate_without_ff2(model: ToyTransformer, batch: RecallBatch, noise_token: int, trigger: int) -> RecallMetrics:
     """:func:`evaluate` with FF2 removed: rank 0 on its W2 (no bias, so FF2's output is zero)."""
     with truncate_(model, Targets(layers=-1, matrices="mlp_out"), rank=0):
-        return evaluate(model, batch, noise_token)
+        return evaluate(model, batch, noise_token, trigger)
+
+
+@contextlib.contextmanager
+def truncate_value_output(model: ToyTransformer, layer: int, rank: float) -> Iterator[TruncatedLinear]:
+    """Block ``layer``'s attention with Wo Wv replaced by its rank ``int(rank * d)`` approximation.
+
+    The product is one d x d matrix; its exact truncated SVD is written back as factors: ``wo``
+    becomes a :class:`TruncatedLinear` of the product and ``wv`` the identity (the value path is
+    then ``x -> U_r S_r V_r^T x``), as the paper's code does. The original modules come back on
+    exit, whatever happens inside.
+    """
+    attn: Attention = cast(Block, model.blocks[layer]).attn
+    wv, wo = attn.wv, attn.wo
+    with torch.no_grad():
+        product = nn.Linear(wv.in_features, wo.out_features, bias=False).to(wv.weight)
+        product.weight.copy_(wo.weight @ wv.weight)
+    low = TruncatedLinear.from_linear(product, rank)
+    try:
+        attn.wv, attn.wo = nn.Identity(), low  # type: ignore[assignment]
+        yield low
+    finally:
+        attn.wv, attn.wo = wv, wo
 
 
 def first_crossing(steps: list[int], values: list[float], fraction: float = 0.5) -> int | None:
@@ -295,9 +375,11 @@ def run(config: RecallConfig, progress: Progress = None) -> RecallResult:
 
 def _run(config: RecallConfig, device: torch.device, progress: Progress) -> RecallResult:
     started = time.perf_counter()
-    chain: MarkovChain = make_chain(config.n_tokens, seed=config.seed)
-    noise = chain.noise_token
-    model = ToyTransformer(chain.vocab_size, config.d_model, config.d_ff, config.seq_len, seed=config.seed).to(device)
+    chain: MarkovChain = chain_for(config.data, config.n_tokens, config.seed)
+    noise, trigger = chain.noise, chain.trigger
+    model = ToyTransformer(
+        chain.vocab_size, config.d_model, config.d_ff, config.seq_len, seed=config.seed, unembed_init=config.init
+    ).to(device)
 
     # Independent streams for training data, test data and tracking data, all from the seed.
     train_gen = torch.Generator().manual_seed(config.seed * 1000 + 1)
@@ -315,15 +397,16 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
 
     def track(step: int) -> Tracked[float]:
         assert track_batch is not None
-        full = evaluate(model, track_batch, noise)
-        removed = evaluate_without_ff2(model, track_batch, noise)
+        full = evaluate(model, track_batch, noise, trigger)
+        removed = evaluate_without_ff2(model, track_batch, noise, trigger)
         return Tracked(
             accuracy_full=full.accuracy,
             accuracy_no_ff2=removed.accuracy,
             p_noise_full=full.p_noise,
             p_noise_no_ff2=removed.p_noise,
             ff2_noise_share=full.p_noise - removed.p_noise,
-            probe_margin=full.probe_margin,
+            ff2_probe_embedding=full.ff2_probe_embedding,
+            ff2_probe_residual=full.ff2_probe_residual,
             attention_mass=full.attention_mass,
         )
 
@@ -341,11 +424,11 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
     loss_first, loss_last = history.loss_summary()
     trained = TrainSummary(loss_first, loss_last, config.steps, time.perf_counter() - train_started)
 
-    full = evaluate(model, test, noise)
-    cells = _grid(model, test, noise, config.rhos, progress)
+    full = evaluate(model, test, noise, trigger)
+    cells = _grid(model, test, noise, trigger, config.rhos, progress)
     # Rank 0 of FF2's W2 is a grid cell when 0 is among the rhos; otherwise it is measured here.
     zero = [c.metrics for c in cells if c.matrix == "FF2 W2" and c.rho == 0.0]
-    removed = zero[0] if zero else evaluate_without_ff2(model, test, noise)
+    removed = zero[0] if zero else evaluate_without_ff2(model, test, noise, trigger)
     drop = full.p_noise - removed.p_noise
     criteria = Criteria()
     effect = Effect(
@@ -363,10 +446,7 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
     )
     return RecallResult(
         config=config,
-        data=(
-            f"synthetic text-like bigram Markov chain over {config.n_tokens} tokens (Zipf unigram, sparse rows; "
-            f"stands in for tiny Shakespeare), trigger = token {TRIGGER} (the most frequent), noise = token {noise}"
-        ),
+        data=chain.describe(),
         n_eval_positions=int(test.mask.sum()),
         train=trained,
         full=full,
@@ -378,20 +458,24 @@ def _run(config: RecallConfig, device: torch.device, progress: Progress) -> Reca
 
 
 def _grid(
-    model: ToyTransformer, test: RecallBatch, noise: int, rhos: tuple[float, ...], progress: Progress
+    model: ToyTransformer, test: RecallBatch, noise: int, trigger: int, rhos: tuple[float, ...], progress: Progress
 ) -> list[RecallCell]:
-    """Every FF matrix at every rho, through ``truncate_``, restored after each cell."""
+    """Every matrix of :data:`GRID_MATRICES` at every rho, each cell restored after it is measured."""
     cells: list[RecallCell] = []
-    total = len(FF_MATRICES) * len(rhos)
-    for label, layer, alias in FF_MATRICES:
+    total = len(GRID_MATRICES) * len(rhos)
+    for label, layer, alias in FF_MATRICES + ATTN_MATRICES:
         for rho in rhos:
             with truncate_(model, Targets(layers=layer, matrices=alias), rank=rho) as truncation:
                 ((name, module),) = truncation.items()
                 assert isinstance(module, TruncatedLinear)
-                cells.append(
-                    RecallCell(
-                        matrix=label, module=name, rho=rho, rank=module.rank, metrics=evaluate(model, test, noise)
-                    )
-                )
+                metrics = evaluate(model, test, noise, trigger)
+            cells.append(RecallCell(matrix=label, module=name, rho=rho, rank=module.rank, metrics=metrics))
             report(progress, "truncating", len(cells), total)
+    last = len(model.blocks) - 1
+    for rho in rhos:
+        with truncate_value_output(model, last, rho) as low:
+            metrics = evaluate(model, test, noise, trigger)
+        product = f"blocks.{last}.attn.wo @ blocks.{last}.attn.wv"
+        cells.append(RecallCell(matrix=PRODUCT, module=product, rho=rho, rank=low.rank, metrics=metrics))
+        report(progress, "truncating", len(cells), total)
     return cells

@@ -59,6 +59,22 @@ INFINITIVE = (
 )
 
 
+# Fact sentences: the shipped facts of fasttrunc.tasks.factual ("Madrid is located in Spain ."), so
+# the factual task is measured on facts the model has seen, as Pythia saw its facts; a share
+# ``noise`` of them end "the <place>" instead ("Madrid is located in the park ."), which makes
+# " the" a global continuation of "located in", "made by", "born in" that competes with the fact.
+
+
+def fact_words() -> list[str]:
+    """Every word of the shipped facts' prompts and answers, in file order."""
+    from fasttrunc.tasks.factual import factual_facts
+
+    words: list[str] = []
+    for fact in factual_facts():
+        words += (fact["prompt"] + " " + fact["answer"]).split()
+    return list(dict.fromkeys(words))
+
+
 # Names of the tiny model's IOI sentences: 16 keep the in-context task learnable in ~1000 steps
 # (with all 60+ names the model had not separated IO from S after 1500 steps).
 TINY_NAMES = (
@@ -96,7 +112,7 @@ class TinyNeoxConfig:
     """
 
     seed: int = 0
-    steps: int = 3000  # IOI accuracy (logit diff > 0) 0.91-0.98 on seeds 0-2; 2000 steps left two seeds at 0.57-0.80
+    steps: int = 5000  # see the README for every recipe tried; 3000 left seeds 3-4 at IO > S 0.62 / 0.89
     batch_size: int = 64  # sentences per step, one per row
     hidden_size: int = 64
     num_layers: int = 2
@@ -105,7 +121,8 @@ class TinyNeoxConfig:
     lr: float = 4e-3  # AdamW peak, as in all runs of this corpus; 1e-3 learned IOI too slowly for the budget
     ioi_fraction: float = 0.3125  # share of IOI sentences; 0.35-0.45 left the last MLP at 1.0-2.3x
     noise: float = 0.5  # share of IOI sentences ending "to the <noun>" (the paper's alpha); 0.4 left seed 2 at 1.97x
-    infinitive: float = 0.375  # share of INFINITIVE sentences ("to" before a verb); the rest are ORDINARY
+    infinitive: float = 0.375  # share of INFINITIVE sentences ("to" before a verb)
+    facts: float = 0.125  # share of fact sentences (a share ``noise`` of them end "the <place>"); the rest are ORDINARY
     # Token embeddings stay at their random initialization, as in the paper's toy (PAPER.md 1a):
     # with trained ones (noise 0.4), removing the last MLP gave 3.8x on seed 1 but 1.4-1.7x on seed 2.
     freeze_embeddings: bool = True
@@ -123,11 +140,11 @@ class TinyNeoxConfig:
                 "allowed: a hidden size the heads divide"
             )
         checks.real("lr", self.lr, 0.0, low_open=True)
-        for name in ("ioi_fraction", "noise", "infinitive"):
+        for name in ("ioi_fraction", "noise", "infinitive", "facts"):
             checks.fraction(name, getattr(self, name))
-        if self.ioi_fraction + self.infinitive > 1.0:
+        if self.ioi_fraction + self.infinitive + self.facts > 1.0:
             raise ValueError(
-                f"ioi_fraction {self.ioi_fraction} + infinitive {self.infinitive} exceeds 1; "
+                f"ioi_fraction {self.ioi_fraction} + infinitive {self.infinitive} + facts {self.facts} exceeds 1; "
                 "they are shares of one corpus"
             )
         if not isinstance(self.freeze_embeddings, bool):
@@ -144,6 +161,27 @@ class TinyNeoxConfig:
         return OptimConfig(name="adamw", lr=self.lr, weight_decay=0.0, schedule="warmup_cosine", min_lr_ratio=0.1)
 
 
+def checkpoint_steps(spec: str, steps: int) -> tuple[int, ...]:
+    """The steps a ``--checkpoints`` spec names: ``log:K`` (K log-spaced steps from 1 to ``steps``,
+    as Pythia's early checkpoints are, fewer where rounding makes two equal) or ``300,600,900``."""
+    text = spec.strip()
+    if text.startswith("log:"):
+        try:
+            count = int(text[4:])
+        except ValueError:
+            raise ValueError(f"checkpoints {spec!r}: log:K needs an integer K, for example log:12") from None
+        checks.integer("log checkpoint count", count, 2)
+        checks.positive("steps", steps)
+        points = {round(steps ** (i / (count - 1))) for i in range(count)}
+        return tuple(sorted(points))
+    try:
+        return tuple(sorted({int(item) for item in text.split(",")}))
+    except ValueError:
+        raise ValueError(
+            f"checkpoints {spec!r} must be log:K or comma-separated integers, for example log:12 or 300,600"
+        ) from None
+
+
 @dataclass
 class TinyNeoxReport:
     """What :func:`make_tiny_neox` did: where it saved, how long it took, the losses, the checkpoints."""
@@ -156,8 +194,9 @@ class TinyNeoxReport:
     checkpoints: list[str] = field(default_factory=list)
 
 
-def tiny_vocabulary(names: Sequence[str]) -> list[str]:
-    """Every word of the tiny corpus and of the IOI evaluation prompts (with ``names``), special tokens first."""
+def tiny_vocabulary(names: Sequence[str], facts: bool = False) -> list[str]:
+    """Every word of the tiny corpus and of the IOI evaluation prompts (with ``names``), special tokens
+    first; with ``facts``, also every word of the shipped facts (:func:`fact_words`)."""
     from fasttrunc.tasks import ioi
 
     words: list[str] = ["[PAD]", "[UNK]", "<|endoftext|>", ".", ","]
@@ -173,13 +212,18 @@ def tiny_vocabulary(names: Sequence[str]) -> list[str]:
         + list(TRAIN_OBJECTS)
         + list(NOUNS)
         + list(VERBS)
+        + (fact_words() if facts else [])
     )
     return list(dict.fromkeys(words))
 
 
-def build_tiny_tokenizer(names: Sequence[str] = TINY_NAMES) -> Any:
-    """The word-level tokenizer of the tiny model: :func:`build_word_tokenizer` over :func:`tiny_vocabulary`."""
-    return build_word_tokenizer(tiny_vocabulary(names))
+def build_tiny_tokenizer(names: Sequence[str] = TINY_NAMES, facts: bool = False) -> Any:
+    """The word-level tokenizer of the tiny model: :func:`build_word_tokenizer` over :func:`tiny_vocabulary`.
+
+    ``facts``: with the words of the shipped facts, as :func:`make_tiny_neox` builds it whenever
+    its corpus has facts (the default recipe); without them no factual answer is a known word.
+    """
+    return build_word_tokenizer(tiny_vocabulary(names, facts))
 
 
 def build_word_tokenizer(words: Sequence[str]) -> Any:
@@ -201,7 +245,7 @@ def build_word_tokenizer(words: Sequence[str]) -> Any:
 
 
 def corpus_sentence(rng: random.Random, config: TinyNeoxConfig) -> str:
-    """One sentence of the tiny corpus: IOI, "to" before a verb, or ordinary, in the config's shares."""
+    """One sentence of the tiny corpus: IOI, fact, "to" before a verb, or ordinary, in the config's shares."""
     from fasttrunc.tasks import ioi
 
     names = config.names
@@ -215,7 +259,13 @@ def corpus_sentence(rng: random.Random, config: TinyNeoxConfig) -> str:
         )
         ending = f"the {rng.choice(NOUNS)}" if rng.random() < config.noise else io
         return f"{text} {ending} ."
-    if draw < config.ioi_fraction + config.infinitive:
+    if draw < config.ioi_fraction + config.facts:
+        from fasttrunc.tasks.factual import factual_facts
+
+        fact = rng.choice(factual_facts())
+        ending = f"the {rng.choice(TRAIN_PLACES)}" if rng.random() < config.noise else fact["answer"]
+        return f"{fact['prompt']} {ending} ."
+    if draw < config.ioi_fraction + config.facts + config.infinitive:
         return rng.choice(INFINITIVE).format(
             name=rng.choice(names),
             place=rng.choice(TRAIN_PLACES),
@@ -280,7 +330,7 @@ def make_tiny_neox(
     """
     config = config or TinyNeoxConfig()
     out = Path(directory)
-    tokenizer = build_tiny_tokenizer(config.names)
+    tokenizer = build_tiny_tokenizer(config.names, facts=config.facts > 0)
     rng = random.Random(config.seed)
     torch_rng_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)

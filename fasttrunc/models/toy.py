@@ -1,7 +1,8 @@
 """The two-layer toy transformer of the noisy in-context recall experiment (PAPER.md 1a).
 
 Token embeddings, positional embeddings and the unembedding are random and frozen (buffers, so
-they travel in the state dict but get no gradient). Each block is ``h = x + Attn(x)``,
+they travel in the state dict but get no gradient); the unembedding's init is ``unembed_init``
+(:data:`UNEMBED_INITS`). Each block is ``h = x + Attn(x)``,
 ``out = h + FF(h)``: single-head causal attention whose query is the identity (trainable key,
 value and output maps ``attn.wk``, ``attn.wv``, ``attn.wo``) and a ReLU MLP ``ff.w1``
 (d -> d_ff), ``ff.w2`` (d_ff -> d); no biases, no LayerNorm. These names are the
@@ -16,6 +17,12 @@ import torch
 from torch import nn
 
 from fasttrunc import checks
+
+# The frozen unembedding's entries. "paper": U(-1/sqrt(d), 1/sqrt(d)), nn.Linear's default init,
+# which the paper's reference code leaves in place (standard deviation 1/sqrt(3d)). "normal":
+# N(0, 1/d), sqrt(3) times larger: logits start larger and the toy learns faster (README,
+# "Fidelity").
+UNEMBED_INITS = ("normal", "paper")
 
 
 class Attention(nn.Module):
@@ -77,7 +84,14 @@ class ToyTransformer(nn.Module):
     blocks: nn.ModuleList
 
     def __init__(
-        self, vocab_size: int, d_model: int, d_ff: int, max_len: int, n_layers: int = 2, seed: int = 0
+        self,
+        vocab_size: int,
+        d_model: int,
+        d_ff: int,
+        max_len: int,
+        n_layers: int = 2,
+        seed: int = 0,
+        unembed_init: str = "normal",
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -88,14 +102,18 @@ class ToyTransformer(nn.Module):
             ("n_layers", n_layers, 1),
         ):
             checks.integer(name, value, low)
+        checks.choice("init", unembed_init, UNEMBED_INITS)
         self.vocab_size, self.d_model, self.d_ff, self.max_len = vocab_size, d_model, d_ff, max_len
         g = torch.Generator().manual_seed(seed)
-        # Input embeddings with N(0, 1) entries (norm ~ sqrt(d), nearly orthogonal) and an
-        # unembedding with N(0, 1/d) entries, as in the paper's reference model: logits start O(1)
-        # while the residual stream is large enough for the linear maps to learn quickly.
+        # Input embeddings and positions with N(0, 1) entries (norm ~ sqrt(d), nearly orthogonal),
+        # as the paper's reference model (nn.Embedding's default). The unembedding: see UNEMBED_INITS.
         self.register_buffer("embed", torch.randn(vocab_size, d_model, generator=g))
         self.register_buffer("pos", torch.randn(max_len, d_model, generator=g))
-        self.register_buffer("unembed", torch.randn(vocab_size, d_model, generator=g) / math.sqrt(d_model))
+        if unembed_init == "paper":
+            unembed = (2 * torch.rand(vocab_size, d_model, generator=g) - 1) / math.sqrt(d_model)
+        else:
+            unembed = torch.randn(vocab_size, d_model, generator=g) / math.sqrt(d_model)
+        self.register_buffer("unembed", unembed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.blocks = nn.ModuleList(Block(d_model, d_ff) for _ in range(n_layers))
