@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import typer
 
@@ -22,32 +21,6 @@ TARGETS_MATRIX_HELP = (
     "Matrices to show, comma-separated: mlp_in, mlp_up, mlp_out, attn_q, attn_k, attn_v, attn_qkv, attn_out, "
     "or the groups mlp, attn, all."
 )
-
-
-def load_config(model: str, revision: str | None = None) -> Any:
-    """The ``transformers`` config of a hub id or a local directory, without any weights.
-
-    Resolved as :func:`fasttrunc.hub.load_model` resolves a model: a local directory (or one of
-    its ``revisions/``), else the hub, asked once and then read from the local cache only when
-    it does not answer. A config that cannot be fetched is the same one-line ValueError.
-    """
-    from fasttrunc.hub import _hub_problem, resolve_source
-
-    where, hub_revision, is_local = resolve_source(model, revision)
-    from transformers import AutoConfig
-
-    problem = None if is_local else _hub_problem(where, hub_revision)
-    try:
-        return AutoConfig.from_pretrained(where, revision=hub_revision, local_files_only=problem is not None)
-    except (OSError, ValueError, KeyError) as exc:  # missing file, unknown model type, hub errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if is_local:
-            raise ValueError(f"cannot read a model config from {where}: {reason}") from None
-        rev = f" at revision {hub_revision}" if hub_revision else ""
-        raise ValueError(
-            f"cannot fetch model {model!r}{rev} from the Hugging Face hub ({problem or type(exc).__name__}); "
-            f"download it where the hub is reachable and pass --model /path/to/local/dir"
-        ) from None
 
 
 @app.command("targets")
@@ -64,6 +37,8 @@ def targets(
 
     layers = parse_layers(layer)
     matrices = split_list(matrix, "matrices")
+    from fasttrunc.hub import load_config
+
     config = load_config(model, revision)
     description = describe_targets(config, layers=layers, matrices=matrices)
     if as_json:

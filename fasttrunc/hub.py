@@ -201,14 +201,39 @@ def load_model(
         broken = isinstance(exc, pickle.UnpicklingError | SafetensorError | RuntimeError)
         if is_local or broken:
             raise ValueError(f"cannot load model from {where}: {_load_problem(exc)}") from None
-        rev = f" at revision {hub_revision}" if hub_revision else ""
-        raise ValueError(
-            f"cannot fetch model {model!r}{rev} from the Hugging Face hub ({hub_problem or type(exc).__name__}); "
-            f"download it where the hub is reachable and pass --model /path/to/local/dir"
-        ) from None
+        raise _unfetchable(model, hub_revision, hub_problem or type(exc).__name__) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     lm.to(device)
     lm.eval()
     return lm, tokenizer
+
+
+def _unfetchable(model: str, hub_revision: str | None, problem: str) -> ValueError:
+    """The one-line error for a hub id (at a revision) that cannot be fetched here."""
+    rev = f" at revision {hub_revision}" if hub_revision else ""
+    return ValueError(
+        f"cannot fetch model {model!r}{rev} from the Hugging Face hub ({problem}); "
+        f"download it where the hub is reachable and pass --model /path/to/local/dir"
+    )
+
+
+def load_config(model: str, revision: str | None = None) -> Any:
+    """The ``transformers`` config of a hub id or a local directory, without any weights.
+
+    Resolved as :func:`load_model` resolves a model: a local directory (or one of its
+    ``revisions/``), else the hub, asked once and then read from the local cache only when it does
+    not answer. A config that cannot be fetched is the same one-line ValueError.
+    """
+    where, hub_revision, is_local = resolve_source(model, revision)
+    from transformers import AutoConfig
+
+    problem = None if is_local else _hub_problem(where, hub_revision)
+    try:
+        return AutoConfig.from_pretrained(where, revision=hub_revision, local_files_only=problem is not None)
+    except (OSError, ValueError, KeyError) as exc:  # missing file, unknown model type, hub errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_local:
+            raise ValueError(f"cannot read a model config from {where}: {reason}") from None
+        raise _unfetchable(model, hub_revision, problem or type(exc).__name__) from None
