@@ -207,7 +207,7 @@ def run_pythia(
         batch_size=batch_size,
         method=method,
     )
-    check_models(config.model, config.revisions)
+    check_models(config.model, pythia.resolve_revisions(config.model, tuple(config.revisions)))
     with progress_bar(not as_json) as progress:
         result = pythia.run(config, progress)
     emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
