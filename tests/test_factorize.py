@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from test_truncation import tiny_neox as neox_of_test_truncation
 from torch import nn
 
 import fasttrunc
@@ -16,21 +17,7 @@ def _torch_backend(monkeypatch):
 
 
 def tiny_neox(seed=0, layers=3):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=80,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return neox_of_test_truncation(seed=seed, layers=layers)
 
 
 def snapshot(model):
