@@ -132,6 +132,17 @@ class Family:
     def aliases(self) -> tuple[str, ...]:
         return tuple(a for a in MATRIX_ALIASES if a in self.matrices)
 
+    def mlp_module(self) -> str | None:
+        """The block's MLP module (relative to one block) when the row names one that holds both
+        ``mlp_in`` and ``mlp_out`` as its direct children (``mlp`` in GPT-NeoX, ``ff`` in the toy);
+        None when the linears sit in the block itself (OPT) or the MLP is not linear modules (MoE)."""
+        names = [n for alias in ("mlp_in", "mlp_out") for n in self.matrices.get(alias, ())]
+        parents = {n.rpartition(".")[0] for n in names}
+        if len(names) < 2 or len(parents) != 1:
+            return None
+        parent = parents.pop()
+        return parent if parent and "." not in parent else None
+
     def names_for(self, alias: str) -> tuple[str, ...]:
         """Module names (relative to one block) that ``alias`` names, or a one-line ValueError."""
         if alias in self.matrices:

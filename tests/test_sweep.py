@@ -13,7 +13,7 @@ from fasttrunc.experiments import sweep
 from fasttrunc.experiments.prefix import PrefixCache
 from fasttrunc.models import tiny_neox
 from fasttrunc.tasks.metrics import EncodedPrompts, aggregate, score
-from fasttrunc.truncation import Targets, truncate_
+from fasttrunc.truncation import Targets, resolve_targets, truncate_
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +86,20 @@ def _cached_logits(cache: PrefixCache, enc: EncodedPrompts, layer: int, batch: i
     return torch.cat(parts)
 
 
+def _last_mlp_widths(model, cache: PrefixCache, enc: EncodedPrompts) -> set[int]:
+    """The sequence widths the last block's mlp_in saw in one cached forward."""
+    name = resolve_targets(model, Targets(layers=-1, matrices="mlp_in"))[0]
+    widths: set[int] = set()
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda m, args: widths.add(args[0].shape[-2]))
+    try:
+        with torch.no_grad():
+            cache.lm(enc.input_ids[:3], enc.attention_mask[:3])
+    finally:
+        handle.remove()
+    return widths
+
+
 @pytest.mark.parametrize("build", [_neox, _llama, _gpt2], ids=["gpt-neox", "llama", "gpt2"])
 def test_prefix_reuse_equals_the_plain_forward(build):
     """First, middle and last layer, unedited and with the layer's MLP output truncated."""
@@ -94,7 +108,9 @@ def test_prefix_reuse_equals_the_plain_forward(build):
     model.eval()
     enc = _prompts(model.get_output_embeddings().out_features)
     batch = 3  # three batches, the last one short
-    cache = PrefixCache(model, blocks, batch)
+    cache = PrefixCache.for_model(model, batch)
+    assert _last_mlp_widths(model, cache, enc) == {1}  # the last block's MLP runs at the last position only
+    assert _last_mlp_widths(model, PrefixCache(model, blocks, batch), enc) == {enc.input_ids.shape[1]}
     n_layers = len(model.get_submodule(blocks))
     layers = [0, n_layers // 2, n_layers - 1]
     baseline = cache.capture([enc], layers)[0]
@@ -259,9 +275,12 @@ def test_prefix_reuse_equals_the_plain_forward_for_every_row(model_type):
     _, blocks, n_layers = detect_family(model)
     enc = _prompts(model.get_output_embeddings().out_features)
     batch = 3
-    cache = PrefixCache(model, blocks, batch)
+    cache = PrefixCache.for_model(model, batch)
     layers = sorted({0, n_layers // 2, n_layers - 1})
     cache.capture([enc], layers)
+    family, _, _ = detect_family(model)
+    if family.mlp_module() is not None:  # the last block's MLP sees the last position only
+        assert _last_mlp_widths(model, cache, enc) == {1}, model_type
     for layer in layers:
         with truncate_(model, Targets(layers=layer, matrices="attn_out"), 2):
             reference = _plain_logits(model, enc)

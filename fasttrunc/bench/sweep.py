@@ -242,14 +242,12 @@ def _floor(
     """Only the suffix forwards of every cell timed: edits and prefixes prepared beforehand."""
     from fasttrunc.experiments.prefix import PrefixCache
     from fasttrunc.experiments.sweep import _edit, _metrics, _rows
-    from fasttrunc.families import detect_family
     from fasttrunc.truncation import factorize
 
     device = next(model.parameters()).device
-    _, blocks_path, _ = detect_family(model)
     n = splits["ioi"]
     sets = [_rows(enc, 0, n), _rows(enc, n, None)]
-    cache = PrefixCache(model, blocks_path, config.batch_size)
+    cache = PrefixCache.for_model(model, config.batch_size)
     cache.capture(sets, list(range(config.num_layers)))
     cells = _cells(config)
     ks_of = {}

@@ -7,7 +7,8 @@ the model's device. For the cells of layer ``L``, :meth:`PrefixCache.skipping` s
 ``0..L-1`` for :class:`CachedBlock` stubs (through ``replace_modules_``, so a restorable
 ``Truncation``): each ignores its input and returns block ``L-1``'s cached output for the
 current batch, so only the embedding, block ``L`` onward and the head run. Nothing here is
-family-specific: the family row's block list is all it needs.
+family-specific: the family row's block list is all it needs (and its MLP module, to run the last block's MLP at
+the last position only).
 
 :class:`LastPositionLM` wraps a causal LM so that its head runs at each prompt's last real
 position only (a forward pre-hook on the output embeddings gathers those rows), the only
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fasttrunc.families import detect_family
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, score
 from fasttrunc.truncation import replace_modules_
 
@@ -95,9 +97,15 @@ class LastPositionLM(nn.Module):
     Returns an object whose ``logits`` is ``(B, L, V)`` as ``metrics.score`` reads it, every
     position holding the last position's logits (an expanded view: no copy), so
     ``metrics.score`` batches, trims and scores exactly as it does for the model itself.
+
+    With ``last_mlp`` (the MLP module of the last block) that MLP runs at the last position only
+    too: a pre-hook gathers the rows of each ``(B, L, ...)`` input it gets, a forward hook
+    broadcasts its ``(B, 1, ...)`` output back to ``(B, L, ...)``. Nothing after the last block
+    mixes positions (the final norm is per position, the head reads the last one), so the
+    position the metrics read is exact and the others, which nobody reads, are not.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, last_mlp: nn.Module | None = None):
         super().__init__()
         self.model = model
         get_head = getattr(model, "get_output_embeddings", None)
@@ -105,8 +113,45 @@ class LastPositionLM(nn.Module):
         if not isinstance(head, nn.Module):
             raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings) to score with")
         self.head = head
+        self.last_mlp = last_mlp
         self._rows: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
+        self._width = 0
+        self._cut = False
+
+    def _is_full(self, value: object) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and self._rows is not None
+            and value.dim() == 3
+            and value.shape[0] == self._rows.shape[0]
+            and value.shape[1] == self._width
+        )
+
+    def _mlp_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._last is None or self._width < 2:
+            return None
+
+        def cut(value: Any) -> Any:
+            if self._is_full(value):
+                self._cut = True
+                return value[self._rows, self._last].unsqueeze(1)
+            return value
+
+        self._cut = False
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    def _mlp_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not self._cut:
+            return None
+        self._cut = False
+
+        def widen(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[1] == 1:
+                return value.expand(-1, self._width, -1).contiguous()
+            return value
+
+        return tuple(widen(v) for v in output) if isinstance(output, tuple) else widen(output)
 
     def _gather(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if self._last is None or not args:
@@ -119,12 +164,18 @@ class LastPositionLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         self._rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         self._last = attention_mask.sum(dim=1) - 1
-        handle = self.head.register_forward_pre_hook(self._gather)
+        self._width = input_ids.shape[1]
+        handles = [self.head.register_forward_pre_hook(self._gather)]
+        if self.last_mlp is not None:
+            handles.append(self.last_mlp.register_forward_pre_hook(self._mlp_inputs, with_kwargs=True))
+            handles.append(self.last_mlp.register_forward_hook(self._mlp_output, with_kwargs=True))
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             self._last = None
+            self._cut = False
         logits = out.logits
         return SimpleNamespace(logits=logits[:, -1:].expand(-1, input_ids.shape[1], -1))
 
@@ -144,17 +195,25 @@ class PrefixCache:
     the sets numbered ``which`` (default: all), with whatever edit the model holds.
     """
 
-    def __init__(self, model: nn.Module, blocks_path: str, batch_size: int):
+    def __init__(self, model: nn.Module, blocks_path: str, batch_size: int, last_mlp: str | None = None):
         self.model = model
-        self.lm = LastPositionLM(model)
         self.blocks_path = blocks_path
         blocks = model.get_submodule(blocks_path)
         if not isinstance(blocks, nn.ModuleList):
             raise ValueError(f"{blocks_path} is not a block list (nn.ModuleList)")
+        # The last block's MLP at the last position only, where the family row names the MLP.
+        mlp = None if last_mlp is None else blocks[len(blocks) - 1].get_submodule(last_mlp)
+        self.lm = LastPositionLM(model, mlp)
         self.n_blocks = len(blocks)
         self.batch_size = batch_size
         self.outputs: dict[int, list[list[object]]] = {}  # block -> per prompt set, its output per batch
         self.bytes = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int) -> PrefixCache:
+        """The cache of ``model``'s family row: its block list, and its MLP module when it names one."""
+        family, blocks_path, _ = detect_family(model)
+        return cls(model, blocks_path, batch_size, family.mlp_module())
 
     def layer_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> int:
         """Bytes the cache of one layer takes for ``prompt_sets``: measured on one batch, scaled by tokens."""

@@ -244,7 +244,7 @@ def sweep_model(
     """
     shard = shard or Shard()
     done = dict(done or {})
-    _, blocks_path, n_layers = detect_family(model)
+    _, _, n_layers = detect_family(model)
     rows = [(layer, matrix) for layer in layers for matrix in matrices]
     targets = {row: resolve_targets(model, Targets(layers=[row[0]], matrices=row[1])) for row in rows}
     cell_ranks: dict[CellKey, dict[str, int]] = {}
@@ -277,7 +277,7 @@ def sweep_model(
         bounds = _screen_bounds(splits[tasks[0]], total, keep)
         enc = encoded[tasks[0]]
         sets = [_rows(enc, lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)] + [_rows(enc, splits[tasks[0]], None)]
-    cache = PrefixCache(model, blocks_path, batch_size)
+    cache = PrefixCache.for_model(model, batch_size)
     swept = sorted({key[0] for key in cell_ranks})
     engine = _Engine(model, cache, sets, _layer_groups(cache, sets, swept, cache_budget_mb), shard)
     results: dict[CellKey, Cell] = dict(done)
