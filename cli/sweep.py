@@ -198,8 +198,6 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
     out: Path | None = opts["out"]
     if opts["resume"] and out is None:
         raise ValueError("--resume continues the sweep in --out DIR; give --out")
-    if opts["resume"] and opts["search"] != "exhaustive":
-        raise ValueError("--resume continues an exhaustive sweep only; a screened search reruns from the start")
     if out is not None and lead:
         out = check_output_dir(out)
     swept = parse_layers(opts["layers"])

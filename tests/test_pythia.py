@@ -113,15 +113,24 @@ def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_d
         svd_calls.append(sorted((tuple(w.shape), k) for w, k in zip(weights, ranks)))
         return real_svd(weights, ranks, **kw)
 
-    scored: list[list[str]] = []
-    real_evaluate = sweep._evaluate
+    from fasttrunc.experiments.prefix import PrefixCache
 
-    def counting_evaluate(model, encoded, splits, batch_size):
-        scored.append(sorted(n for n, m in model.named_modules() if type(m).__name__ == "TruncatedLinear"))
-        return real_evaluate(model, encoded, splits, batch_size)
+    scored: list[list[str]] = []
+    captured: list[int] = []
+    real_score, real_capture = PrefixCache.score, PrefixCache.capture
+
+    def counting_score(self, layer, sets, which=None):
+        names = sorted(n for n, m in self.model.named_modules() if type(m).__name__ == "TruncatedLinear")
+        scored.append(names)
+        return real_score(self, layer, sets, which)
+
+    def counting_capture(self, sets, layers):
+        captured.append(len(sets))
+        return real_capture(self, sets, layers)
 
     monkeypatch.setattr(truncation, "truncated_svd", counting_svd)
-    monkeypatch.setattr(sweep, "_evaluate", counting_evaluate)
+    monkeypatch.setattr(PrefixCache, "score", counting_score)
+    monkeypatch.setattr(PrefixCache, "capture", counting_capture)
     ranks = [0.5, 0.25, 3, 0]
     config = sweep.SweepConfig(model=str(random_dir), layers=[0, 1], matrices=["mlp_in", "mlp_out"], ranks=ranks, n=20)
     result = sweep.run(config)
@@ -131,7 +140,8 @@ def test_sweep_factorizes_each_matrix_once_and_evaluates_each_cell_once(random_d
     # batched into one SVD per shape.
     assert svd_calls == [[((32, 128), 16)] * 2 + [((128, 32), 16)] * 2]
     assert rev.svd_calls == 2 and rev.matrices_factorized == 4
-    assert len(rev.cells) == 2 * 2 * len(ranks) == len(scored) - 1  # + the baseline
+    assert len(rev.cells) == 2 * 2 * len(ranks) == len(scored)  # one scoring pass per cell
+    assert captured == [1, 2]  # the budget probe (one batch), then one unedited pass: the baseline
     keys = [(c.layer, c.matrix, c.rank) for c in rev.cells]
     assert len(set(keys)) == len(keys)
     assert [c.ranks for c in rev.cells[:4]] == [{"gpt_neox.layers.0.mlp.dense_h_to_4h": k} for k in (16, 8, 3, 0)]

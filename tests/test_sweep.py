@@ -186,7 +186,7 @@ def test_sweep_engine_equals_plain_evaluation_and_says_which_form_ran(neox_dir):
 
 def test_cache_budget_too_small_is_one_line(neox_dir):
     config = sweep.SweepConfig(model=str(neox_dir), ranks=[0.5], n=10, cache_budget_mb=1e-6)
-    with pytest.raises(ValueError, match="cache budget 1e-06 MB holds less than one layer"):
+    with pytest.raises(ValueError, match="cache budget 1e-06 MB holds less than one batch of one layer"):
         sweep.run(config)
     with pytest.raises(ValueError, match="cache_budget_mb"):
         sweep.SweepConfig(model=str(neox_dir), cache_budget_mb=0)
@@ -206,6 +206,14 @@ def test_small_budget_gives_the_same_cells_in_more_captures(neox_dir):
     assert (big.captures, small.captures) == (1, 3)
     assert [c.select for c in small.cells] == [c.select for c in big.cells]
     assert [c.report for c in small.cells] == [c.report for c in big.cells]
+    # below one layer: one layer at a time, its prompts in chunks of whole batches (batch size 2)
+    plain = sweep.sweep_model(*args, batch_size=2)
+    budget = plain.cache_mb / 2 * 0.45
+    chunked = sweep.sweep_model(*args, batch_size=2, cache_budget_mb=budget)
+    assert chunked.captures > 3 and chunked.cache_mb <= budget
+    assert [c.select for c in chunked.cells] == [c.select for c in plain.cells]
+    assert [c.report for c in chunked.cells] == [c.report for c in plain.cells]
+    assert chunked.baseline_select == plain.baseline_select and chunked.baseline_report == plain.baseline_report
 
 
 def test_screen_bounds_grow_to_every_selection_prompt():

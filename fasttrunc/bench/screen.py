@@ -1,7 +1,8 @@
 """How well the screened search finds the exhaustive sweep's best cell, on models built here.
 
 ``study(kind, seed)`` builds a tiny GPT-NeoX (``"trained"``: the make_tiny_neox recipe with 6
-layers and 600 steps, cached under ``directory``; ``"random"``: random weights, d 64, 6 layers),
+layers and 600 steps, cached under ``directory``; ``"random"``: random weights, d 64, 6 layers;
+``"random-llama"``, ``"random-gpt2"``: random Llama and GPT-2 of that size),
 sweeps 6 layers x 4 matrices x 18 ranks = 432 cells on 100 IOI prompts (30% select) both
 exhaustively and screened, and reports the exact evaluations, whether the best cell is the same,
 the regret in the selection metric, and where the screened pick ranks among all cells.
@@ -23,6 +24,27 @@ STUDY_RANKS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.075, 0.05, 0
 STUDY_MATRICES = ("mlp_in", "mlp_out", "attn_qkv", "attn_out")
 
 
+def _random_llama(vocab: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _random_gpt2(vocab: int) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=6, n_head=4, n_positions=64))
+
+
+# Random-weight models of other families, on the tiny tokenizer's vocabulary.
+RANDOM_FAMILIES = {"random-llama": _random_llama, "random-gpt2": _random_gpt2}
+STUDY_KINDS = ("trained", "random", *RANDOM_FAMILIES)
+
+
 def _model(kind: str, seed: int, directory: Path) -> tuple[Any, Any, str]:
     from fasttrunc.models import tiny_neox
 
@@ -32,8 +54,12 @@ def _model(kind: str, seed: int, directory: Path) -> tuple[Any, Any, str]:
         torch.manual_seed(seed)
         model = tiny_neox.tiny_neox_model(len(tok), config, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
         return model, tok, f"random GPT-NeoX d64 L6 seed {seed}"
+    if kind in RANDOM_FAMILIES:
+        tok = tiny_neox.build_tiny_tokenizer(tiny_neox.TinyNeoxConfig().names)
+        torch.manual_seed(seed)
+        return RANDOM_FAMILIES[kind](len(tok)).eval(), tok, f"{kind} d64 L6 seed {seed}"
     if kind != "trained":
-        raise ValueError(f"study model {kind!r} is not known; allowed: trained, random")
+        raise ValueError(f"study model {kind!r} is not known; allowed: {', '.join(STUDY_KINDS)}")
     from fasttrunc.hub import load_model
 
     path = Path(directory) / f"trained-seed{seed}"

@@ -241,12 +241,12 @@ def _floor(
 ) -> tuple[float, list[Cell]]:
     """Only the suffix forwards of every cell timed: edits and prefixes prepared beforehand."""
     from fasttrunc.experiments.prefix import PrefixCache
-    from fasttrunc.experiments.sweep import _edit, _metrics, _rows
+    from fasttrunc.experiments.sweep import _edit, _metrics
     from fasttrunc.truncation import factorize
 
     device = next(model.parameters()).device
     n = splits["ioi"]
-    sets = [_rows(enc, 0, n), _rows(enc, n, None)]
+    sets = [enc.rows(0, n), enc.rows(n, None)]
     cache = PrefixCache.for_model(model, config.batch_size)
     cache.capture(sets, list(range(config.num_layers)))
     cells = _cells(config)

@@ -53,6 +53,8 @@ def cell_from_dict(data: dict[str, Any]) -> Cell:
         select={t: _metrics(m) for t, m in data["select"].items()},
         report={t: _metrics(m) for t, m in data["report"].items()},
         form=str(data.get("form", "factored")),
+        evaluated=bool(data.get("evaluated", True)),
+        estimate_prompts=int(data.get("estimate_prompts", 0)),
     )
 
 

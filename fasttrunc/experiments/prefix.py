@@ -215,29 +215,28 @@ class PrefixCache:
         family, blocks_path, _ = detect_family(model)
         return cls(model, blocks_path, batch_size, family.mlp_module())
 
-    def layer_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> int:
-        """Bytes the cache of one layer takes for ``prompt_sets``: measured on one batch, scaled by tokens."""
+    def batch_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> list[list[int]]:
+        """Bytes one layer's cache takes per batch of each prompt set (measured on one batch, scaled by tokens)."""
         if layer == 0:
-            return 0
+            return [[0] * -(-len(enc) // self.batch_size) for enc in prompt_sets]
         first = prompt_sets[0]
-        probe = EncodedPrompts(
-            input_ids=first.input_ids[: self.batch_size],
-            attention_mask=first.attention_mask[: self.batch_size],
-            last_index=first.last_index[: self.batch_size],
-            answer_ids=first.answer_ids[: self.batch_size],
-            subject_ids=first.subject_ids[: self.batch_size],
-            the_id=first.the_id,
-        )
+        probe = first.rows(0, self.batch_size)
         self.capture([probe], [layer])
         tokens = int(probe.attention_mask.sum(dim=1).max()) * len(probe)
         per_token = self.bytes / tokens
         self.outputs, self.bytes = {}, 0
-        total = 0
+        out = []
         for enc in prompt_sets:
+            sizes = []
             for start in range(0, len(enc), self.batch_size):
                 mask = enc.attention_mask[start : start + self.batch_size]
-                total += int(mask.sum(dim=1).max()) * mask.shape[0]
-        return int(per_token * total)
+                sizes.append(int(per_token * int(mask.sum(dim=1).max()) * mask.shape[0]))
+            out.append(sizes)
+        return out
+
+    def layer_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> int:
+        """Bytes the cache of one layer takes for ``prompt_sets``."""
+        return sum(sum(sizes) for sizes in self.batch_bytes(prompt_sets, layer))
 
     def capture(self, prompt_sets: Sequence[EncodedPrompts], layers: Sequence[int]) -> list[Scores]:
         """Score the unedited model on each prompt set, keeping the outputs ``layers`` need."""

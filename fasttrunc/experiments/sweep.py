@@ -137,19 +137,6 @@ def _split(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def _rows(enc: EncodedPrompts, start: int, stop: int | None) -> EncodedPrompts:
-    """Prompts ``start:stop`` of ``enc``."""
-    part = slice(start, stop)
-    return EncodedPrompts(
-        input_ids=enc.input_ids[part],
-        attention_mask=enc.attention_mask[part],
-        last_index=enc.last_index[part],
-        answer_ids=enc.answer_ids[part],
-        subject_ids=enc.subject_ids[part],
-        the_id=enc.the_id,
-    )
-
-
 @dataclass
 class Grid:
     """What :func:`sweep_model` measured: the baseline and every cell, on both prompt splits."""
@@ -267,7 +254,7 @@ def sweep_model(
     t0 = time.perf_counter()
     tasks = list(encoded)
     if search == "exhaustive":
-        sets = [part for t in tasks for part in (_rows(encoded[t], 0, splits[t]), _rows(encoded[t], splits[t], None))]
+        sets = [part for t in tasks for part in (encoded[t].rows(0, splits[t]), encoded[t].rows(splits[t], None))]
     else:
         if len(tasks) != 1:
             raise ValueError(f"screened search ranks cells by one task's selection metric; got tasks {tasks}")
@@ -276,10 +263,10 @@ def sweep_model(
             raise ValueError(f"keep {keep} is out of range for {total} cells; allowed: 1..{total - 1}")
         bounds = _screen_bounds(splits[tasks[0]], total, keep)
         enc = encoded[tasks[0]]
-        sets = [_rows(enc, lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)] + [_rows(enc, splits[tasks[0]], None)]
+        sets = [enc.rows(lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)] + [enc.rows(splits[tasks[0]], None)]
     cache = PrefixCache.for_model(model, batch_size)
     swept = sorted({key[0] for key in cell_ranks})
-    engine = _Engine(model, cache, sets, _layer_groups(cache, sets, swept, cache_budget_mb), shard)
+    engine = _Engine(model, cache, sets, _plan(cache, sets, swept, cache_budget_mb), shard)
     results: dict[CellKey, Cell] = dict(done)
 
     def edit(key: CellKey) -> tuple[Truncation, str]:
@@ -300,11 +287,8 @@ def sweep_model(
         engine.run([(key, every) for key in cell_ranks if key not in results], edit, finished)
     else:
         assert keep is not None  # set above for a screened search
-        _screen(engine, tasks[0], cell_ranks, bounds, keep, select_by, edit, results, progress, label)
-        if on_cell is not None:
-            for key in cell_ranks:
-                on_cell(results[key])
-    baseline = engine.baseline or _evaluate(model, cache, sets, [])  # nothing left to sweep: the baseline alone
+        _screen(engine, tasks[0], cell_ranks, bounds, keep, select_by, edit, results, progress, label, on_cell)
+    baseline = engine.baseline or cache.capture(sets, [])  # nothing left to sweep: the baseline alone
     synchronize(device)
     if search == "exhaustive":
         base_select, base_report = _metrics(tasks, baseline)
@@ -353,8 +337,16 @@ def _screen(
     results: dict[CellKey, Cell],
     progress: Progress,
     label: str,
+    on_cell: Callable[[Cell], None] | None = None,
 ) -> None:
-    """Estimate every cell on a few selection prompts, halve, repeat; evaluate the last ``keep`` exactly."""
+    """Estimate every cell on a few selection prompts, halve, repeat; evaluate the last ``keep`` exactly.
+
+    ``on_cell`` gets every estimated cell when the screening rounds end, then each exact cell as
+    it finishes. ``results`` may hold the cells of an interrupted run of the same search: when
+    it holds every estimate (the screening finished), the rounds are not run again and only the
+    exact cells it lacks are evaluated, on every prompt set (the same batches, so the same
+    numbers); otherwise the screening runs again from the start.
+    """
     seen: dict[CellKey, list[Scores]] = {key: [] for key in cell_ranks}
     forms: dict[CellKey, str] = {}
 
@@ -366,46 +358,65 @@ def _screen(
         v = getattr(aggregate(cat_scores(seen[key])), select_by)
         return -math.inf if v is None or math.isnan(v) else float(v)
 
-    alive = list(cell_ranks)
     rounds = len(bounds) - 1
-    for i in range(rounds):
-        engine.run([(key, (i,)) for key in alive], edit, add)
-        report(progress, "sweep", i + 1, rounds + 1, f"{label} screening round {i + 1}: {len(alive)} cells".strip())
-        if i < rounds - 1:
-            survivors = max(keep, -(-len(alive) // SCREEN_ETA))
-        else:
-            survivors = keep
-        alive = sorted(alive, key=value, reverse=True)[:survivors]
+    estimated = [key for key in cell_ranks if key in results and not results[key].evaluated]
+    final = keep if rounds else len(cell_ranks)  # cells the rounds leave for exact evaluation
+    if len(estimated) == len(cell_ranks) - final:  # the screening rounds had finished (or there are none)
+        alive = [key for key in cell_ranks if key not in estimated]
+    else:
         for key in cell_ranks:
-            if key not in alive and key not in results:
+            results.pop(key, None)
+        alive = list(cell_ranks)
+        for i in range(rounds):
+            engine.run([(key, (i,)) for key in alive], edit, add)
+            report(progress, "sweep", i + 1, rounds + 1, f"{label} screening round {i + 1}: {len(alive)} cells".strip())
+            survivors = max(keep, -(-len(alive) // SCREEN_ETA)) if i < rounds - 1 else keep
+            alive = sorted(alive, key=value, reverse=True)[:survivors]
+        for key in cell_ranks:
+            if key not in alive:
                 layer, matrix, rank = key
                 select = {task: aggregate(cat_scores(seen[key]))}
                 results[key] = Cell(
                     layer, matrix, rank, dict(cell_ranks[key]), select, {}, form=forms[key], evaluated=False,
                     estimate_prompts=bounds[len(seen[key]) - 1],
                 )  # fmt: skip
+                if on_cell is not None:
+                    on_cell(results[key])
     n_sets = len(bounds) + 1
-    engine.run([(key, tuple(range(len(seen[key]), n_sets))) for key in alive], edit, add)
-    for key in alive:
+
+    def exact(key: CellKey, form: str, scores: list[Scores]) -> None:
+        add(key, form, scores)
         layer, matrix, rank = key
         select = {task: aggregate(cat_scores(seen[key][:-1]))}
         reported = {task: aggregate(seen[key][-1])}
         results[key] = Cell(layer, matrix, rank, dict(cell_ranks[key]), select, reported, form=forms[key])
+        if on_cell is not None:
+            on_cell(results[key])
+
+    todo = [key for key in alive if key not in results]
+    engine.run([(key, tuple(range(len(seen[key]), n_sets))) for key in todo], edit, exact)
     report(progress, "sweep", rounds + 1, rounds + 1, f"{label} {len(alive)} cells evaluated exactly".strip())
 
 
 class _Engine:
-    """Runs (cell, prompt sets) items layer group by layer group, sharded, from the cached prefix."""
+    """Runs (cell, prompt sets) items layer group by layer group, sharded, from the cached prefix.
+
+    ``chunks`` splits the prompt sets at batch boundaries into parts whose cache fits the budget
+    (one chunk, every set whole, when a layer's cache fits): each chunk is captured in turn and
+    every cell of the group scored on it, so a cell's scores are those of its sets whole (the
+    batches are the same ones).
+    """
 
     def __init__(
         self,
         model: nn.Module,
         cache: PrefixCache,
         sets: Sequence[EncodedPrompts],
-        groups: list[list[int]],
+        plan: tuple[list[list[int]], list[list[tuple[int, EncodedPrompts]]]],
         shard: Shard,
     ):
-        self.model, self.cache, self.sets, self.groups, self.shard = model, cache, sets, groups, shard
+        self.model, self.cache, self.sets, self.shard = model, cache, sets, shard
+        self.groups, self.chunks = plan
         self.baseline: list[Scores] | None = None
         self.captures = self.largest = 0
 
@@ -420,21 +431,42 @@ class _Engine:
             todo = [item for item in items if item[0][0] in group]
             if not todo and self.baseline is not None:
                 continue
-            scores = _evaluate(self.model, self.cache, self.sets, group)
-            self.captures += 1
-            self.largest = max(self.largest, self.cache.bytes)
-            self.baseline = self.baseline or scores
-            for start in range(0, len(todo), shard.world):
-                out = None
-                if start + shard.rank < len(todo):
-                    key, which = todo[start + shard.rank]
-                    truncation, form = edit(key)
-                    with truncation:
-                        out = (key, form, _evaluate(self.model, self.cache, self.sets, (key[0], which)))
-                for item in shard.gather(out):
-                    if item is not None:
-                        finished(*item)  # type: ignore[misc]
-            self.cache.outputs = {}
+            base: dict[int, list[Scores]] = {i: [] for i in range(len(self.sets))}
+            parts: dict[CellKey, tuple[str, dict[int, list[Scores]]]] = {}
+            for c, chunk in enumerate(self.chunks):
+                last = c == len(self.chunks) - 1
+                encs = [enc for _, enc in chunk]
+                for (i, _), scores in zip(chunk, self.cache.capture(encs, group)):
+                    base[i].append(scores)
+                self.captures += 1
+                self.largest = max(self.largest, self.cache.bytes)
+                for start in range(0, len(todo), shard.world):
+                    out = None
+                    if start + shard.rank < len(todo):
+                        key, which = todo[start + shard.rank]
+                        picked = [j for j, (i, _) in enumerate(chunk) if i in which]
+                        form, got = "", []
+                        if picked:  # this chunk holds some of the cell's prompts
+                            truncation, form = edit(key)
+                            with truncation:
+                                got = self.cache.score(key[0], encs, picked)
+                        out = (key, form, [(chunk[j][0], g) for j, g in zip(picked, got)])
+                    for item in shard.gather(out):
+                        if item is None:
+                            continue
+                        key, form, got = item  # type: ignore[misc]
+                        entry = parts.setdefault(key, ("", {}))
+                        if form:
+                            entry = parts[key] = (form, entry[1])
+                        for i, g in got:
+                            entry[1].setdefault(i, []).append(g)
+                        if last:
+                            which = dict(todo)[key]
+                            finished(key, entry[0], [cat_scores(entry[1][i]) for i in which])
+                            del parts[key]
+                self.cache.outputs = {}
+            if self.baseline is None:
+                self.baseline = [cat_scores(base[i]) for i in range(len(self.sets))]
 
 
 def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
@@ -444,35 +476,42 @@ def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, 
     return select, reported
 
 
-def _evaluate(
-    model: nn.Module,
-    cache: PrefixCache,
-    sets: Sequence[EncodedPrompts],
-    what: list[int] | tuple[int, Sequence[int]],
-) -> list[Scores]:
-    """Scores of prompt sets. ``what`` a list of layers: capture their prefixes over every set
-    (the unedited model: the baseline); ``(layer, which)``: ``model`` as it is, from ``layer``
-    on, over the sets numbered ``which``."""
-    if isinstance(what, list):
-        return cache.capture(sets, what)
-    layer, which = what
-    return cache.score(layer, sets, which)
-
-
-def _layer_groups(
+def _plan(
     cache: PrefixCache, sets: Sequence[EncodedPrompts], layers: Sequence[int], budget_mb: float
-) -> list[list[int]]:
-    """The swept layers in groups whose prefix caches fit ``budget_mb`` together (one capture each)."""
+) -> tuple[list[list[int]], list[list[tuple[int, EncodedPrompts]]]]:
+    """Layer groups and prompt chunks whose prefix caches fit ``budget_mb`` together.
+
+    When one layer's cache of every prompt fits, the layers go in groups that fit (one capture
+    each) and the prompts in one chunk; otherwise one layer at a time, its prompts in chunks of
+    whole batches that fit. A budget below one batch of one layer is a one-line ValueError.
+    """
     budget = budget_mb * 2**20
-    needs = {layer: cache.layer_bytes(sets, layer) if layer > 0 else 0 for layer in (layers[0], layers[-1])}
-    per_layer = max(needs.values())
-    if per_layer > budget:
+    whole = [(i, enc) for i, enc in enumerate(sets)]
+    caching = [layer for layer in layers if layer > 0]  # layer 0 caches nothing; the others the same amount
+    if not caching:
+        return [list(layers)], [whole]
+    sizes = cache.batch_bytes(sets, caching[0])
+    per_layer = sum(sum(s) for s in sizes)
+    if per_layer <= budget:
+        size = max(1, int(budget // per_layer))
+        return [list(layers[i : i + size]) for i in range(0, len(layers), size)], [whole]
+    largest = max(max(s) for s in sizes if s)
+    if largest > budget:
         raise ValueError(
-            f"cache budget {budget_mb:g} MB holds less than one layer's cached prefix "
-            f"({per_layer / 2**20:.3g} MB for these prompts); raise --cache-budget or use fewer prompts"
+            f"cache budget {budget_mb:g} MB holds less than one batch of one layer's cached prefix "
+            f"({largest / 2**20:.3g} MB); raise --cache-budget or lower --batch-size"
         )
-    size = len(layers) if per_layer == 0 else max(1, int(budget // per_layer))
-    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
+    chunks: list[list[tuple[int, EncodedPrompts]]] = [[]]
+    held = 0
+    step = cache.batch_size
+    for i, enc in enumerate(sets):
+        for b, nbytes in enumerate(sizes[i]):
+            if held + nbytes > budget and chunks[-1]:
+                chunks.append([])
+                held = 0
+            held += nbytes
+            chunks[-1].append((i, enc.rows(b * step, (b + 1) * step)))
+    return [[layer] for layer in layers], chunks
 
 
 def _shape(model: nn.Module, name: str) -> tuple[int, int]:

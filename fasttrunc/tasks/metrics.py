@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -55,6 +55,12 @@ class EncodedPrompts:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int | None) -> EncodedPrompts:
+        """Prompts ``start:stop``."""
+        part = slice(start, stop)
+        tensors = {f.name: getattr(self, f.name)[part] for f in fields(self) if f.name != "the_id"}
+        return EncodedPrompts(**tensors, the_id=self.the_id)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], padding_side: str | None = None) -> EncodedPrompts:
