@@ -296,3 +296,15 @@ def test_prefix_reuse_equals_the_plain_forward_for_every_row(model_type):
             assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
             _close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
     assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
+
+
+def test_screen_study_builds_random_models_of_other_families(tmp_path):
+    from fasttrunc.bench import screen
+    from fasttrunc.families import detect_family
+
+    for kind, family in [("random-llama", "llama"), ("random-gpt2", "gpt2")]:
+        model, tok, name = screen._model(kind, 0, tmp_path)
+        assert detect_family(model)[0].name == family and detect_family(model)[2] == 6
+        assert model.get_output_embeddings().out_features == len(tok) and kind in name
+    with pytest.raises(ValueError, match="study model 'nope' is not known; allowed: trained, random, random-llama"):
+        screen._model("nope", 0, tmp_path)

@@ -37,7 +37,10 @@ def _random_llama(vocab: int) -> Any:
 def _random_gpt2(vocab: int) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=6, n_head=4, n_positions=64))
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=64, n_layer=6, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)
 
 
 # Random-weight models of other families, on the tiny tokenizer's vocabulary.

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -454,12 +455,12 @@ class _Engine:
                     for item in shard.gather(out):
                         if item is None:
                             continue
-                        key, form, got = item  # type: ignore[misc]
+                        key, form, pieces = cast("tuple[CellKey, str, list[tuple[int, Scores]]]", item)
                         entry = parts.setdefault(key, ("", {}))
                         if form:
                             entry = parts[key] = (form, entry[1])
-                        for i, g in got:
-                            entry[1].setdefault(i, []).append(g)
+                        for i, piece in pieces:
+                            entry[1].setdefault(i, []).append(piece)
                         if last:
                             which = dict(todo)[key]
                             finished(key, entry[0], [cat_scores(entry[1][i]) for i in which])
