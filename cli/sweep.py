@@ -25,7 +25,7 @@ from fasttrunc.cli.pythia import (
     JSON_OPT,
     METHOD_OPT,
     METRIC_ROWS,
-    MODEL_OPT,
+    MODEL_HELP,
     N_HELP,
     REVISION_OPT,
     REVISIONS_OPT,
@@ -35,6 +35,7 @@ from fasttrunc.cli.pythia import (
     parse_revisions,
     split_list,
 )
+from fasttrunc.selection import SELECT_TASKS_RULE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,6 +45,27 @@ if TYPE_CHECKING:
     from fasttrunc.experiments.sweep import SweepResult
 
 
+ANSWER_ROWS = (
+    ("accuracy (choice argmax / every token top-1)", "accuracy"),
+    ("top-5 accuracy", "top5_accuracy"),
+    ("top-10 accuracy", "top10_accuracy"),
+    ("mean log P(answer)", "mean_log_prob"),
+    ("log-loss (per answer token)", "log_loss"),
+    ("mean of ratios P(answer)/P(distractor)", "mean_of_ratios"),
+    ("ratio of means P(answer)/P(distractor)", "ratio_of_means"),
+)
+
+
+def _rows_of(metrics: object) -> tuple[tuple[str, str], ...]:
+    """The table rows of a task's metrics: LASER's for a task file, the paper's for a built-in task."""
+    return ANSWER_ROWS if hasattr(metrics, "log_loss") else METRIC_ROWS
+
+
+def _metric_table(title: str, baseline: object, edited: object, label: str) -> Table:
+    rows = [[name, _fmt(getattr(baseline, key)), _fmt(getattr(edited, key))] for name, key in _rows_of(baseline)]
+    return make_table(title, ["metric", "baseline", label], rows)
+
+
 def _sweep_tables(result: SweepResult) -> list[Table]:
     cfg = result.config
     tables = []
@@ -51,22 +73,46 @@ def _sweep_tables(result: SweepResult) -> list[Table]:
         for task, best in rev.best.items():
             title = (
                 f"{cfg.model} {rev.revision or ''} {task}: best cell on {rev.n_select[task]} selection prompts "
-                f"(by {cfg.select_by}) = layer {best.layer} {best.matrix} rank {best.rank}; "
-                f"reported on the other {rev.n_report[task]}"
+                f"(by {cfg.metric}, split {rev.splits.get(task, {}).get('mode', '?')}) = layer {best.layer} "
+                f"{best.matrix} rank {best.rank} {best.kind}; reported on the other {rev.n_report[task]}"
             )
-            rows = [
-                [label, _fmt(getattr(best.baseline_report, key)), _fmt(getattr(best.report, key))]
-                for label, key in METRIC_ROWS
-            ]
-            tables.append(make_table(title, ["metric", "baseline", "best cell"], rows))
-            grid_rows = []
-            for row_key in dict.fromkeys((c.layer, c.matrix) for c in rev.cells):
-                cells = [c for c in rev.cells if (c.layer, c.matrix) == row_key]
-                grid_rows.append(
-                    [f"L{row_key[0]} {row_key[1]}"]
-                    + [_grid_value(getattr(c.select[task], cfg.select_by), c.evaluated) for c in cells]
+            tables.append(_metric_table(title, best.baseline_report, best.report, "best cell"))
+        if rev.joint is not None:
+            j = rev.joint
+            for task in cfg.tasks:
+                title = (
+                    f"{task}: the one cell chosen for {', '.join(j.tasks)} = layer {j.layer} {j.matrix} rank "
+                    f"{j.rank} {j.kind} (combined score {j.score:+.4f}); report prompts"
                 )
-            grid_title = f"{task}: {cfg.select_by} on the selection prompts (baseline {getattr(rev.baseline_select[task], cfg.select_by):.4f})"
+                tables.append(_metric_table(title, j.baseline_report[task], j.report[task], "joint cell"))
+        if rev.composition is not None:
+            c = rev.composition
+            steps = "; ".join(
+                "+"
+                + ", ".join(f"{e['module']} {e['rank']} {e['kind']}" for e in step["edits"])
+                + f" -> {step['score']:.4f}"
+                for step in c.steps
+            )
+            for task in cfg.tasks:
+                title = (
+                    f"{task}: greedy composition ({c.order} layers) from L{c.start[0]} {c.start[1]} {c.start[2]} "
+                    f"({c.start_score:.4f}): {len(c.edits)} edits, {c.trials} steps tried, {c.rejected} rejected"
+                    + (f"; accepted: {steps}" if steps else "; no step improved")
+                    + "; report prompts"
+                )
+                tables.append(_metric_table(title, c.baseline_report[task], c.report[task], "composition"))
+        kinds = len(cfg.kinds) > 1
+        for task in cfg.tasks:
+            metric = cfg.metric_for(task)
+            grid_rows = []
+            for row_key in dict.fromkeys((c.layer, c.matrix, c.kind) for c in rev.cells):
+                cells = [c for c in rev.cells if (c.layer, c.matrix, c.kind) == row_key]
+                label = f"L{row_key[0]} {row_key[1]}" + (f" {row_key[2]}" if kinds else "")
+                grid_rows.append([label] + [_grid_value(getattr(c.select[task], metric), c.evaluated) for c in cells])
+            base = getattr(rev.baseline_select[task], metric)
+            grid_title = f"{task}: {metric} on the selection prompts (baseline {_fmt(base)})"
+            if kinds:
+                grid_title += "; keep-top keeps the rank, remove-top removes it, magnitude keeps as many weights"
             if rev.cells_evaluated < len(rev.cells):
                 grid_title += (
                     f"; screened: {rev.cells_evaluated} of {len(rev.cells)} cells evaluated exactly, "
@@ -96,14 +142,63 @@ def _rated(progress: Callable[[str, int, int, str], None] | None) -> Callable[[s
     return update
 
 
-def _write_outputs(result: SweepResult, out: Path) -> list[Path]:
-    """results.json and the plots, each written beside its place and renamed onto it."""
+# --option name -> the SweepConfig field it sets (for --config: the command line wins).
+CONFIG_FIELDS = {
+    "model": "model", "layers": "layers", "matrices": "matrices", "ranks": "ranks", "task": "tasks",
+    "revision": "revisions", "revisions": "revisions", "n": "n", "seed": "seed", "device": "device",
+    "dtype": "dtype", "batch_size": "batch_size", "method": "method", "select_fraction": "select_fraction",
+    "select_by": "select_by", "select_tasks": "select_tasks", "split": "split", "edit": "kinds",
+    "compose": "compose", "cache_budget": "cache_budget_mb", "search": "search", "keep": "keep",
+}  # fmt: skip
+
+
+def _with_config_file(kwargs: dict[str, Any], path: Path, ctx: typer.Context) -> dict[str, Any]:
+    """``kwargs`` with the options of ``path`` wherever the command line did not give them."""
+    from fasttrunc.experiments.sweep import SweepConfig
+    from fasttrunc.records import load_run_config
+
+    def given_here(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+    given = {CONFIG_FIELDS[name] for name in CONFIG_FIELDS if given_here(name)}
+    from_file = load_run_config(path, SweepConfig)
+    from_file.pop("save_predictions", None)  # the command line says where predictions go
+    return {**kwargs, **{k: v for k, v in from_file.items() if k not in given}}
+
+
+def _write_predictions(result: SweepResult, path: Path) -> Path:
+    """One JSON line per example: revision, edit (baseline / best), task, split and its values."""
     import json
 
+    from fasttrunc.runs import atomic_write_text, jsonable
+
+    lines = []
+    for rev in result.revisions:
+        for which, tasks in (rev.predictions or {}).items():
+            for task, rows in tasks.items():
+                for row in rows:
+                    lines.append(json.dumps(jsonable({"revision": rev.revision, "edit": which, "task": task, **row})))
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _write_outputs(result: SweepResult, out: Path) -> list[Path]:
+    """results.json, edits.json (a composition) and the plots, each written beside its place and renamed onto it."""
+    import json
+
+    from fasttrunc.edits import save_edits
     from fasttrunc.plots import sweep_plots
     from fasttrunc.runs import atomic_write_text
 
     written = [atomic_write_text(out / "results.json", json.dumps(result.to_dict(), indent=2) + "\n")]
+    composed = [rev for rev in result.revisions if rev.composition is not None]
+    for rev in composed:
+        c = rev.composition
+        assert c is not None
+        name = "edits.json" if len(composed) == 1 else f"edits_{rev.revision or 'default'}.json"
+        info = {"model": result.config.model, "revision": rev.revision, "start": c.start, "steps": c.steps,
+                "score": c.score, "select_by": result.config.metric}  # fmt: skip
+        written.append(save_edits(out / name, c.edits, **info))
     with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
         for path in sweep_plots(result, Path(tmp)):
             os.replace(path, out / path.name)
@@ -113,7 +208,8 @@ def _write_outputs(result: SweepResult, out: Path) -> list[Path]:
 
 @sweep_app.command("pythia")
 def sweep_pythia(
-    model: str = MODEL_OPT,
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP + " Required here or in --config."),
     layers: str = typer.Option(
         "all", "--layers", help="Layers to sweep: comma-separated indices, ranges such as 8-15, or all."
     ),
@@ -127,7 +223,11 @@ def sweep_pythia(
         "--ranks",
         help="Ranks to sweep, comma-separated: ints are absolute, floats in [0, 1] are fractions of the full rank (LASER's grid by default).",
     ),
-    task: str = typer.Option("ioi", "--task", help="Tasks, comma-separated: ioi, factual."),
+    task: str = typer.Option(
+        "ioi",
+        "--task",
+        help="Tasks, comma-separated: ioi, factual, or task files (.jsonl / .csv: prompt, answer, optional distractor and choices), scored with LASER's metrics.",
+    ),
     revision: str | None = REVISION_OPT,
     revisions: str | None = REVISIONS_OPT,
     n: int | None = typer.Option(
@@ -146,10 +246,40 @@ def sweep_pythia(
     select_fraction: float = typer.Option(
         0.2, "--select-fraction", help="Fraction of the prompts that selects the best cell; the rest report it."
     ),
-    select_by: str = typer.Option(
-        "mean_p_correct",
+    select_by: str | None = typer.Option(
+        None,
         "--select-by",
-        help="The selection metric: mean_p_correct, accuracy, mean_of_ratios, ratio_of_means or mean_logit_diff.",
+        help="The selection metric: any metric of the tasks (mean_p_correct, accuracy, log_loss, mean_log_prob, mean_of_ratios, ...); default mean_p_correct, or accuracy with a task file. accuracy breaks ties by the lower log-loss, as LASER does.",
+    ),
+    select_tasks: str | None = typer.Option(
+        None,
+        "--select-tasks",
+        help="Tasks (comma-separated, of --task) that choose one cell together: " + SELECT_TASKS_RULE + ".",
+    ),
+    split: str = typer.Option(
+        "shuffled",
+        "--split",
+        help="How a task file's examples split into selection and report: shuffled (seeded by --seed) or laser (the first --select-fraction in file order). Built-in prompts are generated in a seeded order; the first ones select.",
+    ),
+    edit: str = typer.Option(
+        "keep-top",
+        "--edit",
+        help="Edit kinds to sweep, comma-separated, each its own grid rows: keep-top (LASER's), remove-top (the weight less its top-k components), magnitude (the k*(in+out) largest weights kept: as many parameters).",
+    ),
+    compose: str | None = typer.Option(
+        None,
+        "--compose",
+        help="greedy: from the best cell, visit the layers last to first, add the best cell of each layer on top of the accepted edits when it strictly improves the selection score; writes DIR/edits.json with --out.",
+    ),
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Read the options from a .toml file (or a results.json, to rerun it); options given on the command line win.",
+    ),
+    save_predictions: Path | None = typer.Option(
+        None,
+        "--save-predictions",
+        help="Write per-example values of the baseline and the best cell (every task, both splits) to this .jsonl file.",
     ),
     cache_budget: float = typer.Option(
         1024.0, "--cache-budget", help="Device memory (MB) for the cached outputs of the blocks before each layer."
@@ -201,7 +331,7 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
     if out is not None and lead:
         out = check_output_dir(out)
     swept = parse_layers(opts["layers"])
-    config = sweep.SweepConfig(
+    kwargs: dict[str, Any] = dict(
         model=opts["model"],
         layers=None if swept is None else tuple(swept),
         matrices=tuple(split_list(opts["matrices"], "matrices")),
@@ -216,10 +346,23 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
         method=opts["method"],
         select_fraction=opts["select_fraction"],
         select_by=opts["select_by"],
+        select_tasks=None if opts["select_tasks"] is None else tuple(split_list(opts["select_tasks"], "select tasks")),
+        split=opts["split"],
+        kinds=tuple(split_list(opts["edit"], "edit kinds")),
+        compose=opts["compose"],
         cache_budget_mb=opts["cache_budget"],
         search=opts["search"],
         keep=opts["keep"],
     )
+    if opts["config_file"] is not None:
+        kwargs = _with_config_file(kwargs, opts["config_file"], opts["ctx"])
+    if kwargs["model"] is None:
+        raise ValueError("no model: give --model, or a --config that names one")
+    save_to: Path | None = opts["save_predictions"]
+    if save_to is not None and save_to.suffix.lower() != ".jsonl":
+        raise ValueError(f"--save-predictions {save_to}: write predictions to a .jsonl file")
+    kwargs["save_predictions"] = save_to is not None
+    config = sweep.SweepConfig(**kwargs)
     check_models(config.model, config.revisions)
     log = CellLog(out, config) if out is not None else None
     done: dict = {}
@@ -242,9 +385,10 @@ def _sweep(opts: dict[str, Any], shard: Any) -> None:
         result = sweep.run(config, _rated(progress), done=done, on_cell=on_cell, shard=shard)
     if not lead:
         return
-    if out is not None:
-        written = _write_outputs(result, out)
-        if not as_json:
-            stderr.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+    written = [] if out is None else _write_outputs(result, out)
+    if save_to is not None:
+        written.append(_write_predictions(result, save_to))
+    if written and not as_json:
+        stderr.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
     emit(result, as_json=as_json, out=None, tables=_sweep_tables)
     sys.stdout.flush()

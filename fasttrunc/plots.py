@@ -250,38 +250,51 @@ def pythia_plots(result: PythiaResult, out: Path) -> list[Path]:
     return [_save(fig, out / f"pythia_{cfg.task}.png")]
 
 
+def _file_name(task: str) -> str:
+    """A task's name in a file name: a task file by its stem."""
+    return Path(task).stem if task.lower().endswith((".jsonl", ".csv")) else task
+
+
+def _number(value: object) -> float:
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
 def sweep_plots(result: SweepResult, out: Path) -> list[Path]:
     """One heatmap per task and revision (cells x ranks, selection metric); lines along checkpoints."""
     plt = _pyplot()
     cfg = result.config
     paths = []
     for rev in result.revisions:
-        rows = list(dict.fromkeys((c.layer, c.matrix) for c in rev.cells))
+        rows = list(dict.fromkeys((c.layer, c.matrix, c.kind) for c in rev.cells))
+        kinds = len({row[2] for row in rows}) > 1
         suffix = f"_{rev.revision}" if rev.revision else ""
         for task in cfg.tasks:
+            metric = cfg.metric_for(task)
             grid = [
-                [getattr(c.select[task], cfg.select_by) for c in rev.cells if (c.layer, c.matrix) == row]
+                [_number(getattr(c.select[task], metric)) for c in rev.cells if (c.layer, c.matrix, c.kind) == row]
                 for row in rows
             ]
             fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cfg.ranks), 1.2 + 0.3 * len(rows)))
             image = ax.imshow(grid, aspect="auto", cmap="viridis")
-            fig.colorbar(image, ax=ax, label=cfg.select_by)
+            fig.colorbar(image, ax=ax, label=metric)
             ax.set_xticks(range(len(cfg.ranks)), [str(r) for r in cfg.ranks], fontsize=8)
-            ax.set_yticks(range(len(rows)), [f"L{layer} {matrix}" for layer, matrix in rows], fontsize=7)
-            ax.set_xlabel("rank kept")
-            base = getattr(rev.baseline_select[task], cfg.select_by)
+            labels = [f"L{layer} {matrix}" + (f" {kind}" if kinds else "") for layer, matrix, kind in rows]
+            ax.set_yticks(range(len(rows)), labels, fontsize=7)
+            ax.set_xlabel("rank (kept; removed for remove-top)" if kinds else "rank kept")
+            base = getattr(rev.baseline_select[task], metric)
             ax.set_title(
-                f"{task} {rev.revision or ''}: {cfg.select_by} on the selection prompts (baseline {base:.3g})",
+                f"{task} {rev.revision or ''}: {metric} on the selection prompts (baseline {base:.3g})",
                 fontsize=9,
             )
-            paths.append(_save(fig, out / f"sweep_{task}{suffix}.png"))
+            paths.append(_save(fig, out / f"sweep_{_file_name(task)}{suffix}.png"))
     if len(result.revisions) > 1:
         names = [r.revision or "default" for r in result.revisions]
-        for task in cfg.tasks:
+        for task in result.revisions[0].best:
+            if not hasattr(result.revisions[0].best[task].report, "mean_p_correct"):
+                continue  # the checkpoint lines plot the paper's metrics
             before = [r.best[task].baseline_report for r in result.revisions]
             after = [r.best[task].report for r in result.revisions]
             title = f"{task}: baseline vs the best cell of each checkpoint (report prompts)"
-            paths.append(
-                _checkpoint_lines(names, before, after, "best cell", title, out / f"sweep_{task}_checkpoints.png")
-            )
+            target = out / f"sweep_{_file_name(task)}_checkpoints.png"
+            paths.append(_checkpoint_lines(names, before, after, "best cell", title, target))  # type: ignore[arg-type]
     return paths

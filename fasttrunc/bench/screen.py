@@ -18,6 +18,7 @@ import torch
 
 from fasttrunc.experiments import sweep
 from fasttrunc.experiments.pythia import task_prompts
+from fasttrunc.selection import metric_value
 from fasttrunc.tasks.metrics import encode_prompts
 
 STUDY_RANKS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0)
@@ -86,7 +87,7 @@ def study(kind: str, seed: int, directory: Path, keep: int | None = None) -> dic
     t2 = time.perf_counter()
 
     def value(cell: sweep.Cell) -> float:
-        return cell.select["ioi"].mean_p_correct
+        return metric_value(cell.select["ioi"], "mean_p_correct")
 
     exact = {(c.layer, c.matrix, c.rank): value(c) for c in exhaustive.cells}
     best = max(exhaustive.cells, key=value)
@@ -100,7 +101,7 @@ def study(kind: str, seed: int, directory: Path, keep: int | None = None) -> dic
         "best": [best.layer, best.matrix, best.rank],
         "picked": [pick.layer, pick.matrix, pick.rank],
         "regret": value(best) - picked,
-        "best_gain": value(best) - exhaustive.baseline_select["ioi"].mean_p_correct,
+        "best_gain": value(best) - metric_value(exhaustive.baseline_select["ioi"], "mean_p_correct"),
         "picked_true_rank": sorted(exact.values(), reverse=True).index(picked) + 1,
         "exhaustive_seconds": t1 - t0,
         "screened_seconds": t2 - t1,

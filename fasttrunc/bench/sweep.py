@@ -31,6 +31,7 @@ from fasttrunc.experiments.sweep import LASER_RANKS, Cell, sweep_model
 from fasttrunc.families import expand_matrices
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
 from fasttrunc.runs import Progress, ResultMixin, parse_dtype, report, resolve_device, synchronize
+from fasttrunc.selection import metric_value
 from fasttrunc.svd import check_method
 from fasttrunc.tasks.metrics import EncodedPrompts, Scores, aggregate
 from fasttrunc.truncation import Targets, resolve_targets
@@ -281,8 +282,8 @@ def _key(cell: Cell) -> list[Any]:
 
 
 def _mean_p_correct(cell: Cell, n_select: int, n_report: int) -> float:
-    sel, rep = cell.select["ioi"], cell.report["ioi"]
-    return (sel.mean_p_correct * n_select + rep.mean_p_correct * n_report) / (n_select + n_report)
+    sel, rep = metric_value(cell.select["ioi"], "mean_p_correct"), metric_value(cell.report["ioi"], "mean_p_correct")
+    return (sel * n_select + rep * n_report) / (n_select + n_report)
 
 
 def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> SweepBenchResult:
@@ -318,7 +319,7 @@ def run(config: SweepBenchConfig | None = None, progress: Progress = None) -> Sw
     evaluated = [c for c in grid.cells if c.evaluated]
 
     def select(c: Cell) -> float:
-        return c.select["ioi"].mean_p_correct
+        return metric_value(c.select["ioi"], "mean_p_correct")
 
     best = max(evaluated, key=select)
     exhaustive_best = max(exhaustive, key=select)

@@ -18,11 +18,12 @@ from typing import Any
 
 from fasttrunc.experiments.sweep import Cell, CellKey, SweepConfig
 from fasttrunc.runs import jsonable
+from fasttrunc.tasks.answers import AnswerMetrics
 from fasttrunc.tasks.metrics import TaskMetrics
 
 FILE = "cells.jsonl"
 # Fields that change how a sweep runs, not what it computes: a resumed sweep may change them.
-RUN_ONLY = ("cache_budget_mb",)
+RUN_ONLY = ("cache_budget_mb", "compose", "save_predictions", "hub_record")
 
 
 def config_hash(config: SweepConfig) -> str:
@@ -35,13 +36,17 @@ def _number(value: Any) -> Any:
     return float(value) if value in ("inf", "-inf") else (float("nan") if value is None else value)
 
 
-def _metrics(data: dict[str, Any]) -> TaskMetrics:
+def _metrics(data: dict[str, Any]) -> TaskMetrics | AnswerMetrics:
+    """A task's metrics as written: LASER's (a task file: it has log_loss) or the paper's."""
+    cls: type[TaskMetrics] | type[AnswerMetrics] = AnswerMetrics if "log_loss" in data else TaskMetrics
+    optional = {"mean_p_subject", "logit_diff_accuracy", "mean_logit_diff", "top5_accuracy", "top10_accuracy",
+                "mean_of_ratios", "ratio_of_means"} if cls is AnswerMetrics else {
+                "mean_p_subject", "logit_diff_accuracy", "mean_logit_diff"}  # fmt: skip
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(TaskMetrics):
+    for f in dataclasses.fields(cls):
         value = data[f.name]
-        optional = f.name in ("mean_p_subject", "logit_diff_accuracy", "mean_logit_diff")
-        values[f.name] = value if (optional and value is None) else _number(value)
-    return TaskMetrics(**values)
+        values[f.name] = value if (f.name in optional and value is None) else _number(value)
+    return cls(**values)
 
 
 def cell_from_dict(data: dict[str, Any]) -> Cell:
@@ -55,6 +60,7 @@ def cell_from_dict(data: dict[str, Any]) -> Cell:
         form=str(data.get("form", "factored")),
         evaluated=bool(data.get("evaluated", True)),
         estimate_prompts=int(data.get("estimate_prompts", 0)),
+        kind=str(data.get("kind", "keep-top")),
     )
 
 
@@ -106,7 +112,7 @@ class CellLog:
                     f"{self.path} line {number} is from another sweep config (hash {entry_hash}, this one {self.hash}); "
                     "resume with the same options, or give another --out"
                 )
-            done.setdefault(revision, {})[(cell.layer, cell.matrix, cell.rank)] = cell
+            done.setdefault(revision, {})[cell.key] = cell
         if keep < len(raw):
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +28,15 @@ import torch
 from torch import nn
 
 from fasttrunc.families import detect_family
-from fasttrunc.tasks.metrics import EncodedPrompts, Scores, score
+from fasttrunc.tasks.answers import (
+    AnswerMetrics,
+    AnswerScores,
+    EncodedAnswers,
+    aggregate_answers,
+    cat_answer_scores,
+    score_answers,
+)
+from fasttrunc.tasks.metrics import EncodedPrompts, Scores, TaskMetrics, aggregate, score
 from fasttrunc.truncation import replace_modules_
 
 
@@ -180,10 +189,54 @@ class LastPositionLM(nn.Module):
         return SimpleNamespace(logits=logits[:, -1:].expand(-1, input_ids.shape[1], -1))
 
 
-def cat_scores(parts: Sequence[Scores]) -> Scores:
-    """Per-prompt scores of consecutive prompt chunks as one ``Scores``."""
+@dataclass
+class AnswerSet:
+    """Examples of a task file as one of a sweep's prompt sets: scored teacher-forced, every answer
+    token read (:func:`fasttrunc.tasks.answers.score_answers`), so the head runs at every position."""
+
+    encoded: EncodedAnswers
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def rows(self, start: int, stop: int | None) -> AnswerSet:
+        return AnswerSet(self.encoded.subset(range(len(self))[start:stop]))
+
+    def batch_tokens(self, batch_size: int) -> list[int]:
+        """Tokens (rows x padded width) of each forward batch."""
+        rows = self.encoded.rows
+        return [
+            max(map(len, rows[i : i + batch_size])) * len(rows[i : i + batch_size])
+            for i in range(0, len(rows), batch_size)
+        ]
+
+
+PromptSet = EncodedPrompts | AnswerSet
+AnyScores = Scores | AnswerScores
+
+
+def batch_tokens(enc: PromptSet, batch_size: int) -> list[int]:
+    """Tokens (rows x padded width) of each forward batch that scoring ``enc`` runs."""
+    if isinstance(enc, AnswerSet):
+        return enc.batch_tokens(batch_size)
+    out = []
+    for start in range(0, len(enc), batch_size):
+        mask = enc.attention_mask[start : start + batch_size]
+        out.append(int(mask.sum(dim=1).max()) * mask.shape[0])
+    return out
+
+
+def cat_scores(parts: Sequence[AnyScores]) -> AnyScores:
+    """Per-prompt scores of consecutive prompt chunks as one ``Scores`` (or ``AnswerScores``)."""
+    if isinstance(parts[0], AnswerScores):
+        return cat_answer_scores(parts)  # type: ignore[arg-type]
     fields = ("p_correct", "p_the", "p_subject", "logit_diff", "top1")
     return Scores(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+
+def aggregate_scores(scores: AnyScores) -> TaskMetrics | AnswerMetrics:
+    """The task's aggregates: the paper's metrics for built-in tasks, LASER's for task files."""
+    return aggregate_answers(scores) if isinstance(scores, AnswerScores) else aggregate(scores)
 
 
 class PrefixCache:
@@ -215,30 +268,21 @@ class PrefixCache:
         family, blocks_path, _ = detect_family(model)
         return cls(model, blocks_path, batch_size, family.mlp_module())
 
-    def batch_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> list[list[int]]:
+    def batch_bytes(self, prompt_sets: Sequence[PromptSet], layer: int) -> list[list[int]]:
         """Bytes one layer's cache takes per batch of each prompt set (measured on one batch, scaled by tokens)."""
         if layer == 0:
-            return [[0] * -(-len(enc) // self.batch_size) for enc in prompt_sets]
-        first = prompt_sets[0]
-        probe = first.rows(0, self.batch_size)
+            return [[0] * len(batch_tokens(enc, self.batch_size)) for enc in prompt_sets]
+        probe = prompt_sets[0].rows(0, self.batch_size)
         self.capture([probe], [layer])
-        tokens = int(probe.attention_mask.sum(dim=1).max()) * len(probe)
-        per_token = self.bytes / tokens
+        per_token = self.bytes / sum(batch_tokens(probe, self.batch_size))
         self.outputs, self.bytes = {}, 0
-        out = []
-        for enc in prompt_sets:
-            sizes = []
-            for start in range(0, len(enc), self.batch_size):
-                mask = enc.attention_mask[start : start + self.batch_size]
-                sizes.append(int(per_token * int(mask.sum(dim=1).max()) * mask.shape[0]))
-            out.append(sizes)
-        return out
+        return [[int(per_token * t) for t in batch_tokens(enc, self.batch_size)] for enc in prompt_sets]
 
-    def layer_bytes(self, prompt_sets: Sequence[EncodedPrompts], layer: int) -> int:
+    def layer_bytes(self, prompt_sets: Sequence[PromptSet], layer: int) -> int:
         """Bytes the cache of one layer takes for ``prompt_sets``."""
         return sum(sum(sizes) for sizes in self.batch_bytes(prompt_sets, layer))
 
-    def capture(self, prompt_sets: Sequence[EncodedPrompts], layers: Sequence[int]) -> list[Scores]:
+    def capture(self, prompt_sets: Sequence[PromptSet], layers: Sequence[int]) -> list[AnyScores]:
         """Score the unedited model on each prompt set, keeping the outputs ``layers`` need."""
         blocks = self.model.get_submodule(self.blocks_path)
         assert isinstance(blocks, nn.ModuleList)  # checked on construction
@@ -256,7 +300,7 @@ class PrefixCache:
             for enc in prompt_sets:
                 for b in needed:
                     self.outputs[b].append([])
-                scores.append(score(self.lm, enc, self.batch_size))
+                scores.append(self.evaluate(enc))
         finally:
             for handle in handles:
                 handle.remove()
@@ -264,15 +308,21 @@ class PrefixCache:
         return scores
 
     def score(
-        self, layer: int, prompt_sets: Sequence[EncodedPrompts], which: Sequence[int] | None = None
-    ) -> list[Scores]:
+        self, layer: int, prompt_sets: Sequence[PromptSet], which: Sequence[int] | None = None
+    ) -> list[AnyScores]:
         """Scores of the sets numbered ``which`` (of those captured), blocks before ``layer`` replayed."""
         which = range(len(prompt_sets)) if which is None else which
         out = []
         for i in which:
             with self.replaying(layer, i):
-                out.append(score(self.lm, prompt_sets[i], self.batch_size))
+                out.append(self.evaluate(prompt_sets[i]))
         return out
+
+    def evaluate(self, enc: PromptSet) -> AnyScores:
+        """Scores of ``enc`` with the model as it is (the head at the positions the metrics read)."""
+        if isinstance(enc, AnswerSet):
+            return score_answers(self.model, enc.encoded, self.batch_size)
+        return score(self.lm, enc, self.batch_size)
 
     @contextlib.contextmanager
     def replaying(self, layer: int, index: int) -> Iterator[None]:

@@ -13,26 +13,51 @@ import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from copy import deepcopy
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from fasttrunc import checks
-from fasttrunc.experiments.prefix import PrefixCache, cat_scores
+from fasttrunc.edits import EDIT_KINDS, Edit, apply_edit, apply_edits
+from fasttrunc.experiments.prefix import AnswerSet, AnyScores, PrefixCache, PromptSet, aggregate_scores, cat_scores
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.families import detect_family, expand_matrices, module_kind
 from fasttrunc.hub import load_model
 from fasttrunc.ranks import resolve_rank, validate_rank_spec
-from fasttrunc.runs import Progress, ResultMixin, report, resolve_device, synchronize
-from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, EncodedPrompts, Scores, TaskMetrics, aggregate, encode_prompts
+from fasttrunc.records import run_record
+from fasttrunc.runs import Progress, ResultMixin, jsonable, report, resolve_device, synchronize
+from fasttrunc.selection import (
+    SELECT_TASKS_RULE,
+    SPLIT_MODES,
+    Candidate,
+    StackedEdits,
+    best_index,
+    combined_key,
+    compose_greedy,
+    metric_value,
+    selection_key,
+    split_examples,
+)
+from fasttrunc.tasks.answers import AnswerMetrics, encode_answers
+from fasttrunc.tasks.answers import predictions as answer_predictions
+from fasttrunc.tasks.metrics import DEFAULT_BATCH_SIZE, TaskMetrics, encode_prompts
+from fasttrunc.tasks.user import is_task_file, load_task
 from fasttrunc.truncation import Factors, Targets, Truncation, factorize, replace_modules_, resolve_targets, truncate_
+
+Metrics = TaskMetrics | AnswerMetrics
 
 # LASER's rho grid (Sharma et al. 2023).
 LASER_RANKS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01, 0.005)
 SEARCHES = ("exhaustive", "screened")
-SELECT_BY = ("mean_p_correct", "accuracy", "mean_of_ratios", "ratio_of_means", "mean_logit_diff")
+COMPOSE = ("greedy",)
+# What can select: any number the task's metrics give (built-in tasks: TaskMetrics; task files:
+# AnswerMetrics). accuracy breaks ties by the lower log-loss where the task gives one (LASER).
+PROMPT_METRICS = tuple(f.name for f in fields(TaskMetrics) if f.name != "n")
+ANSWER_METRICS = tuple(f.name for f in fields(AnswerMetrics) if f.name not in ("n", "n_distractor"))
+SELECT_BY = tuple(dict.fromkeys(PROMPT_METRICS + ANSWER_METRICS))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +69,15 @@ class SweepConfig(ModelRunSettings):
         "mlp_out",
     )  # each item is one grid row; a group truncates its members together
     ranks: tuple[int | float, ...] = LASER_RANKS
-    tasks: tuple[str, ...] = ("ioi",)
+    tasks: tuple[str, ...] = ("ioi",)  # built-in tasks and task files (.jsonl / .csv)
     select_fraction: float = 0.2
-    select_by: str = "mean_p_correct"
+    select_by: str | None = None  # None: mean_p_correct on built-in tasks, accuracy (LASER's) with a task file
+    select_tasks: tuple[str, ...] | None = None  # several tasks choose one cell together (SELECT_TASKS_RULE)
+    split: str = "shuffled"  # task files: "shuffled" (seeded) or "laser" (the first select_fraction in file order)
+    kinds: tuple[str, ...] = ("keep-top",)  # edit kinds swept (fasttrunc.edits.EDIT_KINDS), each a grid row
+    compose: str | None = None  # "greedy": compose edits across layers from the best cell
+    save_predictions: bool = False  # keep per-example values of the baseline and the best cell
+    hub_record: bool = True  # ask the hub for the model's commit hash for the record (skipped offline)
     cache_budget_mb: float = 1024.0  # device memory for the cached prefixes
     search: str = "exhaustive"  # or "screened": successive halving on the selection prompts
     keep: int | None = None  # screened: cells evaluated exactly (default: 1 in 20)
@@ -62,7 +93,26 @@ class SweepConfig(ModelRunSettings):
         checks.text("model", self.model)
         tasks = checks.non_empty("tasks", self.tasks)
         for task in tasks:
-            check_task(task)
+            if not is_task_file(checks.text("task", task)):
+                check_task(task)
+            elif not Path(task).expanduser().is_file():
+                raise ValueError(f"task file {task} does not exist")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks {list(tasks)} name a task twice; give each once")
+        checks.choice("split", self.split, SPLIT_MODES)
+        kinds = checks.non_empty("kinds", self.kinds)
+        for kind in kinds:
+            checks.choice("edit kind", kind, EDIT_KINDS)
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"edit kinds {list(kinds)} name a kind twice; give each once")
+        if self.compose is not None:
+            checks.choice("compose", self.compose, COMPOSE)
+        if self.select_tasks is not None:
+            chosen = checks.non_empty("select_tasks", self.select_tasks)
+            for task in chosen:
+                if task not in tasks:
+                    raise ValueError(f"select task {task!r} is not among the swept tasks {list(tasks)}")
+            object.__setattr__(self, "select_tasks", tuple(dict.fromkeys(chosen)))
         ranks = checks.non_empty("ranks", self.ranks)
         for rank in ranks:
             validate_rank_spec(rank)
@@ -70,15 +120,46 @@ class SweepConfig(ModelRunSettings):
         for matrix in matrices:
             expand_matrices(checks.text("matrix", matrix))  # one alias or group per grid row
         checks.real("select_fraction", self.select_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        checks.choice("select_by", self.select_by, SELECT_BY)
-        if self.select_by == "mean_logit_diff" and "factual" in tasks:
-            raise ValueError("select_by mean_logit_diff needs a subject name, which only the ioi task has")
+        if self.select_by is not None:
+            checks.choice("select_by", self.select_by, SELECT_BY)
+        for task in self.selecting(tasks):
+            allowed = ANSWER_METRICS if is_task_file(task) else PROMPT_METRICS
+            if self.metric not in allowed:
+                raise ValueError(
+                    f"select_by {self.metric} is not a metric of task {task}; allowed: {', '.join(allowed)}"
+                )
+        if self.metric in ("mean_logit_diff", "logit_diff_accuracy", "mean_p_subject") and "factual" in tasks:
+            raise ValueError(f"select_by {self.metric} needs a subject name, which only the ioi task has")
+        if self.search == "screened" and len(self.selecting(tasks)) > 1:
+            raise ValueError(
+                f"screened search ranks cells by one task; got {len(self.selecting(tasks))} selecting tasks "
+                "(give --select-tasks one of them, or search exhaustive)"
+            )
         if self.layers is not None:
             layers = [checks.integer("layer", layer) for layer in checks.non_empty("layers", self.layers)]
             object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "kinds", tuple(kinds))
         object.__setattr__(self, "ranks", tuple(ranks))
         object.__setattr__(self, "matrices", tuple(matrices))
+
+    def selecting(self, tasks: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The tasks that choose the best cell together: ``select_tasks``, else each task its own."""
+        return tuple(self.select_tasks or (tasks if tasks is not None else self.tasks))
+
+    def metric_for(self, task: str) -> str:
+        """The metric shown for ``task``: the selection metric where the task has it, else the task's default."""
+        allowed = ANSWER_METRICS if is_task_file(task) else PROMPT_METRICS
+        if self.metric in allowed:
+            return self.metric
+        return "accuracy" if is_task_file(task) else "mean_p_correct"
+
+    @property
+    def metric(self) -> str:
+        """The selection metric: ``select_by``, else mean_p_correct (built-in tasks) or accuracy (with a task file)."""
+        if self.select_by is not None:
+            return self.select_by
+        return "accuracy" if any(is_task_file(t) for t in self.selecting(self.tasks)) else "mean_p_correct"
 
 
 @dataclass
@@ -87,11 +168,20 @@ class Cell:
     matrix: str
     rank: int | float  # as given (rho or absolute)
     ranks: dict[str, int]  # module -> absolute rank used
-    select: dict[str, TaskMetrics]  # task -> metrics on the selection prompts
-    report: dict[str, TaskMetrics]  # task -> metrics on the report prompts
+    select: dict[str, Metrics]  # task -> metrics on the selection prompts
+    report: dict[str, Metrics]  # task -> metrics on the report prompts
     form: str = "factored"  # how the edit ran: "factored" (TruncatedLinear) or "dense" (rank-r weight)
     evaluated: bool = True  # False: screened search only estimated it (``select`` on a few prompts, no report)
     estimate_prompts: int = 0  # for an estimate: how many selection prompts it saw
+    kind: str = "keep-top"  # the edit kind (fasttrunc.edits.EDIT_KINDS)
+
+    @property
+    def key(self) -> CellKey:
+        return (self.layer, self.matrix, self.rank, self.kind)
+
+    def edits(self) -> list[Edit]:
+        """The cell as an edit list (``fasttrunc.edits``): one edit per module, at its absolute rank."""
+        return [Edit(module=name, rank=k, kind=self.kind) for name, k in self.ranks.items()]
 
 
 @dataclass
@@ -99,18 +189,36 @@ class Best:
     layer: int
     matrix: str
     rank: int | float
-    select_score: float
+    select_score: float  # the selection metric (several tasks: the combined relative score)
     baseline_select_score: float
-    report: TaskMetrics
-    baseline_report: TaskMetrics
+    report: Metrics
+    baseline_report: Metrics
+    kind: str = "keep-top"
+
+
+@dataclass
+class Composed:
+    """``--compose greedy``: the accepted edits in order, the selection score after each, and the
+    report-set metrics of the whole composition (per task) beside the baseline's."""
+
+    order: str
+    start: list[int | str | float]  # the best single cell it started from: layer, matrix, rank, kind
+    start_score: float
+    edits: list[Edit]
+    steps: list[dict[str, Any]]  # {"edits": [...], "score": ...} per accepted step
+    trials: int  # candidate steps evaluated
+    rejected: int
+    score: float
+    report: dict[str, Metrics]
+    baseline_report: dict[str, Metrics]
 
 
 @dataclass
 class SweepRevision:
     revision: str | None
     layers: list[int]  # the layers swept, as indices from 0
-    baseline_select: dict[str, TaskMetrics]
-    baseline_report: dict[str, TaskMetrics]
+    baseline_select: dict[str, Metrics]
+    baseline_report: dict[str, Metrics]
     cells: list[Cell]
     best: dict[str, Best]  # task -> best cell (chosen on the selection prompts)
     n_select: dict[str, int]
@@ -121,6 +229,11 @@ class SweepRevision:
     svd_calls: int
     cells_evaluated: int = 0  # cells evaluated exactly (all of them unless the search was screened)
     captures: int = 0  # unedited passes that filled the prefix cache
+    joint: JointBest | None = None  # select_tasks of several tasks: the one cell chosen for them all
+    composition: Composed | None = None  # compose greedy
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> how its prompts were split
+    record: dict[str, Any] = field(default_factory=dict)  # fasttrunc.records.run_record
+    predictions: dict[str, dict[str, list[dict[str, Any]]]] | None = None  # save_predictions: baseline / best
 
 
 @dataclass
@@ -142,13 +255,14 @@ def _split(n: int, fraction: float) -> int:
 class Grid:
     """What :func:`sweep_model` measured: the baseline and every cell, on both prompt splits."""
 
-    baseline_select: dict[str, TaskMetrics]
-    baseline_report: dict[str, TaskMetrics]
+    baseline_select: dict[str, Metrics]
+    baseline_report: dict[str, Metrics]
     cells: list[Cell]
     svd_seconds: float
     eval_seconds: float
     matrices_factorized: int
     svd_calls: int
+    factors: Factors | None = None  # the factors the cells were cut from (for composition and predictions)
     cache_mb: float = 0.0  # the largest prefix cache held at once
     captures: int = 0  # unedited passes that filled the cache (one per group of layers the budget holds)
 
@@ -176,8 +290,16 @@ def _dense_copy(module: nn.Module, triplets: tuple[torch.Tensor, torch.Tensor, t
     return copy
 
 
-def _edit(model: nn.Module, ks: dict[str, int], factors: Factors, method: str) -> tuple[Truncation, str]:
-    """The cell's edit in its cheaper form; returns the restorable swap and ``"dense"`` or ``"factored"``."""
+def _edit(
+    model: nn.Module, ks: dict[str, int], factors: Factors, method: str, kind: str = "keep-top"
+) -> tuple[Truncation, str]:
+    """The cell's edit in its cheaper form; returns the restorable swap and ``"dense"`` or ``"factored"``.
+
+    keep-top runs factored or dense, whichever costs fewer FLOPs; remove-top (the weight less its
+    top-k components, from the same factors) and magnitude pruning are dense by nature.
+    """
+    if kind != "keep-top":
+        return apply_edit(model, _only(ks), kind, ks, factors=factors, method=method), "dense"
     shapes = {name: _shape(model, name) for name in ks}
     if all(dense_is_cheaper(k, shapes[name]) for name, k in ks.items()):
         with torch.no_grad():
@@ -197,12 +319,12 @@ class Shard:
         return [item]
 
 
-CellKey = tuple[int, str, int | float]
+CellKey = tuple[int, str, int | float, str]  # layer, matrix, rank as given, edit kind
 
 
 def sweep_model(
     model: nn.Module,
-    encoded: dict[str, EncodedPrompts],
+    encoded: Mapping[str, PromptSet],
     splits: dict[str, int],
     layers: Sequence[int],
     matrices: Sequence[str],
@@ -219,6 +341,8 @@ def sweep_model(
     search: str = "exhaustive",
     keep: int | None = None,
     select_by: str = "mean_p_correct",
+    kinds: Sequence[str] = ("keep-top",),
+    svd_seed: int = 0,
 ) -> Grid:
     """Evaluate the baseline and every (layer, matrix, rank) cell of ``model`` on ``encoded``.
 
@@ -238,18 +362,21 @@ def sweep_model(
     cell_ranks: dict[CellKey, dict[str, int]] = {}
     max_ranks: dict[str, int] = {}
     for (layer, matrix), names in targets.items():
-        for rank in ranks:
-            ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
-            for name, k in ks.items():
-                max_ranks[name] = max(max_ranks.get(name, 0), k)
-            cell_ranks[(layer % n_layers, matrix, rank)] = ks
+        for kind in kinds:
+            for rank in ranks:
+                ks = {name: resolve_rank(rank, *_shape(model, name)) for name in names}
+                if kind != "magnitude":  # magnitude pruning needs no factors
+                    for name, k in ks.items():
+                        max_ranks[name] = max(max_ranks.get(name, 0), k)
+                cell_ranks[(layer % n_layers, matrix, rank, kind)] = ks
     total = len(cell_ranks)
     if shard.world > total:
         raise ValueError(f"{shard.world} ranks for {total} cells: start at most {total} processes")
     report(progress, "sweep", len(done), total, f"{label} factorizing".strip())
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    factors = factorize(model, _only(max_ranks), max_ranks, method=method)
+    seeded = {} if method == "exact" else {"generator": torch.Generator(device=device).manual_seed(svd_seed)}
+    factors = factorize(model, _only(max_ranks), max_ranks, method=method, **seeded)
     synchronize(device)
     svd_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -271,18 +398,18 @@ def sweep_model(
     results: dict[CellKey, Cell] = dict(done)
 
     def edit(key: CellKey) -> tuple[Truncation, str]:
-        return _edit(model, cell_ranks[key], factors, method)
+        return _edit(model, cell_ranks[key], factors, method, key[3])
 
     if search == "exhaustive":
 
-        def finished(key: CellKey, form: str, scores: list[Scores]) -> None:
+        def finished(key: CellKey, form: str, scores: list[AnyScores]) -> None:
             select, reported = _metrics(tasks, scores)
-            layer, matrix, rank = key
-            cell = Cell(layer, matrix, rank, cell_ranks[key], select, reported, form=form)
+            layer, matrix, rank, kind = key
+            cell = Cell(layer, matrix, rank, cell_ranks[key], select, reported, form=form, kind=kind)
             results[key] = cell
             if on_cell is not None:
                 on_cell(cell)
-            report(progress, "sweep", len(results), total, f"{label} L{layer} {matrix} {rank}".strip())
+            report(progress, "sweep", len(results), total, f"{label} L{layer} {matrix} {rank} {kind}".strip())
 
         every = tuple(range(len(sets)))
         engine.run([(key, every) for key in cell_ranks if key not in results], edit, finished)
@@ -294,8 +421,8 @@ def sweep_model(
     if search == "exhaustive":
         base_select, base_report = _metrics(tasks, baseline)
     else:
-        base_select = {tasks[0]: aggregate(cat_scores(baseline[:-1]))}
-        base_report = {tasks[0]: aggregate(baseline[-1])}
+        base_select = {tasks[0]: aggregate_scores(cat_scores(baseline[:-1]))}
+        base_report = {tasks[0]: aggregate_scores(baseline[-1])}
     return Grid(
         baseline_select=base_select,
         baseline_report=base_report,
@@ -304,6 +431,7 @@ def sweep_model(
         eval_seconds=time.perf_counter() - t0,
         matrices_factorized=len(factors),
         svd_calls=factors.svd_calls,
+        factors=factors,
         cache_mb=engine.largest / 2**20,
         captures=engine.captures,
     )
@@ -348,16 +476,18 @@ def _screen(
     exact cells it lacks are evaluated, on every prompt set (the same batches, so the same
     numbers); otherwise the screening runs again from the start.
     """
-    seen: dict[CellKey, list[Scores]] = {key: [] for key in cell_ranks}
+    seen: dict[CellKey, list[AnyScores]] = {key: [] for key in cell_ranks}
     forms: dict[CellKey, str] = {}
 
-    def add(key: CellKey, form: str, scores: list[Scores]) -> None:
+    def add(key: CellKey, form: str, scores: list[AnyScores]) -> None:
         seen[key].extend(scores)
         forms[key] = form
 
-    def value(key: CellKey) -> float:
-        v = getattr(aggregate(cat_scores(seen[key])), select_by)
-        return -math.inf if v is None or math.isnan(v) else float(v)
+    def value(key: CellKey) -> tuple[float, ...]:
+        metrics = aggregate_scores(cat_scores(seen[key]))
+        if getattr(metrics, select_by) is None or math.isnan(getattr(metrics, select_by)):
+            return (-math.inf,)
+        return selection_key(metrics, select_by)
 
     rounds = len(bounds) - 1
     estimated = [key for key in cell_ranks if key in results and not results[key].evaluated]
@@ -375,22 +505,22 @@ def _screen(
             alive = sorted(alive, key=value, reverse=True)[:survivors]
         for key in cell_ranks:
             if key not in alive:
-                layer, matrix, rank = key
-                select = {task: aggregate(cat_scores(seen[key]))}
+                layer, matrix, rank, kind = key
+                select = {task: aggregate_scores(cat_scores(seen[key]))}
                 results[key] = Cell(
                     layer, matrix, rank, dict(cell_ranks[key]), select, {}, form=forms[key], evaluated=False,
-                    estimate_prompts=bounds[len(seen[key]) - 1],
+                    estimate_prompts=bounds[len(seen[key]) - 1], kind=kind,
                 )  # fmt: skip
                 if on_cell is not None:
                     on_cell(results[key])
     n_sets = len(bounds) + 1
 
-    def exact(key: CellKey, form: str, scores: list[Scores]) -> None:
+    def exact(key: CellKey, form: str, scores: list[AnyScores]) -> None:
         add(key, form, scores)
-        layer, matrix, rank = key
-        select = {task: aggregate(cat_scores(seen[key][:-1]))}
-        reported = {task: aggregate(seen[key][-1])}
-        results[key] = Cell(layer, matrix, rank, dict(cell_ranks[key]), select, reported, form=forms[key])
+        layer, matrix, rank, kind = key
+        select = {task: aggregate_scores(cat_scores(seen[key][:-1]))}
+        reported = {task: aggregate_scores(seen[key][-1])}
+        results[key] = Cell(layer, matrix, rank, dict(cell_ranks[key]), select, reported, form=forms[key], kind=kind)
         if on_cell is not None:
             on_cell(results[key])
 
@@ -412,28 +542,28 @@ class _Engine:
         self,
         model: nn.Module,
         cache: PrefixCache,
-        sets: Sequence[EncodedPrompts],
-        plan: tuple[list[list[int]], list[list[tuple[int, EncodedPrompts]]]],
+        sets: Sequence[PromptSet],
+        plan: tuple[list[list[int]], list[list[tuple[int, PromptSet]]]],
         shard: Shard,
     ):
         self.model, self.cache, self.sets, self.shard = model, cache, sets, shard
         self.groups, self.chunks = plan
-        self.baseline: list[Scores] | None = None
+        self.baseline: list[AnyScores] | None = None
         self.captures = self.largest = 0
 
     def run(
         self,
         items: Sequence[tuple[CellKey, tuple[int, ...]]],
         edit: Callable[[CellKey], tuple[Truncation, str]],
-        finished: Callable[[CellKey, str, list[Scores]], None],
+        finished: Callable[[CellKey, str, list[AnyScores]], None],
     ) -> None:
         shard = self.shard
         for group in self.groups:
             todo = [item for item in items if item[0][0] in group]
             if not todo and self.baseline is not None:
                 continue
-            base: dict[int, list[Scores]] = {i: [] for i in range(len(self.sets))}
-            parts: dict[CellKey, tuple[str, dict[int, list[Scores]]]] = {}
+            base: dict[int, list[AnyScores]] = {i: [] for i in range(len(self.sets))}
+            parts: dict[CellKey, tuple[str, dict[int, list[AnyScores]]]] = {}
             for c, chunk in enumerate(self.chunks):
                 last = c == len(self.chunks) - 1
                 encs = [enc for _, enc in chunk]
@@ -455,7 +585,7 @@ class _Engine:
                     for item in shard.gather(out):
                         if item is None:
                             continue
-                        key, form, pieces = cast("tuple[CellKey, str, list[tuple[int, Scores]]]", item)
+                        key, form, pieces = cast("tuple[CellKey, str, list[tuple[int, AnyScores]]]", item)
                         entry = parts.setdefault(key, ("", {}))
                         if form:
                             entry = parts[key] = (form, entry[1])
@@ -470,16 +600,16 @@ class _Engine:
                 self.baseline = [cat_scores(base[i]) for i in range(len(self.sets))]
 
 
-def _metrics(tasks: Sequence[str], scores: Sequence[Scores]) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+def _metrics(tasks: Sequence[str], scores: Sequence[AnyScores]) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
     """Per task, the metrics of its selection set and of its report set (``scores`` in that order)."""
-    select = {t: aggregate(scores[2 * i]) for i, t in enumerate(tasks)}
-    reported = {t: aggregate(scores[2 * i + 1]) for i, t in enumerate(tasks)}
+    select = {t: aggregate_scores(scores[2 * i]) for i, t in enumerate(tasks)}
+    reported = {t: aggregate_scores(scores[2 * i + 1]) for i, t in enumerate(tasks)}
     return select, reported
 
 
 def _plan(
-    cache: PrefixCache, sets: Sequence[EncodedPrompts], layers: Sequence[int], budget_mb: float
-) -> tuple[list[list[int]], list[list[tuple[int, EncodedPrompts]]]]:
+    cache: PrefixCache, sets: Sequence[PromptSet], layers: Sequence[int], budget_mb: float
+) -> tuple[list[list[int]], list[list[tuple[int, PromptSet]]]]:
     """Layer groups and prompt chunks whose prefix caches fit ``budget_mb`` together.
 
     When one layer's cache of every prompt fits, the layers go in groups that fit (one capture
@@ -497,12 +627,17 @@ def _plan(
         size = max(1, int(budget // per_layer))
         return [list(layers[i : i + size]) for i in range(0, len(layers), size)], [whole]
     largest = max(max(s) for s in sizes if s)
+    if any(isinstance(enc, AnswerSet) for enc in sets):
+        raise ValueError(
+            f"cache budget {budget_mb:g} MB holds less than one layer's cached prefix ({per_layer / 2**20:.3g} MB) "
+            "and a task file's examples are cached whole; raise --cache-budget"
+        )
     if largest > budget:
         raise ValueError(
             f"cache budget {budget_mb:g} MB holds less than one batch of one layer's cached prefix "
             f"({largest / 2**20:.3g} MB); raise --cache-budget or lower --batch-size"
         )
-    chunks: list[list[tuple[int, EncodedPrompts]]] = [[]]
+    chunks: list[list[tuple[int, PromptSet]]] = [[]]
     held = 0
     step = cache.batch_size
     for i, enc in enumerate(sets):
@@ -524,21 +659,158 @@ def _shape(model: nn.Module, name: str) -> tuple[int, int]:
 
 
 def _best(grid: Grid, task: str, select_by: str) -> Best:
-    """The cell with the highest ``select_by`` on ``task``'s selection prompts."""
-
-    def key(cell: Cell) -> float:
-        return float(getattr(cell.select[task], select_by))
-
-    top = max((cell for cell in grid.cells if cell.evaluated), key=key)  # screened: the exact cells only
+    """The cell that ``select_by`` prefers on ``task``'s selection prompts (accuracy: ties by log-loss)."""
+    candidates = [cell for cell in grid.cells if cell.evaluated]  # screened: the exact cells only
+    top = candidates[best_index([cell.select[task] for cell in candidates], select_by)]
     return Best(
         layer=top.layer,
         matrix=top.matrix,
         rank=top.rank,
-        select_score=key(top),
-        baseline_select_score=float(getattr(grid.baseline_select[task], select_by)),
+        select_score=metric_value(top.select[task], select_by),
+        baseline_select_score=metric_value(grid.baseline_select[task], select_by),
         report=top.report[task],
         baseline_report=grid.baseline_report[task],
+        kind=top.kind,
     )
+
+
+@dataclass
+class JointBest:
+    """One cell chosen for several tasks at once (:data:`fasttrunc.selection.SELECT_TASKS_RULE`)."""
+
+    tasks: list[str]
+    rule: str
+    layer: int
+    matrix: str
+    rank: int | float
+    kind: str
+    score: float  # the combined relative score of the selection metric (the baseline's is 0)
+    select: dict[str, Metrics]
+    report: dict[str, Metrics]
+    baseline_report: dict[str, Metrics]
+
+
+def _joint(grid: Grid, tasks: Sequence[str], select_by: str) -> tuple[JointBest, Cell]:
+    candidates = [cell for cell in grid.cells if cell.evaluated]
+    base = {t: grid.baseline_select[t] for t in tasks}
+    keys = [combined_key({t: cell.select[t] for t in tasks}, base, select_by) for cell in candidates]
+    top = candidates[max(range(len(keys)), key=lambda i: keys[i])]
+    joint = JointBest(
+        tasks=list(tasks),
+        rule=SELECT_TASKS_RULE,
+        layer=top.layer,
+        matrix=top.matrix,
+        rank=top.rank,
+        kind=top.kind,
+        score=keys[candidates.index(top)][0],
+        select={t: top.select[t] for t in tasks},
+        report=dict(top.report),
+        baseline_report=dict(grid.baseline_report),
+    )
+    return joint, top
+
+
+def _selection_score(
+    cache: PrefixCache, sets: Mapping[str, tuple[PromptSet, PromptSet]], tasks: Sequence[str], select_by: str,
+    baseline: Mapping[str, Metrics] | None,
+) -> tuple[float, ...]:  # fmt: skip
+    """The model as it is, scored on the selecting tasks' selection prompts (a plain forward)."""
+    metrics = {t: aggregate_scores(cache.evaluate(sets[t][0])) for t in tasks}
+    if baseline is None:
+        return selection_key(metrics[tasks[0]], select_by)
+    return combined_key(metrics, baseline, select_by)
+
+
+def _compose(
+    model: nn.Module,
+    grid: Grid,
+    start: Cell,
+    sets: Mapping[str, tuple[PromptSet, PromptSet]],
+    config: SweepConfig,
+    batch_size: int,
+) -> Composed:
+    """Greedy composition (:func:`fasttrunc.selection.compose_greedy`) over the grid's cells, from ``start``.
+
+    Every step is scored with a plain forward on the selection prompts; the model ends as it began.
+    """
+    tasks = config.selecting()
+    joint = len(tasks) > 1
+    cache = PrefixCache.for_model(model, batch_size)
+    base = {t: grid.baseline_select[t] for t in tasks} if joint else None
+    stack = StackedEdits(model, factors=grid.factors, method=config.method)
+    candidates = [
+        Candidate(layer=cell.layer, edits=tuple(cell.edits())) for cell in grid.cells if cell.key != start.key
+    ]
+    try:
+        evaluate = stack.evaluator(lambda _: _selection_score(cache, sets, tasks, config.metric, base))
+        result = compose_greedy(evaluate, candidates, start.edits(), order="descending", settle=stack.sync)
+        stack.sync(result.edits)
+        report_metrics = {t: aggregate_scores(cache.evaluate(sets[t][1])) for t in sets}
+    finally:
+        stack.restore()
+    return Composed(
+        order=result.order,
+        start=[start.layer, start.matrix, start.rank, start.kind],
+        start_score=float(result.start_score[0]),  # type: ignore[index]
+        edits=result.edits,
+        steps=[{"edits": [e.to_dict() for e in added], "score": float(sc[0])} for added, sc in result.steps],  # type: ignore[index]
+        trials=len(result.trials),
+        rejected=sum(not t.accepted for t in result.trials),
+        score=float(result.score[0]),  # type: ignore[index]
+        report=report_metrics,
+        baseline_report=dict(grid.baseline_report),
+    )
+
+
+def _predictions(
+    model: nn.Module, grid: Grid, cell: Cell | None, sets: Mapping[str, tuple[PromptSet, PromptSet]], batch_size: int,
+    method: str,
+) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Per-example values of the baseline (``cell`` None) or of one cell, every task, both sides of the split."""
+    cache = PrefixCache.for_model(model, batch_size)
+    truncation = None if cell is None else apply_edits(model, cell.edits(), factors=grid.factors, method=method)
+    out: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for task, pair in sets.items():
+            rows: list[dict[str, Any]] = []
+            for side, enc in zip(("select", "report"), pair):
+                scores = cache.evaluate(enc)
+                if isinstance(enc, AnswerSet):
+                    per = [jsonable(p) for p in answer_predictions(enc.encoded, scores)]  # type: ignore[arg-type]
+                else:
+                    per = [jsonable(p) for p in scores.per_prompt()]  # type: ignore[union-attr]
+                rows += [{"split": side, **p} for p in per]
+            out[task] = rows
+    finally:
+        if truncation is not None:
+            truncation.restore()
+    return out
+
+
+def _encode_tasks(
+    config: SweepConfig, tokenizer: Any
+) -> tuple[dict[str, PromptSet], dict[str, int], dict[str, dict[str, Any]], dict[str, str]]:
+    """Each task's prompt set (selection prompts first), its selection count, how it was split, task file hashes."""
+    encoded: dict[str, PromptSet] = {}
+    splits: dict[str, int] = {}
+    how: dict[str, dict[str, Any]] = {}
+    hashes: dict[str, str] = {}
+    for task in config.tasks:
+        if is_task_file(task):
+            file = load_task(task)
+            split = split_examples(len(file), config.select_fraction, config.split, config.seed)
+            answers = encode_answers(tokenizer, file.examples)
+            encoded[task] = AnswerSet(answers.subset(list(split.select + split.report)))
+            splits[task] = len(split.select)
+            how[task] = {"mode": split.mode, "seed": split.seed, "fraction": split.fraction,
+                         "select_lines": [file.examples[i].line for i in split.select]}  # fmt: skip
+            hashes[task] = file.sha256
+        else:
+            encoded[task] = encode_prompts(tokenizer, task_prompts(task, tokenizer, config.n, config.seed))
+            splits[task] = _split(len(encoded[task]), config.select_fraction)
+            how[task] = {"mode": "generated", "seed": config.seed, "fraction": config.select_fraction,
+                         "note": "prompts generated in a seeded random order; the first ones select"}  # fmt: skip
+    return encoded, splits, how, hashes
 
 
 def _sweep_revision(
@@ -552,11 +824,7 @@ def _sweep_revision(
     model, tokenizer = load_model(config.model, revision, config.dtype, resolve_device(config.device))
     _, _, n_layers = detect_family(model)
     layers = list(range(n_layers)) if config.layers is None else list(config.layers)
-    encoded: dict[str, EncodedPrompts] = {}
-    splits: dict[str, int] = {}
-    for task in config.tasks:
-        encoded[task] = encode_prompts(tokenizer, task_prompts(task, tokenizer, config.n, config.seed))
-        splits[task] = _split(len(encoded[task]), config.select_fraction)
+    encoded, splits, how, hashes = _encode_tasks(config, tokenizer)
     grid = sweep_model(
         model,
         encoded,
@@ -571,12 +839,31 @@ def _sweep_revision(
         cache_budget_mb=config.cache_budget_mb,
         search=config.search,
         keep=config.keep,
-        select_by=config.select_by,
+        select_by=config.metric,
+        kinds=config.kinds,
+        svd_seed=config.seed,
         done=done,
         on_cell=None if on_cell is None else (lambda cell: on_cell(revision, cell)),
         shard=shard,
     )
-    best = {task: _best(grid, task, config.select_by) for task in config.tasks}
+    selecting = config.selecting()
+    best = {task: _best(grid, task, config.metric) for task in selecting}
+    joint = None
+    start = next(c for c in grid.cells if (c.layer, c.matrix, c.rank, c.kind) == _key_of(best[selecting[0]]))
+    if len(selecting) > 1:
+        joint, start = _joint(grid, selecting, config.metric)
+    sets = {t: (encoded[t].rows(0, splits[t]), encoded[t].rows(splits[t], None)) for t in config.tasks}
+    composed = None
+    if config.compose == "greedy":
+        report(progress, "compose", 0, 1, f"{revision or ''} greedy from L{start.layer} {start.matrix} {start.rank}")
+        composed = _compose(model, grid, start, sets, config, config.batch_size)
+        report(progress, "compose", 1, 1, f"{revision or ''} {len(composed.edits)} edits")
+    predictions = None
+    if config.save_predictions:
+        predictions = {
+            "baseline": _predictions(model, grid, None, sets, config.batch_size, config.method),
+            "best": _predictions(model, grid, start, sets, config.batch_size, config.method),
+        }
     return SweepRevision(
         revision=revision,
         layers=sorted({layer % n_layers for layer in layers}),  # in range: sweep_model checked them
@@ -592,7 +879,25 @@ def _sweep_revision(
         svd_calls=grid.svd_calls,
         cells_evaluated=sum(cell.evaluated for cell in grid.cells),
         captures=grid.captures,
+        joint=joint,
+        composition=composed,
+        splits=how,
+        record=run_record(
+            config.model,
+            revision,
+            tokenizer,
+            task_files=hashes,
+            split=how,
+            svd_method=config.method,
+            svd_seed=None if config.method == "exact" else config.seed,
+            hub=config.hub_record,
+        ),  # fmt: skip
+        predictions=predictions,
     )
+
+
+def _key_of(best: Best) -> CellKey:
+    return (best.layer, best.matrix, best.rank, best.kind)
 
 
 def run(

@@ -95,6 +95,30 @@ class EncodedAnswers:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def subset(self, index: Sequence[int]) -> EncodedAnswers:
+        """The examples at ``index``, in that order, with the texts they use (no tokenizing again)."""
+        remap: dict[int, int] = {}
+
+        def text(q: int) -> int:
+            if q not in remap:
+                remap[q] = len(remap)
+            return remap[q]
+
+        answer_text = [text(self.answer_text[i]) for i in index]
+        distractor_text = [None if (d := self.distractor_text[i]) is None else text(d) for i in index]
+        choice_texts = [None if (c := self.choice_texts[i]) is None else tuple(text(q) for q in c) for i in index]
+        order = sorted(remap, key=remap.__getitem__)
+        return EncodedAnswers(
+            examples=tuple(self.examples[i] for i in index),
+            rows=[self.rows[q] for q in order],
+            starts=[self.starts[q] for q in order],
+            stops=[self.stops[q] for q in order],
+            answer_text=answer_text,
+            distractor_text=distractor_text,
+            choice_texts=choice_texts,
+            pad_id=self.pad_id,
+        )
+
 
 def encode_answers(tokenizer: Any, examples: Sequence[Example]) -> EncodedAnswers:
     """Tokenize every example's answer, distractor and choices (each distinct prompt + text once)."""
@@ -220,6 +244,23 @@ class AnswerScores:
             predicted=[self.predicted[i] for i in index],
             choice_log_probs=[self.choice_log_probs[i] for i in index],
         )
+
+
+def cat_answer_scores(parts: Sequence[AnswerScores]) -> AnswerScores:
+    """Per-example scores of consecutive example chunks as one ``AnswerScores``."""
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    return AnswerScores(
+        log_prob=cat("log_prob"),
+        n_tokens=cat("n_tokens"),
+        correct=cat("correct"),
+        rank=cat("rank"),
+        distractor_log_prob=cat("distractor_log_prob"),
+        predicted=[v for p in parts for v in p.predicted],
+        choice_log_probs=[v for p in parts for v in p.choice_log_probs],
+    )
 
 
 def score_answers(
