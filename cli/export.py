@@ -69,6 +69,7 @@ def export(
     from fasttrunc.families import expand_matrices
     from fasttrunc.hub import load_model
     from fasttrunc.ranks import parse_rank, validate_rank_spec
+    from fasttrunc.records import run_record
     from fasttrunc.runs import resolve_device
     from fasttrunc.svd import check_method
     from fasttrunc.truncation import Targets
@@ -112,6 +113,7 @@ def export(
         "dtype": dtype,
         "edits": None if edits is None else str(edits),
         "modules": modules,
+        "record": run_record(model, revision, tokenizer, svd_method=method),
     }
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

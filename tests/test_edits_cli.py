@@ -6,6 +6,7 @@ predicts; the models are tiny random GPT-NeoX directories built from configs (th
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -107,6 +108,8 @@ def test_export_of_a_dense_edit_reloads_and_predicts_what_the_edited_model_does(
     method = None if kind == "magnitude" else "exact"
     names = ["gpt_neox.layers.1.mlp.dense_h_to_4h", MLP_OUT_1]
     assert summary["modules"] == {name: {"rank": 3, "kind": kind, "method": method} for name in names}
+    assert summary["record"]["model"] == str(neox_dir) and summary["record"]["svd"]["method"] == "exact"
+    assert summary["record"]["tokenizer"]["vocab_size"] > 50000
     exported = plain(out)
     assert {type(m).__name__ for m in exported.modules()} >= {"Linear"}
     assert not any(type(m).__module__.startswith("fasttrunc") for m in exported.modules())
@@ -169,6 +172,7 @@ def test_run_pythia_with_an_edits_file(neox_dir, edits_file, tmp_path):
         QKV_1: {"rank": 2, "kind": "magnitude", "method": None},
     }
     assert data["config"]["edits"] == str(edits_file) and data["config"]["layers"] == []
+    assert rev["record"]["edits_sha256"] == hashlib.sha256(edits_file.read_bytes()).hexdigest()
     model = plain(neox_dir)
     encoded = encode_answers(AutoTokenizer.from_pretrained(neox_dir), load_task(CAPITALS).examples)
     with apply_edits(model, COMPOSITION):

@@ -11,6 +11,7 @@ again and restores. Task files (:mod:`fasttrunc.tasks.user`) are scored with LAS
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -265,7 +266,8 @@ class RevisionResult:
     gain_ratio_of_means: float | None
     prompts: list[PromptScore] = field(default_factory=list)
     answers: list[AnswerTaskScore] = field(default_factory=list)  # one per task file, in --task order
-    record: dict[str, Any] = field(default_factory=dict)  # records.run_record: model, tokenizer, hashes, versions
+    # records.run_record (model, tokenizer, task file hashes, split, SVD, versions) and the edits file's sha256
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -318,6 +320,7 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
     n_prompts = 0
     revisions = resolve_revisions(config.model, config.revisions)
     task_files = _load_tasks(config)
+    edits_sha256 = None if config.edits is None else hashlib.sha256(Path(config.edits).read_bytes()).hexdigest()
     total = len(revisions)
     for i, revision in enumerate(revisions):
         report(progress, "pythia", i, total, f"loading {revision or 'default revision'}")
@@ -364,7 +367,8 @@ def run(config: PythiaConfig, progress: Progress = None) -> PythiaResult:
                 split={"mode": "all", "seed": config.seed},
                 svd_method=config.method,
                 svd_seed=svd_seed(config),
-            ),
+            )
+            | {"edits_sha256": edits_sha256},
         )
         if base is not None and cut is not None:
             base_metrics, cut_metrics = aggregate(base), aggregate(cut)
