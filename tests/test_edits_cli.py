@@ -203,3 +203,24 @@ def test_run_pythia_bad_edits_file_is_one_line(neox_dir, tmp_path):
     alien = save_edits(tmp_path / "alien.json", [Edit("transformer.h.0.mlp.c_fc", 2)])
     line = one_line_error(invoke(["run", "pythia", "--model", neox_dir, "--edits", alien, "--task", CAPITALS]))
     assert "the model has no module transformer.h.0.mlp.c_fc" in line
+
+
+def test_config_file_with_edits_and_command_line_overrides(neox_dir, edits_file, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{neox_dir}"\nedits = "{edits_file}"\ntask = "{CAPITALS}"\nn = 2\n')
+    data = run_json(["--config", toml])
+    assert sorted(data["revisions"][0]["modules"]) == sorted(e.module for e in COMPOSITION)
+    # an explicit single edit replaces the file's edits
+    data = run_json(["--config", toml, "--layer", "0", "--matrix", "mlp_in", "--rank", "2", "--edit", "magnitude"])
+    assert data["config"]["edits"] is None
+    assert data["revisions"][0]["modules"] == {MLP_IN_0: {"rank": 2, "kind": "magnitude", "method": None}}
+    both = tmp_path / "both.toml"
+    both.write_text(f'model = "{neox_dir}"\nedits = "{edits_file}"\nlayers = [1]\nrank = 2\n')
+    line = one_line_error(invoke(["run", "pythia", "--config", both]))
+    assert f"edits {edits_file} replaces layers, matrices, rank and edit" in line
+    # and an explicit --edits replaces a file's single edit
+    single = tmp_path / "single.toml"
+    single.write_text(f'model = "{neox_dir}"\nlayers = [1]\nrank = 2\nedit = "remove-top"\ntask = "{CAPITALS}"\n')
+    data = run_json(["--config", single, "--edits", edits_file, "--n", "2"])
+    assert data["config"]["layers"] == [] and data["config"]["edit"] == "keep-top"
+    assert len(data["revisions"][0]["modules"]) == len(COMPOSITION)
