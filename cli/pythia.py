@@ -32,8 +32,11 @@ if TYPE_CHECKING:
 MODEL_HELP = "A Hugging Face hub id (EleutherAI/pythia-1b) or a local model directory."
 REVISION_HELP = "One revision to load, for example step14000 (a local directory looks in DIR/revisions/)."
 REVISIONS_HELP = "Comma-separated revisions to measure along training, for example step1000,step4000."
-TASK_HELP = "The task: ioi or factual."
-N_HELP = "Number of prompts (default: 200 for ioi, every shipped fact for factual)."
+TASK_HELP = (
+    "The tasks, comma-separated: at most one of ioi, factual, and any task files (.jsonl or .csv with prompt, "
+    "answer, optional distractor and choices), scored with LASER's metrics."
+)
+N_HELP = "Number of prompts (default: 200 for ioi, every shipped fact for factual; a task file's first N, default all)."
 DEVICE_HELP = "The device to run on: cpu, cuda or cuda:N."
 DTYPE_HELP = "The dtype to load the model in: float32, float16 or bfloat16."
 BATCH_HELP = "Prompts per forward pass."
@@ -108,19 +111,38 @@ METRIC_ROWS = (
 )
 
 
+ANSWER_ROWS = (
+    ("accuracy", "accuracy"),
+    ("top-5 accuracy (single-token answers)", "top5_accuracy"),
+    ("top-10 accuracy (single-token answers)", "top10_accuracy"),
+    ("mean log P(answer)", "mean_log_prob"),
+    ("mean P(answer)", "mean_p_answer"),
+    ("log-loss (per answer token)", "log_loss"),
+    ("mean of ratios P(answer)/P(distractor)", "mean_of_ratios"),
+    ("ratio of means P(answer)/P(distractor)", "ratio_of_means"),
+)
+
+
 def _pythia_tables(result: PythiaResult) -> list[Table]:
     cfg = result.config
     tables = []
     for rev in result.revisions:
-        title = (
-            f"{cfg.model} {rev.revision or ''} {cfg.task}, {result.n_prompts} prompts: layers {list(cfg.layers)} "
-            f"{','.join(cfg.matrices)} rank {cfg.rank}"
-        )
-        rows = [
-            [label, _fmt(getattr(rev.baseline, key)), _fmt(getattr(rev.truncated, key))] for label, key in METRIC_ROWS
-        ]
-        tables.append(make_table(title, ["metric", "baseline", "truncated"], rows))
-    if len(result.revisions) > 1:
+        where = f"{cfg.model} {rev.revision or ''}"
+        if rev.baseline is not None:
+            rows = [
+                [label, _fmt(getattr(rev.baseline, key)), _fmt(getattr(rev.truncated, key))]
+                for label, key in METRIC_ROWS
+            ]
+            title = f"{where} {cfg.builtin_task}, {result.n_prompts} prompts: {cfg.edit_label()}"
+            tables.append(make_table(title, ["metric", "baseline", "truncated"], rows))
+        for task in rev.answers:
+            rows = [
+                [label, _fmt(getattr(task.baseline, key)), _fmt(getattr(task.truncated, key))]
+                for label, key in ANSWER_ROWS
+            ]
+            title = f"{where} {task.task}, {task.n} examples: {cfg.edit_label()}"
+            tables.append(make_table(title, ["metric", "baseline", "truncated"], rows))
+    if len(result.revisions) > 1 and cfg.builtin_task is not None:
         tables.append(_along_training_table(result))
     return tables
 
@@ -143,7 +165,7 @@ def _along_training_table(result: PythiaResult) -> Table:
     ]
     cfg = result.config
     return make_table(
-        f"{cfg.task} along training: baseline -> layers {list(cfg.layers)} {','.join(cfg.matrices)} rank {cfg.rank}",
+        f"{cfg.builtin_task} along training: baseline -> {cfg.edit_label()}",
         ["revision"]
         + [label for label, _ in ALONG_TRAINING]
         + ['P(correct)/P(" the") ratio of means', "mean of ratios"],
@@ -151,23 +173,95 @@ def _along_training_table(result: PythiaResult) -> Table:
     )
 
 
+# run pythia's options as PythiaConfig fields: field -> the command's parameters that set it
+CONFIG_FIELDS = {
+    "model": ("model",),
+    "layers": ("layer",),
+    "matrices": ("matrix",),
+    "rank": ("rank",),
+    "task": ("task",),
+    "edit": ("edit",),
+    "edits": ("edits",),
+    "revisions": ("revision", "revisions"),
+    "n": ("n",),
+    "seed": ("seed",),
+    "device": ("device",),
+    "dtype": ("dtype",),
+    "batch_size": ("batch_size",),
+    "method": ("method",),
+}
+EDIT_OPTIONS = ("layer", "matrix", "rank", "edit")  # what --edits replaces
+EDIT_KIND_HELP = (
+    "The edit: keep-top (LASER's: keep the top-k singular components), remove-top (remove them, keep the rest) "
+    "or magnitude (keep the k*(in+out) largest-magnitude weights)."
+)
+EDITS_HELP = "Apply a saved composition (edits.json: module, rank, kind per edit) instead of --layer/--matrix/--rank."
+
+
+def given_on_command_line(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed (or set through the environment), not left at their defaults."""
+    explicit = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            explicit.add(name)
+    return explicit
+
+
+def refuse_edits_with_targets(explicit: set[str], options: tuple[str, ...] = EDIT_OPTIONS) -> None:
+    """--edits replaces the single-edit options: giving both is a one-line error."""
+    clash = [name for name in options if name in explicit]
+    if "edits" in explicit and clash:
+        shown = ", ".join("--" + name for name in clash)
+        fail(f"--edits replaces {shown}; give --edits FILE, or --layer and --rank, not both")
+
+
+def pythia_options(ctx: typer.Context, values: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
+    """PythiaConfig's keyword options: ``--config``'s, overridden by what the command line gives explicitly.
+
+    An option left at its default fills only what the file leaves unset. An explicit --edits drops
+    the file's layers, matrices, rank and edit; an explicit --layer, --matrix, --rank or --edit
+    drops the file's edits.
+    """
+    from fasttrunc.experiments.pythia import PythiaConfig
+    from fasttrunc.records import load_run_config
+
+    explicit = given_on_command_line(ctx)
+    refuse_edits_with_targets(explicit)
+    options = load_run_config(config_file, PythiaConfig) if config_file is not None else {}
+    if "edits" in explicit:
+        for key in ("layers", "matrices", "rank", "edit"):
+            options.pop(key, None)
+    if explicit & set(EDIT_OPTIONS):
+        options.pop("edits", None)
+    for key, params in CONFIG_FIELDS.items():
+        if (explicit & set(params) or key not in options) and values[key] is not None:
+            options[key] = values[key]
+    if "layers" not in options and "edits" not in options:
+        fail("give --layer and --rank (or --edits FILE, or --config FILE)")
+    return options
+
+
 @run_app.command("pythia")
 @user_errors
 def run_pythia(
+    ctx: typer.Context,
     model: str = typer.Option("EleutherAI/pythia-1b", "--model", help=MODEL_HELP),  # the paper's model
-    layer: str = typer.Option(
-        ...,
+    layer: str | None = typer.Option(
+        None,
         "--layer",
-        help="Layer indices to truncate, comma-separated (10,11), ranges (8-15) or negative from the end.",
+        help="Layer indices to edit, comma-separated (10,11), ranges (8-15) or negative from the end.",
     ),
     matrix: str = typer.Option(
         "mlp_in",
         "--matrix",
-        help="Matrices to truncate, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all.",
+        help="Matrices to edit, comma-separated: mlp_in, mlp_out, attn_qkv, attn_out, or the groups mlp, attn, all.",
     ),
-    rank: str = typer.Option(
-        ..., "--rank", help="The rank kept: an int is absolute, a float in [0, 1] is the fraction of the full rank."
+    rank: str | None = typer.Option(
+        None, "--rank", help="The rank: an int is absolute, a float in [0, 1] is the fraction of the full rank."
     ),
+    edit: str = typer.Option("keep-top", "--edit", help=EDIT_KIND_HELP),
+    edits: Path | None = typer.Option(None, "--edits", help=EDITS_HELP),
     task: str = typer.Option("ioi", "--task", help=TASK_HELP),
     revision: str | None = REVISION_OPT,
     revisions: str | None = typer.Option(
@@ -181,35 +275,53 @@ def run_pythia(
     dtype: str = DTYPE_OPT,
     batch_size: int = BATCH_OPT,
     method: str = METHOD_OPT,
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Read the options from a .toml file or a previous results.json; options given here override it.",
+    ),
+    save_predictions: Path | None = typer.Option(
+        None, "--save-predictions", help="Write per-example predictions (baseline and edited) to a .jsonl or .csv."
+    ),
     out: Path | None = OUT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Compare a model's IOI or factual-recall predictions before and after truncating chosen matrices."""
+    """Compare a model's predictions (IOI, factual recall, your task files) before and after one edit."""
     from fasttrunc.experiments import pythia
     from fasttrunc.plots import pythia_plots
     from fasttrunc.ranks import parse_rank
+    from fasttrunc.runs import check_records_path, write_records
 
     check_out(out)
-    layers = parse_layers(layer)
-    if layers is None:
+    if save_predictions is not None:
+        save_predictions = check_records_path(save_predictions)
+    layers = None if layer is None else parse_layers(layer)
+    if layer is not None and layers is None:
         fail("--layer all is not supported by run pythia; list the layers, for example 0-15")
-    config = pythia.PythiaConfig(
-        model=model,
-        layers=tuple(layers),
-        matrices=tuple(split_list(matrix, "matrices")),
-        rank=parse_rank(rank),
-        task=task,
-        revisions=parse_revisions(revision, revisions),
-        n=n,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        method=method,
-    )
+    values = {
+        "model": model,
+        "layers": None if layers is None else tuple(layers),
+        "matrices": tuple(split_list(matrix, "matrices")),
+        "rank": None if rank is None else parse_rank(rank),
+        "task": task,
+        "edit": edit,
+        "edits": None if edits is None else str(edits),
+        "revisions": parse_revisions(revision, revisions),
+        "n": n,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "method": method,
+    }
+    config = pythia.PythiaConfig(**pythia_options(ctx, values, config_file))
     check_models(config.model, pythia.resolve_revisions(config.model, tuple(config.revisions)))
     with progress_bar(not as_json) as progress:
         result = pythia.run(config, progress)
+    if save_predictions is not None:
+        write_records(save_predictions, pythia.prediction_rows(result))
+        if not as_json:
+            stderr.print(f"wrote {save_predictions}", highlight=False)
     emit(result, as_json=as_json, out=out, tables=_pythia_tables, plots=pythia_plots)
 
 

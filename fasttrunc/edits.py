@@ -191,6 +191,31 @@ def apply_edits(
     return Truncation(model, originals, replacements)
 
 
+def target_edits(model: nn.Module, targets: TargetSpec, rank: Rank, kind: str = "keep-top") -> list[Edit]:
+    """One edit of ``kind`` at ``rank`` for every module ``targets`` selects (in model order)."""
+    checks.choice("kind", kind, EDIT_KINDS)
+    validate_rank_spec(rank)
+    return [Edit(name, rank, kind) for name in resolve_targets(model, targets)]
+
+
+def edit_spec(truncation: Truncation, edits: Sequence[Edit], method: str = "exact") -> dict[str, dict[str, Any]]:
+    """JSON-ready name -> {rank (absolute), kind, method} of ``edits`` as ``truncation`` applied them.
+
+    ``method`` is the SVD's; a magnitude edit runs none (None).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for edit in edits:
+        original = truncation.originals[edit.module]
+        kind = module_kind(original)
+        assert kind is not None  # apply_edits edits supported kinds only
+        out[edit.module] = {
+            "rank": resolve_rank(edit.rank, *kind.shape(original)),
+            "kind": edit.kind,
+            "method": None if edit.kind == "magnitude" else method,
+        }
+    return out
+
+
 def save_edits(path: str | os.PathLike[str], edits: Sequence[Edit], **info: Any) -> Path:
     """Write ``{"edits": [...], **info}`` to ``path`` (atomically); ``info`` holds e.g. the scores."""
     body = {"edits": [e.to_dict() for e in check_edits(edits)], **info}
@@ -235,8 +260,10 @@ __all__ = [
     "apply_edit",
     "apply_edits",
     "check_edits",
+    "edit_spec",
     "load_edits",
     "magnitude_weight",
     "remove_top_weight",
     "save_edits",
+    "target_edits",
 ]

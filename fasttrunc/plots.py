@@ -204,7 +204,9 @@ def _pythia_along_training(result: PythiaResult, title: str, path: Path) -> Path
     steps = [re.fullmatch(r"step(\d+)", n) for n in names]
     by_step = all(steps)
     x = [int(m.group(1)) for m in steps if m] if by_step else list(range(len(revs)))
-    accuracy = "logit_diff_accuracy" if revs[0].baseline.logit_diff_accuracy is not None else "accuracy"
+    first = revs[0].baseline
+    assert first is not None  # pythia_plots draws the built-in task only
+    accuracy = "logit_diff_accuracy" if first.logit_diff_accuracy is not None else "accuracy"
     panels = (
         ("mean_p_the", 'mean P(" the")'),
         ("mean_p_correct", "mean P(correct)"),
@@ -231,12 +233,18 @@ def _pythia_along_training(result: PythiaResult, title: str, path: Path) -> Path
 
 
 def pythia_plots(result: PythiaResult, out: Path) -> list[Path]:
-    """Bars of baseline vs truncated for one revision; lines along checkpoints for several."""
+    """Bars of baseline vs truncated for one revision; lines along checkpoints for several.
+
+    Drawn for the built-in task (ioi, factual); task files' metrics are in the tables and results.json.
+    """
     cfg = result.config
     revs = result.revisions
-    title = f"{cfg.task}: layers {list(cfg.layers)} {','.join(cfg.matrices)} rank {cfg.rank}"
+    task = cfg.builtin_task
+    if task is None:
+        return []
+    title = f"{task}: {cfg.edit_label()}"
     if len(revs) > 1:
-        return [_pythia_along_training(result, title, out / f"pythia_{cfg.task}_checkpoints.png")]
+        return [_pythia_along_training(result, title, out / f"pythia_{task}_checkpoints.png")]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     series = [(label, key) for key, label in _CHECKPOINT_SERIES if getattr(revs[0].baseline, key) is not None]
@@ -247,7 +255,7 @@ def pythia_plots(result: PythiaResult, out: Path) -> list[Path]:
     ax.set_ylabel("mean probability")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return [_save(fig, out / f"pythia_{cfg.task}.png")]
+    return [_save(fig, out / f"pythia_{task}.png")]
 
 
 def _file_name(task: str) -> str:

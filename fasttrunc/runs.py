@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
+import json
 import math
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +201,47 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+RECORD_SUFFIXES = (".jsonl", ".csv")
+
+
+def check_records_path(path: object, option: str = "--save-predictions") -> Path:
+    """A ``.jsonl`` or ``.csv`` file that can be written (its directory is created); checked before the work."""
+    if not isinstance(path, str | os.PathLike):
+        raise ValueError(f"{option} {path!r} is not a path")
+    file = Path(path).expanduser()
+    if file.suffix.lower() not in RECORD_SUFFIXES:
+        raise ValueError(f"{option} {file}: unknown extension {file.suffix!r}; allowed: {', '.join(RECORD_SUFFIXES)}")
+    if file.is_dir():
+        raise ValueError(f"{option} {file} is a directory; give a file name")
+    check_output_dir(file.parent, option)
+    return file
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def write_records(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` (JSON-ready mappings) atomically: one JSON object a line (``.jsonl``) or CSV.
+
+    A CSV's header is every key in the order first seen; a missing value is an empty cell, a
+    number, boolean or list is written as JSON.
+    """
+    file = Path(path)
+    suffix = file.suffix.lower()
+    checks.choice("records file extension", suffix, RECORD_SUFFIXES)
+    if suffix == ".jsonl":
+        return atomic_write_text(file, "".join(json.dumps(row) + "\n" for row in rows))
+    header = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(key)) for key in header])
+    with atomic_output(file) as tmp:
+        tmp.write_text(buffer.getvalue(), newline="")
+    return file

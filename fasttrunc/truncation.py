@@ -272,6 +272,23 @@ def _factor_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
+def _merged_weight(name: str, original: nn.Module, replacement: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense ``(out, in)`` weight and the bias that merging ``replacement`` writes into ``original``."""
+    kind = module_kind(original)
+    if kind is not None and isinstance(replacement, TruncatedLinear):
+        return replacement.weight, replacement.bias
+    if kind is not None and type(replacement) is type(original) and module_kind(replacement) is kind:
+        if kind.shape(replacement) != kind.shape(original):
+            raise ValueError(
+                f"{name}: the replacement's weight is {kind.shape(replacement)}, the original's {kind.shape(original)}"
+            )
+        return kind.weight(replacement), kind.bias(replacement)
+    raise ValueError(
+        f"{name}: cannot merge a {type(replacement).__name__} into a {type(original).__name__}; "
+        "mergeable replacements are TruncatedLinear and dense modules of the original's kind"
+    )
+
+
 class Truncation(Mapping[str, nn.Module]):
     """The swaps made in a model: name -> replacement module, with :meth:`restore` and :meth:`merge_`.
 
@@ -323,29 +340,30 @@ class Truncation(Mapping[str, nn.Module]):
         self.restored = True
 
     def merge_(self) -> nn.Module:
-        """Write each rank-r weight, dense and in the original's dtype, into the original module.
+        """Write each replacement's weight, dense and in the original's dtype, into the original module.
 
-        The original modules go back into the model with their weights overwritten, so the model
-        is a plain one again (``save_pretrained`` gives a checkpoint that needs no fasttrunc),
-        predicting what the truncated model predicts. Final: ``restore`` is refused afterwards.
+        A ``TruncatedLinear`` gives its rank-r weight ``b @ a``; a dense replacement of the same
+        module kind (the remove-top and magnitude edits of :mod:`fasttrunc.edits`) gives its own
+        weight. The original modules go back into the model with their weights (and biases)
+        overwritten, so the model is a plain one again (``save_pretrained`` gives a checkpoint that
+        needs no fasttrunc), predicting what the edited model predicts. Every replacement is checked
+        before any weight is written. Final: ``restore`` is refused afterwards.
         """
         if self.merged:
             raise ValueError("this truncation is already merged")
         if self.restored:
             raise ValueError("this truncation was restored; truncate again before merging")
         self._check_in_place()
-        for name, replacement in self._replacements.items():
+        dense = {name: _merged_weight(name, self.originals[name], r) for name, r in self._replacements.items()}
+        for name, (weight, bias) in dense.items():
             original = self.originals[name]
             kind = module_kind(original)
-            if kind is None or not isinstance(replacement, TruncatedLinear):
-                raise ValueError(
-                    f"{name}: cannot merge a {type(replacement).__name__} into a {type(original).__name__}"
-                )
-            kind.write_weight(original, replacement.weight.to(kind.parameter(original).dtype))
+            assert kind is not None  # checked by _merged_weight
+            kind.write_weight(original, weight.to(kind.parameter(original).dtype))
             original_bias = kind.bias(original)
-            if original_bias is not None and replacement.bias is not None:
+            if original_bias is not None and bias is not None:
                 with torch.no_grad():
-                    original_bias.copy_(replacement.bias)
+                    original_bias.copy_(bias)
         for name, original in self.originals.items():
             _set_submodule(self._model, name, original)
         self.merged = True

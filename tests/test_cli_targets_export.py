@@ -178,7 +178,7 @@ def test_run_and_sweep_pythia_on_a_llama_shaped_model(llama_dir):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     rev = data["revisions"][0]
-    assert rev["modules"] == {"model.layers.1.mlp.gate_proj": {"rank": 16, "method": "exact"}}  # 0.5 * min(64, 32)
+    assert rev["modules"] == {"model.layers.1.mlp.gate_proj": {"rank": 16, "kind": "keep-top", "method": "exact"}}
     assert data["n_prompts"] == 12 and len(rev["prompts"]) == 12
     assert all(p["text"].endswith(" to") for p in rev["prompts"])
     assert rev["baseline"]["mean_p_correct"] != rev["truncated"]["mean_p_correct"]

@@ -128,3 +128,25 @@ def test_edits_file_round_trip_and_errors(tmp_path):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             load_edits(tmp_path / "bad.json")
+
+
+def test_target_edits_and_their_spec():
+    from fasttrunc.edits import edit_spec, target_edits
+
+    model = tiny(conv1d=True)
+    edits = target_edits(model, ["0", "2"], 0.5, "remove-top")
+    assert edits == [Edit("0", 0.5, "remove-top"), Edit("2", 0.5, "remove-top")]
+    with apply_edits(model, edits) as truncation:
+        spec = edit_spec(truncation, edits, "exact")
+    # int(0.5 * min(out, in)): Conv1D(9, 6) is 9 x 6 -> 3, Conv1D(7, 9) is 7 x 9 -> 3
+    assert spec == {name: {"rank": 3, "kind": "remove-top", "method": "exact"} for name in ("0", "2")}
+    with apply_edits(model, [Edit("2", 4, "magnitude")]) as truncation:
+        assert edit_spec(truncation, [Edit("2", 4, "magnitude")])["2"] == {
+            "rank": 4,
+            "kind": "magnitude",
+            "method": None,
+        }
+    with pytest.raises(ValueError, match="kind 'zero' is not known"):
+        target_edits(model, ["0"], 1, "zero")
+    with pytest.raises(ValueError, match="rank 1.5"):
+        target_edits(model, ["0"], 1.5)
