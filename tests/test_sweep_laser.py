@@ -35,7 +35,9 @@ def model_dir(tmp_path_factory):
     import transformers
 
     path = tmp_path_factory.mktemp("neox-words")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(__file__).parent / "data" / "gpt-neox-20b-tokenizer.json"))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(__file__).parent / "data" / "gpt-neox-20b-tokenizer.json")
+    )
     tok.pad_token = tok.eos_token = "<|endoftext|>"
     torch.manual_seed(3)
     config = transformers.GPTNeoXConfig(
