@@ -35,7 +35,7 @@ from fasttrunc.cli.pythia import (
     parse_revisions,
     split_list,
 )
-from fasttrunc.selection import SELECT_TASKS_RULE
+from fasttrunc.rules import SELECT_TASKS_RULE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
