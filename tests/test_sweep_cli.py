@@ -105,20 +105,27 @@ def test_cache_budget_too_small_exits_2(model_dir):
     assert result.exit_code == 2 and "holds less than one batch of one layer" in result.output
 
 
-def test_torchrun_two_gloo_ranks_equal_one_process(model_dir, tmp_path):
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
-    args = _args(model_dir, ranks="0.9,0.5,0")
+def single_and_sharded(args: list[str], single: Path, sharded: Path, port: int) -> subprocess.CompletedProcess:
+    """``args`` run in this process (one thread, as torchrun's ranks run) into ``single``, then under
+    torchrun with two gloo ranks into ``sharded``; returns the torchrun run (checked to succeed)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's ranks run (OMP_NUM_THREADS=1): the same reductions
+    torch.set_num_threads(1)  # OMP_NUM_THREADS=1 in the ranks: the same reductions
     try:
-        assert runner.invoke(app, [*args, "--out", str(single)]).exit_code == 0
+        result = runner.invoke(app, [*args, "--out", str(single)])
+        assert result.exit_code == 0, result.output
     finally:
         torch.set_num_threads(threads)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
     done = subprocess.run(
         [*torchrun, str(FASTTRUNC), *args, "--out", str(sharded)], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]
+    return done
+
+
+def test_torchrun_two_gloo_ranks_equal_one_process(model_dir, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    done = single_and_sharded(_args(model_dir, ranks="0.9,0.5,0"), single, sharded, 29531)
     assert _cells(sharded) == _cells(single)
     assert done.stdout.count("reported on the other") == 1  # rank 0 alone prints
 

@@ -204,27 +204,13 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path):
 
 
 def test_torchrun_two_gloo_ranks_with_task_files_kinds_and_composition(model_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from test_sweep_cli import single_and_sharded
 
-    fasttrunc = Path(sys.executable).parent / "fasttrunc"
-    env = {**os.environ, "FASTTRUNC_BACKEND": "torch", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     args = ["sweep", "pythia", "--model", str(model_dir), "--layers", "1,2", "--matrices", "mlp_out", "--ranks", "2,0"]
     args += ["--task", f"{CAPITALS},{SENTIMENT}", "--edit", "keep-top,remove-top", "--compose", "greedy"]
     args += ["--select-fraction", "0.4", "--batch-size", "4"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's ranks run: the same reductions
-    try:
-        assert runner.invoke(app, [*args, "--out", str(single)]).exit_code == 0
-    finally:
-        torch.set_num_threads(threads)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    done = subprocess.run(
-        [*torchrun, str(fasttrunc), *args, "--out", str(sharded)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]
+    single_and_sharded(args, single, sharded, 29533)
     a, b = (json.loads((d / "results.json").read_text())["revisions"][0] for d in (single, sharded))
     assert a["cells"] == b["cells"] and a["composition"] == b["composition"] and a["best"] == b["best"]
     assert (sharded / "edits.json").read_text() == (single / "edits.json").read_text()
