@@ -99,6 +99,9 @@ def test_laser_split_takes_the_first_examples_in_file_order(model_dir):
     rev = sweep.run(_config(model_dir, split="laser", ranks=(0,), layers=(2,), matrices=("mlp_out",))).revisions[0]
     assert rev.splits[CAPITALS]["select_lines"] == [1, 2, 3, 4, 5, 6, 7, 8]  # 40% of 20, file order
     assert rev.splits[CAPITALS]["mode"] == "laser" and rev.splits[CAPITALS]["seed"] is None
+    first = sweep.run(_config(model_dir, n=10, ranks=(0,), layers=(2,), matrices=("mlp_out",))).revisions[0]
+    assert first.n_select[CAPITALS] + first.n_report[CAPITALS] == 10  # a task file's first n examples
+    assert max(first.splits[CAPITALS]["select_lines"]) <= 10
 
 
 def test_select_tasks_choose_one_cell_by_the_stated_rule(model_dir):

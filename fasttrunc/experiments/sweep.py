@@ -798,12 +798,13 @@ def _encode_tasks(
     for task in config.tasks:
         if is_task_file(task):
             file = load_task(task)
-            split = split_examples(len(file), config.select_fraction, config.split, config.seed)
-            answers = encode_answers(tokenizer, file.examples)
+            examples = file.examples if config.n is None else file.examples[: config.n]  # the first n, file order
+            split = split_examples(len(examples), config.select_fraction, config.split, config.seed)
+            answers = encode_answers(tokenizer, examples)
             encoded[task] = AnswerSet(answers.subset(list(split.select + split.report)))
             splits[task] = len(split.select)
             how[task] = {"mode": split.mode, "seed": split.seed, "fraction": split.fraction,
-                         "select_lines": [file.examples[i].line for i in split.select]}  # fmt: skip
+                         "select_lines": [examples[i].line for i in split.select]}  # fmt: skip
             hashes[task] = file.sha256
         else:
             encoded[task] = encode_prompts(tokenizer, task_prompts(task, tokenizer, config.n, config.seed))
