@@ -90,13 +90,15 @@ def _sweep_tables(result: SweepResult) -> list[Table]:
             steps = "; ".join(
                 "+"
                 + ", ".join(f"{e['module']} {e['rank']} {e['kind']}" for e in step["edits"])
-                + f" -> {step['score']:.4f}"
+                + " -> "
+                + "/".join(f"{v:.4f}" for v in step["key"])
                 for step in c.steps
             )
+            start_key = "/".join(f"{v:.4f}" for v in c.start_key)  # the metric, then its tie-break
             for task in cfg.tasks:
                 title = (
                     f"{task}: greedy composition ({c.order} layers) from L{c.start[0]} {c.start[1]} {c.start[2]} "
-                    f"({c.start_score:.4f}): {len(c.edits)} edits, {c.trials} steps tried, {c.rejected} rejected"
+                    f"({start_key}): {len(c.edits)} edits, {c.trials} steps tried, {c.rejected} rejected"
                     + (f"; accepted: {steps}" if steps else "; no step improved")
                     + "; report prompts"
                 )
@@ -197,7 +199,7 @@ def _write_outputs(result: SweepResult, out: Path) -> list[Path]:
         assert c is not None
         name = "edits.json" if len(composed) == 1 else f"edits_{rev.revision or 'default'}.json"
         info = {"model": result.config.model, "revision": rev.revision, "start": c.start, "steps": c.steps,
-                "score": c.score, "select_by": result.config.metric}  # fmt: skip
+                "score": c.score, "key": c.key, "select_by": result.config.metric}  # fmt: skip
         written.append(save_edits(out / name, c.edits, **info))
     with tempfile.TemporaryDirectory(dir=out, prefix=".plots-") as tmp:
         for path in sweep_plots(result, Path(tmp)):

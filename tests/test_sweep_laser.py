@@ -131,8 +131,9 @@ def test_greedy_composition_accepts_only_strict_gains_and_leaves_the_model_as_it
     composed = sweep._compose(model, grid, start, sets, config, 4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored bit-exactly
     assert all(type(m).__name__ != "TruncatedLinear" for m in model.modules())
-    scores = [composed.start_score] + [step["score"] for step in composed.steps]
-    assert all(a < b for a, b in zip(scores, scores[1:]))  # every accepted step strictly improved
+    keys = [composed.start_key] + [step["key"] for step in composed.steps]
+    assert all(a < b for a, b in zip(keys, keys[1:]))  # every accepted step strictly improved
+    assert composed.key == keys[-1] and composed.score == keys[-1][0]
     assert composed.trials == len(composed.steps) + composed.rejected and composed.trials > 0
     assert len({e.module for e in composed.edits}) == len(composed.edits)
     # the composition, applied again, scores what the composition reported

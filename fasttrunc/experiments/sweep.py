@@ -205,12 +205,16 @@ class Composed:
     start: list[int | str | float]  # the best single cell it started from: layer, matrix, rank, kind
     start_score: float
     edits: list[Edit]
-    steps: list[dict[str, Any]]  # {"edits": [...], "score": ...} per accepted step
+    steps: list[dict[str, Any]]  # {"edits": [...], "score": ..., "key": [...]} per accepted step
     trials: int  # candidate steps evaluated
     rejected: int
     score: float
     report: dict[str, Metrics]
     baseline_report: dict[str, Metrics]
+    # The full comparison keys (higher is better): the oriented metric, then its tie-break
+    # (accuracy: the negated log-loss), which decides a step when the metric ties.
+    start_key: list[float] = field(default_factory=list)
+    key: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -748,17 +752,25 @@ def _compose(
         report_metrics = {t: aggregate_scores(cache.evaluate(sets[t][1])) for t in sets}
     finally:
         stack.restore()
+
+    def key(score: Any) -> list[float]:
+        return [float(v) for v in score]
+
     return Composed(
         order=result.order,
         start=[start.layer, start.matrix, start.rank, start.kind],
-        start_score=float(result.start_score[0]),  # type: ignore[index]
+        start_score=key(result.start_score)[0],
         edits=result.edits,
-        steps=[{"edits": [e.to_dict() for e in added], "score": float(sc[0])} for added, sc in result.steps],  # type: ignore[index]
+        steps=[
+            {"edits": [e.to_dict() for e in added], "score": key(sc)[0], "key": key(sc)} for added, sc in result.steps
+        ],
         trials=len(result.trials),
         rejected=sum(not t.accepted for t in result.trials),
-        score=float(result.score[0]),  # type: ignore[index]
+        score=key(result.score)[0],
         report=report_metrics,
         baseline_report=dict(grid.baseline_report),
+        start_key=key(result.start_score),
+        key=key(result.score),
     )
 
 
