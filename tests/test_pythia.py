@@ -247,7 +247,7 @@ def test_truncating_the_last_mlp_raises_the_io_to_the_ratio(trained_dir, matrix)
     assert base["logit_diff_accuracy"] > 0.9  # the model has learned the in-context task
     assert base["mean_p_the"] > 0.1  # and " the" competes with the answer
     assert rev["gain_mean_of_ratios"] >= 2.0, rev
-    assert cut["mean_p_the"] < 0.8 * base["mean_p_the"]  # measured 0.70x (mlp_in) and 0.67x (mlp_out)
+    assert cut["mean_p_the"] < 0.8 * base["mean_p_the"]  # measured 0.24x (mlp_in) and 0.17x (mlp_out)
     assert data["environment"]["torch"] == torch.__version__
 
 
@@ -368,6 +368,7 @@ def test_tiny_corpus_never_contains_an_evaluation_prompt():
         (dict(noise=1.5), "noise 1.5"),
         (dict(ioi_fraction=0.7, infinitive=0.5), "exceeds 1"),
         (dict(lr=0.0), "lr 0.0"),
+        (dict(weight_decay=-0.1), "weight_decay -0.1"),
         (dict(steps=10, checkpoints=(5, 11)), "checkpoint step 11"),
         (dict(names=("Mary",)), "at least 2"),
         (dict(names=()), "names is empty"),
