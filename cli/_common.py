@@ -270,3 +270,13 @@ def emit(
         return
     for table in tables(result):
         stdout.print(table)
+
+
+def given_on_command_line(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed (or set through the environment), not left at their defaults."""
+    explicit = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            explicit.add(name)
+    return explicit

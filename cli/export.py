@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from fasttrunc import checks
-from fasttrunc.cli._common import fail, stderr, user_errors
+from fasttrunc.cli._common import fail, given_on_command_line, stderr, user_errors
 from fasttrunc.cli.apps import app
 from fasttrunc.cli.pythia import (
     DEVICE_OPT,
@@ -23,7 +23,6 @@ from fasttrunc.cli.pythia import (
     METHOD_OPT,
     MODEL_HELP,
     REVISION_HELP,
-    given_on_command_line,
     parse_layers,
     refuse_edits_with_targets,
     split_list,

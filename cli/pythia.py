@@ -16,6 +16,7 @@ from fasttrunc.cli._common import (
     check_out,
     emit,
     fail,
+    given_on_command_line,
     int_option,
     make_table,
     progress_bar,
@@ -196,16 +197,6 @@ EDIT_KIND_HELP = (
     "or magnitude (keep the k*(in+out) largest-magnitude weights)."
 )
 EDITS_HELP = "Apply a saved composition (edits.json: module, rank, kind per edit) instead of --layer/--matrix/--rank."
-
-
-def given_on_command_line(ctx: typer.Context) -> set[str]:
-    """The parameters the user typed (or set through the environment), not left at their defaults."""
-    explicit = set()
-    for name in ctx.params:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            explicit.add(name)
-    return explicit
 
 
 def refuse_edits_with_targets(explicit: set[str], options: tuple[str, ...] = EDIT_OPTIONS) -> None:

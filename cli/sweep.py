@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from fasttrunc.cli._common import INT_RULES, check_models, emit, fail, make_table, progress_bar, ranged_int, stderr
+from fasttrunc.cli._common import (
+    INT_RULES,
+    check_models,
+    emit,
+    fail,
+    given_on_command_line,
+    make_table,
+    progress_bar,
+    ranged_int,
+    stderr,
+)
 from fasttrunc.cli.apps import sweep_app
 from fasttrunc.cli.pythia import (
     BATCH_OPT,
@@ -159,11 +169,7 @@ def _with_config_file(kwargs: dict[str, Any], path: Path, ctx: typer.Context) ->
     from fasttrunc.experiments.sweep import SweepConfig
     from fasttrunc.records import load_run_config
 
-    def given_here(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-    given = {CONFIG_FIELDS[name] for name in CONFIG_FIELDS if given_here(name)}
+    given = {CONFIG_FIELDS[name] for name in given_on_command_line(ctx) if name in CONFIG_FIELDS}
     from_file = load_run_config(path, SweepConfig)
     from_file.pop("save_predictions", None)  # the command line says where predictions go
     return {**kwargs, **{k: v for k, v in from_file.items() if k not in given}}

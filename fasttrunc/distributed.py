@@ -54,5 +54,11 @@ def start(device: str) -> tuple[TorchShard, str]:
 
 
 def stop() -> None:
+    """Leave the process group together: every rank waits for the others (rank 0 writes the
+    results after the last collective) before it is torn down, so no rank exits while a peer
+    still holds its connections open."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -60,7 +60,7 @@ def _ranks(model: nn.Module, names: Sequence[str], rank: Rank | Mapping[str, Ran
     return out
 
 
-def _dense(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+def dense_replacement(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A copy of ``module`` whose weight is ``weight`` (out x in), in the module's layout and dtype."""
     kind = module_kind(module)
     assert kind is not None
@@ -112,7 +112,7 @@ def apply_edit(
             for name in names:
                 module = model.get_submodule(name)
                 weight = module_kind(module).weight(module)  # type: ignore[union-attr]
-                replacements[name] = _dense(module, magnitude_weight(weight, ks[name]))
+                replacements[name] = dense_replacement(module, magnitude_weight(weight, ks[name]))
         else:
             if factors is None:
                 factors = factorize(model, _only(names), ks, method=method)
@@ -122,7 +122,7 @@ def apply_edit(
             for name in names:
                 module = model.get_submodule(name)
                 weight = module_kind(module).weight(module)  # type: ignore[union-attr]
-                replacements[name] = _dense(module, remove_top_weight(weight, *factors[name], ks[name]))
+                replacements[name] = dense_replacement(module, remove_top_weight(weight, *factors[name], ks[name]))
     return replace_modules_(model, replacements)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from copy import deepcopy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from fasttrunc import checks
-from fasttrunc.edits import EDIT_KINDS, Edit, apply_edit, apply_edits
+from fasttrunc.edits import EDIT_KINDS, Edit, apply_edit, apply_edits, dense_replacement
 from fasttrunc.experiments.prefix import AnswerSet, AnyScores, PrefixCache, PromptSet, aggregate_scores, cat_scores
 from fasttrunc.experiments.pythia import ModelRunSettings, check_task, task_prompts
 from fasttrunc.families import detect_family, expand_matrices, module_kind
@@ -195,6 +194,10 @@ class Best:
     baseline_report: Metrics
     kind: str = "keep-top"
 
+    @property
+    def key(self) -> CellKey:
+        return (self.layer, self.matrix, self.rank, self.kind)
+
 
 @dataclass
 class Composed:
@@ -283,15 +286,10 @@ def dense_is_cheaper(rank: int, shape: tuple[int, int]) -> bool:
     return rank * (in_features + out_features) >= in_features * out_features
 
 
-def _dense_copy(module: nn.Module, triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) -> nn.Module:
-    """A copy of ``module`` (its own kind: nn.Linear, Conv1D) holding the rank-``k`` weight."""
-    kind = module_kind(module)
-    assert kind is not None
+def _rank_k(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) -> torch.Tensor:
+    """The rank-``k`` weight ``U_k S_k Vh_k`` of a module's factors."""
     u, s, vh = triplets
-    copy = deepcopy(module)
-    dtype = kind.weight(module).dtype
-    kind.write_weight(copy, ((u[:, :k] * s[:k]) @ vh[:k]).to(dtype))
-    return copy
+    return (u[:, :k] * s[:k]) @ vh[:k]
 
 
 def _edit(
@@ -307,7 +305,9 @@ def _edit(
     shapes = {name: _shape(model, name) for name in ks}
     if all(dense_is_cheaper(k, shapes[name]) for name, k in ks.items()):
         with torch.no_grad():
-            dense = {name: _dense_copy(model.get_submodule(name), factors[name], k) for name, k in ks.items()}
+            dense = {
+                name: dense_replacement(model.get_submodule(name), _rank_k(factors[name], k)) for name, k in ks.items()
+            }
         return replace_modules_(model, dense), "dense"
     return truncate_(model, _only(ks), ks, method=method, factors=factors), "factored"
 
@@ -566,6 +566,7 @@ class _Engine:
             todo = [item for item in items if item[0][0] in group]
             if not todo and self.baseline is not None:
                 continue
+            sets_of = dict(todo)  # cell -> the prompt sets it is scored on
             base: dict[int, list[AnyScores]] = {i: [] for i in range(len(self.sets))}
             parts: dict[CellKey, tuple[str, dict[int, list[AnyScores]]]] = {}
             for c, chunk in enumerate(self.chunks):
@@ -596,8 +597,7 @@ class _Engine:
                         for i, piece in pieces:
                             entry[1].setdefault(i, []).append(piece)
                         if last:
-                            which = dict(todo)[key]
-                            finished(key, entry[0], [cat_scores(entry[1][i]) for i in which])
+                            finished(key, entry[0], [cat_scores(entry[1][i]) for i in sets_of[key]])
                             del parts[key]
                 self.cache.outputs = {}
             if self.baseline is None:
@@ -862,7 +862,7 @@ def _sweep_revision(
     selecting = config.selecting()
     best = {task: _best(grid, task, config.metric) for task in selecting}
     joint = None
-    start = next(c for c in grid.cells if (c.layer, c.matrix, c.rank, c.kind) == _key_of(best[selecting[0]]))
+    start = next(c for c in grid.cells if c.key == best[selecting[0]].key)
     if len(selecting) > 1:
         joint, start = _joint(grid, selecting, config.metric)
     sets = {t: (encoded[t].rows(0, splits[t]), encoded[t].rows(splits[t], None)) for t in config.tasks}
@@ -907,10 +907,6 @@ def _sweep_revision(
         ),  # fmt: skip
         predictions=predictions,
     )
-
-
-def _key_of(best: Best) -> CellKey:
-    return (best.layer, best.matrix, best.rank, best.kind)
 
 
 def run(
