@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
 # The one GPU check: native kernel tests, then the low-rank table, the rSVD table and the sweep
 # benchmark, each writing its JSON under OUT as soon as it finishes. Fits one 10-minute device
-# call on an H200 (each stage has its own time bound; the sum is under 9 minutes).
+# call on an H200 (each stage has its own time bound; the sum is under 9 minutes). The paper's
+# recall toy at full size (`--preset paper`) is the stage `paper`, outside the default list so
+# that the kernel stages keep their budget: it is a second call of its own.
 #
-#   bash benchmarks/gpu_check.sh OUT              # on a CUDA machine
-#   bash benchmarks/gpu_check.sh --dry-run OUT    # the same script on the CPU: Triton's interpreter,
-#                                                 # tiny shapes (tests/test_bench_gpu_check.py runs it)
+#   bash benchmarks/gpu_check.sh OUT                   # on a CUDA machine: tests,lowrank,svd,sweep
+#   bash benchmarks/gpu_check.sh --stages paper OUT    # the recall toy's paper preset (420 s bound)
+#   bash benchmarks/gpu_check.sh --dry-run [--stages LIST] OUT
+#                                # the same script on the CPU: Triton's interpreter, tiny shapes
+#                                # (tests/test_bench_gpu_check.py runs every stage this way)
 #
 # OUT/env.txt (commit, versions, device), OUT/tests.txt, OUT/lowrank.json + lowrank.txt (markdown
 # table for benchmarks/RESULTS.md), OUT/svd/results.json + svd.txt, OUT/sweep/results.json + sweep.txt,
-# OUT/status.txt (one line per stage). Runs from the working tree; PYTHON overrides the interpreter.
+# OUT/recall/results.json + recall.txt (stage paper), OUT/status.txt (one line per stage). Runs
+# from the working tree; PYTHON overrides the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: bash benchmarks/gpu_check.sh [--dry-run] [--stages LIST] OUT (stages: tests,lowrank,svd,sweep,paper)"
 dry=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry=1
-    shift
-fi
-out="${1:?usage: bash benchmarks/gpu_check.sh [--dry-run] OUT}"
+stages="tests,lowrank,svd,sweep"
+while [ $# -gt 1 ]; do
+    case "$1" in
+        --dry-run) dry=1; shift ;;
+        --stages) stages="${2:?$usage}"; shift 2 ;;
+        *) echo "unknown option $1; $usage" >&2; exit 2 ;;
+    esac
+done
+out="${1:?$usage}"
+for s in ${stages//,/ }; do
+    case "$s" in
+        tests|lowrank|svd|sweep|paper) ;;
+        *) echo "stage $s is not a stage; allowed: tests, lowrank, svd, sweep, paper" >&2; exit 2 ;;
+    esac
+done
+wants() { [[ ",$stages," == *",$1,"* ]]; }
 mkdir -p "$out"
 py="${PYTHON:-python}"
 status="$out/status.txt"
@@ -37,6 +54,8 @@ if [ "$dry" = 1 ]; then
     lowrank_flags=(--tiny)
     svd_flags=(--tiny --no-full-svd)
     sweep_flags=(--help)  # bench_sweep.py has no tiny model: the dry run checks that it starts
+    t_paper=120
+    paper_flags=(--preset paper-small --steps 3 --device cpu)  # the stage's plumbing, at toy size
 else
     export FASTTRUNC_TEST_NATIVE=1
     unset TRITON_INTERPRET
@@ -45,6 +64,8 @@ else
     lowrank_flags=()
     svd_flags=()
     sweep_flags=(--layers 4 --out "$out/sweep")
+    t_paper=420
+    paper_flags=(--preset paper --device cuda)
 fi
 
 {
@@ -68,13 +89,25 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time bound, record its ex
 }
 
 failed=0
-stage tests "$t_tests" "$py" -m pytest -q -x -p no:cacheprovider "${tests[@]}" >"$out/tests.txt" 2>&1 || failed=1
-tail -n 5 "$out/tests.txt"
-stage lowrank "$t_lowrank" "$py" benchmarks/bench_lowrank.py "${lowrank_flags[@]}" --json "$out/lowrank.json.tmp" \
-    >"$out/lowrank.txt" 2>"$out/lowrank.err" && mv "$out/lowrank.json.tmp" "$out/lowrank.json" || failed=1
-COLUMNS=200 stage svd "$t_svd" "$py" benchmarks/bench_svd.py "${svd_flags[@]}" --out "$out/svd" \
-    >"$out/svd.txt" 2>"$out/svd.err" || failed=1
-COLUMNS=200 stage sweep "$t_sweep" "$py" benchmarks/bench_sweep.py "${sweep_flags[@]}" \
-    >"$out/sweep.txt" 2>"$out/sweep.err" || failed=1
+if wants tests; then
+    stage tests "$t_tests" "$py" -m pytest -q -x -p no:cacheprovider "${tests[@]}" >"$out/tests.txt" 2>&1 || failed=1
+    tail -n 5 "$out/tests.txt"
+fi
+if wants lowrank; then
+    stage lowrank "$t_lowrank" "$py" benchmarks/bench_lowrank.py "${lowrank_flags[@]}" --json "$out/lowrank.json.tmp" \
+        >"$out/lowrank.txt" 2>"$out/lowrank.err" && mv "$out/lowrank.json.tmp" "$out/lowrank.json" || failed=1
+fi
+if wants svd; then
+    COLUMNS=200 stage svd "$t_svd" "$py" benchmarks/bench_svd.py "${svd_flags[@]}" --out "$out/svd" \
+        >"$out/svd.txt" 2>"$out/svd.err" || failed=1
+fi
+if wants sweep; then
+    COLUMNS=200 stage sweep "$t_sweep" "$py" benchmarks/bench_sweep.py "${sweep_flags[@]}" \
+        >"$out/sweep.txt" 2>"$out/sweep.err" || failed=1
+fi
+if wants paper; then
+    COLUMNS=200 stage paper "$t_paper" "$py" -m fasttrunc.cli.main run recall "${paper_flags[@]}" --out "$out/recall" \
+        >"$out/recall.txt" 2>"$out/recall.err" || failed=1
+fi
 cat "$status"
 exit $failed
