@@ -2,9 +2,12 @@
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--calls N] [--json PATH]
 
-Measures the Python path a decode step pays per layer: the functional's checks and dispatch, the
-prepared-launch lookup, output / workspace allocation and the light launch path up to the
-compiled kernel's runner, which is replaced by a no-op (so no device time is counted). CPU
+Measures the Python path a decode step pays per layer, up to the compiled kernel's runner, which
+is replaced by a no-op (so no device time is counted): for a repeated call signature the bound
+launch (signature lookup, backend rule, output / workspace allocation, the runners called
+directly), with one visible GPU (no device guard) and with several (the guard, stubbed to a
+no-op here); and, timed in the same run for the ratio, the full path every first call takes
+(checks, dispatch, prepared-launch lookup, strides, reshapes). CPU
 tensors stand in for CUDA ones: ``torch.empty`` on CUDA, the CUDA device guard and the runner's
 own work (stream lookup, argument packing in Triton's C launcher) are not in this number. Needs TRITON_INTERPRET=1 (for the CPU tensors to take the Triton path).
 """
@@ -22,8 +25,23 @@ from pathlib import Path
 from typing import Any
 
 
-def measure(calls: int = 20000, repeats: int = 5) -> dict[str, Any]:
-    """Median microseconds per call (CPU and wall), per scheme, of ``lowrank_linear`` with the runner stubbed."""
+class _NeverBinds(dict):  # type: ignore[type-arg]
+    """A BOUND registry that keeps nothing: every call takes the full path (checks, plan lookup)."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        return None
+
+
+# (name, visible CUDA devices, bound launches kept): what each row of the result measures.
+VARIANTS = (
+    ("bound", 1, True),  # one GPU (the H200 machine): the current device needs no guard
+    ("bound_guarded", 2, True),  # several GPUs: a device guard around the launches (stubbed no-op)
+    ("full_path", 1, False),  # every call checked and planned: the path before binding
+)
+
+
+def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
+    """Median microseconds per call (CPU and wall), per scheme and variant, with the runner stubbed."""
     import torch
 
     from fasttrunc.kernels import _lowrank_launch
@@ -32,7 +50,8 @@ def measure(calls: int = 20000, repeats: int = 5) -> dict[str, Any]:
 
     saved_env = os.environ.get("FASTTRUNC_BACKEND")
     os.environ["FASTTRUNC_BACKEND"] = "triton"
-    saved = _lowrank_launch.is_cuda, _lowrank_launch.device_guard
+    saved = _lowrank_launch.is_cuda, _lowrank_launch.device_guard, _lowrank_launch.cuda_device_count
+    saved_bound = _lowrank_launch.BOUND
     # The CUDA path of the launcher on CPU tensors: a reusable no-op guard, and every step's
     # runner a no-op (set after the first call, which goes through the interpreter).
     _lowrank_launch.is_cuda = lambda device: True
@@ -44,21 +63,29 @@ def measure(calls: int = 20000, repeats: int = 5) -> dict[str, Any]:
                 tunables = LowrankTunables(force_scheme=scheme)
                 x = torch.randn(m, 2048)
                 a, b = torch.randn(128, 2048), torch.randn(8192, 128)
-                lowrank_linear(x, a, b, tunables=tunables)
-                key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
-                for step in _lowrank_launch._PREPARED[key].steps:
-                    step.runners = {(True, True, True, True): lambda *args: None}
-                wall, cpu = [], []
-                for _ in range(repeats):
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    for _ in range(calls):
-                        lowrank_linear(x, a, b, tunables=tunables)
-                    cpu.append((time.process_time() - start_cpu) / calls)
-                    wall.append((time.perf_counter() - start) / calls)
-                # CPU time of this process: what a shared, loaded machine distorts least.
-                results[scheme] = {"wall_us": 1e6 * statistics.median(wall), "cpu_us": 1e6 * statistics.median(cpu)}
+                results[scheme] = {}
+                for name, devices, binds in VARIANTS:
+                    _lowrank_launch.cuda_device_count = lambda devices=devices: devices
+                    _lowrank_launch.BOUND = {} if binds else _NeverBinds()
+                    lowrank_linear(x, a, b, tunables=tunables)
+                    key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
+                    for step in _lowrank_launch._PREPARED[key].steps:
+                        step.runners = {_lowrank_launch.ALL_ALIGNED: lambda *args: None}
+                    wall, cpu = [], []
+                    for _ in range(repeats):
+                        start, start_cpu = time.perf_counter(), time.process_time()
+                        for _ in range(calls):
+                            lowrank_linear(x, a, b, tunables=tunables)
+                        cpu.append((time.process_time() - start_cpu) / calls)
+                        wall.append((time.perf_counter() - start) / calls)
+                    # CPU time of this process: what a shared, loaded machine distorts least.
+                    results[scheme][name] = {
+                        "wall_us": 1e6 * statistics.median(wall),
+                        "cpu_us": 1e6 * statistics.median(cpu),
+                    }
     finally:
-        _lowrank_launch.is_cuda, _lowrank_launch.device_guard = saved
+        _lowrank_launch.is_cuda, _lowrank_launch.device_guard, _lowrank_launch.cuda_device_count = saved
+        _lowrank_launch.BOUND = saved_bound
         if saved_env is None:
             os.environ.pop("FASTTRUNC_BACKEND", None)
         else:
@@ -77,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     data = measure(args.calls)
     if args.json:
         args.json.write_text(json.dumps(data, indent=1) + "\n")
-    for scheme, us in data["us_per_call"].items():
-        print(f"{scheme}: {us['cpu_us']:.2f} us of CPU time ({us['wall_us']:.2f} us wall) per call, launch stubbed")
+    for scheme, variants in data["us_per_call"].items():
+        full = variants["full_path"]["cpu_us"]
+        for name, us in variants.items():
+            print(
+                f"{scheme} {name}: {us['cpu_us']:.2f} us of CPU time ({us['wall_us']:.2f} us wall) per call, "
+                f"launch stubbed; {full / us['cpu_us']:.2f}x faster than the full path"
+            )
     return 0
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrunc.kernels import _lowrank_autograd, _lowrank_launch
-from fasttrunc.kernels._backend import use_triton
+from fasttrunc.kernels._backend import use_triton, use_triton_on
 from fasttrunc.kernels.lowrank_plan import (
     DEFAULT_TUNABLES,
     LowrankPlan,
@@ -91,8 +91,22 @@ def lowrank_linear(
     (default :data:`~fasttrunc.kernels.lowrank_plan.DEFAULT_TUNABLES`) feeds the planner; the
     ``torch.compile`` path always plans with the defaults.
     """
-    check_lowrank_inputs(x, a, b, bias)
     t = DEFAULT_TUNABLES if tunables is None else tunables
+    sig = bound = None
+    if not torch.compiler.is_compiling():
+        # Eager inference on a signature seen before: checks, plan and layout are bound already.
+        try:
+            if not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad))
+            ):
+                sig = _lowrank_launch.signature(x, a, b, bias, t)
+                bound = _lowrank_launch.BOUND.get(sig)
+        except (AttributeError, TypeError):  # a non-tensor operand or unhashable tunables: named below
+            sig = None
+        if bound is not None and use_triton_on(bound.device_type):
+            return _lowrank_launch.run_bound(bound, x, a, b, bias)
+    check_lowrank_inputs(x, a, b, bias)
     if not isinstance(t, LowrankTunables):
         raise TypeError(f"tunables {t!r} is not a LowrankTunables")
     r, k = a.shape
@@ -109,7 +123,7 @@ def lowrank_linear(
         out: torch.Tensor = _lowrank_autograd.LowRankLinearFunction.apply(x, a, b, bias, t)
         return out
     # Inference: no autograd node, the lightest eager path (launch cost is most of decode's time).
-    return _lowrank_launch.lowrank_linear_triton(x, a, b, bias, t)
+    return _lowrank_launch.lowrank_linear_triton(x, a, b, bias, t, sig)
 
 
 __all__ = [

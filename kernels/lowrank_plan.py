@@ -75,6 +75,11 @@ class LowrankTunables:
         checks.integer("max_fused_rank", self.max_fused_rank, 1, 1024)
         checks.integer("max_tiled_rank", self.max_tiled_rank, 1, 1024)
         checks.positive("interpreter_sms", self.interpreter_sms)
+        # Hashed once: the eager path's signature hashes the tunables on every call.
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[no-any-return,attr-defined]
 
 
 DEFAULT_TUNABLES = LowrankTunables()

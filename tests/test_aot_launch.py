@@ -36,6 +36,7 @@ for force in ("splitk", "tiled"):
     m, k, n, r = 16, 256, 128, 32
     tunables = LowrankTunables(min_k_chunk=16, force_scheme=force)
     plan = plan_lowrank(m, k, n, r, torch.float16, 132, tunables)
+    logs = []  # each step's runner launches
     steps = L.build_steps(plan, torch.float16, True, {"m": m, "k": k, "n": n, "r": r, "sx": k, "sa": k, "sb": r})
     for step in steps:
         kernel = step.kernel
@@ -46,24 +47,24 @@ for force in ("splitk", "tiled"):
         compiled = aot.compile_kernel(kernel, args, step.constexprs, step.options, types)
         launches = []
         compiled.module, compiled.function = "loaded", 7  # no module loading
-        compiled._run = lambda *a: launches.append(a)  # the C launcher
+        compiled._run = lambda *a, log=launches: log.append(a)  # the C launcher (this step's log)
         jit_calls = []
 
         class Jit:  # kernel[grid](...) as the first launch makes it: compiles, launches, returns the kernel
             arg_names = kernel.arg_names
             __name__ = kernel.__name__
             def __getitem__(self, grid):
-                return lambda *a, **kw: jit_calls.append(grid) or compiled
+                return lambda *a, compiled=compiled, **kw: jit_calls.append(grid) or compiled
 
         step.kernel = Jit()
         tensors = [torch.zeros(64) for _ in pointers]
-        aligned = tuple(True for _ in tensors)
+        aligned = L.ALL_ALIGNED  # the pattern of the caller's four operands, as _launch passes it
         step(tensors, aligned)
         step(tensors, aligned)
         step(tensors, aligned)
         one_d = None
         try:
-            compiled[(step.grid[0],)](*tensors, *step.ints, *step.trailing)
+            compiled[(step.grid[0],)](*tensors, *step.tail)
         except IndexError as exc:
             one_d = repr(exc)
         report[f"{force}:{kernel.__name__}"] = {
@@ -72,10 +73,26 @@ for force in ("splitk", "tiled"):
             "jit_calls": len(jit_calls),
             "launches": [[a[0], a[1], a[2], a[3], a[4], len(a) - 9] for a in launches],
             "trailing": list(a if isinstance(a, (int, float, bool, str)) else str(a) for a in launches[0][9 + len(tensors) + len(step.ints):]) if launches else None,
-            "expected_trailing": [v if isinstance(v, (int, float, bool, str)) else str(v) for v in step.trailing],
-            "n_args": len(tensors) + len(step.ints) + len(step.trailing),
+            "expected_trailing": [v if isinstance(v, (int, float, bool, str)) else str(v) for v in step.tail[len(step.ints):]],
+            "n_args": len(tensors) + len(step.tail),
             "one_d_grid_error": one_d,
         }
+        logs.append(launches)
+    # The bound launch of a repeated eager call: all operands aligned, each step's runner called
+    # directly (no KernelStep dispatch), the same grid and arguments as the steps' own launches.
+    L.is_cuda, L.cuda_device_count = (lambda device: True), (lambda: 1)
+    x, a, b, bias = torch.zeros(m, k).half(), torch.zeros(r, k).half(), torch.zeros(n, r).half(), torch.zeros(n).half()
+    bound = L.BoundLaunch(tunables, L.PreparedLaunch(plan, steps), x, n)
+    before = [len(log) for log in logs]
+    for _ in range(2):
+        y = L.run_bound(bound, x, a, b, bias)
+    report[f"{force}:bound"] = {
+        "direct": bound.direct is not None and len(bound.direct) == len(steps),
+        "new_launches": [len(log) - n0 for log, n0 in zip(logs, before)],
+        "grids_match": all(list(l[:3]) == list(step.grid) for step, log in zip(steps, logs) for l in log),
+        "y_shape": list(y.shape),
+        "expected_shape": [m, n],
+    }
 json.dump(report, sys.stdout)
 """
 
@@ -94,7 +111,14 @@ def test_light_launch_path_works_on_a_real_compiled_kernel(tmp_path):
         "splitk:lowrank_shrink_kernel",
         "splitk:lowrank_expand_kernel",
         "tiled:lowrank_tiled_kernel",
+        "splitk:bound",
+        "tiled:bound",
     }
+    for force in ("splitk", "tiled"):
+        bound = report.pop(f"{force}:bound")
+        assert bound["direct"] and bound["grids_match"], bound
+        assert bound["new_launches"] == [2] * (2 if force == "splitk" else 1), bound
+        assert bound["y_shape"] == bound["expected_shape"], bound
     for name, r in report.items():
         assert r["fast"], name
         assert r["jit_calls"] == 1, name  # the first call only

@@ -18,11 +18,22 @@ def test_host_overhead_measures_the_stubbed_cuda_path():
     spec.loader.exec_module(module)
     from fasttrunc.kernels import _lowrank_launch
 
-    before = (_lowrank_launch.is_cuda, _lowrank_launch.device_guard, os.environ.get("FASTTRUNC_BACKEND"))
+    def state():
+        return (
+            _lowrank_launch.is_cuda,
+            _lowrank_launch.device_guard,
+            _lowrank_launch.cuda_device_count,
+            _lowrank_launch.BOUND,
+            os.environ.get("FASTTRUNC_BACKEND"),
+        )
+
+    before = state()
     data = module.measure(calls=50, repeats=1)
     assert set(data["us_per_call"]) == {"splitk", "tiled"}
-    for us in data["us_per_call"].values():
-        # Positive and far below an ordinary Triton launch from Python (benchmarks/BASELINES.md: ~12.8 us of
-        # host time on the GPU machine's CPU; the interpreter's launch here costs milliseconds).
-        assert 0 < us["cpu_us"] < 1000 and 0 < us["wall_us"]
-    assert (_lowrank_launch.is_cuda, _lowrank_launch.device_guard, os.environ.get("FASTTRUNC_BACKEND")) == before
+    for variants in data["us_per_call"].values():
+        assert set(variants) == {"bound", "bound_guarded", "full_path"}
+        for us in variants.values():
+            # Positive and far below an ordinary Triton launch from Python (benchmarks/BASELINES.md: ~12.8 us
+            # of host time on the GPU machine's CPU; the interpreter's launch here costs milliseconds).
+            assert 0 < us["cpu_us"] < 1000 and 0 < us["wall_us"]
+    assert state() == before

@@ -196,6 +196,7 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
 
     monkeypatch.setattr(_lowrank_launch, "is_cuda", lambda device: True)
     monkeypatch.setattr(_lowrank_launch, "device_guard", Guard)
+    monkeypatch.setattr(_lowrank_launch, "cuda_device_count", lambda: 2)  # several devices: guarded
     real_call = _lowrank_launch.KernelStep.__call__
 
     def launch(step, tensors, aligned):
@@ -207,12 +208,132 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         events.clear()
         x, a, b, bias = _operands(3, 33, 20, 7, torch.float32)
         y = fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme=force))
+        assert _bound_for(x, a, b, bias, LowrankTunables(force_scheme=force)) is not None  # equal tunables
         assert _rel_err(y, x, a, b, bias) < RTOL[torch.float32]
         kinds = [e[0] for e in events]
         assert kinds[0] == "enter" and kinds[-1] == "exit" and set(kinds[1:-1]) == {"launch"}, events
         assert events[0][1] == x.device
+        # The second call of the same signature takes the bound path: the same guard around it.
+        events.clear()
+        y2 = fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme=force))
+        kinds = [e[0] for e in events]
+        assert kinds[0] == "enter" and kinds[-1] == "exit" and set(kinds[1:-1]) == {"launch"}, events
+        assert torch.equal(y2, y)
+    # One visible device is always the current one: the bound launch skips the guard.
+    monkeypatch.setattr(_lowrank_launch, "cuda_device_count", lambda: 1)
+    x, a, b, bias = _operands(2, 33, 20, 7, torch.float32)
+    fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme="tiled"))
+    events.clear()
+    fasttrunc.lowrank_linear(x, a, b, bias, tunables=LowrankTunables(force_scheme="tiled"))
+    assert [e[0] for e in events] == ["launch"], events
     guard = _lowrank_launch._device_guard_for(torch.device("cuda", 1))
-    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(guard, _lowrank_launch.CudaDeviceGuard) and guard.index == 1
+
+
+def test_cuda_device_guard_switches_and_restores(monkeypatch):
+    """The light guard makes its index current for the block and puts the previous one back."""
+    current = [0]
+
+    def exchange(index):
+        previous, current[0] = current[0], index
+        return previous
+
+    def maybe_exchange(index):
+        current[0] = index
+        return index
+
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", maybe_exchange)
+    with _lowrank_launch.CudaDeviceGuard(1):
+        assert current == [1]
+        with _lowrank_launch.CudaDeviceGuard(2):
+            assert current == [2]
+        assert current == [1]
+    assert current == [0]
+
+
+def _bound_for(x, a, b, bias, tunables):
+    return _lowrank_launch.BOUND.get(_lowrank_launch.signature(x, a, b, bias, tunables))
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)], ids=["2d", "3d", "4d"])
+def test_bound_path_equals_the_first_call(scheme, lead):
+    """A repeated eager call skips checks and planning (the bound launch) and gives the same bits."""
+    x, a, b, bias = _operands(5, 40, 33, 7, torch.float32, lead=lead)
+    with torch.no_grad():
+        first = fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme)
+        bound = _bound_for(x, a, b, bias, scheme)
+        assert bound is not None and bound.out_shape == (*lead, 5, 33)
+        for _ in range(2):
+            assert torch.equal(fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme), first)
+        x2 = torch.randn_like(x)  # new values, same signature: the bound launch computes them
+        assert _rel_err(fasttrunc.lowrank_linear(x2, a, b, bias, tunables=scheme), x2, a, b, bias) < RTOL[torch.float32]
+    assert _rel_err(first, x, a, b, bias) < RTOL[torch.float32]
+
+
+def test_bound_path_is_never_taken_for_what_it_did_not_check(scheme, monkeypatch):
+    """Each thing the signature leaves out falls back to the full path, which decides as before."""
+    x, a, b, bias = _operands(4, 40, 33, 7, torch.float32)
+    with torch.no_grad():
+        fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme)
+    assert _bound_for(x, a, b, bias, scheme) is not None
+    taken = []
+    real = _lowrank_launch.run_bound
+    monkeypatch.setattr(_lowrank_launch, "run_bound", lambda *args: taken.append(1) or real(*args))
+    # gradients wanted: the autograd path, gradients reach a
+    a_grad = a.clone().requires_grad_()
+    y = fasttrunc.lowrank_linear(x, a_grad, b, bias, tunables=scheme)
+    y.sum().backward()
+    assert a_grad.grad is not None and not taken
+    # the environment asks for torch now: the reference, read at this call
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "torch")
+    calls = []
+    monkeypatch.setattr(lk, "lowrank_linear_reference", lambda *args: calls.append(1) or torch.zeros(4, 33))
+    with torch.no_grad():
+        fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme)
+    assert calls and not taken
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "triton")
+    # equal shapes, another dtype or device of one operand: the checks run and refuse it
+    with torch.no_grad(), pytest.raises(ValueError, match="share one dtype"):
+        fasttrunc.lowrank_linear(x, a.double(), b, bias, tunables=scheme)
+    with torch.no_grad(), pytest.raises(ValueError, match="meta device"):
+        fasttrunc.lowrank_linear(x.to("meta"), a.to("meta"), b.to("meta"), bias.to("meta"), tunables=scheme)
+    with torch.no_grad(), pytest.raises(TypeError, match="b must be a torch.Tensor; got list"):
+        fasttrunc.lowrank_linear(x, a, b.tolist(), bias, tunables=scheme)
+    # other tunables: planned, then bound on their own; an equal copy finds the same binding
+    other = LowrankTunables(min_k_chunk=32, force_scheme=scheme.force_scheme)
+    with torch.no_grad():
+        fasttrunc.lowrank_linear(x, a, b, bias, tunables=other)
+    assert not taken and _bound_for(x, a, b, bias, other).tunables is other
+    with torch.no_grad():
+        fasttrunc.lowrank_linear(
+            x, a, b, bias, tunables=LowrankTunables(min_k_chunk=16, force_scheme=scheme.force_scheme)
+        )
+    assert taken == [1]
+
+
+def test_strided_operands_are_computed_and_not_bound(scheme):
+    """A bias, x, a or b that needs a copy is copied on every call (the kernels read unit strides);
+    such signatures are not bound. (Hazard: a strided bias was read as if contiguous.)"""
+    x, a, b, _ = _operands(6, 40, 30, 7, torch.float32)
+    bias = torch.randn(60)[::2].to(DEVICE)
+    xt = torch.randn(40, 6, device=DEVICE).T  # last dim strided
+    for args in ((x, a, b, bias), (xt, a, b, None), (x, a.T.contiguous().T, b, None)):
+        with torch.no_grad():
+            for _ in range(2):
+                y = fasttrunc.lowrank_linear(*args, tunables=scheme)
+                assert _rel_err(y, *args) < RTOL[torch.float32]
+        assert _bound_for(*args, scheme) is None
+
+
+def test_bound_launches_are_bounded_in_number(scheme, monkeypatch):
+    monkeypatch.setattr(_lowrank_launch, "BOUND", {})
+    monkeypatch.setattr(_lowrank_launch, "BOUND_MAX", 3)
+    with torch.no_grad():
+        for m in range(1, 6):
+            x, a, b, bias = _operands(m, 40, 33, 7, torch.float32)
+            fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme)
+            assert len(_lowrank_launch.BOUND) <= 3
 
 
 def test_kernel_steps_take_three_dimensional_grids():
