@@ -120,7 +120,13 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         tensor_cores = False
         what = {"kernel": "jacobi_kernel", "config": f"l={l} P={block_p} R={block_r}", "cells": [f"l = {l}"]}
     report = aot.audit(compiled)
-    return {**what, "tensor_cores": tensor_cores, **report}
+    from fasttrunc.kernels.lowrank_plan import ctas_per_sm
+
+    num_warps = int(compiled.metadata.num_warps)
+    occupancy = (
+        None if report["registers"] is None else ctas_per_sm(report["registers"], report["shared_bytes"], num_warps)
+    )
+    return {**what, "tensor_cores": tensor_cores, "num_warps": num_warps, "ctas_per_sm": occupancy, **report}
 
 
 def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], subset: bool, versions: str) -> str:
@@ -132,21 +138,25 @@ def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], s
         "`tests/test_aot_audit.py` (marked `aot`) runs the same audit and asserts: no spills, shared memory "
         f"<= {SHARED_LIMIT // 1024} KB, and a tensor-core MMA (wgmma or mma.sync) in every tensor-core config. "
         "`wgmma` says whether Hopper's warpgroup MMA was reached; `no` means the config runs `mma.sync` "
-        "(Ampere-style) tensor-core code on the H200.",
+        "(Ampere-style) tensor-core code on the H200. `CTAs/SM`: how many fit on one H200 SM at once "
+        "(`lowrank_plan.ctas_per_sm`: registers in 256-per-warp units, shared memory with the 1 KB "
+        "reservation, threads); the low-rank launcher sizes each grid from the same count, read from the "
+        "compiled kernel after its first launch.",
         "",
     ]
     if subset:
         lines += ["Subset: only the first shape of the grid was compiled.", ""]
     lines += [
-        "| kernel | config | cells | regs | spill B | smem KB | wgmma | mma.sync | LDG.128 | HGMMA | HMMA | FFMA | LDG | LDGSTS | STG |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | cells | regs | spill B | smem KB | CTAs/SM | wgmma | mma.sync | LDG.128 | HGMMA | HMMA "
+        "| FFMA | LDG | LDGSTS | STG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cells = ", ".join(r["cells"][:3]) + (f" (+{len(r['cells']) - 3})" if len(r["cells"]) > 3 else "")
         s = r["sass"]
         lines.append(
             f"| {r['kernel']} | {r['config']} | {cells} | {r['registers']} | {r['spill_bytes']} | "
-            f"{r['shared_bytes'] / 1024:.1f} | {'yes' if r['wgmma_in_ptx'] else 'no'} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {'yes' if r['wgmma_in_ptx'] else 'no'} | "
             f"{'yes' if r['mma_sync_in_ptx'] else 'no'} | {r['ldg128']} | {s['HGMMA']} | {s['HMMA']} | "
             f"{s['FFMA']} | {s['LDG']} | {s['LDGSTS']} | {s['STG']} |"
         )

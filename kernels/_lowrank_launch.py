@@ -26,12 +26,21 @@ aligned. Signatures that needed a copy of an operand are never bound.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, LowrankPlan, LowrankTunables, device_sms, plan_lowrank
+from fasttrunc.kernels.lowrank_plan import (
+    DEFAULT_TUNABLES,
+    LowrankPlan,
+    LowrankTunables,
+    ctas_per_sm,
+    device_limits,
+    device_sms,
+    plan_lowrank,
+)
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,7 +64,7 @@ def precisions(dtype: torch.dtype) -> tuple[bool, str, str]:
 class KernelStep:
     """One kernel launch of a prepared call: kernel, 3-D grid, integer arguments, constexprs, options."""
 
-    __slots__ = ("kernel", "grid", "ints", "constexprs", "options", "tail", "runners", "fast")
+    __slots__ = ("kernel", "grid", "ints", "constexprs", "options", "tail", "runners", "fast", "compiled")
 
     def __init__(
         self,
@@ -73,6 +82,7 @@ class KernelStep:
         self.tail = (*ints, *constexprs.values())
         self.runners: dict[tuple[bool, ...], Callable[..., Any]] = {}
         self.fast = True  # the light path, until it fails once
+        self.compiled: Any = None  # the compiled kernel of the first CUDA launch (its registers, shared memory)
 
     def __call__(self, tensors: Sequence[torch.Tensor], aligned: tuple[bool, ...] | None) -> None:
         """Launch on ``tensors``; ``aligned`` (which operands are 16-byte aligned) is None off CUDA."""
@@ -88,17 +98,24 @@ class KernelStep:
         compiled = self.kernel[self.grid](*tensors, *self.ints, **self.constexprs, **self.options)
         if aligned is None:
             return
+        if self.compiled is None:
+            self.compiled = compiled
         if self.fast and compiled is not None and hasattr(compiled, "__getitem__"):
             self.runners[aligned] = compiled[self.grid]
 
 
 class PreparedLaunch:
-    """The plan of one call key and its kernel steps (none for the torch schemes)."""
+    """The plan of one call key and its kernel steps (none for the torch schemes).
 
-    __slots__ = ("plan", "steps")
+    ``sized``: the grids are final. A CUDA plan is first made with the assumed programs per SM;
+    after its first launch :func:`size_from_occupancy` re-plans it from the compiled kernels'
+    real occupancy (off CUDA, and for the torch schemes, it is final from the start).
+    """
 
-    def __init__(self, plan: LowrankPlan, steps: tuple[KernelStep, ...]) -> None:
-        self.plan, self.steps = plan, steps
+    __slots__ = ("plan", "steps", "sized")
+
+    def __init__(self, plan: LowrankPlan, steps: tuple[KernelStep, ...], sized: bool = True) -> None:
+        self.plan, self.steps, self.sized = plan, steps, sized
 
 
 class CudaDeviceGuard:
@@ -138,6 +155,7 @@ def _is_cuda(device: torch.device) -> bool:
 is_cuda = _is_cuda
 device_guard = _device_guard_for
 cuda_device_count = torch.cuda.device_count
+sm_limits = functools.cache(device_limits)
 
 
 def _sms(device: torch.device, tunables: LowrankTunables) -> int:
@@ -324,15 +342,40 @@ def _direct_runners(steps: tuple[KernelStep, ...]) -> tuple[Callable[..., Any], 
 _NO_GUARD = contextlib.nullcontext()
 
 
-def prepare(key: tuple[Any, ...]) -> PreparedLaunch:
+def prepare(key: tuple[Any, ...], occupancy: tuple[int, ...] | None = None) -> PreparedLaunch:
     m, k, n, r, dtype, device, has_bias, sx, sa, sb, tunables = key
-    plan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables)
+    plan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables, occupancy)
     steps: tuple[KernelStep, ...] = ()
     if plan.triton:
         steps = build_steps(plan, dtype, has_bias, {"m": m, "k": k, "n": n, "r": r, "sx": sx, "sa": sa, "sb": sb})
-    prepared = PreparedLaunch(plan, steps)
+    prepared = PreparedLaunch(plan, steps, sized=occupancy is not None or not steps or not is_cuda(device))
     _PREPARED[key] = prepared  # one dict store: concurrent preparers of a key build equal entries
     return prepared
+
+
+def size_from_occupancy(key: tuple[Any, ...], prepared: PreparedLaunch) -> PreparedLaunch:
+    """After a plan's first CUDA launch: its grids re-planned from each compiled kernel's CTAs per SM.
+
+    Block sizes, warps and stages stay, so the binaries do too; only the split count and the
+    column groups can change (e.g. R_PAD = 512 configs fit 1 CTA per SM, not the 2 assumed).
+    Where the compiled kernels cannot be read (another launch API), the plan stays as it is.
+    """
+    compiled = [step.compiled for step in prepared.steps]
+    regs = [getattr(c, "n_regs", None) for c in compiled]
+    shared = [getattr(getattr(c, "metadata", None), "shared", None) for c in compiled]
+    if not all(isinstance(v, int) for v in (*regs, *shared)):
+        prepared.sized = True
+        return prepared
+    limits = sm_limits(key[5])
+    occupancy = tuple(
+        ctas_per_sm(int(n_regs), int(smem), step.options["num_warps"], limits)  # type: ignore[arg-type]
+        for n_regs, smem, step in zip(regs, shared, prepared.steps)
+    )
+    m, k, n, r, dtype, device, *_, tunables = key
+    if plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables, occupancy) == prepared.plan:
+        prepared.sized = True
+        return prepared
+    return prepare(key, occupancy)
 
 
 def _two_gemms(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -403,7 +446,9 @@ def lowrank_linear_triton(
             y = _launch(prepared, x2, a, b, bias, m, n, device, True)
     else:
         y = _launch(prepared, x2, a, b, bias, m, n, device, False)
-    if steps and sig is not None and sig not in BOUND:
+    if not prepared.sized:
+        prepared = size_from_occupancy(key, prepared)
+    if prepared.steps and prepared.sized and sig is not None and sig not in BOUND:
         if len(BOUND) >= BOUND_MAX:
             BOUND.clear()
         BOUND[sig] = BoundLaunch(tunables, prepared, x, n)

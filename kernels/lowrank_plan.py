@@ -121,6 +121,46 @@ def dense_is_cheaper(k: int, n: int, r: int) -> bool:
     return r * (k + n) >= k * n
 
 
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """What one SM holds at once; the defaults are sm_90's (H100 / H200)."""
+
+    registers: int = 65536
+    shared_bytes: int = 233472  # 228 KB
+    threads: int = 2048
+    blocks: int = 32
+    # Shared memory the driver reserves per resident CTA (sm_80 and later).
+    reserved_shared_per_block: int = 1024
+
+
+H100_LIMITS = SmLimits()
+
+
+def ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int, limits: SmLimits = H100_LIMITS) -> int:
+    """CTAs of a compiled kernel that fit on one SM at once (>= 1).
+
+    Registers go to warps in units of 256 (a thread's count rounded up to 8); shared memory per
+    CTA includes the driver's reservation; threads and the CTA cap bound the rest.
+    """
+    warp_regs = -(-max(1, n_regs) * 32 // 256) * 256
+    by_regs = limits.registers // (warp_regs * num_warps)
+    by_shared = limits.shared_bytes // (shared_bytes + limits.reserved_shared_per_block)
+    by_threads = limits.threads // (32 * num_warps)
+    return max(1, min(by_regs, by_shared, by_threads, limits.blocks))
+
+
+def device_limits(device: torch.device) -> SmLimits:
+    """The SM limits of a CUDA device from torch's properties (sm_90's where torch does not say)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    d = H100_LIMITS
+    return SmLimits(
+        registers=int(getattr(props, "regs_per_multiprocessor", d.registers)),
+        shared_bytes=int(getattr(props, "shared_memory_per_multiprocessor", d.shared_bytes)),
+        threads=int(getattr(props, "max_threads_per_multi_processor", d.threads)),
+    )
+
+
 @functools.cache
 def device_sms(device: torch.device) -> int:
     """SM count of a CUDA device (read once per device)."""
@@ -130,11 +170,21 @@ def device_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def plan_lowrank(
-    m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int, tunables: LowrankTunables = DEFAULT_TUNABLES
+    m: int,
+    k: int,
+    n: int,
+    r: int,
+    dtype: torch.dtype,
+    sms: int,
+    tunables: LowrankTunables = DEFAULT_TUNABLES,
+    occupancy: tuple[int, ...] | None = None,
 ) -> LowrankPlan:
     """The plan for an ``(m x k)`` input, rank ``r``, ``n`` outputs on a device with ``sms`` SMs.
 
-    Pure (cached on its arguments); no autotuning. ``m, k, n, r >= 1``.
+    Pure (cached on its arguments); no autotuning. ``m, k, n, r >= 1``. ``occupancy``: CTAs per
+    SM of each launch's compiled kernel (:func:`ctas_per_sm`), once known: a launch then gets at
+    most that many programs per SM (one wave); until then ``tunables.programs_per_sm``. Block sizes, warps and stages never depend on it
+    (the binaries stay the same), only the grids: the split count and the column groups.
     """
     t = tunables
     forced = t.force_scheme
@@ -149,7 +199,11 @@ def plan_lowrank(
     # stage: 64 columns up to R_PAD = 256 (16-bit), halved per doubling of R_PAD or of the
     # element size, never below tl.dot's 16.
     block_k = block_n = max(16, min(64, (32 * 1024) // (r_pad * itemsize)))
-    target = t.programs_per_sm * sms
+    # Programs per launch: programs_per_sm per SM, but never more than one wave of the compiled
+    # kernel (a second wave of a few CTAs would double the launch's time).
+    per_sm = [t.programs_per_sm] * 2 if occupancy is None else [min(t.programs_per_sm, o) for o in occupancy]
+    target = per_sm[0] * sms  # programs of the first launch (shrink; tiled ignores it)
+    target_second = per_sm[-1] * sms  # of the second (expand)
     decode = m <= t.decode_max_m
     if forced is None and not decode and r_pad > t.max_tiled_rank:
         return LowrankPlan("torch")
@@ -159,7 +213,7 @@ def plan_lowrank(
         block_m = min(max(16, _next_pow2(m)), 64, max(16, 16384 // r_pad))
         n_m = -(-m // block_m)
         rows = min(m, block_m)
-        n_groups = min(-(-n // block_n), max(1, target // n_m))
+        n_groups = min(-(-n // block_n), max(1, target_second // n_m))
         # A shrink program reads A / n_split bytes of `a`; the expand programs each re-read every
         # split's fp32 partial (P = rows x R x 4 bytes): the sum is minimal at n_split = sqrt(A / P).
         balance = round(math.sqrt((k * r * itemsize) / (rows * r_pad * 4)))
@@ -211,10 +265,14 @@ def plan_lowrank(
 
 __all__ = [
     "DEFAULT_TUNABLES",
+    "H100_LIMITS",
     "LowrankPlan",
     "LowrankTunables",
     "SCHEMES",
+    "SmLimits",
+    "ctas_per_sm",
     "dense_is_cheaper",
+    "device_limits",
     "device_sms",
     "plan_lowrank",
 ]

@@ -56,3 +56,10 @@ def test_every_planned_config_compiles_for_hopper_without_spills(tmp_path):
     # tf32 products of the rSVD reach wgmma; the Jacobi kernel loads 128 bits at every l (rows padded to 32).
     assert all(r["wgmma_in_ptx"] for r in results if r["kernel"] == "bmm_kernel" and not r["config"].startswith("ieee"))
     assert all(r["ldg128"] > 0 for r in results if r["kernel"] == "jacobi_kernel")
+    # Occupancy, as the launcher sizes grids from it: every config fits at least one CTA per SM, and
+    # the R_PAD = 512 shrink configs fit one or two, not always the two the planner first assumes.
+    assert all(r["ctas_per_sm"] >= 1 for r in results)
+    wide_rank = [
+        r["ctas_per_sm"] for r in results if r["kernel"] == "lowrank_shrink_kernel" and " R=512 " in f" {r['config']} "
+    ]
+    assert wide_rank and set(wide_rank) <= {1, 2} and 1 in wide_rank, wide_rank

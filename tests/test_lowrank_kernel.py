@@ -114,6 +114,75 @@ def test_planner_is_a_pure_function_of_its_arguments():
         assert plan.grids and all(len(g) == 3 and g[1:] == (1, 1) for g in plan.grids)
 
 
+def test_ctas_per_sm_counts_registers_shared_memory_and_threads():
+    from fasttrunc.kernels.lowrank_plan import SmLimits, ctas_per_sm
+
+    # Registers: 255 per thread round up to 256 (8192 per warp); 8 warps fill the register file once.
+    assert ctas_per_sm(255, 0, 8) == 1
+    assert ctas_per_sm(128, 0, 4) == 4  # 4096 per warp, 16 warps
+    assert ctas_per_sm(110, 33 * 1024, 8) == 2  # 110 -> 112 per thread: 3584 per warp, 28672 per CTA
+    assert ctas_per_sm(40, 100 * 1024, 4) == 2  # shared memory binds: 2 x (100 KB + 1 KB) <= 228 KB
+    assert ctas_per_sm(16, 0, 1) == 32  # the CTA cap
+    assert ctas_per_sm(32, 0, 8) == 8  # threads: 2048 / 256
+    assert ctas_per_sm(64, 300 * 1024, 4) == 1  # never below one: a launch always runs
+    assert ctas_per_sm(128, 0, 4, SmLimits(registers=32768)) == 2
+
+
+def test_occupancy_caps_the_grids_not_the_tiles():
+    """A launch gets at most its compiled kernel's CTAs per SM (one wave); tiles, warps and stages stay."""
+    # 2048 -> 8192 at r = 512, M = 256: 48 shrink programs, 264 expand programs (2 per SM) assumed.
+    assumed = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES)
+    one = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (1, 1))
+    assert assumed.scheme == one.scheme == "splitk"
+    same = ("block_m", "block_k", "block_n", "r_pad", "num_warps", "num_stages", "split_block")
+    assert all(getattr(one, f) == getattr(assumed, f) for f in same)
+    assert assumed.grids[1][0] > 132 >= one.grids[1][0]  # expand: one wave of one CTA per SM
+    assert one.grids[0] == assumed.grids[0]  # shrink: 48 programs fit either way
+    # Each launch has its own count; more room than programs_per_sm asks for changes nothing.
+    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (1, 2)) == assumed
+    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (8, 8)) == assumed
+    shrink_bound = plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8, DEFAULT_TUNABLES, (1, 2))
+    assert shrink_bound.grids[0][0] <= 8 < plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8).grids[0][0]
+
+
+def test_grids_are_resized_from_the_compiled_kernels_after_the_first_launch(monkeypatch):
+    """On CUDA the first launch uses the assumed programs per SM; the launcher then reads each
+    compiled kernel's registers and shared memory and re-plans the key's grids (stubbed here)."""
+
+    class Compiled:
+        def __init__(self, n_regs, shared):
+            self.n_regs, self.metadata = n_regs, type("Meta", (), {"shared": shared})()
+
+    monkeypatch.setattr(_lowrank_launch, "is_cuda", lambda device: True)
+    monkeypatch.setattr(_lowrank_launch, "device_guard", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(_lowrank_launch, "cuda_device_count", lambda: 1)
+    from fasttrunc.kernels.lowrank_plan import H100_LIMITS
+
+    monkeypatch.setattr(_lowrank_launch, "sm_limits", lambda device: H100_LIMITS)
+    real_call = _lowrank_launch.KernelStep.__call__
+
+    def launch(step, tensors, aligned):
+        real_call(step, tensors, None)  # the interpreter computes it
+        step.compiled = Compiled(64, 150 * 1024)  # 150 KB of shared memory: one CTA per SM
+
+    monkeypatch.setattr(_lowrank_launch.KernelStep, "__call__", launch)
+    t = LowrankTunables(min_k_chunk=16, force_scheme="splitk", programs_per_sm=2, interpreter_sms=4)
+    x, a, b, bias = _operands(3, 512, 300, 7, torch.float32)
+    key = (3, 512, 300, 7, torch.float32, x.device, True, 512, 512, 7, t)
+    _lowrank_launch._PREPARED.pop(key, None)
+    with torch.no_grad():
+        y1 = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
+        first = _lowrank_launch._PREPARED[key]
+        assert first.sized
+        assumed = plan_lowrank(3, 512, 300, 7, torch.float32, 4, t)
+        assert first.plan == plan_lowrank(3, 512, 300, 7, torch.float32, 4, t, (1, 1))
+        assert [g[0] for g in first.plan.grids] < [g[0] for g in assumed.grids]  # fewer programs: one per SM
+        assert _bound_for(x, a, b, bias, t).steps == first.steps  # the bound launch uses the final grids
+        y2 = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
+    for y in (y1, y2):
+        assert _rel_err(y, x, a, b, bias) < RTOL[torch.float32]
+
+
 @pytest.mark.parametrize(
     "change,pattern",
     [
