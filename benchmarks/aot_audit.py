@@ -70,7 +70,8 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         from fasttrunc.kernels._lowrank_launch import build_steps
 
         plan, ints = job["plan"], job["ints"]
-        step = build_steps(plan, torch.bfloat16, True, ints)[job["index"]]
+        # pdl=True: what the launcher builds on sm_90 (the expand grid under programmatic dependent launch).
+        step = build_steps(plan, torch.bfloat16, True, ints, pdl=True)[job["index"]]
         kernel = step.kernel
         names = [name for name in kernel.arg_names if name not in step.constexprs]
         pointers = [name for name in names if name.endswith("_ptr")]
@@ -138,7 +139,8 @@ def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], s
         "`tests/test_aot_audit.py` (marked `aot`) runs the same audit and asserts: no spills, shared memory "
         f"<= {SHARED_LIMIT // 1024} KB, and a tensor-core MMA (wgmma or mma.sync) in every tensor-core config. "
         "`wgmma` says whether Hopper's warpgroup MMA was reached; `no` means the config runs `mma.sync` "
-        "(Ampere-style) tensor-core code on the H200. `CTAs/SM`: how many fit on one H200 SM at once "
+        "(Ampere-style) tensor-core code on the H200. `griddepcontrol`: the programmatic-dependent-launch "
+        "instructions in the PTX (the split-K shrink signals its dependents, the expand waits for it). `CTAs/SM`: how many fit on one H200 SM at once "
         "(`lowrank_plan.ctas_per_sm`: registers in 256-per-warp units, shared memory with the 1 KB "
         "reservation, threads); the low-rank launcher sizes each grid from the same count, read from the "
         "compiled kernel after its first launch.",
@@ -147,9 +149,9 @@ def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], s
     if subset:
         lines += ["Subset: only the first shape of the grid was compiled.", ""]
     lines += [
-        "| kernel | config | cells | regs | spill B | smem KB | CTAs/SM | wgmma | mma.sync | LDG.128 | HGMMA | HMMA "
-        "| FFMA | LDG | LDGSTS | STG |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | cells | regs | spill B | smem KB | CTAs/SM | wgmma | mma.sync | griddepcontrol | LDG.128 "
+        "| HGMMA | HMMA | FFMA | LDG | LDGSTS | STG |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cells = ", ".join(r["cells"][:3]) + (f" (+{len(r['cells']) - 3})" if len(r["cells"]) > 3 else "")
@@ -157,7 +159,7 @@ def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], s
         lines.append(
             f"| {r['kernel']} | {r['config']} | {cells} | {r['registers']} | {r['spill_bytes']} | "
             f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {'yes' if r['wgmma_in_ptx'] else 'no'} | "
-            f"{'yes' if r['mma_sync_in_ptx'] else 'no'} | {r['ldg128']} | {s['HGMMA']} | {s['HMMA']} | "
+            f"{'yes' if r['mma_sync_in_ptx'] else 'no'} | {', '.join(r['griddepcontrol_in_ptx']) or '-'} | {r['ldg128']} | {s['HGMMA']} | {s['HMMA']} | "
             f"{s['FFMA']} | {s['LDG']} | {s['LDGSTS']} | {s['STG']} |"
         )
     if torch_cells:

@@ -39,6 +39,7 @@ from fasttrunc.kernels.lowrank_plan import (
     ctas_per_sm,
     device_limits,
     device_sms,
+    device_supports_pdl,
     plan_lowrank,
 )
 
@@ -156,14 +157,20 @@ is_cuda = _is_cuda
 device_guard = _device_guard_for
 cuda_device_count = torch.cuda.device_count
 sm_limits = functools.cache(device_limits)
+supports_pdl = device_supports_pdl
 
 
 def _sms(device: torch.device, tunables: LowrankTunables) -> int:
     return device_sms(device) if device.type == "cuda" else tunables.interpreter_sms
 
 
-def build_steps(plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dict[str, int]) -> tuple[KernelStep, ...]:
-    """The kernel launches of a Triton plan (imports the kernels: the first launch's cost)."""
+def build_steps(
+    plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dict[str, int], pdl: bool = False
+) -> tuple[KernelStep, ...]:
+    """The kernel launches of a Triton plan (imports the kernels: the first launch's cost).
+
+    ``pdl``: the split-K expand grid launched with programmatic dependent launch (sm_90+ only).
+    """
     from fasttrunc.kernels import _lowrank_triton as kt
 
     h_fp32, prec1, prec2 = precisions(dtype)
@@ -186,9 +193,11 @@ def build_steps(plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dic
         "BLOCK_K": plan.block_k,
         "R_PAD": plan.r_pad,
         "PREC1": prec1,
+        "GDC": pdl,
     }
     expand_const: dict[str, Any] = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "R_PAD": plan.r_pad}
-    expand_const |= {"SPLIT_BLOCK": plan.split_block, **second}
+    expand_const |= {"SPLIT_BLOCK": plan.split_block, **second, "GDC": pdl}
+    expand_options = options | {"launch_pdl": True} if pdl else options
     return (
         KernelStep(
             kt.lowrank_shrink_kernel,
@@ -202,7 +211,7 @@ def build_steps(plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dic
             plan.grids[1],
             (m, n, r, sb, n, plan.n_split, plan.n_groups),
             expand_const,
-            options,
+            expand_options,
         ),
     )
 
@@ -347,7 +356,9 @@ def prepare(key: tuple[Any, ...], occupancy: tuple[int, ...] | None = None) -> P
     plan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables, occupancy)
     steps: tuple[KernelStep, ...] = ()
     if plan.triton:
-        steps = build_steps(plan, dtype, has_bias, {"m": m, "k": k, "n": n, "r": r, "sx": sx, "sa": sa, "sb": sb})
+        ints = {"m": m, "k": k, "n": n, "r": r, "sx": sx, "sa": sa, "sb": sb}
+        pdl = tunables.pdl and device.type == "cuda" and supports_pdl(device)
+        steps = build_steps(plan, dtype, has_bias, ints, pdl)
     prepared = PreparedLaunch(plan, steps, sized=occupancy is not None or not steps or not is_cuda(device))
     _PREPARED[key] = prepared  # one dict store: concurrent preparers of a key build equal entries
     return prepared

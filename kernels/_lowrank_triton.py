@@ -11,7 +11,9 @@
   ``SPLIT_BLOCK`` partials per load so that the loads are in flight together, cast once and stream
   their share of the ``out`` tiles of ``b``. The launches are ordered by the stream: no counters,
   no program waits on another, so concurrent launches on other streams, graph replays and threads
-  cannot interfere, and nothing can hang.
+  cannot interfere, and nothing can hang. On sm_90+ (``GDC``) the expand grid is launched with
+  programmatic dependent launch: the shrink signals early, the expand's first instruction is the
+  grid-dependency wait, so the launch gap overlaps the shrink's tail and ordering is unchanged.
 
 Precision: both products accumulate in fp32; ``H_FP32`` keeps the intermediate in fp32 (fp16 and
 fp32 operands), else it is cast once to the operands' dtype (bf16). Row offsets are int64: a row
@@ -176,6 +178,7 @@ def lowrank_shrink_kernel(
     BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr,
     PREC1: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     # Program (m_tile, split) writes the fp32 partial x[rows, chunk] @ a[:, chunk].T into the
     # workspace laid out [n_m, N_SPLIT, BLOCK_M, R_PAD]; rows past M are written as zeros.
@@ -186,6 +189,10 @@ def lowrank_shrink_kernel(
     k_lo = split * K_CHUNK
     k_hi = tl.minimum(k_lo + K_CHUNK, K)
     h = _first_product(x_ptr, a_ptr, rows, M, k_lo, k_hi, stride_xm, stride_ar, R, BLOCK_M, BLOCK_K, R_PAD, PREC1)
+    if GDC:
+        # The expand grid (launched with programmatic dependent launch) may start being scheduled
+        # now; its gdc_wait still waits for this whole grid and its stores.
+        tl.extra.cuda.gdc_launch_dependents()
     slot = ws_ptr + pid.to(tl.int64) * (BLOCK_M * R_PAD)
     tl.store(slot + tl.arange(0, BLOCK_M)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :], h)
 
@@ -210,8 +217,13 @@ def lowrank_expand_kernel(
     H_FP32: tl.constexpr,
     PREC2: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     # Program (m_tile, group): h = sum of the M tile's N_SPLIT partials, then its out tiles.
+    if GDC:
+        # Launched with programmatic dependent launch: wait for the shrink grid (and its stores to
+        # the workspace) before any read. Everything before the shrink finished before it started.
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     m_tile = pid // N_GROUPS
     group = pid % N_GROUPS

@@ -108,6 +108,7 @@ def audit(compiled: Any, arch: int = 90) -> dict[str, Any]:
         "shared_bytes": int(compiled.metadata.shared),
         "wgmma_in_ptx": "wgmma.mma_async" in ptx,
         "mma_sync_in_ptx": "mma.sync" in ptx,
+        "griddepcontrol_in_ptx": sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
         "ldg128": ldg128,
         "sass": counts,
     }

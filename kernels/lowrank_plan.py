@@ -64,6 +64,10 @@ class LowrankTunables:
     # SM count the interpreter plans for (there is no GPU to ask): small, so that CPU tests
     # exercise multi-split, multi-group grids with few programs.
     interpreter_sms: int = 4
+    # Programmatic dependent launch of the split-K expand grid on sm_90+ (CUDA 12.3+ drivers): its
+    # launch overlaps the shrink grid's tail (BASELINES.md: about 2 us per kernel boundary under
+    # graph replay, an estimate of what it hides). False launches the two grids plainly.
+    pdl: bool = True
 
     def __post_init__(self) -> None:
         checks.non_negative("decode_max_m", self.decode_max_m)
@@ -75,6 +79,8 @@ class LowrankTunables:
         checks.integer("max_fused_rank", self.max_fused_rank, 1, 1024)
         checks.integer("max_tiled_rank", self.max_tiled_rank, 1, 1024)
         checks.positive("interpreter_sms", self.interpreter_sms)
+        if not isinstance(self.pdl, bool):
+            raise ValueError(f"pdl {self.pdl!r} is not a bool; allowed: True, False")
         # Hashed once: the eager path's signature hashes the tunables on every call.
         object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
 
@@ -159,6 +165,13 @@ def device_limits(device: torch.device) -> SmLimits:
         shared_bytes=int(getattr(props, "shared_memory_per_multiprocessor", d.shared_bytes)),
         threads=int(getattr(props, "max_threads_per_multi_processor", d.threads)),
     )
+
+
+@functools.cache
+def device_supports_pdl(device: torch.device) -> bool:
+    """True for a CUDA device of compute capability 9.0 or later (programmatic dependent launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @functools.cache
@@ -274,5 +287,6 @@ __all__ = [
     "dense_is_cheaper",
     "device_limits",
     "device_sms",
+    "device_supports_pdl",
     "plan_lowrank",
 ]

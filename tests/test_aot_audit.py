@@ -63,3 +63,12 @@ def test_every_planned_config_compiles_for_hopper_without_spills(tmp_path):
         r["ctas_per_sm"] for r in results if r["kernel"] == "lowrank_shrink_kernel" and " R=512 " in f" {r['config']} "
     ]
     assert wide_rank and set(wide_rank) <= {1, 2} and 1 in wide_rank, wide_rank
+    # Programmatic dependent launch on sm_90: the shrink signals its dependents, the expand waits.
+    for r in results:
+        gdc = r["griddepcontrol_in_ptx"]
+        if r["kernel"] == "lowrank_shrink_kernel":
+            assert gdc == ["launch_dependents"], (r["config"], gdc)
+        elif r["kernel"] == "lowrank_expand_kernel":
+            assert gdc == ["wait"], (r["config"], gdc)
+        else:
+            assert gdc == [], (r["kernel"], gdc)

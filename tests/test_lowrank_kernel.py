@@ -145,6 +145,40 @@ def test_occupancy_caps_the_grids_not_the_tiles():
     assert shrink_bound.grids[0][0] <= 8 < plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8).grids[0][0]
 
 
+@pytest.mark.parametrize(
+    "supported,pdl,expected",
+    [(True, True, True), (False, True, False), (True, False, False)],
+    ids=["sm90", "sm80", "off"],
+)
+def test_expand_grid_uses_programmatic_dependent_launch_on_sm90(monkeypatch, supported, pdl, expected):
+    """On sm_90+ the split-K shrink signals its dependents (GDC) and the expand grid is launched
+    with launch_pdl and waits first; elsewhere, or with pdl=False, both launch plainly."""
+    monkeypatch.setattr(_lowrank_launch, "_sms", lambda device, tunables: 132)
+    monkeypatch.setattr(_lowrank_launch, "supports_pdl", lambda device: supported)
+    cuda = torch.device("cuda", 0)
+    t = LowrankTunables(force_scheme="splitk", pdl=pdl)
+    key = (1, 2048, 8192, 128, torch.bfloat16, cuda, False, 2048, 2048, 128, t)
+    try:
+        shrink, expand = _lowrank_launch.prepare(key).steps
+    finally:
+        _lowrank_launch._PREPARED.pop(key, None)
+    assert shrink.constexprs["GDC"] is expected and expand.constexprs["GDC"] is expected
+    assert list(expand.constexprs)[-1] == "GDC"  # the runner takes constexprs positionally, GDC last
+    assert expand.options.get("launch_pdl", False) is expected and "launch_pdl" not in shrink.options
+    # The tiled kernel is one launch: nothing to overlap.
+    tiled_key = (4096, 2048, 8192, 128, torch.bfloat16, cuda, False, 2048, 2048, 128, LowrankTunables(pdl=pdl))
+    try:
+        (tiled,) = _lowrank_launch.prepare(tiled_key).steps
+    finally:
+        _lowrank_launch._PREPARED.pop(tiled_key, None)
+    assert "GDC" not in tiled.constexprs and "launch_pdl" not in tiled.options
+
+
+def test_pdl_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"pdl 'yes' is not a bool; allowed: True, False"):
+        LowrankTunables(pdl="yes")
+
+
 def test_grids_are_resized_from_the_compiled_kernels_after_the_first_launch(monkeypatch):
     """On CUDA the first launch uses the assumed programs per SM; the launcher then reads each
     compiled kernel's registers and shared memory and re-plans the key's grids (stubbed here)."""
