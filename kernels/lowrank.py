@@ -21,6 +21,8 @@ kernels yet, so the thresholds are a design, checked by ``benchmarks/gpu_check.s
   with gradients ``W`` is formed in the autograd graph each call.
 - decode (``M <= 256``): split-K, two launches (shrink, then expand) that share only a workspace
   allocated for that call; large M: one tiled launch; ranks above 1024: torch's two GEMMs.
+- a repeated eager inference call (same ``_lowrank_launch.signature``) takes the bound launch:
+  no checks, no planning, the compiled runners called directly (``_lowrank_launch.run_bound``).
 """
 
 from __future__ import annotations
