@@ -1,5 +1,6 @@
 """Test setup: Triton's CPU interpreter on (before triton is imported), gpu marker, test data."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def neox_tokenizer_path() -> Path:
     """The real GPT-NeoX tokenizer shipped in tests/data (see its README)."""
     assert TOKENIZER_JSON.is_file(), f"{TOKENIZER_JSON} is missing from the repository"
     return TOKENIZER_JSON
+
+
+def _assert_metrics_close(got, want) -> None:
+    """Two metrics dataclasses agree field by field (fp32 forwards: relative 1e-5, absolute 1e-6 near 0)."""
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        assert (a is None) == (b is None), field.name
+        if b is not None:
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), field.name
+
+
+@pytest.fixture
+def metrics_close():
+    """The comparison of two metrics dataclasses the sweep tests share."""
+    return _assert_metrics_close
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from test_families import TYPES as FAMILY_TYPES
@@ -60,15 +58,6 @@ def _gpt2():
     return GPT2LMHeadModel(cfg), "transformer.h", r"transformer\.h\.{}\.mlp\.c_proj"
 
 
-def _close(got, want) -> None:
-    """Two TaskMetrics agree field by field (fp32 forwards: relative 1e-5, absolute 1e-6 near 0)."""
-    for field in dataclasses.fields(want):
-        a, b = getattr(got, field.name), getattr(want, field.name)
-        assert (a is None) == (b is None), field.name
-        if b is not None:
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), field.name
-
-
 def _plain_logits(model, enc: EncodedPrompts) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
@@ -101,7 +90,7 @@ def _last_mlp_widths(model, cache: PrefixCache, enc: EncodedPrompts) -> set[int]
 
 
 @pytest.mark.parametrize("build", [_neox, _llama, _gpt2], ids=["gpt-neox", "llama", "gpt2"])
-def test_prefix_reuse_equals_the_plain_forward(build):
+def test_prefix_reuse_equals_the_plain_forward(metrics_close, build):
     """First, middle and last layer, unedited and with the layer's MLP output truncated."""
     torch.manual_seed(1)
     model, blocks, pattern = build()
@@ -116,7 +105,7 @@ def test_prefix_reuse_equals_the_plain_forward(build):
     baseline = cache.capture([enc], layers)[0]
     assert cache.bytes > 0
     plain = score(model, enc, batch)
-    _close(aggregate(baseline), aggregate(plain))
+    metrics_close(aggregate(baseline), aggregate(plain))
     for layer in layers:
         unedited = _plain_logits(model, enc)
         got = _cached_logits(cache, enc, layer, batch)
@@ -127,7 +116,7 @@ def test_prefix_reuse_equals_the_plain_forward(build):
             assert ((got - reference).norm() / reference.norm()).item() < 1e-5
             assert not torch.allclose(reference, unedited, atol=1e-4)  # the edit matters
             edited = cache.score(layer, [enc])[0]
-            _close(aggregate(edited), aggregate(score(model, enc, batch)))
+            metrics_close(aggregate(edited), aggregate(score(model, enc, batch)))
     # the stubs are gone: the model is whole again
     assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
 
@@ -163,7 +152,7 @@ def _plain_sweep(model, encoded, splits, cells):
     return out
 
 
-def test_sweep_engine_equals_plain_evaluation_and_says_which_form_ran(neox_dir):
+def test_sweep_engine_equals_plain_evaluation_and_says_which_form_ran(metrics_close, neox_dir):
     from fasttrunc.experiments.pythia import task_prompts
     from fasttrunc.hub import load_model
     from fasttrunc.tasks.metrics import encode_prompts
@@ -179,8 +168,8 @@ def test_sweep_engine_equals_plain_evaluation_and_says_which_form_ran(neox_dir):
     reference = _plain_sweep(model, encoded, splits, grid.cells)
     for cell in grid.cells:
         select, reported = reference[(cell.layer, cell.matrix, cell.rank)]
-        _close(cell.select["ioi"], select), cell
-        _close(cell.report["ioi"], reported), cell
+        metrics_close(cell.select["ioi"], select), cell
+        metrics_close(cell.report["ioi"], reported), cell
     assert grid.cache_mb > 0
 
 
@@ -223,7 +212,7 @@ def test_screen_bounds_grow_to_every_selection_prompt():
         assert all(a < b for a, b in zip(bounds, bounds[1:]))
 
 
-def test_screened_search_evaluates_keep_cells_exactly(neox_dir):
+def test_screened_search_evaluates_keep_cells_exactly(metrics_close, neox_dir):
     from fasttrunc.experiments.pythia import task_prompts
     from fasttrunc.hub import load_model
     from fasttrunc.tasks.metrics import encode_prompts
@@ -237,12 +226,12 @@ def test_screened_search_evaluates_keep_cells_exactly(neox_dir):
     exact = {(c.layer, c.matrix, c.rank): c for c in exhaustive.cells}
     for cell in screened.cells:
         if cell.evaluated:
-            _close(cell.select["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].select["ioi"])
-            _close(cell.report["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].report["ioi"])
+            metrics_close(cell.select["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].select["ioi"])
+            metrics_close(cell.report["ioi"], exact[(cell.layer, cell.matrix, cell.rank)].report["ioi"])
             assert cell.estimate_prompts == 0
         else:
             assert cell.report == {} and 1 <= cell.estimate_prompts < 12
-    _close(screened.baseline_select["ioi"], exhaustive.baseline_select["ioi"])
+    metrics_close(screened.baseline_select["ioi"], exhaustive.baseline_select["ioi"])
     with pytest.raises(ValueError, match="keep 30 is out of range for 30 cells; allowed: 1..29"):
         sweep.sweep_model(*args, search="screened", keep=30)
 
@@ -275,7 +264,7 @@ def test_sweep_benchmark_reports_floor_baselines_and_screening():
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
-def test_prefix_reuse_equals_the_plain_forward_for_every_row(model_type):
+def test_prefix_reuse_equals_the_plain_forward_for_every_row(metrics_close, model_type):
     """Every family row of tests/test_families.py: first, middle and last layer, with attn_out cut."""
     from fasttrunc.families import detect_family
 
@@ -294,7 +283,7 @@ def test_prefix_reuse_equals_the_plain_forward_for_every_row(model_type):
             reference = _plain_logits(model, enc)
             got = _cached_logits(cache, enc, layer, batch)
             assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
-            _close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
+            metrics_close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
     assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -49,14 +48,6 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _close(got, want) -> None:
-    for field in dataclasses.fields(want):
-        a, b = getattr(got, field.name), getattr(want, field.name)
-        assert (a is None) == (b is None), field.name
-        if b is not None:
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), field.name
-
-
 def _config(model_dir, **kw):
     base = dict(
         model=str(model_dir), layers=(1, 2), matrices=("mlp_in", "mlp_out"), ranks=(0.5, 2, 0),
@@ -65,7 +56,7 @@ def _config(model_dir, **kw):
     return sweep.SweepConfig(**{**base, **kw})
 
 
-def test_task_files_and_edit_kinds_equal_plain_scoring(model_dir):
+def test_task_files_and_edit_kinds_equal_plain_scoring(metrics_close, model_dir):
     """Every cell of every kind, on both task files, equals the edit applied and the model scored whole."""
     config = _config(model_dir, kinds=("keep-top", "remove-top", "magnitude"))
     rev = sweep.run(config).revisions[0]
@@ -82,11 +73,11 @@ def test_task_files_and_edit_kinds_equal_plain_scoring(model_dir):
         select = [e for e in file.examples if e.line in lines]
         report = [e for e in file.examples if e.line not in lines]
         enc_select, enc_report = encode_answers(tok, select), encode_answers(tok, report)
-        _close(rev.baseline_select[task], aggregate_answers(score_answers(model, enc_select, 4)))
+        metrics_close(rev.baseline_select[task], aggregate_answers(score_answers(model, enc_select, 4)))
         for cell in rev.cells[::5]:
             with apply_edits(model, cell.edits()):
-                _close(cell.select[task], aggregate_answers(score_answers(model, enc_select, 4)))
-                _close(cell.report[task], aggregate_answers(score_answers(model, enc_report, 4)))
+                metrics_close(cell.select[task], aggregate_answers(score_answers(model, enc_select, 4)))
+                metrics_close(cell.report[task], aggregate_answers(score_answers(model, enc_report, 4)))
     # the default metric with task files is accuracy, ties broken by the lower log-loss (LASER's rule)
     assert config.metric == "accuracy"
     for task in (CAPITALS, SENTIMENT):
@@ -116,7 +107,7 @@ def test_select_tasks_choose_one_cell_by_the_stated_rule(model_dir):
     assert joint.score == pytest.approx(max(keys)[0])
 
 
-def test_greedy_composition_accepts_only_strict_gains_and_leaves_the_model_as_it_was(model_dir):
+def test_greedy_composition_accepts_only_strict_gains_and_leaves_the_model_as_it_was(metrics_close, model_dir):
     model, tok = load_model(str(model_dir), None, "float32", torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = _config(model_dir, tasks=(CAPITALS,), layers=(0, 1, 2), compose="greedy", select_by="log_loss")
@@ -140,7 +131,7 @@ def test_greedy_composition_accepts_only_strict_gains_and_leaves_the_model_as_it
     with apply_edits(model, composed.edits, factors=grid.factors):
         got = aggregate_answers(score_answers(model, enc.rows(0, 8).encoded, 4))
         assert -got.log_loss == pytest.approx(composed.score, rel=1e-6)
-        _close(composed.report[CAPITALS], aggregate_answers(score_answers(model, enc.rows(8, None).encoded, 4)))
+        metrics_close(composed.report[CAPITALS], aggregate_answers(score_answers(model, enc.rows(8, None).encoded, 4)))
 
 
 def _cli(model_dir, *extra):
