@@ -94,8 +94,7 @@ class KernelStep:
                     runner(*tensors, *self.tail)
                     return
                 except Exception:  # noqa: BLE001 - an unknown Triton launch API: back to the ordinary path
-                    self.fast = False
-                    self.runners.clear()
+                    self.leave_light_path()
         compiled = self.kernel[self.grid](*tensors, *self.ints, **self.constexprs, **self.options)
         if aligned is None:
             return
@@ -103,6 +102,11 @@ class KernelStep:
             self.compiled = compiled
         if self.fast and compiled is not None and hasattr(compiled, "__getitem__"):
             self.runners[aligned] = compiled[self.grid]
+
+    def leave_light_path(self) -> None:
+        """After a failed runner call: every later launch of this step goes through Triton's own launch."""
+        self.fast = False
+        self.runners.clear()
 
 
 class PreparedLaunch:
@@ -256,7 +260,6 @@ class BoundLaunch:
         "tunables",
         "steps",
         "out_shape",
-        "dtype",
         "device",
         "device_type",
         "on_cuda",
@@ -269,7 +272,7 @@ class BoundLaunch:
         self.tunables = tunables
         self.steps = prepared.steps
         self.out_shape = (*x.shape[:-1], n)
-        self.dtype, self.device, self.device_type = x.dtype, x.device, x.device.type
+        self.device, self.device_type = x.device, x.device.type
         self.on_cuda = is_cuda(x.device)
         # With one visible CUDA device it is always the current one: no guard to pay for. Several:
         # every launch runs under the guard (the count is fixed for the process once CUDA is up).
@@ -316,27 +319,43 @@ def run_bound(
                 return y
             except Exception:  # noqa: BLE001 - an unknown Triton launch API: the steps' ordinary launches
                 for step in steps:
-                    step.fast = False
-                    step.runners.clear()
+                    step.leave_light_path()
                 bound.direct = ()
     else:
-        aligned = (
-            x.data_ptr() % 16 == 0,
-            a.data_ptr() % 16 == 0,
-            b.data_ptr() % 16 == 0,
-            bias is None or bias.data_ptr() % 16 == 0,
-        )
+        aligned = _alignment(x, a, b, bias_arg)
     with device_guard(device) if bound.guarded else _NO_GUARD:
-        if len(steps) == 1:
-            steps[0]((x, a, b, bias_arg, y), aligned)
-        else:
-            ws = torch.empty(bound.ws_numel, dtype=torch.float32, device=device)
-            steps[0]((x, a, ws), aligned)
-            steps[1]((ws, b, bias_arg, y), aligned)
+        _launch_steps(steps, x, a, b, bias_arg, y, bound.ws_numel, device, aligned)
     return y
 
 
-ALL_ALIGNED = (True, True, True, True)
+def _alignment(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_arg: torch.Tensor) -> tuple[bool, ...]:
+    """Which of the caller's operands are 16-byte aligned: what the binaries differ by (fresh
+    allocations, the output and the workspace, always are)."""
+    return (x.data_ptr() % 16 == 0, a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0, bias_arg.data_ptr() % 16 == 0)
+
+
+def _launch_steps(
+    steps: tuple[KernelStep, ...],
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias_arg: torch.Tensor,
+    y: torch.Tensor,
+    ws_numel: int,
+    device: torch.device,
+    aligned: tuple[bool, ...] | None,
+) -> None:
+    """The plan's launches into ``y``: one tiled launch, or split-K's shrink then expand."""
+    if len(steps) == 1:
+        steps[0]((x, a, b, bias_arg, y), aligned)
+    else:
+        # Split-K: this launch's own partials, from the stream-ordered caching allocator.
+        ws = torch.empty(ws_numel, dtype=torch.float32, device=device)
+        steps[0]((x, a, ws), aligned)
+        steps[1]((ws, b, bias_arg, y), aligned)
+
+
+ALL_ALIGNED: tuple[bool, ...] = (True, True, True, True)
 
 
 def _direct_runners(steps: tuple[KernelStep, ...]) -> tuple[Callable[..., Any], ...] | None:
@@ -427,9 +446,9 @@ def lowrank_linear_triton(
         shape = (*x.shape[:-1], n)
         return x.new_zeros(shape) if bias is None else bias.expand(shape).clone()
     # The kernels index the feature dims with unit stride (vectorized loads); a copy happens only
-    # for an x / a / b whose last dim is itself strided.
-    # Bindable (a later call of this signature may skip everything up to the launch): x's rows
-    # evenly strided (flattening was a view) and no operand needing the copies below.
+    # for an x / a / b whose last dim is itself strided (or a strided bias). Bindable (a later call
+    # of this signature may skip everything up to the launch): x's rows evenly strided (flattening
+    # was a view) and no operand needing those copies.
     sx, sx1 = x2.stride()
     sa, sa1 = a.stride()
     sb, sb1 = b.stride()
@@ -477,24 +496,8 @@ def _launch(
     device: torch.device,
     on_cuda: bool,
 ) -> torch.Tensor:
-    steps = prepared.steps
     y = torch.empty(m, n, dtype=x2.dtype, device=device)
     bias_arg = y if bias is None else bias  # the bias slot is never read without one
-    # The binaries differ by which pointers are 16-byte aligned; fresh allocations (y, the
-    # workspace) always are, so only the caller's operands are looked at.
-    aligned: tuple[bool, ...] | None = None
-    if on_cuda:
-        aligned = (
-            x2.data_ptr() % 16 == 0,
-            a.data_ptr() % 16 == 0,
-            b.data_ptr() % 16 == 0,
-            bias_arg.data_ptr() % 16 == 0,
-        )
-    if len(steps) == 1:
-        steps[0]((x2, a, b, bias_arg, y), aligned)
-    else:
-        # Split-K: this launch's own partials, from the stream-ordered caching allocator.
-        ws = torch.empty(prepared.plan.ws_numel, dtype=torch.float32, device=device)
-        steps[0]((x2, a, ws), aligned)
-        steps[1]((ws, b, bias_arg, y), aligned)
+    aligned = _alignment(x2, a, b, bias_arg) if on_cuda else None
+    _launch_steps(prepared.steps, x2, a, b, bias_arg, y, prepared.plan.ws_numel, device, aligned)
     return y
