@@ -64,9 +64,10 @@ def dense_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _dense_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias))
-    if needs_grad or torch.compiler.is_compiling():
+def _dense_forward(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, wants_grad: bool
+) -> torch.Tensor:
+    if wants_grad or torch.compiler.is_compiling():
         compute = compute_dtype(a.dtype)
         w = (b.to(compute) @ a.to(compute)).to(a.dtype)  # in the graph: gradients reach a and b
     else:
@@ -95,33 +96,30 @@ def lowrank_linear(
     """
     t = DEFAULT_TUNABLES if tunables is None else tunables
     sig = bound = None
-    if not torch.compiler.is_compiling():
-        # Eager inference on a signature seen before: checks, plan and layout are bound already.
-        try:
-            if not (
-                torch.is_grad_enabled()
-                and (x.requires_grad or a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad))
-            ):
-                sig = _lowrank_launch.signature(x, a, b, bias, t)
-                bound = _lowrank_launch.BOUND.get(sig)
-        except (AttributeError, TypeError):  # a non-tensor operand or unhashable tunables: named below
-            sig = None
-        if bound is not None and use_triton_on(bound.device_type):
-            return _lowrank_launch.run_bound(bound, x, a, b, bias)
-    check_lowrank_inputs(x, a, b, bias)
+    try:
+        wants_grad = torch.is_grad_enabled() and (
+            x.requires_grad or a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if not wants_grad and not torch.compiler.is_compiling():
+            # Eager inference on a signature seen before: checks, plan and layout are bound already.
+            sig = _lowrank_launch.signature(x, a, b, bias, t)
+            bound = _lowrank_launch.BOUND.get(sig)
+    except (AttributeError, TypeError):  # a non-tensor operand or unhashable tunables: named below
+        sig = None
+    if bound is not None and use_triton_on(bound.device_type):
+        return _lowrank_launch.run_bound(bound, x, a, b, bias)
+    check_lowrank_inputs(x, a, b, bias)  # raises for what the try above could not read
     if not isinstance(t, LowrankTunables):
         raise TypeError(f"tunables {t!r} is not a LowrankTunables")
     r, k = a.shape
     n = b.shape[0]
     if r and (t.force_scheme == "dense" or (t.force_scheme is None and dense_is_cheaper(k, n, r))):
-        return _dense_forward(x, a, b, bias)
+        return _dense_forward(x, a, b, bias, wants_grad)
     if x.dtype not in _TRITON_DTYPES or not use_triton(x):
         return lowrank_linear_reference(x, a, b, bias)
     if torch.compiler.is_compiling():
         return _lowrank_autograd.lowrank_op(x, a, b, bias)  # opaque to the compiler, with a fake impl
-    if torch.is_grad_enabled() and (
-        x.requires_grad or a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if wants_grad:
         out: torch.Tensor = _lowrank_autograd.LowRankLinearFunction.apply(x, a, b, bias, t)
         return out
     # Inference: no autograd node, the lightest eager path (launch cost is most of decode's time).
