@@ -107,6 +107,13 @@ def fraction(name: str, value: object) -> float:
     return real(name, value, 0.0, 1.0)
 
 
+def boolean(name: str, value: object) -> bool:
+    """``True`` or ``False`` itself (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} {show(value)} is not a bool; allowed: True, False")
+    return value
+
+
 def choice(name: str, value: object, allowed: Iterable[T]) -> T:
     """``value`` if it is one of ``allowed``."""
     options = tuple(allowed)

@@ -26,7 +26,6 @@ aligned. Signatures that needed a copy of an operand are never bound.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -160,7 +159,7 @@ def _is_cuda(device: torch.device) -> bool:
 is_cuda = _is_cuda
 device_guard = _device_guard_for
 cuda_device_count = torch.cuda.device_count
-sm_limits = functools.cache(device_limits)
+sm_limits = device_limits
 supports_pdl = device_supports_pdl
 
 

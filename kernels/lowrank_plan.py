@@ -79,8 +79,7 @@ class LowrankTunables:
         checks.integer("max_fused_rank", self.max_fused_rank, 1, 1024)
         checks.integer("max_tiled_rank", self.max_tiled_rank, 1, 1024)
         checks.positive("interpreter_sms", self.interpreter_sms)
-        if not isinstance(self.pdl, bool):
-            raise ValueError(f"pdl {self.pdl!r} is not a bool; allowed: True, False")
+        checks.boolean("pdl", self.pdl)
         # Hashed once: the eager path's signature hashes the tunables on every call.
         object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
 
@@ -155,10 +154,15 @@ def ctas_per_sm(n_regs: int, shared_bytes: int, num_warps: int, limits: SmLimits
     return max(1, min(by_regs, by_shared, by_threads, limits.blocks))
 
 
+def _index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare ``cuda``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
 def device_limits(device: torch.device) -> SmLimits:
     """The SM limits of a CUDA device from torch's properties (sm_90's where torch does not say)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
+    props = torch.cuda.get_device_properties(_index(device))
     d = H100_LIMITS
     return SmLimits(
         registers=int(getattr(props, "regs_per_multiprocessor", d.registers)),
@@ -170,15 +174,13 @@ def device_limits(device: torch.device) -> SmLimits:
 @functools.cache
 def device_supports_pdl(device: torch.device) -> bool:
     """True for a CUDA device of compute capability 9.0 or later (programmatic dependent launch)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return torch.cuda.get_device_capability(_index(device))[0] >= 9
 
 
 @functools.cache
 def device_sms(device: torch.device) -> int:
     """SM count of a CUDA device (read once per device)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(_index(device)).multi_processor_count
 
 
 @functools.lru_cache(maxsize=4096)
@@ -196,8 +198,9 @@ def plan_lowrank(
 
     Pure (cached on its arguments); no autotuning. ``m, k, n, r >= 1``. ``occupancy``: CTAs per
     SM of each launch's compiled kernel (:func:`ctas_per_sm`), once known: a launch then gets at
-    most that many programs per SM (one wave); until then ``tunables.programs_per_sm``. Block sizes, warps and stages never depend on it
-    (the binaries stay the same), only the grids: the split count and the column groups.
+    most that many programs per SM (one wave); until then ``tunables.programs_per_sm``. Block
+    sizes, warps and stages never depend on it (the binaries stay the same), only the grids: the
+    split count and the column groups.
     """
     t = tunables
     forced = t.force_scheme

@@ -151,8 +151,7 @@ class TinyNeoxConfig:
                 f"ioi_fraction {self.ioi_fraction} + infinitive {self.infinitive} + facts {self.facts} exceeds 1; "
                 "they are shares of one corpus"
             )
-        if not isinstance(self.freeze_embeddings, bool):
-            raise ValueError(f"freeze_embeddings {self.freeze_embeddings!r} is not a bool; allowed: True, False")
+        checks.boolean("freeze_embeddings", self.freeze_embeddings)
         checkpoints = tuple(checks.integer("checkpoint step", s, 1, steps) for s in self.checkpoints)
         names = tuple(checks.text("name", n) for n in checks.non_empty("names", self.names))
         if len(set(names)) < 2:
