@@ -43,11 +43,6 @@ def _parse_backend(value: str) -> str | None:
     return value
 
 
-def requested_backend() -> str | None:
-    """The backend forced by ``FASTTRUNC_BACKEND``, or None when it is unset or empty."""
-    return _parse_backend(os.environ.get("FASTTRUNC_BACKEND", ""))
-
-
 _BACKEND_BYTES, _INTERPRET_BYTES = b"FASTTRUNC_BACKEND", b"TRITON_INTERPRET"
 
 
