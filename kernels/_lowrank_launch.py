@@ -264,6 +264,7 @@ class BoundLaunch:
         "on_cuda",
         "guarded",
         "ws_numel",
+        "ws_like",
         "direct",
     )
 
@@ -277,6 +278,9 @@ class BoundLaunch:
         # every launch runs under the guard (the count is fixed for the process once CUDA is up).
         self.guarded = self.on_cuda and cuda_device_count() != 1
         self.ws_numel = prepared.plan.ws_numel
+        # An empty fp32 tensor on the device: ``ws_like.new_empty(n)`` is the cheapest allocation
+        # of a split-K workspace (about 0.9 us against 1.2 us for torch.empty with keywords here).
+        self.ws_like = torch.empty(0, dtype=torch.float32, device=x.device)
         # The steps' compiled runners for all-aligned operands, once known (see run_bound).
         self.direct: tuple[Callable[..., Any], ...] | None = None
 
@@ -312,7 +316,7 @@ def run_bound(
                     if len(direct) == 1:
                         direct[0](x, a, b, bias_arg, y, *steps[0].tail)
                     else:
-                        ws = torch.empty(bound.ws_numel, dtype=torch.float32, device=device)
+                        ws = bound.ws_like.new_empty(bound.ws_numel)
                         direct[0](x, a, ws, *steps[0].tail)
                         direct[1](ws, b, bias_arg, y, *steps[1].tail)
                 return y

@@ -22,11 +22,15 @@ The Triton path differs only in how the small problems are solved, so that nothi
 batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
 - orthonormalization is CholeskyQR2: Gram ``Y^T Y`` with fp32-grade products (3xTF32 on tensor
   cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (batched in torch),
-  ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
-  CholeskyQR3), and only a matrix that still fails (e.g. all zeros) goes to Householder QR;
+  ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram)
+  retries with a shifted Gram (shifted CholeskyQR3), and a matrix that still fails (e.g. all
+  zeros) is flagged;
 - the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
   one-sided Jacobi SVD on the ``l x l`` ``R^T = U_T S V_T^T`` in Triton: ``U = Q U_T``,
-  ``Vh = (Q2 V_T)^T``, both orthonormal (``Vh`` to rounding, ``U`` to the Jacobi tolerance).
+  ``Vh = (Q2 V_T)^T``, both orthonormal (``Vh`` to rounding, ``U`` to the Jacobi tolerance);
+- nothing reads the device back (:func:`randomized_svd_triton_many_ex`, capturable in a CUDA
+  graph) until the ordinary entry points read the flags once at the end and solve the flagged
+  matrices again with Householder QR and an fp64 ``torch.linalg.svd`` as repairs.
 Weights are read in their stored dtype (fp32, bf16, fp16): the kernels cast tiles to fp32 in
 registers, so no fp32 copy of a bf16 model is made.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -236,16 +241,13 @@ _CHOLQR_LOOSE_KAPPA = 2.0**12
 _CHOLQR_STEPS, _CHOLQR_LOOSE_STEPS = 3, 2
 
 
-def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
+def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cholesky_qr` without the repair: ``q, r, failed``, and never a wait for the device.
 
-    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed number of steps
-    (3, or 2 with ``loose=True``, which accepts a step whose ``R`` is well enough conditioned for
-    ``q`` to be orthonormal to ~1e-4: enough between power iterations). Each step also factors the
-    shifted Gram ``G + s I``, ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3),
-    used where the plain Gram is not numerically positive definite. The loop itself never waits
-    for the device; a matrix that fails even then (all zeros, or not converged) is factored with
-    Householder QR after it.
+    A matrix that fails (all zeros, rank deficient, not converged in the fixed steps) is flagged
+    in the ``(B,)`` bool ``failed`` and gets ``q`` = the first ``l`` columns of the identity and
+    ``r = 0``, so that every later step stays finite; what it computes from them is unreliable
+    (exact for an all-zero ``y``). The whole call can be captured in a CUDA graph.
     """
     batch, m, l = y.shape
     q = y
@@ -271,9 +273,27 @@ def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, tor
             step_ok |= kappa <= _CHOLQR_LOOSE_KAPPA
         done |= step_ok & ~failed
     failed |= ~done | ~torch.isfinite(q).flatten(1).all(1)
+    stand_in = torch.eye(m, l, dtype=torch.float32, device=y.device)
+    q = torch.where(failed[:, None, None], stand_in, q)
+    r = torch.where(failed[:, None, None], torch.zeros((), dtype=r.dtype, device=r.device), r)
+    return q, r, failed
+
+
+def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
+
+    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed number of steps
+    (3, or 2 with ``loose=True``, which accepts a step whose ``R`` is well enough conditioned for
+    ``q`` to be orthonormal to ~1e-4: enough between power iterations). Each step also factors the
+    shifted Gram ``G + s I``, ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3),
+    used where the plain Gram is not numerically positive definite. The loop itself never waits
+    for the device (:func:`cholesky_qr_ex`); a matrix that fails even then (all zeros, or not
+    converged) is factored with Householder QR after it (one host read).
+    """
+    q, r, failed = cholesky_qr_ex(y, loose)
     if bool(failed.any()):
         qh, rh = torch.linalg.qr(y[failed].double(), mode="reduced")
-        q = q.clone()
+        q, r = q.clone(), r.clone()
         q[failed], r[failed] = qh.float(), rh
     return q, r
 
@@ -288,31 +308,170 @@ RANGE_PRECISION = "tf32"
 PROJECTION_PRECISION = "fp32"
 
 
-def _range_and_projection(
-    w: torch.Tensor,
-    k: int,
-    n_iter: int,
-    oversample: int,
-    generator: torch.Generator | None,
-    range_precision: str,
-    projection_precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """``Q`` (orthonormal basis of the range), ``Q2, R`` with ``W^T Q = Q2 R``, and whether ``w`` was transposed."""
+# cholesky_qr_ex, or the repairing _cholesky_qr_flagged: (y, loose) -> (q, r, failed).
+_QR = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _cholesky_qr_flagged(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cholesky_qr` (with its Householder repair) in :func:`cholesky_qr_ex`'s form."""
+    q, r = cholesky_qr(y, loose)
+    return q, r, torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+
+
+def _sketch(
+    w: torch.Tensor, k: int, oversample: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The side to sketch (``w`` or a transposed view, so that ``m >= n``), its Gaussian test
+    matrix ``(B, n, l)`` and whether ``w`` was transposed (Q is then (B, max, l) and the small
+    problems are l x l)."""
     m, n = w.shape[-2:]
-    transpose = m < n  # sketch the smaller side: Q is (B, max, l) and the small problems are l x l
+    transpose = m < n
     if transpose:
         w = w.mT  # a strided view: the kernels read it in place
         m, n = n, m
-    l = k + oversample
-    g = gaussian_sketch(w.shape[:-2], n, l, dtype=torch.float32, device=w.device, generator=generator)
+    _refuse_frozen_draw(w.device, generator)
+    g = gaussian_sketch(w.shape[:-2], n, k + oversample, dtype=torch.float32, device=w.device, generator=generator)
+    return w, g, transpose
+
+
+def _sketches(
+    ws: list[torch.Tensor], ks: list[int], oversamples: list[int], generator: torch.Generator | None
+) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """:func:`_sketch` of each batch in turn (one rank and one oversample per batch)."""
+    if not len(ws) == len(ks) == len(oversamples):
+        raise ValueError(
+            f"one k and one oversample per batch: got {len(ws)} batches, {len(ks)} ks, {len(oversamples)} oversamples"
+        )
+    return [_sketch(w, k, os_, generator) for w, k, os_ in zip(ws, ks, oversamples)]
+
+
+def _refuse_frozen_draw(device: torch.device, generator: torch.Generator | None) -> None:
+    """A generator off the weights' CUDA device cannot feed a CUDA graph capture: its draw would
+    be frozen into the graph, and the copy from host memory cannot be captured."""
+    if device.type == "cuda" and generator is not None and generator.device != device:
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                f"generator on {generator.device} cannot feed a CUDA graph capture on {device}: "
+                "pass generator=None or a generator on the weights' device"
+            )
+
+
+def _range_and_projection(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    n_iter: int,
+    range_precision: str,
+    projection_precision: str,
+    qr: _QR,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Q`` (orthonormal basis of the range of ``w (B, m, n)``, ``m >= n``, from the sketch ``g``),
+    ``Q2, R`` with ``W^T Q = Q2 R``, and which matrices one of the factorizations flagged."""
     # The last basis is U's: computed in projection precision and orthonormal to fp32 rounding.
-    q, _ = cholesky_qr(batched_matmul(w, g, range_precision if n_iter else projection_precision), loose=n_iter > 0)
+    q, _, failed = qr(batched_matmul(w, g, range_precision if n_iter else projection_precision), n_iter > 0)
     for i in range(n_iter):
         last = i == n_iter - 1
-        z, _ = cholesky_qr(batched_matmul(w.mT, q, range_precision), loose=True)
-        q, _ = cholesky_qr(batched_matmul(w, z, projection_precision if last else range_precision), loose=not last)
-    q2, r = cholesky_qr(batched_matmul(w.mT, q, projection_precision))  # B^T = (Q^T W)^T = Q2 R
-    return q, q2, r, transpose
+        z, _, f1 = qr(batched_matmul(w.mT, q, range_precision), True)
+        q, _, f2 = qr(batched_matmul(w, z, projection_precision if last else range_precision), not last)
+        failed = failed | f1 | f2
+    q2, r, f3 = qr(batched_matmul(w.mT, q, projection_precision), False)  # B^T = (Q^T W)^T = Q2 R
+    return q, q2, r, failed | f3
+
+
+# What the info of randomized_svd_triton_many_ex flags, per matrix (bits, 0 = sound).
+INFO_BASIS, INFO_JACOBI = 1, 2
+
+
+def _solve_many(
+    ws: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ks: list[int],
+    n_iter: int,
+    range_precision: str,
+    projection_precision: str,
+    jacobi_max_sweeps: int,
+    repair: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``U, S, V^T`` and info per batch of the sketched sides ``ws`` (``m >= n``) from their sketches.
+
+    ``repair=False``: no host sync, flagged matrices are left as they came out (the info says
+    which). ``repair=True``: CholeskyQR repairs with Householder QR, and a small matrix whose
+    Jacobi SVD used every sweep is solved again by ``torch.linalg.svd`` in fp64 (host reads).
+    """
+    qr = _cholesky_qr_flagged if repair else cholesky_qr_ex
+    parts = [_range_and_projection(w, g, n_iter, range_precision, projection_precision, qr) for w, g in zip(ws, gs)]
+    by_l: dict[int, list[int]] = {}
+    for i, g in enumerate(gs):
+        by_l.setdefault(g.shape[-1], []).append(i)
+    slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for members in by_l.values():
+        # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power
+        # iteration graded by size, which saves a sweep over R): R^T = U_T S V_T^T.
+        rt = torch.cat([parts[i][2].mT for i in members])  # fp64 R^T
+        u_t, s, v_t, sweeps = jacobi_svd(rt.float(), max_sweeps=jacobi_max_sweeps)
+        unconverged = sweeps >= jacobi_max_sweeps
+        if repair and bool(unconverged.any()):
+            u64, s64, vh64 = torch.linalg.svd(rt[unconverged])
+            u_t, s, v_t = u_t.clone(), s.clone(), v_t.clone()
+            u_t[unconverged], s[unconverged], v_t[unconverged] = u64.float(), s64.float(), vh64.mT.float()
+            unconverged = torch.zeros_like(unconverged)
+        lo = 0
+        for i in members:
+            hi = lo + parts[i][2].shape[0]
+            info = parts[i][3].to(torch.int32) * INFO_BASIS + unconverged[lo:hi].to(torch.int32) * INFO_JACOBI
+            slots[i] = (u_t[lo:hi], s[lo:hi], v_t[lo:hi], info)
+            lo = hi
+    out = []
+    for i, k in enumerate(ks):
+        q, q2 = parts[i][0], parts[i][1]
+        u_t, s, v_t, info = slots[i]
+        # W ~ Q B = (Q U_T) S (Q2 V_T)^T.
+        u = batched_matmul(q, u_t[..., :k].contiguous(), "fp32")
+        v = batched_matmul(q2, v_t[..., :k].contiguous(), "fp32")
+        out.append((u, s[..., :k], v.mT, info))
+    return out
+
+
+def randomized_svd_triton_many_ex(
+    ws: list[torch.Tensor],
+    ks: list[int],
+    *,
+    n_iter: int,
+    oversamples: list[int],
+    generator: torch.Generator | None = None,
+    range_precision: str = RANGE_PRECISION,
+    projection_precision: str = PROJECTION_PRECISION,
+    jacobi_max_sweeps: int = _JACOBI_MAX_SWEEPS,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`randomized_svd_triton_many` that never waits for the device: ``U, S, Vh, info`` per batch.
+
+    ``info`` ``(B_i,)`` int32 is 0 for a sound matrix; bit :data:`INFO_BASIS` marks one whose
+    CholeskyQR failed (all zeros or rank deficient: its basis is a stand-in), bit
+    :data:`INFO_JACOBI` one whose small Jacobi SVD used every sweep. Their triplets are
+    unreliable: solve them again with :func:`randomized_svd_triton_many` (which does so itself,
+    reading ``info`` once). With ``generator=None`` or a generator on the weights' device the
+    whole call can be captured in a CUDA graph and replayed (a CPU generator is refused during
+    a capture: its draw would be frozen into the graph).
+    """
+    sides = _sketches(ws, ks, oversamples, generator)
+    solved = _solve_many(
+        [w for w, _, _ in sides],
+        [g for _, g, _ in sides],
+        ks,
+        n_iter,
+        range_precision,
+        projection_precision,
+        jacobi_max_sweeps,
+        repair=False,
+    )
+    return [_orient(part, transpose) for part, (_, _, transpose) in zip(solved, sides)]
+
+
+def _orient(
+    part: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh, info`` of the weights from those of the side that was sketched."""
+    u, s, vh, info = part
+    return (vh.mT, s, u.mT, info) if transpose else part
 
 
 def randomized_svd_triton_many(
@@ -331,43 +490,30 @@ def randomized_svd_triton_many(
     The passes over each batch run per batch; the small Jacobi SVDs of every batch with the same
     ``l = k + oversample`` run in one launch, so a model's differently shaped matrices share it.
     Sketches are drawn batch by batch in order: the results equal one call per batch in turn.
-    A small matrix whose Jacobi SVD used all ``jacobi_max_sweeps`` sweeps (not converged) is
-    solved again by ``torch.linalg.svd`` in fp64 (one host sync per launch to find them).
+    Everything runs without a host sync (:func:`randomized_svd_triton_many_ex`) up to one read of
+    the info of all batches at the end; the matrices it flags (all zeros, rank deficient, or a
+    Jacobi SVD that used all ``jacobi_max_sweeps`` sweeps) are solved again from their own sketch
+    with the repairs: Householder QR where CholeskyQR fails, ``torch.linalg.svd`` in fp64 for the
+    small SVD that did not converge.
     """
-    parts = [
-        _range_and_projection(w, k, n_iter, os_, generator, range_precision, projection_precision)
-        for w, k, os_ in zip(ws, ks, oversamples)
-    ]
-    by_l: dict[int, list[int]] = {}
-    for i, (k, os_) in enumerate(zip(ks, oversamples)):
-        by_l.setdefault(k + os_, []).append(i)
-    small: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for members in by_l.values():
-        # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power
-        # iteration graded by size, which saves a sweep over R): R^T = U_T S V_T^T.
-        rt = torch.cat([parts[i][2].mT for i in members])  # fp64 R^T
-        u_t, s, v_t, sweeps = jacobi_svd(rt.float(), max_sweeps=jacobi_max_sweeps)
-        unconverged = sweeps >= jacobi_max_sweeps
-        if bool(unconverged.any()):
-            u64, s64, vh64 = torch.linalg.svd(rt[unconverged])
-            u_t, s, v_t = u_t.clone(), s.clone(), v_t.clone()
-            u_t[unconverged], s[unconverged], v_t[unconverged] = u64.float(), s64.float(), vh64.mT.float()
-        offsets = [0]
-        for i in members:
-            offsets.append(offsets[-1] + parts[i][2].shape[0])
-        for j, i in enumerate(members):
-            lo, hi = offsets[j], offsets[j + 1]
-            slots[i] = (u_t[lo:hi], s[lo:hi], v_t[lo:hi])
-    small = [slots[i] for i in range(len(ws))]
-    out = []
-    for (q, q2, _, transpose), (u_t, s, v_t), k in zip(parts, small, ks):
-        # W ~ Q B = (Q U_T) S (Q2 V_T)^T.
-        u = batched_matmul(q, u_t[..., :k].contiguous(), "fp32")
-        v = batched_matmul(q2, v_t[..., :k].contiguous(), "fp32")
-        s = s[..., :k]
-        out.append((v, s, u.mT) if transpose else (u, s, v.mT))
-    return out
+    sides = _sketches(ws, ks, oversamples, generator)
+    args = (n_iter, range_precision, projection_precision, jacobi_max_sweeps)
+    solved = _solve_many([w for w, _, _ in sides], [g for _, g, _ in sides], ks, *args, repair=False)
+    flagged = [info != 0 for _, _, _, info in solved]
+    if flagged and bool(torch.cat([f.to(flagged[0].device) for f in flagged]).any()):
+        again = [i for i, f in enumerate(flagged) if bool(f.any())]
+        redo = _solve_many(
+            [sides[i][0][flagged[i]] for i in again],
+            [sides[i][1][flagged[i]] for i in again],
+            [ks[i] for i in again],
+            *args,
+            repair=True,
+        )
+        for i, (u2, s2, vh2, _) in zip(again, redo):
+            u, s, vh, info = (t.clone() for t in solved[i])
+            u[flagged[i]], s[flagged[i]], vh[flagged[i]] = u2, s2, vh2
+            solved[i] = (u, s, vh, torch.zeros_like(info))
+    return [_orient(part, transpose)[:3] for part, (_, _, transpose) in zip(solved, sides)]
 
 
 def randomized_svd_triton(
@@ -506,4 +652,8 @@ __all__ = [
     "randomized_svd_reference",
     "randomized_svd_triton",
     "randomized_svd_triton_many",
+    "randomized_svd_triton_many_ex",
+    "cholesky_qr_ex",
+    "INFO_BASIS",
+    "INFO_JACOBI",
 ]

@@ -289,3 +289,112 @@ def test_fp32_grade_products_take_3xtf32_on_tensor_core_gpus(monkeypatch):
     monkeypatch.setattr(svd_module, "_has_tf32", lambda device: False)
     assert svd_module.dot_precision("fp32", torch.device("cuda", 0)) == "ieee"
     assert svd_module.PROJECTION_PRECISION == "fp32"
+
+
+class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every op that copies a device value to the host (what a CUDA graph cannot hold)."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        if name in self.SYNCING or any(getattr(i, "dtype", None) == torch.bool for i in indices or ()):
+            raise AssertionError(f"host read: aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def _awkward_batch():
+    """A sound matrix, an all-zero one (its CholeskyQR fails) and a rank-2 one (its sketch is rank 2
+    up to fp32 rounding, which the shifted CholeskyQR may or may not turn into a basis)."""
+    sigma = 1.0 / torch.arange(1, 31, dtype=torch.float64)
+    sound = _spectrum_matrix(45, 30, sigma, 1, seed=7)[0]
+    low = _spectrum_matrix(45, 30, torch.tensor([3.0, 1.0] + [0.0] * 28, dtype=torch.float64), 1, seed=8)[0]
+    return torch.stack([sound, torch.zeros(45, 30, dtype=torch.float64), low]).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_svd_ex_never_reads_the_device_and_flags_what_failed(device):
+    """Hazard: host syncs in CholeskyQR's repair and Jacobi's fallback kept the rSVD out of CUDA
+    graphs. The _ex form reads nothing back (every op checked); it flags the matrices to redo."""
+    from fasttrunc.kernels.svd import INFO_BASIS, INFO_JACOBI, randomized_svd_triton_many_ex
+
+    dev = _device(device)
+    w = _awkward_batch().to(dev)
+    gen = torch.Generator(dev).manual_seed(3)
+    with _NoHostReads():
+        (u, s, vh, info), (_, _, _, info1) = randomized_svd_triton_many_ex(
+            [w, w[:1]], [4, 4], n_iter=2, oversamples=[5, 5], generator=gen, jacobi_max_sweeps=1
+        )
+        (_, _, _, info2) = randomized_svd_triton_many_ex([w], [4], n_iter=2, oversamples=[5], generator=gen)[0]
+    assert info.tolist()[:2] == [INFO_JACOBI, INFO_BASIS | INFO_JACOBI] and info[2].item() & INFO_JACOBI
+    assert info1.tolist() == [INFO_JACOBI] and info2.tolist()[:2] == [0, INFO_BASIS]
+    assert torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()
+    with pytest.raises(ValueError, match="one k and one oversample per batch: got 2 batches, 2 ks, 1 oversamples"):
+        randomized_svd_triton_many_ex([w, w], [4, 4], n_iter=2, oversamples=[5])
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        randomized_svd_triton(w, 4, n_iter=2, oversample=5)  # the repairing form reads the info once
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flagged_matrices_are_solved_again_from_their_own_sketch(device):
+    """The plain form redoes exactly the flagged matrices: the sound one is bitwise the _ex result,
+    the zero and rank-2 ones come out exact with an orthonormal basis (Householder repair)."""
+    from fasttrunc.kernels.svd import randomized_svd_triton_many_ex
+
+    dev = _device(device)
+    w = _awkward_batch().to(dev)
+    u, s, vh = randomized_svd_triton(w, 4, n_iter=2, oversample=5, generator=torch.Generator(dev).manual_seed(3))
+    ue, se, vhe, info = randomized_svd_triton_many_ex(
+        [w], [4], n_iter=2, oversamples=[5], generator=torch.Generator(dev).manual_seed(3)
+    )[0]
+    assert info[0].item() == 0 and torch.equal(u[0], ue[0]) and torch.equal(s[0], se[0])
+    assert torch.equal(vh[0], vhe[0])
+    assert s[1].abs().max().item() == 0.0 and (u[1] @ torch.diag(s[1]) @ vh[1]).abs().max().item() == 0.0
+    assert rel_err(u[2] @ torch.diag(s[2]) @ vh[2], w[2]) < 1e-5
+    assert orthonormality(u[2][:, :2]) < 1e-5 and orthonormality(vh[2][:2].mT) < 1e-5
+
+
+def test_a_cpu_generator_is_refused_inside_a_cuda_graph_capture(monkeypatch):
+    """Its draw would be frozen into the graph (and the copy from pageable memory cannot be captured)."""
+    import fasttrunc.kernels.svd as svd_module
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    svd_module._refuse_frozen_draw(cuda, torch.Generator())  # eager: the draw is copied over
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    svd_module._refuse_frozen_draw(cuda, None)
+    svd_module._refuse_frozen_draw(torch.device("cpu"), torch.Generator())
+    with pytest.raises(ValueError, match=r"^generator on cpu cannot feed a CUDA graph capture on cuda:0: pass"):
+        svd_module._refuse_frozen_draw(cuda, torch.Generator())
+
+
+@pytest.mark.gpu
+def test_randomized_svd_ex_replays_in_a_cuda_graph():
+    """Captured once, replayed on new weights copied into the captured input: equal to eager."""
+    from fasttrunc.kernels.svd import randomized_svd_triton_many_ex
+
+    dev = _device("cuda")
+    sigma = 1.0 / torch.arange(1, 41, dtype=torch.float64)
+    w = _spectrum_matrix(96, 40, sigma, 3, seed=9).float().to(dev)
+    fresh = _spectrum_matrix(96, 40, sigma, 3, seed=10).float().to(dev)
+    kwargs = {"n_iter": 2, "oversamples": [8]}
+    randomized_svd_triton_many_ex([w], [6], **kwargs)  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        randomized_svd_triton_many_ex([w], [6], **kwargs)
+        with torch.cuda.graph(graph, stream=stream):  # the default CUDA generator: capture-safe
+            u, s, vh, info = randomized_svd_triton_many_ex([w], [6], **kwargs)[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    w.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (info == 0).all()
+    ref = torch.linalg.svdvals(fresh.double())
+    assert (s.double() - ref[:, :6]).abs().max().item() < 1e-3 * ref.max().item()
+    optimal = ref[:, 6:].square().sum(-1).sqrt()
+    err = torch.linalg.matrix_norm((u @ torch.diag_embed(s) @ vh).double() - fresh.double())
+    assert (err <= 1.05 * optimal).all(), (err, optimal)
+    assert orthonormality(u) < 1e-4
