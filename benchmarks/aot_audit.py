@@ -55,7 +55,10 @@ def lowrank_jobs(subset: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 def svd_jobs() -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = [
-        {"family": "bmm", "precision": p, "a_type": t} for p in ("ieee", "tf32", "tf32x3") for t in ("fp32", "bf16")
+        {"family": "bmm", "precision": p, "a_type": t, "n": n}
+        for n in (266, 64)  # the passes at l = k + 10 = 266 (128-column tiles); U = Q U_T at k = 64 (64 columns)
+        for p in ("ieee", "tf32", "tf32x3")
+        for t in ("fp32", "bf16")
     ]
     jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
     return jobs
@@ -89,19 +92,19 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         from fasttrunc.kernels import svd
         from fasttrunc.kernels._svd_triton import bmm_kernel
 
-        m, k, n = 8192, 2048, 266
+        m, k, n = 8192, 2048, job["n"]
         args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "M": m, "N": n, "K": k}
         args |= {"s_ab": m * k, "s_am": k, "s_ak": 1, "s_xb": k * n, "s_xk": n, "s_xn": 1}
         args |= {"s_cb": m * n, "s_cm": n, "s_cn": 1}
-        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd._BLOCK_N, "BLOCK_K": svd._BLOCK_K}
+        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd.bmm_block_n(n), "BLOCK_K": svd._BLOCK_K}
         const["PRECISION"] = job["precision"]
         types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32"}
         compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": svd._BMM_WARPS}, types)
         tensor_cores = job["precision"] != "ieee"
         what = {
             "kernel": "bmm_kernel",
-            "config": f"{job['precision']}, A {job['a_type']}",
-            "cells": ["8192x2048 @ 266"],
+            "config": f"{job['precision']}, A {job['a_type']}, bn={const['BLOCK_N']}",
+            "cells": [f"8192x2048 @ {n}"],
         }
     else:
         from fasttrunc.kernels import svd

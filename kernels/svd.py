@@ -50,10 +50,21 @@ from fasttrunc.kernels._backend import use_triton
 # 2. Launchers
 # ---------------------------------------------------------------------------------------------
 
-# Tile of the batched product: 64 x 64 fp32 accumulators over 4 warps (32 registers a thread)
-# with 32-deep K steps keeps register pressure low enough for 2+ CTAs per SM; l = k + oversample
-# is 74..266 here, so the N side is 2..5 tiles. Untuned: no GPU timing has been taken yet.
-_BLOCK_M, _BLOCK_N, _BLOCK_K, _BMM_WARPS = 64, 64, 32, 4
+# Tiles of the batched product, 32-deep K steps over 4 warps, 64 rows. The N side (l = k +
+# oversample = 74..288 columns here) decides how often each tile of A (the weights) is read:
+# once per N tile. 128-column tiles read A 3 times at l = 266 instead of 5 with 64 columns, for
+# 384 computed columns instead of 320, at the same 3 CTAs per SM for tf32 (sm_90, triton 3.6:
+# 168 registers, 72 KB shared, no spills; 3xTF32 246 registers, 2 CTAs; benchmarks/AOT_AUDIT.md).
+# Narrow products (l <= 64, and the l x l Grams' small side) keep 64 columns. Untuned on a GPU.
+_BLOCK_M, _BLOCK_K, _BMM_WARPS = 64, 32, 4
+_BLOCK_N_NARROW, _BLOCK_N_WIDE = 64, 128
+
+
+def bmm_block_n(n: int) -> int:
+    """The N tile of :func:`batched_matmul` for ``n`` output columns."""
+    return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW else _BLOCK_N_WIDE
+
+
 _PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32")
 
 
@@ -107,7 +118,8 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") ->
         return c
     if k == 0:
         return c.zero_()
-    grid = (_cdiv(m, _BLOCK_M) * _cdiv(n, _BLOCK_N), batch, 1)
+    block_n = bmm_block_n(n)
+    grid = (_cdiv(m, _BLOCK_M) * _cdiv(n, block_n), batch, 1)
     with _device_guard(a.device):
         bmm_kernel[grid](
             a,
@@ -120,7 +132,7 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") ->
             *x.stride(),
             *c.stride(),
             BLOCK_M=_BLOCK_M,
-            BLOCK_N=_BLOCK_N,
+            BLOCK_N=block_n,
             BLOCK_K=_BLOCK_K,
             PRECISION=dot_precision(precision, a.device),
             num_warps=_BMM_WARPS,
