@@ -55,11 +55,13 @@ def lowrank_jobs(subset: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 def svd_jobs() -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = [
-        {"family": "bmm", "precision": p, "a_type": t, "n": n}
+        {"family": "bmm", "precision": p, "a_type": t, "n": n, "skip": 0}
         for n in (266, 64)  # the passes at l = k + 10 = 266 (128-column tiles); U = Q U_T at k = 64 (64 columns)
         for p in ("ieee", "tf32", "tf32x3")
         for t in ("fp32", "bf16")
     ]
+    # CholeskyQR's Gram (settled matrices get I) and Q update (settled matrices keep q).
+    jobs += [{"family": "bmm", "precision": "tf32x3", "a_type": "fp32", "n": 266, "skip": mode} for mode in (1, 2)]
     jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
     return jobs
 
@@ -93,17 +95,19 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         from fasttrunc.kernels._svd_triton import bmm_kernel
 
         m, k, n = 8192, 2048, job["n"]
-        args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "M": m, "N": n, "K": k}
+        args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "skip_ptr": None, "M": m, "N": n, "K": k}
         args |= {"s_ab": m * k, "s_am": k, "s_ak": 1, "s_xb": k * n, "s_xk": n, "s_xn": 1}
         args |= {"s_cb": m * n, "s_cm": n, "s_cn": 1}
-        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd.bmm_block_n(n), "BLOCK_K": svd._BLOCK_K}
+        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd.bmm_block_n(n, job["skip"] != 0), "BLOCK_K": svd._BLOCK_K}
         const["PRECISION"] = job["precision"]
-        types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32"}
+        const["SKIP"] = job["skip"]
+        types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32", "skip_ptr": "*u8"}
         compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": svd._BMM_WARPS}, types)
         tensor_cores = job["precision"] != "ieee"
         what = {
             "kernel": "bmm_kernel",
-            "config": f"{job['precision']}, A {job['a_type']}, bn={const['BLOCK_N']}",
+            "config": f"{job['precision']}, A {job['a_type']}, bn={const['BLOCK_N']}"
+            + ("", ", skip: copy", ", skip: identity")[job["skip"]],
             "cells": [f"8192x2048 @ {n}"],
         }
     else:

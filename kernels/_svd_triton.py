@@ -19,6 +19,7 @@ def bmm_kernel(
     a_ptr,
     x_ptr,
     c_ptr,
+    skip_ptr,
     M,
     N,
     K,
@@ -35,9 +36,12 @@ def bmm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
-    # nothing), X fp32, accumulation and C in fp32.
+    # nothing), X fp32, accumulation and C in fp32. SKIP (0: none) reads one flag per matrix: a
+    # flagged matrix gets C[b] = A[b] (SKIP == 1, the product with an identity X) or C[b] = I
+    # (SKIP == 2) without its product being computed.
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -48,17 +52,31 @@ def bmm_kernel(
     rk = tl.arange(0, BLOCK_K)
     # int64 before the stride products: m x k of one matrix may pass 2^31 elements.
     rm64, rn64, rk64 = rm.to(tl.int64), rn.to(tl.int64), rk.to(tl.int64)
-    a_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rk64[None, :] * s_ak
-    x_ptrs = x_ptr + b * s_xb + rk64[:, None] * s_xk + rn64[None, :] * s_xn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
-        x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * s_ak
-        x_ptrs += BLOCK_K * s_xk
-    c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
-    tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    skipped = False
+    if SKIP != 0:
+        skipped = tl.load(skip_ptr + b) != 0
+    if skipped:
+        # Output pointers are formed where they are stored: live across the K loop they cost
+        # registers (and spills, sm_90).
+        c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
+        c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if SKIP == 1:
+            src_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rn64[None, :] * s_ak
+            tl.store(c_ptrs, tl.load(src_ptrs, mask=c_mask, other=0.0).to(tl.float32), mask=c_mask)
+        else:
+            tl.store(c_ptrs, tl.where(rm[:, None] == rn[None, :], 1.0, 0.0), mask=c_mask)
+    else:
+        a_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rk64[None, :] * s_ak
+        x_ptrs = x_ptr + b * s_xb + rk64[:, None] * s_xk + rn64[None, :] * s_xn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+            x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * s_ak
+            x_ptrs += BLOCK_K * s_xk
+        c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
+        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit

@@ -55,14 +55,16 @@ from fasttrunc.kernels._backend import use_triton
 # once per N tile. 128-column tiles read A 3 times at l = 266 instead of 5 with 64 columns, for
 # 384 computed columns instead of 320, at the same 3 CTAs per SM for tf32 (sm_90, triton 3.6:
 # 168 registers, 72 KB shared, no spills; 3xTF32 246 registers, 2 CTAs; benchmarks/AOT_AUDIT.md).
-# Narrow products (l <= 64, and the l x l Grams' small side) keep 64 columns. Untuned on a GPU.
+# Narrow products (l <= 64) keep 64 columns, and so do CholeskyQR's products, which read a skip
+# flag per matrix: with it, 128-column 3xTF32 tiles spill (20-128 bytes, 255 registers), 64-column
+# ones do not (232-236 registers, 2 CTAs per SM). Untuned on a GPU.
 _BLOCK_M, _BLOCK_K, _BMM_WARPS = 64, 32, 4
 _BLOCK_N_NARROW, _BLOCK_N_WIDE = 64, 128
 
 
-def bmm_block_n(n: int) -> int:
-    """The N tile of :func:`batched_matmul` for ``n`` output columns."""
-    return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW else _BLOCK_N_WIDE
+def bmm_block_n(n: int, skipping: bool = False) -> int:
+    """The N tile of :func:`batched_matmul` for ``n`` output columns (``skipping``: with skip flags)."""
+    return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW or skipping else _BLOCK_N_WIDE
 
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32")
@@ -92,12 +94,25 @@ def dot_precision(precision: str, device: torch.device) -> str:
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+_SKIP_MODES = {"copy": 1, "identity": 2}
+
+
+def batched_matmul(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    precision: str = "fp32",
+    *,
+    skip: torch.Tensor | None = None,
+    skipped: str = "copy",
+) -> torch.Tensor:
     """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
 
     ``precision`` is Triton's dot input precision: ``"ieee"`` (true fp32 products), ``"tf32"``
     (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy), or
     ``"fp32"``: fp32-grade, the fastest of those two the device has (:func:`dot_precision`).
+    ``skip`` (``(B,)`` bool on the device) marks matrices whose product is known without computing
+    it, read by the kernel (no host sync): their ``x`` is the identity and they get ``a``
+    (``skipped="copy"``, ``K == N``), or their result is the identity (``"identity"``, ``M == N``).
     """
     if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
         raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
@@ -109,22 +124,35 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") ->
         raise ValueError(f"a and x must be on one device; got {a.device} and {x.device}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision {precision!r} is not a dot precision; allowed: {', '.join(_PRECISIONS)}")
-    from fasttrunc.kernels._svd_triton import bmm_kernel
-
     batch, m, k = a.shape
     n = x.shape[2]
+    mode = 0
+    if skip is not None:
+        if skipped not in _SKIP_MODES:
+            raise ValueError(f"skipped {skipped!r} is not a skip mode; allowed: {', '.join(_SKIP_MODES)}")
+        if skip.shape != (batch,) or skip.dtype != torch.bool or skip.device != a.device:
+            raise ValueError(
+                f"skip must be a ({batch},) bool tensor on {a.device}; got {tuple(skip.shape)} {skip.dtype} on {skip.device}"
+            )
+        if (k, m)[skipped == "identity"] != n:
+            side = "K == N" if skipped == "copy" else "M == N"
+            raise ValueError(f"skipped={skipped!r} needs {side}; got a {tuple(a.shape)} and x {tuple(x.shape)}")
+        mode = _SKIP_MODES[skipped]
+    from fasttrunc.kernels._svd_triton import bmm_kernel
+
     c = torch.empty(batch, m, n, dtype=torch.float32, device=a.device)
     if c.numel() == 0:
         return c
-    if k == 0:
+    if k == 0 and not mode:
         return c.zero_()
-    block_n = bmm_block_n(n)
+    block_n = bmm_block_n(n, bool(mode))
     grid = (_cdiv(m, _BLOCK_M) * _cdiv(n, block_n), batch, 1)
     with _device_guard(a.device):
         bmm_kernel[grid](
             a,
             x,
             c,
+            c if skip is None else skip.view(torch.uint8),  # never read without SKIP
             m,
             n,
             k,
@@ -135,6 +163,7 @@ def batched_matmul(a: torch.Tensor, x: torch.Tensor, precision: str = "fp32") ->
             BLOCK_N=block_n,
             BLOCK_K=_BLOCK_K,
             PRECISION=dot_precision(precision, a.device),
+            SKIP=mode,
             num_warps=_BMM_WARPS,
         )
     return c
@@ -227,9 +256,9 @@ def jacobi_svd(
     return u, s, vr, info[:, 0]
 
 
-def _gram(y: torch.Tensor) -> torch.Tensor:
-    """``y^T y`` in fp32 with IEEE products, symmetrized, returned in fp64."""
-    g = batched_matmul(y.mT, y, "fp32").double()
+def _gram(y: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``y^T y`` with fp32-grade products, symmetrized, returned in fp64 (the identity where ``skip``)."""
+    g = batched_matmul(y.mT, y, "fp32", skip=skip, skipped="identity").double()
     return 0.5 * (g + g.mT)
 
 
@@ -268,16 +297,20 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
     failed = torch.zeros(batch, dtype=torch.bool, device=y.device)
     eye = torch.eye(l, dtype=torch.float64, device=y.device)
     for _ in range(_CHOLQR_LOOSE_STEPS if loose else _CHOLQR_STEPS):
-        g = _gram(q)
+        # A matrix converged (or failed) before this step keeps its q: the kernels skip its Gram
+        # (taken as I) and its update (R = I), deciding on the device (measured on the CPU, 8-9 of
+        # 14 steps at torch's settings and 16-19 of 30 at the defaults do work, 4096x1024, k = 256).
+        settled = failed | done
+        g = _gram(q, settled)
         rs, info = torch.linalg.cholesky_ex(g, upper=True)
         bad = (info != 0) | ~torch.isfinite(rs).flatten(1).all(1)
         shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
         shifted, info2 = torch.linalg.cholesky_ex(g + shift[:, None, None] * eye, upper=True)
         rs = torch.where(bad[:, None, None], shifted, rs)
         failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
-        rs = torch.where((failed | done)[:, None, None], eye, rs)  # converged matrices stay as they are
+        rs = torch.where(settled[:, None, None], eye, rs)  # converged matrices stay as they are
         rs_inv = _upper_inverse(rs)
-        q = batched_matmul(q, rs_inv.float(), "fp32")
+        q = batched_matmul(q, rs_inv.float(), "fp32", skip=settled)
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
         if loose:

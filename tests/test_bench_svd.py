@@ -71,3 +71,23 @@ def test_graph_replay_row_captures_once_and_replays(monkeypatch):
     monkeypatch.setattr(svd_module, "randomized_svd_triton_many_ex", flagged_ex)
     with pytest.raises(RuntimeError, match="^2 matrices flagged after a CUDA graph replay of the rSVD$"):
         bench._graph_replay([w], 2, {"n_iter": 2, "oversample": 1})
+
+
+def test_rsvd_cost_model_counts_the_algorithm_it_estimates(monkeypatch):
+    """The estimate's stages follow the algorithm: 2 + 2 n_iter passes, more iterations cost more,
+    the device-side skip of settled CholeskyQR steps is credited, and the stages sum to the total."""
+    import fasttrunc.bench.svd as bench
+
+    shapes = [(24, 8192, 2048)]
+    est = {n_iter: bench.estimate_rsvd_ms(shapes, 256, n_iter, 10) for n_iter in (0, 1, 2, 6)}
+    for e in est.values():
+        assert abs(sum(v for name, v in e.items() if name != "total") - e["total"]) < 1e-9
+    one_iteration = est[2]["passes"] - est[1]["passes"]  # a W^T Q and a W Z in tf32, one moved to 3xTF32
+    assert one_iteration > 0 and est[6]["total"] > est[2]["total"] > est[1]["total"]
+    tf32 = bench._bmm_ms(24, 8192, 2048, 266, 4, "tf32")
+    assert bench._bmm_ms(24, 8192, 2048, 266, 4, "tf32x3") > tf32  # three products (compute-bound)
+    assert bench._bmm_ms(24, 8192, 2048, 266, 2, "tf32") < tf32  # bf16 weights read half the bytes
+    skipped = est[2]["cholesky_qr"]
+    monkeypatch.setitem(bench.RSVD_MODEL, "loose_work_steps", 2)
+    monkeypatch.setitem(bench.RSVD_MODEL, "strict_work_steps", 3)
+    assert bench.estimate_rsvd_ms(shapes, 256, 2, 10)["cholesky_qr"] > skipped

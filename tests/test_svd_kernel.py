@@ -64,6 +64,26 @@ def test_batched_matmul_reads_half_weights_as_stored_through_a_transposed_view(d
     assert rel_err(out, batched_matmul_reference(w.mT, x)) < bound
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_matmul_skips_flagged_matrices_on_the_device(device):
+    """A flagged matrix gets ``a`` (copy: its x is the identity) or I, never its product; the rest
+    are computed as without a skip."""
+    dev = _device(device)
+    a = torch.randn(3, 37, 37, device=dev)
+    x = torch.randn(3, 37, 37, device=dev)
+    skip = torch.tensor([True, False, True], device=dev)
+    copied = batched_matmul(a, x, "ieee", skip=skip)
+    assert torch.equal(copied[0], a[0]) and torch.equal(copied[2], a[2])
+    assert torch.equal(copied[1], batched_matmul(a, x, "ieee")[1])
+    ident = batched_matmul(a, x, "ieee", skip=skip, skipped="identity")
+    eye = torch.eye(37, device=dev)
+    assert torch.equal(ident[0], eye) and torch.equal(ident[2], eye)
+    assert rel_err(ident[1], batched_matmul_reference(a, x)[1]) < 1e-6
+    tall = torch.randn(2, 70, 5, device=dev)  # copy needs K == N only: 70 x 5 @ 5 x 5
+    out = batched_matmul(tall, torch.randn(2, 5, 5, device=dev), skip=torch.tensor([True, True], device=dev))
+    assert torch.equal(out, tall)
+
+
 def test_batched_matmul_rejects_bad_operands():
     a, x = torch.randn(2, 5, 4), torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="needs a"):
@@ -72,6 +92,17 @@ def test_batched_matmul_rejects_bad_operands():
         batched_matmul(a, x.double())
     with pytest.raises(ValueError, match="precision 'fp8'"):
         batched_matmul(a, x, "fp8")
+    flags = torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^skipped 'zero' is not a skip mode; allowed: copy, identity$"):
+        batched_matmul(a, x, skip=flags, skipped="zero")
+    with pytest.raises(ValueError, match=r"^skip must be a \(2,\) bool tensor on cpu; got \(3,\) torch.bool on cpu$"):
+        batched_matmul(a, x, skip=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^skip must be a \(2,\) bool tensor on cpu; got \(2,\) torch.int64"):
+        batched_matmul(a, x, skip=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^skipped='copy' needs K == N; got a \(2, 5, 4\) and x \(2, 4, 3\)$"):
+        batched_matmul(a, x, skip=flags)
+    with pytest.raises(ValueError, match=r"^skipped='identity' needs M == N"):
+        batched_matmul(a, x, skip=flags, skipped="identity")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -398,3 +429,28 @@ def test_randomized_svd_ex_replays_in_a_cuda_graph():
     err = torch.linalg.matrix_norm((u @ torch.diag_embed(s) @ vh).double() - fresh.double())
     assert (err <= 1.05 * optimal).all(), (err, optimal)
     assert orthonormality(u) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
+    """Converged matrices cost no Gram and no update in the fixed later steps: an orthonormal y is
+    settled after one step, a random one after two (CholeskyQR2), and the third step skips both."""
+    import fasttrunc.kernels.svd as svd_module
+
+    dev = _device(device)
+    g = torch.Generator().manual_seed(11)
+    orthonormal, _ = torch.linalg.qr(torch.randn(41, 13, generator=g, dtype=torch.float64))
+    y = torch.stack([orthonormal.float(), torch.randn(41, 13, generator=g)]).to(dev)
+    flags = []
+    real = svd_module.batched_matmul
+
+    def recording(a, x, precision="fp32", *, skip=None, skipped="copy"):
+        flags.append((skipped, None if skip is None else skip.tolist()))
+        return real(a, x, precision, skip=skip, skipped=skipped)
+
+    monkeypatch.setattr(svd_module, "batched_matmul", recording)
+    q, r, failed = svd_module.cholesky_qr_ex(y)
+    monkeypatch.undo()
+    per_step = [[False, False], [True, False], [True, True]]
+    assert flags == [(mode, step) for step in per_step for mode in ("identity", "copy")]
+    assert not failed.any() and orthonormality(q) < 1e-5 and rel_err(q.double() @ r, y) < 1e-6

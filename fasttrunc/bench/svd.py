@@ -214,6 +214,92 @@ def _graph_replay(weights: Sequence[torch.Tensor], k: int, options: dict[str, An
     return replay
 
 
+# An H200 cost model of one fasttrunc rSVD call (ESTIMATES: no GPU has timed the kernels). The
+# ceilings are those of benchmarks/BASELINES.md and fasttrunc.bench.lowrank's model; the rest are
+# assumptions, named so that the first gpu_check.sh run can check each against its stage table.
+RSVD_MODEL = {
+    "hbm_gbps": 4220.0,  # device copy (BASELINES.md)
+    "l2_gbps": 10000.0,  # assumed aggregate L2 bandwidth (as in the low-rank model)
+    "l2_gbps_per_sm": 127.0,  # assumed: 64 B per clock per SM at 1.98 GHz
+    "tf32_tflops": 247.0,  # assumed: 50% of the 494 TFLOP/s dense tf32 peak
+    "fp32_fma_tflops": 33.5,  # assumed: 50% of the 67 TFLOP/s fp32 FMA peak
+    "small_fp64_ms": 0.35,  # assumed: one batched fp64 l x l Cholesky / triangular inverse of 48 matrices
+    "launch_ms": 0.005,  # assumed: one eager launch of a small torch op or a Triton kernel
+    "jacobi_sweeps": 8,  # measured on the CPU: 5-8 sweeps for R^T at l = 74..281
+    # CholeskyQR steps that do work (the rest are skipped on the device): measured on the CPU,
+    # 4096x1024, k = 256, spectra 1/i, i^-0.5, 0.97^i: one of a loose call's 2, two of a strict 3.
+    "loose_work_steps": 1,
+    "strict_work_steps": 2,
+    "sms": 132,
+}
+
+
+def _bmm_ms(batch: int, m: int, k: int, n: int, itemsize: int, precision: str, skipping: bool = False) -> float:
+    """One batched_matmul launch ``(batch, m, k) @ (batch, k, n)``: the larger of its memory time
+    (HBM once, L2 re-reads per tile: ``m k n_pad (1/BN + 1/BM)`` operand loads) and its MMA time."""
+    from fasttrunc.kernels import svd as svd_kernels
+
+    block_n = svd_kernels.bmm_block_n(n, skipping)
+    n_pad = -(-n // block_n) * block_n
+    m_pad = -(-m // svd_kernels._BLOCK_M) * svd_kernels._BLOCK_M
+    hbm = batch * (itemsize * m * k + 4 * (k * n + m * n))
+    l2 = batch * m_pad * k * n_pad * (itemsize / block_n + 4 / svd_kernels._BLOCK_M)
+    memory = hbm / (RSVD_MODEL["hbm_gbps"] * 1e6) + l2 / (RSVD_MODEL["l2_gbps"] * 1e6)
+    flops = 2 * batch * m_pad * k * n_pad
+    if precision == "ieee":
+        compute = flops / (RSVD_MODEL["fp32_fma_tflops"] * 1e9)
+    else:
+        compute = (3 if precision == "tf32x3" else 1) * flops / (RSVD_MODEL["tf32_tflops"] * 1e9)
+    return max(memory, compute) + RSVD_MODEL["launch_ms"]
+
+
+def estimate_rsvd_ms(
+    shapes: Sequence[tuple[int, int, int]], k: int, n_iter: int, oversample: int, itemsize: int = 4
+) -> dict[str, float]:
+    """Estimated milliseconds per stage of one ``randomized_svd_triton_many`` call on an H200.
+
+    ``shapes`` are ``(count, m, n)`` batches; the stages are the passes over W, the CholeskyQR
+    steps (Gram and Q update in 3xTF32, fp64 Cholesky and inverse in torch), the small Jacobi SVD
+    (one program per matrix, L2-bound: each round reads and writes the padded ``l x l`` X and V),
+    and the final ``U = Q U_T``, ``V = Q2 V_T``. Host syncs: none counted (one at the end).
+    """
+    from fasttrunc.kernels import svd as svd_kernels
+
+    l = k + oversample
+    total_count = sum(c for c, _, _ in shapes)
+    stages = dict.fromkeys(("passes", "cholesky_qr", "jacobi", "factors"), 0.0)
+    for count, m0, n0 in shapes:
+        m, n = max(m0, n0), min(m0, n0)
+        precisions = [svd_kernels.RANGE_PRECISION if n_iter else "tf32x3"]  # the sketch
+        for i in range(n_iter):
+            precisions += ["tf32", "tf32x3" if i == n_iter - 1 else "tf32"]
+        precisions.append("tf32x3")  # the projection W^T Q
+        # Sides alternate: W @ (n x l) then W^T @ (m x l).
+        for j, precision in enumerate(precisions):
+            rows, depth = (m, n) if j % 2 == 0 else (n, m)
+            stages["passes"] += _bmm_ms(count, rows, depth, l, itemsize, precision)
+        # CholeskyQR calls: loose (2 steps) between iterations, strict (3 steps) for U's basis and Q2.
+        sides = [m] + [n, m] * n_iter + [n]
+        steps = [2 if n_iter else 3] + [2, 2] * n_iter + [3]
+        if n_iter:
+            steps[-2] = 3  # the last W Z defines U: a strict factorization
+        for rows, count_steps in zip(sides, steps):
+            work = RSVD_MODEL["loose_work_steps" if count_steps == 2 else "strict_work_steps"]
+            products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True) + _bmm_ms(count, rows, l, l, 4, "tf32x3", True)
+            copy = count * 2 * 4 * rows * l / (RSVD_MODEL["hbm_gbps"] * 1e6)  # a skipped update keeps q
+            small = 3 * RSVD_MODEL["small_fp64_ms"] * count / 48 + 20 * RSVD_MODEL["launch_ms"]  # every step
+            stages["cholesky_qr"] += work * products + (count_steps - work) * copy + count_steps * small
+        stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3") + _bmm_ms(count, n, l, k, 4, "tf32x3")
+    npair = (l + 1) // 2
+    stride = -(-2 * npair // 32) * 32
+    round_bytes = 2 * 2 * 2 * npair * stride * 4  # X and V, read and written, per round
+    rounds = RSVD_MODEL["jacobi_sweeps"] * (2 * npair - 1)
+    bandwidth = min(RSVD_MODEL["l2_gbps"], total_count * RSVD_MODEL["l2_gbps_per_sm"])
+    stages["jacobi"] = total_count * rounds * round_bytes / (bandwidth * 1e6) + RSVD_MODEL["launch_ms"]
+    stages["total"] = sum(stages.values())
+    return stages
+
+
 def _svd_lowrank_looped(groups: Sequence[torch.Tensor], k: int, os_: int) -> Factors:
     """LASER's routine, oversampled: ``torch.svd_lowrank(q=k+os, niter=2)`` per matrix."""
     out = []
