@@ -275,11 +275,14 @@ _CHOLQR_DONE = 0.1
 # orthonormality: a loose step is converged when kappa_F(R) = |R|_F |R^-1|_F <= 2^12 (measured in
 # fp32: kappa_F = 4.3e3 leaves |Q^T Q - I| at 1.2e-4, 4096 x 1024, 1/i spectrum, l = 281).
 _CHOLQR_LOOSE_KAPPA = 2.0**12
-# Fixed step counts, so that the loop needs no host sync (and can be captured in a CUDA graph):
-# a Gram with condition number up to 1/eps_fp32 needs 3 steps (shifted CholeskyQR3); a loose
-# basis needs 2 (one, and a second for blocks whose first R was too ill-conditioned). A matrix
-# not converged after them goes to Householder QR (one sync, after the loop).
-_CHOLQR_STEPS, _CHOLQR_LOOSE_STEPS = 3, 2
+# Fixed step counts, so that the loop needs no host sync (and can be captured in a CUDA graph).
+# Each step factors one Gram: the plain one, or the shifted one G + s I where the previous step
+# found the plain one indefinite (that step leaves q alone). A Gram with condition number up to
+# 1/eps_fp32 then takes 4 steps: the failed plain one, the shifted one, two plain ones (shifted
+# CholeskyQR3); a loose basis the same at worst, since a shifted step squashes the directions
+# below sqrt(s) and only a plain step may accept it (measured, 0.97^i spectrum, 4096x1024,
+# l = 266: Y took all 4 steps). A matrix not converged after them is flagged.
+_CHOLQR_STEPS = 4
 
 
 def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,27 +299,32 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
     done = torch.zeros(batch, dtype=torch.bool, device=y.device)
     failed = torch.zeros(batch, dtype=torch.bool, device=y.device)
     eye = torch.eye(l, dtype=torch.float64, device=y.device)
-    for _ in range(_CHOLQR_LOOSE_STEPS if loose else _CHOLQR_STEPS):
+    shifting = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    for _ in range(_CHOLQR_STEPS):
         # A matrix converged (or failed) before this step keeps its q: the kernels skip its Gram
-        # (taken as I) and its update (R = I), deciding on the device (measured on the CPU, 8-9 of
-        # 14 steps at torch's settings and 16-19 of 30 at the defaults do work, 4096x1024, k = 256).
+        # (taken as I) and its update (R = I), deciding on the device (measured on the CPU, 8-9
+        # of 24 steps do work at torch's settings and 16-19 of 56 at the defaults, 4096x1024, k = 256).
         settled = failed | done
         g = _gram(q, settled)
-        rs, info = torch.linalg.cholesky_ex(g, upper=True)
-        bad = (info != 0) | ~torch.isfinite(rs).flatten(1).all(1)
         shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
-        shifted, info2 = torch.linalg.cholesky_ex(g + shift[:, None, None] * eye, upper=True)
-        rs = torch.where(bad[:, None, None], shifted, rs)
-        failed |= bad & ((info2 != 0) | (shift <= 0) | ~torch.isfinite(shifted).flatten(1).all(1))
-        rs = torch.where(settled[:, None, None], eye, rs)  # converged matrices stay as they are
+        # One Cholesky a step (the batched fp64 factorization is the costly small op): of the
+        # shifted Gram G + s I only where the plain one failed in the step before.
+        rs, info = torch.linalg.cholesky_ex(g + torch.where(shifting, shift, 0.0)[:, None, None] * eye, upper=True)
+        bad = ((info != 0) | ~torch.isfinite(rs).flatten(1).all(1)) & ~settled
+        failed |= bad & (shifting | (shift <= 0))  # indefinite even shifted, or all zeros
+        shifted, shifting = shifting, bad & ~failed
+        rs = torch.where((settled | bad)[:, None, None], eye, rs)  # settled or failed matrices stay as they are
         rs_inv = _upper_inverse(rs)
-        q = batched_matmul(q, rs_inv.float(), "fp32", skip=settled)
+        q = batched_matmul(q, rs_inv.float(), "fp32", skip=settled | bad)
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
         if loose:
+            # A well-conditioned R says q is nearly orthonormal only for the plain Gram: after a
+            # shifted one, q = y R^-1 can be far from it (|Q^T Q - I| of 0.94 measured, 0.97^i
+            # spectrum, 4096x1024, l = 266), and a plain step must follow.
             kappa = torch.linalg.matrix_norm(rs) * torch.linalg.matrix_norm(rs_inv)
-            step_ok |= kappa <= _CHOLQR_LOOSE_KAPPA
-        done |= step_ok & ~failed
+            step_ok |= (kappa <= _CHOLQR_LOOSE_KAPPA) & ~shifted
+        done |= step_ok & ~failed & ~bad
     failed |= ~done | ~torch.isfinite(q).flatten(1).all(1)
     stand_in = torch.eye(m, l, dtype=torch.float32, device=y.device)
     q = torch.where(failed[:, None, None], stand_in, q)
@@ -327,11 +335,11 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
 def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = q r`` for a batch ``(B, m, l)`` fp32, ``m >= l``: ``q`` fp32 orthonormal, ``r`` fp64 upper.
 
-    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed number of steps
-    (3, or 2 with ``loose=True``, which accepts a step whose ``R`` is well enough conditioned for
-    ``q`` to be orthonormal to ~1e-4: enough between power iterations). Each step also factors the
-    shifted Gram ``G + s I``, ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3),
-    used where the plain Gram is not numerically positive definite. The loop itself never waits
+    CholeskyQR2 (Gram with fp32-grade products, Cholesky in fp64) with a fixed 4 steps
+    (``loose=True`` accepts a plain step whose ``R`` is well enough conditioned for ``q`` to be
+    orthonormal to ~1e-4: enough between power iterations). Where the plain Gram is not
+    numerically positive definite, the next step factors the shifted Gram ``G + s I``,
+    ``s = (m l + l (l + 1)) 2^-24 trace(G) / l`` (shifted CholeskyQR3). The loop itself never waits
     for the device (:func:`cholesky_qr_ex`); a matrix that fails even then (all zeros, or not
     converged) is factored with Householder QR after it (one host read).
     """

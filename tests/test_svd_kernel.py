@@ -158,6 +158,11 @@ def test_cholesky_qr_survives_ill_conditioning_zeros_and_rank_deficiency(device)
         3, 9, generator=g, dtype=torch.float64
     )
     y = torch.stack([ill, torch.zeros(40, 9, dtype=torch.float64), deficient]).float().to(dev)
+    from fasttrunc.kernels.svd import cholesky_qr_ex
+
+    q_ex, r_ex, failed = cholesky_qr_ex(y[:1])  # the shifted Gram, in the step after the plain one failed
+    assert not failed.any() and orthonormality(q_ex) < 1e-4
+    assert (q_ex[0].double() @ r_ex[0] - y[0].double()).abs().max().item() < 1e-5
     q, r = cholesky_qr(y)
     assert torch.isfinite(q).all() and torch.isfinite(r).all()
     assert orthonormality(q) < 1e-4
@@ -434,7 +439,7 @@ def test_randomized_svd_ex_replays_in_a_cuda_graph():
 @pytest.mark.parametrize("device", DEVICES)
 def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     """Converged matrices cost no Gram and no update in the fixed later steps: an orthonormal y is
-    settled after one step, a random one after two (CholeskyQR2), and the third step skips both."""
+    settled after one step, a random one after two (CholeskyQR2), and the last two steps skip both."""
     import fasttrunc.kernels.svd as svd_module
 
     dev = _device(device)
@@ -448,9 +453,18 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
         flags.append((skipped, None if skip is None else skip.tolist()))
         return real(a, x, precision, skip=skip, skipped=skipped)
 
+    factored = []
+    real_cholesky = torch.linalg.cholesky_ex
+
+    def counting_cholesky(g, upper=False):
+        factored.append(g.shape[0])
+        return real_cholesky(g, upper=upper)
+
     monkeypatch.setattr(svd_module, "batched_matmul", recording)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting_cholesky)
     q, r, failed = svd_module.cholesky_qr_ex(y)
     monkeypatch.undo()
-    per_step = [[False, False], [True, False], [True, True]]
+    assert factored == [2, 2, 2, 2]  # one batched Cholesky a step
+    per_step = [[False, False], [True, False], [True, True], [True, True]]
     assert flags == [(mode, step) for step in per_step for mode in ("identity", "copy")]
     assert not failed.any() and orthonormality(q) < 1e-5 and rel_err(q.double() @ r, y) < 1e-6

@@ -223,7 +223,13 @@ RSVD_MODEL = {
     "l2_gbps_per_sm": 127.0,  # assumed: 64 B per clock per SM at 1.98 GHz
     "tf32_tflops": 247.0,  # assumed: 50% of the 494 TFLOP/s dense tf32 peak
     "fp32_fma_tflops": 33.5,  # assumed: 50% of the 67 TFLOP/s fp32 FMA peak
-    "small_fp64_ms": 0.35,  # assumed: one batched fp64 l x l Cholesky / triangular inverse of 48 matrices
+    # Derived from a measurement: BASELINES.md 2b timed torch's CholeskyQR2 of 24 x 8192 x 266 at
+    # 7.83 ms (two steps); less its two products per step at this model's rates, about 2.6 ms a
+    # step is the fp64 batched Cholesky of 24 matrices: 0.11 ms a matrix at l = 266 (its l = 74
+    # figure, 2.07 ms, gives 0.037 ms; scaled here linearly in l).
+    "cholesky_ms_per_matrix": 0.11,
+    "cholesky_l": 266,
+    "inverse_ms": 0.1,  # assumed: one batched fp64 triangular inverse (cuBLAS trsm) of a batch
     "launch_ms": 0.005,  # assumed: one eager launch of a small torch op or a Triton kernel
     "jacobi_sweeps": 8,  # measured on the CPU: 5-8 sweeps for R^T at l = 74..281
     # CholeskyQR steps that do work (the rest are skipped on the device): measured on the CPU,
@@ -278,17 +284,18 @@ def estimate_rsvd_ms(
         for j, precision in enumerate(precisions):
             rows, depth = (m, n) if j % 2 == 0 else (n, m)
             stages["passes"] += _bmm_ms(count, rows, depth, l, itemsize, precision)
-        # CholeskyQR calls: loose (2 steps) between iterations, strict (3 steps) for U's basis and Q2.
+        # CholeskyQR calls, 4 fixed steps each: loose between iterations, strict for U's basis (the
+        # last W Z) and for Q2.
         sides = [m] + [n, m] * n_iter + [n]
-        steps = [2 if n_iter else 3] + [2, 2] * n_iter + [3]
-        if n_iter:
-            steps[-2] = 3  # the last W Z defines U: a strict factorization
-        for rows, count_steps in zip(sides, steps):
-            work = RSVD_MODEL["loose_work_steps" if count_steps == 2 else "strict_work_steps"]
+        strict = [n_iter == 0] + [flag for i in range(n_iter) for flag in (False, i == n_iter - 1)] + [True]
+        cholesky = RSVD_MODEL["cholesky_ms_per_matrix"] * count * l / RSVD_MODEL["cholesky_l"]
+        small = cholesky + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]  # every step, settled or not
+        for rows, is_strict in zip(sides, strict):
+            work = RSVD_MODEL["strict_work_steps" if is_strict else "loose_work_steps"]
             products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True) + _bmm_ms(count, rows, l, l, 4, "tf32x3", True)
             copy = count * 2 * 4 * rows * l / (RSVD_MODEL["hbm_gbps"] * 1e6)  # a skipped update keeps q
-            small = 3 * RSVD_MODEL["small_fp64_ms"] * count / 48 + 20 * RSVD_MODEL["launch_ms"]  # every step
-            stages["cholesky_qr"] += work * products + (count_steps - work) * copy + count_steps * small
+            steps = svd_kernels._CHOLQR_STEPS
+            stages["cholesky_qr"] += work * products + (steps - work) * copy + steps * small
         stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3") + _bmm_ms(count, n, l, k, 4, "tf32x3")
     npair = (l + 1) // 2
     stride = -(-2 * npair // 32) * 32
