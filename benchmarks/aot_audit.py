@@ -63,6 +63,7 @@ def svd_jobs() -> list[dict[str, Any]]:
     # CholeskyQR's Gram (settled matrices get I) and Q update (settled matrices keep q).
     jobs += [{"family": "bmm", "precision": "tf32x3", "a_type": "fp32", "n": 266, "skip": mode} for mode in (1, 2)]
     jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
+    jobs += [{"family": "cholesky", "l": l} for l in (266, 288)]
     return jobs
 
 
@@ -110,6 +111,18 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
             + ("", ", skip: copy", ", skip: identity")[job["skip"]],
             "cells": [f"8192x2048 @ {n}"],
         }
+    elif job["family"] == "cholesky":
+        from fasttrunc.kernels import svd
+        from fasttrunc.kernels._svd_triton import cholesky_kernel
+
+        l = job["l"]
+        args = {"g_ptr": None, "r_ptr": None, "info_ptr": None, "L": l, "STRIDE": l}
+        types = {"g_ptr": "*fp64", "r_ptr": "*fp64", "info_ptr": "*i32"}
+        const = {"BLOCK_I": svd._CHOLESKY_BLOCK_I, "BLOCK_K": svd._CHOLESKY_BLOCK_K}
+        compiled = aot.compile_kernel(cholesky_kernel, args, const, {"num_warps": svd._CHOLESKY_WARPS}, types)
+        tensor_cores = False
+        what = {"kernel": "cholesky_kernel", "config": f"l={l} I={const['BLOCK_I']} K={const['BLOCK_K']}"}
+        what["cells"] = [f"l = {l}"]
     else:
         from fasttrunc.kernels import svd
         from fasttrunc.kernels._svd_triton import jacobi_kernel

@@ -159,3 +159,53 @@ def jacobi_kernel(
         sweep += 1
     tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
     tl.store(info_ptr + 2 * b + 1, off)
+
+
+@triton.jit
+def cholesky_kernel(
+    g_ptr,
+    r_ptr,
+    info_ptr,
+    L,
+    STRIDE,
+    BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Left-looking Cholesky G = R^T R of one symmetric L x L fp64 matrix per program (reading its
+    # upper triangle), R upper triangular and written a row at a time:
+    #   d = G[j, j] - sum_{k<j} R[k, j]^2,   R[j, i] = (G[j, i] - sum_{k<j} R[k, j] R[k, i]) / sqrt(d)
+    # for i >= j. Row j reads the rows above it, which other threads of this program wrote:
+    # a barrier after each row. Rows are STRIDE apart, matrices L * STRIDE. info = 1 + the first
+    # pivot that is not positive (or not finite), 0 when every one is; such a row is left zero.
+    # In-matrix offsets (at most l^2) stay int32; the batch offset is int64.
+    b = tl.program_id(0).to(tl.int64)
+    g_base = g_ptr + b * L * STRIDE
+    r_base = r_ptr + b * L * STRIDE
+    info = tl.program_id(0) * 0
+    for j in range(0, L):
+        dacc = tl.zeros((BLOCK_K,), dtype=tl.float64)
+        for k0 in range(0, j, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            rkj = tl.load(r_base + k * STRIDE + j, mask=k < j, other=0.0)
+            dacc += rkj * rkj
+        d = tl.load(g_base + j * STRIDE + j) - tl.sum(dacc, axis=0)
+        ok = d > 0.0  # false for NaN too
+        info = tl.where((info == 0) & (not ok), j + 1, info)
+        scale = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, d, 1.0)), 0.0)
+        for i0 in range(j, L, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            acc = tl.zeros((BLOCK_K, BLOCK_I), dtype=tl.float64)
+            for k0 in range(0, j, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                km = k < j
+                rkj = tl.load(r_base + k * STRIDE + j, mask=km, other=0.0)
+                rki = tl.load(
+                    r_base + k[:, None] * STRIDE + i[None, :],
+                    mask=km[:, None] & (i[None, :] < L),
+                    other=0.0,
+                )
+                acc += rkj[:, None] * rki
+            c = tl.load(g_base + j * STRIDE + i, mask=i < L, other=0.0) - tl.sum(acc, axis=0)
+            tl.store(r_base + j * STRIDE + i, c * scale, mask=i < L)
+        tl.debug_barrier()
+    tl.store(info_ptr + b, info)

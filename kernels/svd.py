@@ -256,6 +256,44 @@ def jacobi_svd(
     return u, s, vr, info[:, 0]
 
 
+# One program per matrix, 64-wide rows by 32-deep sums of fp64 (16 values a thread at 4 warps).
+_CHOLESKY_BLOCK_I, _CHOLESKY_BLOCK_K, _CHOLESKY_WARPS = 64, 32, 4
+
+
+def batched_cholesky(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factors of a batch ``g (B, l, l)`` of symmetric fp64 matrices, one program each.
+
+    Returns ``r`` (``g = r^T r``, zero below the diagonal) and ``info`` ``(B,)`` int32: 0, or 1 +
+    the first pivot that is not positive (``r`` is then unreliable), as ``torch.linalg.cholesky_ex``
+    reports it. Reads the upper triangle of ``g``. No host sync. torch's batched fp64 Cholesky
+    cost about 0.11 ms a matrix at l = 266 on an H200 (BASELINES.md 2b, derived), the costliest
+    small op of CholeskyQR; this kernel does l^3 / 6 fp64 multiply-adds a matrix, its reads in L2.
+    """
+    if g.dim() != 3 or g.shape[1] != g.shape[2]:
+        raise ValueError(f"batched_cholesky needs a batch of square matrices (B, l, l); got {tuple(g.shape)}")
+    if g.dtype != torch.float64:
+        raise ValueError(f"batched_cholesky needs float64 input; got {g.dtype}")
+    batch, l, _ = g.shape
+    g = g.contiguous()
+    r = torch.zeros_like(g)
+    info = torch.zeros(batch, dtype=torch.int32, device=g.device)
+    if batch and l:
+        from fasttrunc.kernels._svd_triton import cholesky_kernel
+
+        with _device_guard(g.device):
+            cholesky_kernel[(batch, 1, 1)](
+                g,
+                r,
+                info,
+                l,
+                l,
+                BLOCK_I=_CHOLESKY_BLOCK_I,
+                BLOCK_K=_CHOLESKY_BLOCK_K,
+                num_warps=_CHOLESKY_WARPS,
+            )
+    return r, info
+
+
 def _gram(y: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
     """``y^T y`` with fp32-grade products, symmetrized, returned in fp64 (the identity where ``skip``)."""
     g = batched_matmul(y.mT, y, "fp32", skip=skip, skipped="identity").double()
@@ -307,9 +345,10 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
         settled = failed | done
         g = _gram(q, settled)
         shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
-        # One Cholesky a step (the batched fp64 factorization is the costly small op): of the
-        # shifted Gram G + s I only where the plain one failed in the step before.
-        rs, info = torch.linalg.cholesky_ex(g + torch.where(shifting, shift, 0.0)[:, None, None] * eye, upper=True)
+        # One Cholesky a step (the batched fp64 factorization is the costly small op: a Triton
+        # kernel, see batched_cholesky): of the shifted Gram G + s I only where the plain one
+        # failed in the step before.
+        rs, info = batched_cholesky(g + torch.where(shifting, shift, 0.0)[:, None, None] * eye)
         bad = ((info != 0) | ~torch.isfinite(rs).flatten(1).all(1)) & ~settled
         failed |= bad & (shifting | (shift <= 0))  # indefinite even shifted, or all zeros
         shifted, shifting = shifting, bad & ~failed
@@ -707,6 +746,7 @@ __all__ = [
     "randomized_svd_triton_many",
     "randomized_svd_triton_many_ex",
     "cholesky_qr_ex",
+    "batched_cholesky",
     "INFO_BASIS",
     "INFO_JACOBI",
 ]

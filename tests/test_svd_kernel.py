@@ -106,6 +106,42 @@ def test_batched_matmul_rejects_bad_operands():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l", [1, 6, 37, 70])
+def test_batched_cholesky_matches_torch(device, l):
+    from fasttrunc.kernels.svd import batched_cholesky
+
+    dev = _device(device)
+    a = torch.randn(3, l + 4, l, dtype=torch.float64, generator=torch.Generator().manual_seed(l))
+    g = (a.mT @ a).to(dev)
+    r, info = batched_cholesky(g)
+    ref = torch.linalg.cholesky(g, upper=True)
+    assert info.tolist() == [0, 0, 0]
+    assert (r - ref).abs().max().item() < 1e-12 * ref.abs().max().item()
+    assert torch.equal(r.tril(-1), torch.zeros_like(r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_cholesky_reports_the_first_bad_pivot_as_torch_does(device):
+    """Indefinite, NaN and zero matrices: the same info as torch.linalg.cholesky_ex, nothing raised."""
+    from fasttrunc.kernels.svd import batched_cholesky
+
+    dev = _device(device)
+    g = torch.eye(5, dtype=torch.float64).repeat(4, 1, 1)
+    g[0, 2, 2] = -1.0
+    g[1, 3, 3] = float("nan")
+    g[2] = 0.0
+    g[3, 0, 1] = g[3, 1, 0] = 2.0  # indefinite 2 x 2 block: the second pivot is 1 - 4
+    _, info = batched_cholesky(g.to(dev))
+    assert info.tolist() == torch.linalg.cholesky_ex(g, upper=True)[1].tolist() == [3, 4, 1, 2]
+    with pytest.raises(ValueError, match=r"^batched_cholesky needs float64 input; got torch.float32$"):
+        batched_cholesky(g.float())
+    with pytest.raises(
+        ValueError, match=r"^batched_cholesky needs a batch of square matrices \(B, l, l\); got \(5, 5\)$"
+    ):
+        batched_cholesky(g[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("l", [1, 6, 13])
 def test_jacobi_svd_matches_torch(device, l):
     dev = _device(device)
@@ -454,14 +490,14 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
         return real(a, x, precision, skip=skip, skipped=skipped)
 
     factored = []
-    real_cholesky = torch.linalg.cholesky_ex
+    real_cholesky = svd_module.batched_cholesky
 
-    def counting_cholesky(g, upper=False):
+    def counting_cholesky(g):
         factored.append(g.shape[0])
-        return real_cholesky(g, upper=upper)
+        return real_cholesky(g)
 
     monkeypatch.setattr(svd_module, "batched_matmul", recording)
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting_cholesky)
+    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
     q, r, failed = svd_module.cholesky_qr_ex(y)
     monkeypatch.undo()
     assert factored == [2, 2, 2, 2]  # one batched Cholesky a step

@@ -223,12 +223,14 @@ RSVD_MODEL = {
     "l2_gbps_per_sm": 127.0,  # assumed: 64 B per clock per SM at 1.98 GHz
     "tf32_tflops": 247.0,  # assumed: 50% of the 494 TFLOP/s dense tf32 peak
     "fp32_fma_tflops": 33.5,  # assumed: 50% of the 67 TFLOP/s fp32 FMA peak
-    # Derived from a measurement: BASELINES.md 2b timed torch's CholeskyQR2 of 24 x 8192 x 266 at
-    # 7.83 ms (two steps); less its two products per step at this model's rates, about 2.6 ms a
-    # step is the fp64 batched Cholesky of 24 matrices: 0.11 ms a matrix at l = 266 (its l = 74
-    # figure, 2.07 ms, gives 0.037 ms; scaled here linearly in l).
-    "cholesky_ms_per_matrix": 0.11,
-    "cholesky_l": 266,
+    # torch's batched fp64 Cholesky, derived from a measurement: BASELINES.md 2b timed torch's
+    # CholeskyQR2 of 24 x 8192 x 266 at 7.83 ms (two steps); less its two products per step at this
+    # model's rates, about 2.6 ms a step is the Cholesky of 24 matrices: 0.11 ms a matrix at
+    # l = 266 (its l = 74 figure, 2.07 ms, gives 0.037 ms; scaled linearly in l). Not used by the
+    # pipeline any more (batched_cholesky); kept for the comparison.
+    "torch_cholesky_ms_per_matrix": 0.11,
+    "torch_cholesky_l": 266,
+    "l2_round_trip_us": 0.3,  # assumed: one dependent L2 read (about 600 cycles with the loop around it)
     "inverse_ms": 0.1,  # assumed: one batched fp64 triangular inverse (cuBLAS trsm) of a batch
     "launch_ms": 0.005,  # assumed: one eager launch of a small torch op or a Triton kernel
     "jacobi_sweeps": 8,  # measured on the CPU: 5-8 sweeps for R^T at l = 74..281
@@ -257,6 +259,25 @@ def _bmm_ms(batch: int, m: int, k: int, n: int, itemsize: int, precision: str, s
     else:
         compute = (3 if precision == "tf32x3" else 1) * flops / (RSVD_MODEL["tf32_tflops"] * 1e9)
     return max(memory, compute) + RSVD_MODEL["launch_ms"]
+
+
+def cholesky_kernel_ms(count: int, l: int) -> float:
+    """Estimated time of one ``batched_cholesky`` launch: one program per matrix, each row a chain
+    of dependent L2 reads (its pivot's sums, then its row tiles' sums over the rows above), or the
+    L2 bandwidth of the programs (l^3 / 6 fp64 values read a matrix), whichever is longer."""
+    from fasttrunc.kernels import svd as svd_kernels
+
+    block_i, block_k = svd_kernels._CHOLESKY_BLOCK_I, svd_kernels._CHOLESKY_BLOCK_K
+    chain = sum(-(-j // block_k) * (1 + -(-(l - j) // block_i)) + 1 for j in range(l))
+    latency = chain * RSVD_MODEL["l2_round_trip_us"] / 1e3
+    bandwidth = min(RSVD_MODEL["l2_gbps"], min(count, RSVD_MODEL["sms"]) * RSVD_MODEL["l2_gbps_per_sm"])
+    waves = -(-count // int(RSVD_MODEL["sms"]))
+    return waves * max(latency, count * 8 * l**3 / 6 / (bandwidth * 1e6)) + RSVD_MODEL["launch_ms"]
+
+
+def torch_cholesky_ms(count: int, l: int) -> float:
+    """torch's batched fp64 Cholesky of ``count`` l x l matrices, scaled from BASELINES.md 2b."""
+    return RSVD_MODEL["torch_cholesky_ms_per_matrix"] * count * l / RSVD_MODEL["torch_cholesky_l"]
 
 
 def estimate_rsvd_ms(
@@ -288,8 +309,9 @@ def estimate_rsvd_ms(
         # last W Z) and for Q2.
         sides = [m] + [n, m] * n_iter + [n]
         strict = [n_iter == 0] + [flag for i in range(n_iter) for flag in (False, i == n_iter - 1)] + [True]
-        cholesky = RSVD_MODEL["cholesky_ms_per_matrix"] * count * l / RSVD_MODEL["cholesky_l"]
-        small = cholesky + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]  # every step, settled or not
+        small = (
+            cholesky_kernel_ms(count, l) + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]
+        )  # every step, settled or not
         for rows, is_strict in zip(sides, strict):
             work = RSVD_MODEL["strict_work_steps" if is_strict else "loose_work_steps"]
             products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True) + _bmm_ms(count, rows, l, l, 4, "tf32x3", True)
