@@ -172,10 +172,11 @@ def cholesky_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # Left-looking Cholesky G = R^T R of one symmetric L x L fp64 matrix per program (reading its
-    # upper triangle), R upper triangular and written a row at a time:
-    #   d = G[j, j] - sum_{k<j} R[k, j]^2,   R[j, i] = (G[j, i] - sum_{k<j} R[k, j] R[k, i]) / sqrt(d)
-    # for i >= j. Row j reads the rows above it, which other threads of this program wrote:
-    # a barrier after each row. Rows are STRIDE apart, matrices L * STRIDE. info = 1 + the first
+    # upper triangle), R upper triangular and written a row at a time: for i >= j,
+    #   c_i = G[j, i] - sum_{k<j} R[k, j] R[k, i],   R[j, i] = c_i / sqrt(c_j).
+    # The pivot c_j comes out of the row's first tile (i from j), so a row is one chain of tile
+    # loads over the rows above it; those rows were written by other threads of this program: a
+    # barrier after each row. Rows are STRIDE apart, matrices L * STRIDE. info = 1 + the first
     # pivot that is not positive (or not finite), 0 when every one is; such a row is left zero.
     # In-matrix offsets (at most l^2) stay int32; the batch offset is int64.
     b = tl.program_id(0).to(tl.int64)
@@ -183,15 +184,7 @@ def cholesky_kernel(
     r_base = r_ptr + b * L * STRIDE
     info = tl.program_id(0) * 0
     for j in range(0, L):
-        dacc = tl.zeros((BLOCK_K,), dtype=tl.float64)
-        for k0 in range(0, j, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            rkj = tl.load(r_base + k * STRIDE + j, mask=k < j, other=0.0)
-            dacc += rkj * rkj
-        d = tl.load(g_base + j * STRIDE + j) - tl.sum(dacc, axis=0)
-        ok = d > 0.0  # false for NaN too
-        info = tl.where((info == 0) & (not ok), j + 1, info)
-        scale = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, d, 1.0)), 0.0)
+        scale = tl.zeros((), dtype=tl.float64)
         for i0 in range(j, L, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             acc = tl.zeros((BLOCK_K, BLOCK_I), dtype=tl.float64)
@@ -199,13 +192,14 @@ def cholesky_kernel(
                 k = k0 + tl.arange(0, BLOCK_K)
                 km = k < j
                 rkj = tl.load(r_base + k * STRIDE + j, mask=km, other=0.0)
-                rki = tl.load(
-                    r_base + k[:, None] * STRIDE + i[None, :],
-                    mask=km[:, None] & (i[None, :] < L),
-                    other=0.0,
-                )
+                rki = tl.load(r_base + k[:, None] * STRIDE + i[None, :], mask=km[:, None] & (i[None, :] < L), other=0.0)
                 acc += rkj[:, None] * rki
             c = tl.load(g_base + j * STRIDE + i, mask=i < L, other=0.0) - tl.sum(acc, axis=0)
+            if i0 == j:  # the row's first tile holds its pivot
+                d = tl.sum(tl.where(i == j, c, 0.0), axis=0)
+                ok = d > 0.0  # false for NaN too
+                info = tl.where((info == 0) & (not ok), j + 1, info)
+                scale = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, d, 1.0)), 0.0)
             tl.store(r_base + j * STRIDE + i, c * scale, mask=i < L)
         tl.debug_barrier()
     tl.store(info_ptr + b, info)

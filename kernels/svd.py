@@ -256,8 +256,9 @@ def jacobi_svd(
     return u, s, vr, info[:, 0]
 
 
-# One program per matrix, 64-wide rows by 32-deep sums of fp64 (16 values a thread at 4 warps).
-_CHOLESKY_BLOCK_I, _CHOLESKY_BLOCK_K, _CHOLESKY_WARPS = 64, 32, 4
+# One program per matrix, tiles of 32 rows above by 256 columns of fp64 (32 values a thread at 8
+# warps): a row of l <= 256 + j is one tile wide, so its chain is ceil(j / 32) tile loads.
+_CHOLESKY_BLOCK_I, _CHOLESKY_BLOCK_K, _CHOLESKY_WARPS = 256, 32, 8
 
 
 def batched_cholesky(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,20 +332,40 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
     ``r = 0``, so that every later step stays finite; what it computes from them is unreliable
     (exact for an all-zero ``y``). The whole call can be captured in a CUDA graph.
     """
-    batch, m, l = y.shape
-    q = y
-    r = torch.eye(l, dtype=torch.float64, device=y.device).repeat(batch, 1, 1)
-    done = torch.zeros(batch, dtype=torch.bool, device=y.device)
-    failed = torch.zeros(batch, dtype=torch.bool, device=y.device)
-    eye = torch.eye(l, dtype=torch.float64, device=y.device)
-    shifting = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    return _cholesky_qr_group([y], loose)[0]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _cholesky_qr_group(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`cholesky_qr_ex` of several batches ``(B_i, m_i, l)`` with one ``l`` in lock step: each
+    step's small problems of every batch share one launch (one Cholesky, one inverse), so the
+    latency-bound Cholesky kernel costs one launch a step for all of them."""
+    sizes = [y.shape[0] for y in ys]
+    l, device = ys[0].shape[-1], ys[0].device
+    total = sum(sizes)
+    qs = list(ys)
+    r = torch.eye(l, dtype=torch.float64, device=device).repeat(total, 1, 1)
+    done = torch.zeros(total, dtype=torch.bool, device=device)
+    failed = torch.zeros(total, dtype=torch.bool, device=device)
+    eye = torch.eye(l, dtype=torch.float64, device=device)
+    shifting = torch.zeros(total, dtype=torch.bool, device=device)
+    # Shifted CholeskyQR3's s = (m l + l (l + 1)) 2^-24 trace(G) / l: the factor of trace(G) per matrix.
+    coef = _cat(
+        [
+            torch.full((y.shape[0],), (y.shape[1] * l + l * (l + 1)) * 2.0**-24 / l, dtype=torch.float64, device=device)
+            for y in ys
+        ]
+    )
     for _ in range(_CHOLQR_STEPS):
         # A matrix converged (or failed) before this step keeps its q: the kernels skip its Gram
         # (taken as I) and its update (R = I), deciding on the device (measured on the CPU, 8-9
         # of 24 steps do work at torch's settings and 16-19 of 56 at the defaults, 4096x1024, k = 256).
         settled = failed | done
-        g = _gram(q, settled)
-        shift = (m * l + l * (l + 1)) * 2.0**-24 * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1) / l
+        g = _cat([_gram(q, part) for q, part in zip(qs, settled.split(sizes))])
+        shift = coef * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
         # One Cholesky a step (the batched fp64 factorization is the costly small op: a Triton
         # kernel, see batched_cholesky): of the shifted Gram G + s I only where the plain one
         # failed in the step before.
@@ -354,7 +375,8 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
         shifted, shifting = shifting, bad & ~failed
         rs = torch.where((settled | bad)[:, None, None], eye, rs)  # settled or failed matrices stay as they are
         rs_inv = _upper_inverse(rs)
-        q = batched_matmul(q, rs_inv.float(), "fp32", skip=settled | bad)
+        keep = (settled | bad).split(sizes)
+        qs = [batched_matmul(q, ri, "fp32", skip=k) for q, ri, k in zip(qs, rs_inv.float().split(sizes), keep)]
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
         if loose:
@@ -364,11 +386,14 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
             kappa = torch.linalg.matrix_norm(rs) * torch.linalg.matrix_norm(rs_inv)
             step_ok |= (kappa <= _CHOLQR_LOOSE_KAPPA) & ~shifted
         done |= step_ok & ~failed & ~bad
-    failed |= ~done | ~torch.isfinite(q).flatten(1).all(1)
-    stand_in = torch.eye(m, l, dtype=torch.float32, device=y.device)
-    q = torch.where(failed[:, None, None], stand_in, q)
-    r = torch.where(failed[:, None, None], torch.zeros((), dtype=r.dtype, device=r.device), r)
-    return q, r, failed
+    failed |= ~done | ~_cat([torch.isfinite(q).flatten(1).all(1) for q in qs])
+    out = []
+    for q, r_part, f in zip(qs, r.split(sizes), failed.split(sizes)):
+        stand_in = torch.eye(q.shape[1], l, dtype=torch.float32, device=device)
+        q = torch.where(f[:, None, None], stand_in, q)
+        r_part = torch.where(f[:, None, None], torch.zeros((), dtype=r.dtype, device=device), r_part)
+        out.append((q, r_part, f))
+    return out
 
 
 def cholesky_qr(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,14 +425,17 @@ RANGE_PRECISION = "tf32"
 PROJECTION_PRECISION = "fp32"
 
 
-# cholesky_qr_ex, or the repairing _cholesky_qr_flagged: (y, loose) -> (q, r, failed).
-_QR = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# _cholesky_qr_group, or the repairing _cholesky_qr_flagged: (ys, loose) -> [(q, r, failed)].
+_QR = Callable[[list[torch.Tensor], bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def _cholesky_qr_flagged(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`cholesky_qr` (with its Householder repair) in :func:`cholesky_qr_ex`'s form."""
-    q, r = cholesky_qr(y, loose)
-    return q, r, torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+def _cholesky_qr_flagged(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`cholesky_qr` (with its Householder repair) of each batch, in :func:`_cholesky_qr_group`'s form."""
+    out = []
+    for y in ys:
+        q, r = cholesky_qr(y, loose)
+        out.append((q, r, torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)))
+    return out
 
 
 def _sketch(
@@ -449,24 +477,30 @@ def _refuse_frozen_draw(device: torch.device, generator: torch.Generator | None)
 
 
 def _range_and_projection(
-    w: torch.Tensor,
-    g: torch.Tensor,
+    ws: list[torch.Tensor],
+    gs: list[torch.Tensor],
     n_iter: int,
     range_precision: str,
     projection_precision: str,
     qr: _QR,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Q`` (orthonormal basis of the range of ``w (B, m, n)``, ``m >= n``, from the sketch ``g``),
-    ``Q2, R`` with ``W^T Q = Q2 R``, and which matrices one of the factorizations flagged."""
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch ``w (B, m, n)``, ``m >= n``, of one ``l``: ``Q`` (orthonormal basis of its range,
+    from the sketch ``g``), ``Q2, R`` with ``W^T Q = Q2 R``, and which matrices one of the
+    factorizations flagged. The batches go in lock step, their factorizations batched together."""
+
+    def products(xs: list[torch.Tensor], transposed: bool, precision: str) -> list[torch.Tensor]:
+        return [batched_matmul(w.mT if transposed else w, x, precision) for w, x in zip(ws, xs)]
+
     # The last basis is U's: computed in projection precision and orthonormal to fp32 rounding.
-    q, _, failed = qr(batched_matmul(w, g, range_precision if n_iter else projection_precision), n_iter > 0)
+    qs = qr(products(gs, False, range_precision if n_iter else projection_precision), n_iter > 0)
+    failed = [f for _, _, f in qs]
     for i in range(n_iter):
         last = i == n_iter - 1
-        z, _, f1 = qr(batched_matmul(w.mT, q, range_precision), True)
-        q, _, f2 = qr(batched_matmul(w, z, projection_precision if last else range_precision), not last)
-        failed = failed | f1 | f2
-    q2, r, f3 = qr(batched_matmul(w.mT, q, projection_precision), False)  # B^T = (Q^T W)^T = Q2 R
-    return q, q2, r, failed | f3
+        zs = qr(products([q for q, _, _ in qs], True, range_precision), True)
+        qs = qr(products([z for z, _, _ in zs], False, projection_precision if last else range_precision), not last)
+        failed = [f | f1 | f2 for f, (_, _, f1), (_, _, f2) in zip(failed, zs, qs)]
+    q2s = qr(products([q for q, _, _ in qs], True, projection_precision), False)  # B^T = (Q^T W)^T = Q2 R
+    return [(q, q2, r, f | f3) for (q, _, _), (q2, r, f3), f in zip(qs, q2s, failed)]
 
 
 # What the info of randomized_svd_triton_many_ex flags, per matrix (bits, 0 = sound).
@@ -489,11 +523,14 @@ def _solve_many(
     which). ``repair=True``: CholeskyQR repairs with Householder QR, and a small matrix whose
     Jacobi SVD used every sweep is solved again by ``torch.linalg.svd`` in fp64 (host reads).
     """
-    qr = _cholesky_qr_flagged if repair else cholesky_qr_ex
-    parts = [_range_and_projection(w, g, n_iter, range_precision, projection_precision, qr) for w, g in zip(ws, gs)]
-    by_l: dict[int, list[int]] = {}
+    qr = _cholesky_qr_flagged if repair else _cholesky_qr_group
+    by_l: dict[tuple[int, torch.device], list[int]] = {}  # batches that share launches
     for i, g in enumerate(gs):
-        by_l.setdefault(g.shape[-1], []).append(i)
+        by_l.setdefault((g.shape[-1], g.device), []).append(i)
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for members in by_l.values():
+        group = [ws[i] for i in members], [gs[i] for i in members]
+        parts.update(zip(members, _range_and_projection(*group, n_iter, range_precision, projection_precision, qr)))
     slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for members in by_l.values():
         # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power

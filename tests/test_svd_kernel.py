@@ -504,3 +504,30 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     per_step = [[False, False], [True, False], [True, True], [True, True]]
     assert flags == [(mode, step) for step in per_step for mode in ("identity", "copy")]
     assert not failed.any() and orthonormality(q) < 1e-5 and rel_err(q.double() @ r, y) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_of_one_l_share_each_cholesky_launch(device, monkeypatch):
+    """Two shapes with the same l go through the range finder in lock step: every CholeskyQR step
+    factors the Grams of both in one launch (6 factorizations x 4 steps at n_iter=2), and the
+    results equal one call per batch."""
+    import fasttrunc.kernels.svd as svd_module
+
+    dev = _device(device)
+    gen = torch.Generator().manual_seed(12)
+    ws = [torch.randn(2, 30, 21, generator=gen).to(dev), torch.randn(1, 19, 26, generator=gen).to(dev)]
+    kwargs = {"n_iter": 2, "oversamples": [4, 4]}
+    factored = []
+    real_cholesky = svd_module.batched_cholesky
+
+    def counting_cholesky(g):
+        factored.append(g.shape[0])
+        return real_cholesky(g)
+
+    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
+    together = svd_module.randomized_svd_triton_many_ex(ws, [5, 5], generator=gen.manual_seed(1), **kwargs)
+    assert factored == [3] * 24
+    monkeypatch.undo()
+    first = svd_module.randomized_svd_triton_many_ex(ws[:1], [5], n_iter=2, oversamples=[4], generator=gen.manual_seed(1))
+    for a, b in zip(together[0], first[0]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

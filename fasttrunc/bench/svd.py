@@ -263,12 +263,12 @@ def _bmm_ms(batch: int, m: int, k: int, n: int, itemsize: int, precision: str, s
 
 def cholesky_kernel_ms(count: int, l: int) -> float:
     """Estimated time of one ``batched_cholesky`` launch: one program per matrix, each row a chain
-    of dependent L2 reads (its pivot's sums, then its row tiles' sums over the rows above), or the
+    of dependent L2 reads (its row tiles' sums over the rows above, the pivot in the first), or the
     L2 bandwidth of the programs (l^3 / 6 fp64 values read a matrix), whichever is longer."""
     from fasttrunc.kernels import svd as svd_kernels
 
     block_i, block_k = svd_kernels._CHOLESKY_BLOCK_I, svd_kernels._CHOLESKY_BLOCK_K
-    chain = sum(-(-j // block_k) * (1 + -(-(l - j) // block_i)) + 1 for j in range(l))
+    chain = sum(max(1, -(-j // block_k)) * -(-(l - j) // block_i) for j in range(l))
     latency = chain * RSVD_MODEL["l2_round_trip_us"] / 1e3
     bandwidth = min(RSVD_MODEL["l2_gbps"], min(count, RSVD_MODEL["sms"]) * RSVD_MODEL["l2_gbps_per_sm"])
     waves = -(-count // int(RSVD_MODEL["sms"]))
@@ -285,8 +285,9 @@ def estimate_rsvd_ms(
 ) -> dict[str, float]:
     """Estimated milliseconds per stage of one ``randomized_svd_triton_many`` call on an H200.
 
-    ``shapes`` are ``(count, m, n)`` batches; the stages are the passes over W, the CholeskyQR
-    steps (Gram and Q update in 3xTF32, fp64 Cholesky and inverse in torch), the small Jacobi SVD
+    ``shapes`` are ``(count, m, n)`` batches (one ``l``: their factorizations share launches); the
+    stages are the passes over W, the CholeskyQR steps (Gram and Q update in 3xTF32, skipped for
+    settled matrices; fp64 Cholesky in Triton, inverse in torch), the small Jacobi SVD
     (one program per matrix, L2-bound: each round reads and writes the padded ``l x l`` X and V),
     and the final ``U = Q U_T``, ``V = Q2 V_T``. Host syncs: none counted (one at the end).
     """
@@ -309,16 +310,16 @@ def estimate_rsvd_ms(
         # last W Z) and for Q2.
         sides = [m] + [n, m] * n_iter + [n]
         strict = [n_iter == 0] + [flag for i in range(n_iter) for flag in (False, i == n_iter - 1)] + [True]
-        small = (
-            cholesky_kernel_ms(count, l) + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]
-        )  # every step, settled or not
+        steps = svd_kernels._CHOLQR_STEPS
         for rows, is_strict in zip(sides, strict):
             work = RSVD_MODEL["strict_work_steps" if is_strict else "loose_work_steps"]
             products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True) + _bmm_ms(count, rows, l, l, 4, "tf32x3", True)
             copy = count * 2 * 4 * rows * l / (RSVD_MODEL["hbm_gbps"] * 1e6)  # a skipped update keeps q
-            steps = svd_kernels._CHOLQR_STEPS
-            stages["cholesky_qr"] += work * products + (steps - work) * copy + steps * small
+            stages["cholesky_qr"] += work * products + (steps - work) * copy
         stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3") + _bmm_ms(count, n, l, k, 4, "tf32x3")
+    # The small ops of every step, settled matrices or not, once for all batches (one l: lock step).
+    small = cholesky_kernel_ms(total_count, l) + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]
+    stages["cholesky_qr"] += (2 + 2 * n_iter) * svd_kernels._CHOLQR_STEPS * small
     npair = (l + 1) // 2
     stride = -(-2 * npair // 32) * 32
     round_bytes = 2 * 2 * 2 * npair * stride * 4  # X and V, read and written, per round
