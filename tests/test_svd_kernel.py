@@ -472,6 +472,21 @@ def test_randomized_svd_ex_replays_in_a_cuda_graph():
     assert orthonormality(u) < 1e-4
 
 
+def _count_choleskys(monkeypatch):
+    """The batch size of every batched_cholesky launch from here on (the launches still run)."""
+    import fasttrunc.kernels.svd as svd_module
+
+    factored = []
+    real_cholesky = svd_module.batched_cholesky
+
+    def counting_cholesky(g):
+        factored.append(g.shape[0])
+        return real_cholesky(g)
+
+    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
+    return factored
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     """Converged matrices cost no Gram and no update in the fixed later steps: an orthonormal y is
@@ -489,15 +504,8 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
         flags.append((skipped, None if skip is None else skip.tolist()))
         return real(a, x, precision, skip=skip, skipped=skipped)
 
-    factored = []
-    real_cholesky = svd_module.batched_cholesky
-
-    def counting_cholesky(g):
-        factored.append(g.shape[0])
-        return real_cholesky(g)
-
+    factored = _count_choleskys(monkeypatch)
     monkeypatch.setattr(svd_module, "batched_matmul", recording)
-    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
     q, r, failed = svd_module.cholesky_qr_ex(y)
     monkeypatch.undo()
     assert factored == [2, 2, 2, 2]  # one batched Cholesky a step
@@ -517,14 +525,7 @@ def test_batches_of_one_l_share_each_cholesky_launch(device, monkeypatch):
     gen = torch.Generator().manual_seed(12)
     ws = [torch.randn(2, 30, 21, generator=gen).to(dev), torch.randn(1, 19, 26, generator=gen).to(dev)]
     kwargs = {"n_iter": 2, "oversamples": [4, 4]}
-    factored = []
-    real_cholesky = svd_module.batched_cholesky
-
-    def counting_cholesky(g):
-        factored.append(g.shape[0])
-        return real_cholesky(g)
-
-    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
+    factored = _count_choleskys(monkeypatch)
     together = svd_module.randomized_svd_triton_many_ex(ws, [5, 5], generator=gen.manual_seed(1), **kwargs)
     assert factored == [3] * 24
     monkeypatch.undo()
