@@ -2,7 +2,9 @@
 """Triton kernels of the batched randomized SVD (layer 1; imported on first launch).
 
 - :func:`bmm_kernel`: batched ``C = A @ X`` reading ``A`` as stored (fp32 / bf16 / fp16, any
-  strides, so a transposed view costs nothing), ``X`` and ``C`` fp32;
+  strides, so a transposed view costs nothing), ``X`` and ``C`` fp32, a matrix flagged to skip
+  getting ``A`` or ``I`` instead of its product;
+- :func:`cholesky_kernel`: left-looking fp64 Cholesky of one small matrix per program;
 - :func:`jacobi_kernel`: one-sided (Hestenes) Jacobi SVD of one small square matrix per program,
   every sweep inside one launch, with a per-matrix rounding floor.
 Offsets that multiply an index by a stride are int64: one matrix of a batch may pass 2^31 elements.

@@ -2,10 +2,12 @@
 
 Layers of this file (DESIGN.md section 4):
 1. Triton kernels  -- in ``_svd_triton`` (imported on the first launch): ``bmm_kernel``
-                      (batched ``A @ X`` reading ``A`` as stored, any strides) and
-                      ``jacobi_kernel`` (one-sided Jacobi SVD of a small square matrix, one
-                      program per matrix, every sweep inside one launch);
-2. launchers       -- :func:`batched_matmul`, :func:`jacobi_svd`, and the pieces built from them:
+                      (batched ``A @ X`` reading ``A`` as stored, any strides, with per-matrix
+                      skip flags), ``cholesky_kernel`` (fp64 Cholesky of a small matrix, one
+                      program per matrix) and ``jacobi_kernel`` (one-sided Jacobi SVD of a small
+                      square matrix, one program per matrix, every sweep inside one launch);
+2. launchers       -- :func:`batched_matmul`, :func:`batched_cholesky`, :func:`jacobi_svd`, and
+                      the pieces built from them:
                       :func:`cholesky_qr` and :func:`randomized_svd_triton`;
 3. torch reference -- :func:`randomized_svd_reference` (Householder QR, ``torch.linalg.svd``),
                       the oracle in tests and the CPU path; :func:`batched_matmul_reference`;
@@ -21,7 +23,7 @@ precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
 The Triton path differs only in how the small problems are solved, so that nothing loops over the
 batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
 - orthonormalization is CholeskyQR2: Gram ``Y^T Y`` with fp32-grade products (3xTF32 on tensor
-  cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (batched in torch),
+  cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (``batched_cholesky``),
   ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram)
   retries with a shifted Gram (shifted CholeskyQR3), and a matrix that still fails (e.g. all
   zeros) is flagged;

@@ -529,6 +529,8 @@ def test_batches_of_one_l_share_each_cholesky_launch(device, monkeypatch):
     together = svd_module.randomized_svd_triton_many_ex(ws, [5, 5], generator=gen.manual_seed(1), **kwargs)
     assert factored == [3] * 24
     monkeypatch.undo()
-    first = svd_module.randomized_svd_triton_many_ex(ws[:1], [5], n_iter=2, oversamples=[4], generator=gen.manual_seed(1))
+    first = svd_module.randomized_svd_triton_many_ex(
+        ws[:1], [5], n_iter=2, oversamples=[4], generator=gen.manual_seed(1)
+    )
     for a, b in zip(together[0], first[0]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -129,7 +129,7 @@ def _sketch_variants(k: int, os_: int, with_defaults: bool) -> list[tuple[str, d
 
 def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str, Any]]:
     """One fasttrunc call split into its stages, on one batch of same-shape matrices."""
-    from fasttrunc.kernels.svd import batched_matmul, cholesky_qr, jacobi_svd
+    from fasttrunc.kernels.svd import _gram, batched_cholesky, batched_matmul, cholesky_qr, jacobi_svd
 
     batch, m, n = w.shape
     if m < n:
@@ -140,6 +140,7 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
     y = batched_matmul(w, g, "tf32")
     q, _ = cholesky_qr(y)
     _, r = cholesky_qr(batched_matmul(w.mT, q, "ieee"))
+    gram = _gram(q)
     shape = f"{batch}x{m}x{n}"
     stages = [
         ("one pass W @ G, tf32", lambda: batched_matmul(w, g, "tf32")),
@@ -148,6 +149,8 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
         ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
         (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
         (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
+        (f"fp64 Cholesky of {batch}x{l}x{l}, batched_cholesky", lambda: batched_cholesky(gram)),
+        (f"fp64 Cholesky of {batch}x{l}x{l}, torch.linalg.cholesky_ex", lambda: torch.linalg.cholesky_ex(gram)),
         (f"Jacobi SVD of {batch}x{l}x{l}", lambda: jacobi_svd(r.float())),
         (f"torch.linalg.svd of {batch}x{l}x{l}", lambda: torch.linalg.svd(r.float())),
     ]
