@@ -119,17 +119,23 @@ def jacobi_kernel(
             pb = n_cols - 1 - i
             ca = tl.where(i == 0, 0, (i - 1 + r) % (n_cols - 1) + 1)
             cb = (pb - 1 + r) % (n_cols - 1) + 1
-            alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
-            beta = tl.zeros((BLOCK_P,), dtype=tl.float32)
-            gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            # Elementwise sums over the row chunks, reduced across the rows once after the loop:
+            # 3 cross-row reductions a round instead of 3 a chunk (18 chunks at l = 266; sm_90:
+            # still 128 registers, no spills).
+            alpha2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+            beta2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+            gamma2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
             for r0 in range(0, L, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 m2 = pmask[:, None] & (rows[None, :] < L)
                 xa = tl.load(x_base + ca[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
                 xb = tl.load(x_base + cb[:, None] * STRIDE + rows[None, :], mask=m2, other=0.0)
-                alpha += tl.sum(xa * xa, axis=1)
-                beta += tl.sum(xb * xb, axis=1)
-                gamma += tl.sum(xa * xb, axis=1)
+                alpha2 += xa * xa
+                beta2 += xb * xb
+                gamma2 += xa * xb
+            alpha = tl.sum(alpha2, axis=1)
+            beta = tl.sum(beta2, axis=1)
+            gamma = tl.sum(gamma2, axis=1)
             norm = tl.sqrt(alpha * beta)
             rotate = (tl.abs(gamma) > tol * norm) & (tl.abs(gamma) > floor) & pmask
             ratio = tl.where(rotate, tl.abs(gamma) / tl.where(rotate, norm, 1.0), 0.0)
