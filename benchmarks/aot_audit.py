@@ -46,7 +46,7 @@ def lowrank_jobs(subset: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any
                 ints = {"m": m, "k": k, "n": n, "r": r, "sx": k, "sa": k, "sb": r}
                 for index in range(len(plan.grids)):
                     key = (plan.scheme, index, plan.block_m, plan.block_k, plan.block_n, plan.r_pad)
-                    key += (plan.split_block, plan.num_warps, plan.num_stages, k % 16 == 0, n % 16 == 0)
+                    key += (plan.split_block, plan.ws_rows, plan.num_warps, plan.num_stages, k % 16 == 0, n % 16 == 0)
                     job = jobs.setdefault(key, {"family": "lowrank", "plan": plan, "ints": ints, "cells": []})
                     job["index"] = index
                     job["cells"].append(cell)
@@ -87,7 +87,8 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         compiled = aot.compile_kernel(kernel, args, step.constexprs, step.options, types)
         label = (
             f"{kernel.__name__.removeprefix('lowrank_')} bm={plan.block_m} bk={plan.block_k} bn={plan.block_n} "
-            f"R={plan.r_pad} sb={plan.split_block} w={plan.num_warps} st={plan.num_stages}"
+            f"R={plan.r_pad} sb={plan.split_block}{f' rows={plan.ws_rows}' if plan.ws_rows == 1 else ''} "
+            f"w={plan.num_warps} st={plan.num_stages}"
         )
         tensor_cores = True
         what = {"kernel": kernel.__name__, "config": label, "cells": job["cells"]}

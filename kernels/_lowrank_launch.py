@@ -196,10 +196,11 @@ def build_steps(
         "BLOCK_K": plan.block_k,
         "R_PAD": plan.r_pad,
         "PREC1": prec1,
+        "WS_ROWS": plan.ws_rows,
         "GDC": pdl,
     }
     expand_const: dict[str, Any] = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "R_PAD": plan.r_pad}
-    expand_const |= {"SPLIT_BLOCK": plan.split_block, **second, "GDC": pdl}
+    expand_const |= {"SPLIT_BLOCK": plan.split_block, "WS_ROWS": plan.ws_rows, **second, "GDC": pdl}
     expand_options = options | {"launch_pdl": True} if pdl else options
     return (
         KernelStep(

@@ -178,10 +178,12 @@ def lowrank_shrink_kernel(
     BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr,
     PREC1: tl.constexpr,
+    WS_ROWS: tl.constexpr,
     GDC: tl.constexpr = False,
 ):
     # Program (m_tile, split) writes the fp32 partial x[rows, chunk] @ a[:, chunk].T into the
-    # workspace laid out [n_m, N_SPLIT, BLOCK_M, R_PAD]; rows past M are written as zeros.
+    # workspace laid out [n_m, N_SPLIT, BLOCK_M, R_PAD]: its first WS_ROWS rows (1 for M = 1,
+    # else all, rows past M as zeros), the rows the expand kernel sums.
     pid = tl.program_id(0)
     m_tile = pid // N_SPLIT
     split = pid % N_SPLIT
@@ -194,7 +196,12 @@ def lowrank_shrink_kernel(
         # now; its gdc_wait still waits for this whole grid and its stores.
         tl.extra.cuda.gdc_launch_dependents()
     slot = ws_ptr + pid.to(tl.int64) * (BLOCK_M * R_PAD)
-    tl.store(slot + tl.arange(0, BLOCK_M)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :], h)
+    local = tl.arange(0, BLOCK_M)[:, None]
+    offsets = slot + local * R_PAD + tl.arange(0, R_PAD)[None, :]
+    if WS_ROWS == BLOCK_M:
+        tl.store(offsets, h)
+    else:
+        tl.store(offsets, h, mask=local < WS_ROWS)
 
 
 @triton.jit
@@ -214,6 +221,7 @@ def lowrank_expand_kernel(
     BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
+    WS_ROWS: tl.constexpr,
     H_FP32: tl.constexpr,
     PREC2: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -228,18 +236,31 @@ def lowrank_expand_kernel(
     m_tile = pid // N_GROUPS
     group = pid % N_GROUPS
     offs_s = tl.arange(0, SPLIT_BLOCK)
-    tile = tl.arange(0, BLOCK_M)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
     base = ws_ptr + m_tile.to(tl.int64) * N_SPLIT * (BLOCK_M * R_PAD)
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
-        splits = s0 + offs_s
-        # SPLIT_BLOCK partials in one load: independent L2 reads in flight together.
-        parts = tl.load(
-            base + splits[:, None, None] * (BLOCK_M * R_PAD) + tile[None, :, :],
-            mask=(splits < N_SPLIT)[:, None, None],
-            other=0.0,
-        )
-        h += tl.sum(parts, axis=0)
+    if WS_ROWS == 1:
+        # One row (M = 1): only row 0 of each partial was written; SPLIT_BLOCK of them a load.
+        h1 = tl.zeros((R_PAD,), dtype=tl.float32)
+        for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
+            splits = s0 + offs_s
+            parts1 = tl.load(
+                base + splits[:, None] * (BLOCK_M * R_PAD) + tl.arange(0, R_PAD)[None, :],
+                mask=(splits < N_SPLIT)[:, None],
+                other=0.0,
+            )
+            h1 += tl.sum(parts1, axis=0)
+        h = tl.where(tl.arange(0, BLOCK_M)[:, None] == 0, h1[None, :], 0.0)
+    else:
+        tile = tl.arange(0, BLOCK_M)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
+            splits = s0 + offs_s
+            # SPLIT_BLOCK partials in one load: independent L2 reads in flight together.
+            parts = tl.load(
+                base + splits[:, None, None] * (BLOCK_M * R_PAD) + tile[None, :, :],
+                mask=(splits < N_SPLIT)[:, None, None],
+                other=0.0,
+            )
+            h += tl.sum(parts, axis=0)
     rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     _second_product(
         h,

@@ -107,6 +107,7 @@ class LowrankPlan:
     num_stages: int = 1
     grids: tuple[tuple[int, int, int], ...] = ()  # one 3-D grid per launch, in launch order
     ws_numel: int = 0  # fp32 partials a launch needs (allocated per launch)
+    ws_rows: int = 0  # splitk: rows of each partial written and summed (1 for M = 1, else block_m)
 
     @property
     def triton(self) -> bool:
@@ -238,8 +239,10 @@ def plan_lowrank(
         n_split = max(1, -(-k // k_chunk))  # no empty splits
         # The expand kernel loads this many partials at once (independent loads in flight instead
         # of one dependent L2 round trip per split), within 8K fp32 elements (32 registers/thread
-        # at 8 warps).
-        split_block = max(1, min(_next_pow2(n_split), 8192 // (block_m * r_pad)))
+        # at 8 warps). For one row (decode) only that row of each partial is written and read:
+        # at r = 128, 64 splits in one load instead of 4 a load over 16 loads.
+        ws_rows = 1 if m == 1 else block_m
+        split_block = max(1, min(_next_pow2(n_split), 8192 // (ws_rows * r_pad)))
         grids: tuple[tuple[int, int, int], ...] = ((n_m * n_split, 1, 1), (n_m * n_groups, 1, 1))
         scheme = "splitk"
         ws_numel = n_m * n_split * block_m * r_pad
@@ -251,7 +254,7 @@ def plan_lowrank(
         # Recompute h in a few column groups only when the GPU would otherwise idle and in <= out
         # (benchmarks/BASELINES.md 1b: recomputation loses when in > out).
         n_groups = max(1, min(n_tiles, sms // max(1, n_m))) if k <= n else 1
-        n_split, k_chunk, split_block = 1, k, 1
+        n_split, k_chunk, split_block, ws_rows = 1, k, 1, 0
         grids = ((n_m * n_groups, 1, 1),)
         scheme = "tiled"
         ws_numel = 0
@@ -276,6 +279,7 @@ def plan_lowrank(
         num_stages,
         grids,
         ws_numel,
+        ws_rows,
     )
 
 

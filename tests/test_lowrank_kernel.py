@@ -255,6 +255,23 @@ def test_splitk_is_reusable_and_deterministic(n_groups):
     assert _rel_err(y_other, x[:3], a, b, None) < RTOL[torch.float16]
 
 
+def test_one_row_splitk_writes_and_sums_only_its_row():
+    """M = 1 (decode): each partial is one row, not a padded BLOCK_M tile, so the expand kernel
+    sums SPLIT_BLOCK = 8K / R_PAD of them a load; with more splits than that, several loads."""
+    t = LowrankTunables(min_k_chunk=16, force_scheme="splitk", programs_per_sm=2, interpreter_sms=64)
+    x, a, b, bias = _operands(1, 2000, 70, 400, torch.float32)
+    one = _plan(1, 2000, 70, 400, torch.float32, t)
+    two = _plan(2, 2000, 70, 400, torch.float32, t)
+    assert one.ws_rows == 1 and two.ws_rows == two.block_m == 16
+    assert one.split_block == 8192 // one.r_pad == 16 and two.split_block == 1
+    if not NATIVE:  # the SM count of a real GPU decides the split there
+        assert one.n_split > one.split_block
+    y = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
+    assert _rel_err(y, x, a, b, bias) < RTOL[torch.float32]
+    y2 = fasttrunc.lowrank_linear(torch.cat([x, x]), a, b, bias, tunables=t)
+    assert _rel_err(y2, torch.cat([x, x]), a, b, bias) < RTOL[torch.float32]
+
+
 def test_splitk_launches_in_flight_never_share_state(monkeypatch):
     """Hazard: one workspace (partials + counters) per device let two launches in flight mix their
     state. Each launch must own its workspace: while one launch's buffers are alive (in flight),

@@ -243,7 +243,7 @@ def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsiz
         n_m = -(-m // plan.block_m)
         programs = (plan.grids[0][0], plan.grids[1][0])
         fill = [min(1.0, p / _SMS) for p in programs]
-        partials = 4 * n_m * plan.n_split * plan.block_m * plan.r_pad
+        partials = 4 * n_m * plan.n_split * plan.ws_rows * plan.r_pad  # written and re-read rows
         shrink_bytes = itemsize * (m * k + r * k) + partials
         shrink_steps = -(-plan.k_chunk // plan.block_k)
         total += max(shrink_bytes / (_HBM_GBPS * 1e3 * fill[0]), shrink_steps * _ROUND_TRIP_US)
