@@ -9,7 +9,7 @@ and at fasttrunc's defaults, against the baselines BASELINES.md section 2 measur
 
 from __future__ import annotations
 
-from fasttrunc.bench.svd import MATRIX_SETS, estimate_rsvd_ms
+from fasttrunc.bench.svd import MATRIX_SETS, cholesky_kernel_ms, estimate_rsvd_ms, torch_cholesky_ms
 from fasttrunc.svd import DEFAULT_N_ITER, default_oversample
 
 # BASELINES.md section 2, seconds for the 24 matrices of one 1.4b shape (both shapes: twice).
@@ -38,6 +38,12 @@ def main() -> int:
             print(
                 f"| {k} | {label} | {stages} | {est['total']:.1f} | {ratio:.1f}x | {1e3 * LINALG_SVD_S / est['total']:.0f}x |"
             )
+    count = sum(c for c, _, _ in shapes)
+    for l in (74, 266):
+        print(
+            f"\nfp64 Cholesky of {count} x {l} x {l}, one launch: batched_cholesky {cholesky_kernel_ms(count, l):.2f} ms "
+            f"(est.), torch {torch_cholesky_ms(count, l):.2f} ms (scaled from BASELINES.md 2b)"
+        )
     return 0
 
 

@@ -237,30 +237,22 @@ def lowrank_expand_kernel(
     group = pid % N_GROUPS
     offs_s = tl.arange(0, SPLIT_BLOCK)
     base = ws_ptr + m_tile.to(tl.int64) * N_SPLIT * (BLOCK_M * R_PAD)
-    if WS_ROWS == 1:
-        # One row (M = 1): only row 0 of each partial was written; SPLIT_BLOCK of them a load.
-        h1 = tl.zeros((R_PAD,), dtype=tl.float32)
-        for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
-            splits = s0 + offs_s
-            parts1 = tl.load(
-                base + splits[:, None] * (BLOCK_M * R_PAD) + tl.arange(0, R_PAD)[None, :],
-                mask=(splits < N_SPLIT)[:, None],
-                other=0.0,
-            )
-            h1 += tl.sum(parts1, axis=0)
-        h = tl.where(tl.arange(0, BLOCK_M)[:, None] == 0, h1[None, :], 0.0)
-    else:
-        tile = tl.arange(0, BLOCK_M)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
-        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
-            splits = s0 + offs_s
-            # SPLIT_BLOCK partials in one load: independent L2 reads in flight together.
-            parts = tl.load(
-                base + splits[:, None, None] * (BLOCK_M * R_PAD) + tile[None, :, :],
-                mask=(splits < N_SPLIT)[:, None, None],
-                other=0.0,
-            )
-            h += tl.sum(parts, axis=0)
+    # The WS_ROWS written rows of each partial (1 for M = 1, else the whole tile), SPLIT_BLOCK
+    # partials in one load: independent L2 reads in flight together.
+    tile = tl.arange(0, WS_ROWS)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
+    acc = tl.zeros((WS_ROWS, R_PAD), dtype=tl.float32)
+    for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
+        splits = s0 + offs_s
+        parts = tl.load(
+            base + splits[:, None, None] * (BLOCK_M * R_PAD) + tile[None, :, :],
+            mask=(splits < N_SPLIT)[:, None, None],
+            other=0.0,
+        )
+        acc += tl.sum(parts, axis=0)
+    if WS_ROWS == BLOCK_M:
+        h = acc
+    else:  # one row: the rest of the M tile is zero
+        h = tl.where(tl.arange(0, BLOCK_M)[:, None] < WS_ROWS, acc, 0.0)
     rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     _second_product(
         h,

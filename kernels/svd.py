@@ -136,8 +136,9 @@ def batched_matmul(
             raise ValueError(
                 f"skip must be a ({batch},) bool tensor on {a.device}; got {tuple(skip.shape)} {skip.dtype} on {skip.device}"
             )
-        if (k, m)[skipped == "identity"] != n:
-            side = "K == N" if skipped == "copy" else "M == N"
+        copy = skipped == "copy"
+        if (k if copy else m) != n:
+            side = "K == N" if copy else "M == N"
             raise ValueError(f"skipped={skipped!r} needs {side}; got a {tuple(a.shape)} and x {tuple(x.shape)}")
         mode = _SKIP_MODES[skipped]
     from fasttrunc.kernels._svd_triton import bmm_kernel
@@ -376,9 +377,10 @@ def _cholesky_qr_group(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.
         bad = ((info != 0) | ~torch.isfinite(rs).flatten(1).all(1)) & ~settled
         failed |= bad & (shifting | (shift <= 0))  # indefinite even shifted, or all zeros
         shifted, shifting = shifting, bad & ~failed
-        rs = torch.where((settled | bad)[:, None, None], eye, rs)  # settled or failed matrices stay as they are
+        held = settled | bad  # matrices this step leaves as they are
+        rs = torch.where(held[:, None, None], eye, rs)
         rs_inv = _upper_inverse(rs)
-        keep = (settled | bad).split(sizes)
+        keep = held.split(sizes)
         qs = [batched_matmul(q, ri, "fp32", skip=k) for q, ri, k in zip(qs, rs_inv.float().split(sizes), keep)]
         r = rs @ r
         step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
@@ -451,9 +453,10 @@ def _sketch(
     transpose = m < n
     if transpose:
         w = w.mT  # a strided view: the kernels read it in place
-        m, n = n, m
     _refuse_frozen_draw(w.device, generator)
-    g = gaussian_sketch(w.shape[:-2], n, k + oversample, dtype=torch.float32, device=w.device, generator=generator)
+    g = gaussian_sketch(
+        w.shape[:-2], min(m, n), k + oversample, dtype=torch.float32, device=w.device, generator=generator
+    )
     return w, g, transpose
 
 
@@ -531,11 +534,10 @@ def _solve_many(
     for i, g in enumerate(gs):
         by_l.setdefault((g.shape[-1], g.device), []).append(i)
     parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for members in by_l.values():
         group = [ws[i] for i in members], [gs[i] for i in members]
         parts.update(zip(members, _range_and_projection(*group, n_iter, range_precision, projection_precision, qr)))
-    slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for members in by_l.values():
         # B^T = Q2 R, so B = R^T Q2^T; Jacobi runs on R^T (its columns come out of the power
         # iteration graded by size, which saves a sweep over R): R^T = U_T S V_T^T.
         rt = torch.cat([parts[i][2].mT for i in members])  # fp64 R^T
@@ -584,18 +586,24 @@ def randomized_svd_triton_many_ex(
     whole call can be captured in a CUDA graph and replayed (a CPU generator is refused during
     a capture: its draw would be frozen into the graph).
     """
-    sides = _sketches(ws, ks, oversamples, generator)
-    solved = _solve_many(
-        [w for w, _, _ in sides],
-        [g for _, g, _ in sides],
-        ks,
-        n_iter,
-        range_precision,
-        projection_precision,
-        jacobi_max_sweeps,
-        repair=False,
-    )
+    args = (n_iter, range_precision, projection_precision, jacobi_max_sweeps)
+    sides, solved = _first_pass(ws, ks, oversamples, generator, args)
     return [_orient(part, transpose) for part, (_, _, transpose) in zip(solved, sides)]
+
+
+def _first_pass(
+    ws: list[torch.Tensor],
+    ks: list[int],
+    oversamples: list[int],
+    generator: torch.Generator | None,
+    args: tuple[int, str, str, int],
+) -> tuple[
+    list[tuple[torch.Tensor, torch.Tensor, bool]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+]:
+    """The sketched sides of every batch and their sync-free solution (``_solve_many`` unrepaired);
+    ``args`` are ``n_iter, range_precision, projection_precision, jacobi_max_sweeps``."""
+    sides = _sketches(ws, ks, oversamples, generator)
+    return sides, _solve_many([w for w, _, _ in sides], [g for _, g, _ in sides], ks, *args, repair=False)
 
 
 def _orient(
@@ -628,12 +636,13 @@ def randomized_svd_triton_many(
     with the repairs: Householder QR where CholeskyQR fails, ``torch.linalg.svd`` in fp64 for the
     small SVD that did not converge.
     """
-    sides = _sketches(ws, ks, oversamples, generator)
     args = (n_iter, range_precision, projection_precision, jacobi_max_sweeps)
-    solved = _solve_many([w for w, _, _ in sides], [g for _, g, _ in sides], ks, *args, repair=False)
+    sides, solved = _first_pass(ws, ks, oversamples, generator, args)
     flagged = [info != 0 for _, _, _, info in solved]
-    if flagged and bool(torch.cat([f.to(flagged[0].device) for f in flagged]).any()):
-        again = [i for i, f in enumerate(flagged) if bool(f.any())]
+    # The one host read: which batches hold a flagged matrix.
+    hits = torch.stack([f.any().to(flagged[0].device) for f in flagged]).tolist() if flagged else []
+    again = [i for i, hit in enumerate(hits) if hit]
+    if again:
         redo = _solve_many(
             [sides[i][0][flagged[i]] for i in again],
             [sides[i][1][flagged[i]] for i in again],

@@ -170,32 +170,31 @@ def _ours(weights: Sequence[torch.Tensor], k: int, options: dict[str, Any], seed
     """fasttrunc on a whole matrix set in one call, as truncated_svd's list form makes it."""
     from fasttrunc.kernels.svd import randomized_svd_triton_many
 
-    return randomized_svd_triton_many(
-        list(weights),
-        [k] * len(weights),
-        n_iter=options["n_iter"],
-        oversamples=[options["oversample"]] * len(weights),
-        generator=torch.Generator(device=weights[0].device).manual_seed(seed),
-        range_precision=options.get("range_precision", "tf32"),
-    )
+    generator = torch.Generator(device=weights[0].device).manual_seed(seed)
+    return randomized_svd_triton_many(**_many_kwargs(weights, k, options), generator=generator)
+
+
+def _many_kwargs(weights: Sequence[torch.Tensor], k: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a list-form call on a whole matrix set, but for the generator."""
+    n = len(weights)
+    return {
+        "ws": list(weights),
+        "ks": [k] * n,
+        "n_iter": options["n_iter"],
+        "oversamples": [options["oversample"]] * n,
+        "range_precision": options.get("range_precision", "tf32"),
+    }
 
 
 def _graph_replay(weights: Sequence[torch.Tensor], k: int, options: dict[str, Any]) -> Callable[[], Factors]:
     """fasttrunc's sync-free form captured once in a CUDA graph; the callable replays it.
 
     The sketch comes from the default CUDA generator (capture-safe: each replay draws anew). After
-    each replay the flags of every matrix are checked: a flagged one is an error, not a timing.
+    the first replay the flags of every matrix are checked: a flagged one is an error, not a timing.
     """
     from fasttrunc.kernels.svd import randomized_svd_triton_many_ex
 
-    call = functools.partial(
-        randomized_svd_triton_many_ex,
-        list(weights),
-        [k] * len(weights),
-        n_iter=options["n_iter"],
-        oversamples=[options["oversample"]] * len(weights),
-        range_precision=options.get("range_precision", "tf32"),
-    )
+    call = functools.partial(randomized_svd_triton_many_ex, **_many_kwargs(weights, k, options))
     call()  # compiles every kernel outside the capture
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
@@ -237,8 +236,8 @@ RSVD_MODEL = {
     "inverse_ms": 0.1,  # assumed: one batched fp64 triangular inverse (cuBLAS trsm) of a batch
     "launch_ms": 0.005,  # assumed: one eager launch of a small torch op or a Triton kernel
     "jacobi_sweeps": 8,  # measured on the CPU: 5-8 sweeps for R^T at l = 74..281
-    # CholeskyQR steps that do work (the rest are skipped on the device): measured on the CPU,
-    # 4096x1024, k = 256, spectra 1/i, i^-0.5, 0.97^i: one of a loose call's 2, two of a strict 3.
+    # CholeskyQR steps that do work of a call's 4 (the rest are skipped on the device): measured
+    # on the CPU, 4096x1024, k = 256, spectra 1/i and i^-0.5: one in a loose call, two in a strict one.
     "loose_work_steps": 1,
     "strict_work_steps": 2,
     "sms": 132,
