@@ -73,7 +73,7 @@ def test_graph_replay_row_captures_once_and_replays(monkeypatch):
         bench._graph_replay([w], 2, {"n_iter": 2, "oversample": 1})
 
 
-def test_rsvd_cost_model_counts_the_algorithm_it_estimates(monkeypatch):
+def test_rsvd_cost_model_counts_the_algorithm_it_estimates():
     """The estimate's stages follow the algorithm: 2 + 2 n_iter passes, more iterations cost more,
     the device-side skip of settled CholeskyQR steps is credited, and the stages sum to the total."""
     import fasttrunc.bench.svd as bench
@@ -88,6 +88,5 @@ def test_rsvd_cost_model_counts_the_algorithm_it_estimates(monkeypatch):
     assert bench._bmm_ms(24, 8192, 2048, 266, 4, "tf32x3") > tf32  # three products (compute-bound)
     assert bench._bmm_ms(24, 8192, 2048, 266, 2, "tf32") < tf32  # bf16 weights read half the bytes
     skipped = est[2]["cholesky_qr"]
-    monkeypatch.setitem(bench.RSVD_MODEL, "loose_work_steps", 2)
-    monkeypatch.setitem(bench.RSVD_MODEL, "strict_work_steps", 3)
-    assert bench.estimate_rsvd_ms(shapes, 256, 2, 10)["cholesky_qr"] > skipped
+    no_skips = {**bench.RSVD_MODEL, "loose_work_steps": 2, "strict_work_steps": 3}
+    assert bench.estimate_rsvd_ms(shapes, 256, 2, 10, model=no_skips)["cholesky_qr"] > skipped

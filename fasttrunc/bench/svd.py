@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -244,7 +244,16 @@ RSVD_MODEL = {
 }
 
 
-def _bmm_ms(batch: int, m: int, k: int, n: int, itemsize: int, precision: str, skipping: bool = False) -> float:
+def _bmm_ms(
+    batch: int,
+    m: int,
+    k: int,
+    n: int,
+    itemsize: int,
+    precision: str,
+    skipping: bool = False,
+    model: Mapping[str, float] = RSVD_MODEL,
+) -> float:
     """One batched_matmul launch ``(batch, m, k) @ (batch, k, n)``: the larger of its memory time
     (HBM once, L2 re-reads per tile: ``m k n_pad (1/BN + 1/BM)`` operand loads) and its MMA time."""
     from fasttrunc.kernels import svd as svd_kernels
@@ -254,16 +263,16 @@ def _bmm_ms(batch: int, m: int, k: int, n: int, itemsize: int, precision: str, s
     m_pad = -(-m // svd_kernels._BLOCK_M) * svd_kernels._BLOCK_M
     hbm = batch * (itemsize * m * k + 4 * (k * n + m * n))
     l2 = batch * m_pad * k * n_pad * (itemsize / block_n + 4 / svd_kernels._BLOCK_M)
-    memory = hbm / (RSVD_MODEL["hbm_gbps"] * 1e6) + l2 / (RSVD_MODEL["l2_gbps"] * 1e6)
+    memory = hbm / (model["hbm_gbps"] * 1e6) + l2 / (model["l2_gbps"] * 1e6)
     flops = 2 * batch * m_pad * k * n_pad
     if precision == "ieee":
-        compute = flops / (RSVD_MODEL["fp32_fma_tflops"] * 1e9)
+        compute = flops / (model["fp32_fma_tflops"] * 1e9)
     else:
-        compute = (3 if precision == "tf32x3" else 1) * flops / (RSVD_MODEL["tf32_tflops"] * 1e9)
-    return max(memory, compute) + RSVD_MODEL["launch_ms"]
+        compute = (3 if precision == "tf32x3" else 1) * flops / (model["tf32_tflops"] * 1e9)
+    return max(memory, compute) + model["launch_ms"]
 
 
-def cholesky_kernel_ms(count: int, l: int) -> float:
+def cholesky_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
     """Estimated time of one ``batched_cholesky`` launch: one program per matrix, each row a chain
     of dependent L2 reads (its row tiles' sums over the rows above, the pivot in the first), or the
     L2 bandwidth of the programs (l^3 / 6 fp64 values read a matrix), whichever is longer."""
@@ -271,19 +280,24 @@ def cholesky_kernel_ms(count: int, l: int) -> float:
 
     block_i, block_k = svd_kernels._CHOLESKY_BLOCK_I, svd_kernels._CHOLESKY_BLOCK_K
     chain = sum(max(1, -(-j // block_k)) * -(-(l - j) // block_i) for j in range(l))
-    latency = chain * RSVD_MODEL["l2_round_trip_us"] / 1e3
-    bandwidth = min(RSVD_MODEL["l2_gbps"], min(count, RSVD_MODEL["sms"]) * RSVD_MODEL["l2_gbps_per_sm"])
-    waves = -(-count // int(RSVD_MODEL["sms"]))
-    return waves * max(latency, count * 8 * l**3 / 6 / (bandwidth * 1e6)) + RSVD_MODEL["launch_ms"]
+    latency = chain * model["l2_round_trip_us"] / 1e3
+    bandwidth = min(model["l2_gbps"], min(count, model["sms"]) * model["l2_gbps_per_sm"])
+    waves = -(-count // int(model["sms"]))
+    return waves * max(latency, count * 8 * l**3 / 6 / (bandwidth * 1e6)) + model["launch_ms"]
 
 
-def torch_cholesky_ms(count: int, l: int) -> float:
+def torch_cholesky_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
     """torch's batched fp64 Cholesky of ``count`` l x l matrices, scaled from BASELINES.md 2b."""
-    return RSVD_MODEL["torch_cholesky_ms_per_matrix"] * count * l / RSVD_MODEL["torch_cholesky_l"]
+    return model["torch_cholesky_ms_per_matrix"] * count * l / model["torch_cholesky_l"]
 
 
 def estimate_rsvd_ms(
-    shapes: Sequence[tuple[int, int, int]], k: int, n_iter: int, oversample: int, itemsize: int = 4
+    shapes: Sequence[tuple[int, int, int]],
+    k: int,
+    n_iter: int,
+    oversample: int,
+    itemsize: int = 4,
+    model: Mapping[str, float] = RSVD_MODEL,
 ) -> dict[str, float]:
     """Estimated milliseconds per stage of one ``randomized_svd_triton_many`` call on an H200.
 
@@ -292,6 +306,7 @@ def estimate_rsvd_ms(
     settled matrices; fp64 Cholesky in Triton, inverse in torch), the small Jacobi SVD
     (one program per matrix, L2-bound: each round reads and writes the padded ``l x l`` X and V),
     and the final ``U = Q U_T``, ``V = Q2 V_T``. Host syncs: none counted (one at the end).
+    ``model`` holds the ceilings and assumptions (default :data:`RSVD_MODEL`).
     """
     from fasttrunc.kernels import svd as svd_kernels
 
@@ -307,27 +322,31 @@ def estimate_rsvd_ms(
         # Sides alternate: W @ (n x l) then W^T @ (m x l).
         for j, precision in enumerate(precisions):
             rows, depth = (m, n) if j % 2 == 0 else (n, m)
-            stages["passes"] += _bmm_ms(count, rows, depth, l, itemsize, precision)
+            stages["passes"] += _bmm_ms(count, rows, depth, l, itemsize, precision, model=model)
         # CholeskyQR calls, 4 fixed steps each: loose between iterations, strict for U's basis (the
         # last W Z) and for Q2.
         sides = [m] + [n, m] * n_iter + [n]
         strict = [n_iter == 0] + [flag for i in range(n_iter) for flag in (False, i == n_iter - 1)] + [True]
         steps = svd_kernels._CHOLQR_STEPS
         for rows, is_strict in zip(sides, strict):
-            work = RSVD_MODEL["strict_work_steps" if is_strict else "loose_work_steps"]
-            products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True) + _bmm_ms(count, rows, l, l, 4, "tf32x3", True)
-            copy = count * 2 * 4 * rows * l / (RSVD_MODEL["hbm_gbps"] * 1e6)  # a skipped update keeps q
+            work = model["strict_work_steps" if is_strict else "loose_work_steps"]
+            products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True, model) + _bmm_ms(
+                count, rows, l, l, 4, "tf32x3", True, model
+            )
+            copy = count * 2 * 4 * rows * l / (model["hbm_gbps"] * 1e6)  # a skipped update keeps q
             stages["cholesky_qr"] += work * products + (steps - work) * copy
-        stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3") + _bmm_ms(count, n, l, k, 4, "tf32x3")
+        stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3", model=model) + _bmm_ms(
+            count, n, l, k, 4, "tf32x3", model=model
+        )
     # The small ops of every step, settled matrices or not, once for all batches (one l: lock step).
-    small = cholesky_kernel_ms(total_count, l) + RSVD_MODEL["inverse_ms"] + 20 * RSVD_MODEL["launch_ms"]
+    small = cholesky_kernel_ms(total_count, l, model) + model["inverse_ms"] + 20 * model["launch_ms"]
     stages["cholesky_qr"] += (2 + 2 * n_iter) * svd_kernels._CHOLQR_STEPS * small
     npair = (l + 1) // 2
     stride = -(-2 * npair // 32) * 32
     round_bytes = 2 * 2 * 2 * npair * stride * 4  # X and V, read and written, per round
-    rounds = RSVD_MODEL["jacobi_sweeps"] * (2 * npair - 1)
-    bandwidth = min(RSVD_MODEL["l2_gbps"], total_count * RSVD_MODEL["l2_gbps_per_sm"])
-    stages["jacobi"] = total_count * rounds * round_bytes / (bandwidth * 1e6) + RSVD_MODEL["launch_ms"]
+    rounds = model["jacobi_sweeps"] * (2 * npair - 1)
+    bandwidth = min(model["l2_gbps"], total_count * model["l2_gbps_per_sm"])
+    stages["jacobi"] = total_count * rounds * round_bytes / (bandwidth * 1e6) + model["launch_ms"]
     stages["total"] = sum(stages.values())
     return stages
 
