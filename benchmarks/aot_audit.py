@@ -4,8 +4,9 @@
 
 Configs: the low-rank planner's choices for the 36-cell bf16 grid of benchmarks/BASELINES.md
 (Pythia MLP shapes x r in {32, 128, 512} x M in {1, 16, 256, 4096}, 132 SMs, default tunables),
-deduplicated; the rSVD's batched product for each dot precision and weight dtype; the Jacobi
-kernel for l = 266 (k = 256 + 10), 512 and 544. For each: registers, spills, shared memory,
+deduplicated; the rSVD's batched product for each kernel precision and weight dtype, at the tiles
+the launcher picks; the Jacobi kernel for l = 266 (k = 256 + 10), 512 and 544. For each:
+registers, spills, shared memory,
 whether the PTX holds wgmma (Hopper's tensor-core MMA) or mma.sync, 128-bit global loads and the
 SASS mix. Needs TRITON_INTERPRET unset.
 """
@@ -53,17 +54,31 @@ def lowrank_jobs(subset: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return list(jobs.values()), torch_cells
 
 
+# The kernel precisions bmm_kernel runs per A dtype (kernels.svd.kernel_precision): 3xTF32 of a
+# half-precision A is 2xTF32; fp16 MMAs serve the range passes over fp16 weights.
+BMM_PRECISIONS = {"fp32": ("ieee", "tf32", "tf32x3"), "bf16": ("ieee", "tf32", "tf32x2"), "fp16": ("tf32x2", "fp16")}
+
+
 def svd_jobs() -> list[dict[str, Any]]:
+    # The passes at l = k + 10 = 266 and 74 (128-row tiles over 8 warps, 64 or 128 columns:
+    # bmm_tiles) and U = Q U_T at k = 64 (64 x 64 over 4 warps), at the tiles the launcher picks.
     jobs: list[dict[str, Any]] = [
         {"family": "bmm", "precision": p, "a_type": t, "n": n, "skip": 0}
-        for n in (266, 64)  # the passes at l = k + 10 = 266 (128-column tiles); U = Q U_T at k = 64 (64 columns)
-        for p in ("ieee", "tf32", "tf32x3")
-        for t in ("fp32", "bf16")
+        for n in (266, 74, 64)
+        for t, precisions in BMM_PRECISIONS.items()
+        for p in precisions
     ]
+    # Strides compile as runtime values (no unit-stride specialization: the most registers any
+    # strides take), so the transposed view W^T of W^T Q compiles as W does.
     # CholeskyQR's Gram (settled matrices get I) and Q update (settled matrices keep q).
     jobs += [{"family": "bmm", "precision": "tf32x3", "a_type": "fp32", "n": 266, "skip": mode} for mode in (1, 2)]
     jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
+    jobs += [{"family": "jacobi", "l": l, "replay": True} for l in JACOBI_LS]
     jobs += [{"family": "cholesky", "l": l} for l in (266, 288)]
+    # A CholeskyQR step: the Gram's upper tiles, the factorization, the inverse (strict and loose),
+    # the in-place update; at l = 266 over m = 8192 rows.
+    jobs += [{"family": "cholqr", "kernel": name, "l": 266} for name in ("gram", "step", "trmm")]
+    jobs += [{"family": "cholqr", "kernel": "inverse", "l": 266, "loose": loose} for loose in (False, True)]
     return jobs
 
 
@@ -100,15 +115,17 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "skip_ptr": None, "M": m, "N": n, "K": k}
         args |= {"s_ab": m * k, "s_am": k, "s_ak": 1, "s_xb": k * n, "s_xk": n, "s_xn": 1}
         args |= {"s_cb": m * n, "s_cm": n, "s_cn": 1}
-        const = {"BLOCK_M": svd._BLOCK_M, "BLOCK_N": svd.bmm_block_n(n, job["skip"] != 0), "BLOCK_K": svd._BLOCK_K}
+        itemsize = 4 if job["a_type"] == "fp32" else 2
+        block_m, block_n, warps = svd.bmm_tiles(n, job["precision"], itemsize, job["skip"] != 0)
+        const = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": svd._BLOCK_K}
         const["PRECISION"] = job["precision"]
         const["SKIP"] = job["skip"]
         types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32", "skip_ptr": "*u8"}
-        compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": svd._BMM_WARPS}, types)
+        compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": warps}, types)
         tensor_cores = job["precision"] != "ieee"
         what = {
             "kernel": "bmm_kernel",
-            "config": f"{job['precision']}, A {job['a_type']}, bn={const['BLOCK_N']}"
+            "config": f"{job['precision']}, A {job['a_type']}, bm={block_m} bn={block_n} w={warps}"
             + ("", ", skip: copy", ", skip: identity")[job["skip"]],
             "cells": [f"8192x2048 @ {n}"],
         }
@@ -124,6 +141,8 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         tensor_cores = False
         what = {"kernel": "cholesky_kernel", "config": f"l={l} I={const['BLOCK_I']} K={const['BLOCK_K']}"}
         what["cells"] = [f"l = {l}"]
+    elif job["family"] == "cholqr":
+        what, compiled, tensor_cores = _compile_cholqr(job)
     else:
         from fasttrunc.kernels import svd
         from fasttrunc.kernels._svd_triton import jacobi_kernel
@@ -133,14 +152,28 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         block_p = svd._next_pow2(npair)
         block_r = max(1, min(svd._JACOBI_TILE // block_p, svd._next_pow2(l)))
         stride = svd._cdiv(2 * npair, 32) * 32
-        args = {"x_ptr": None, "v_ptr": None, "info_ptr": None, "floor_ptr": None, "L": 0, "NPAIR": npair}
-        args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
-        args |= {"tol": 1e-5, "max_sweeps": 30}
-        types = dict.fromkeys(("x_ptr", "v_ptr", "info_ptr", "floor_ptr"), "*fp32")
-        const = {"BLOCK_P": block_p, "BLOCK_R": block_r}
-        compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
+        sweeps = svd._JACOBI_SWEEPS_PER_LAUNCH
+        if job.get("replay"):
+            from fasttrunc.kernels._svd_triton import jacobi_replay_kernel
+
+            args = dict.fromkeys(("v_ptr", "log_ptr", "count_ptr")) | {"NPAIR": npair, "STRIDE": stride}
+            types = {"v_ptr": "*fp32", "log_ptr": "*fp32", "count_ptr": "*i32"}
+            block_c = svd._next_pow2(2 * npair)
+            const = {"SWEEPS": sweeps, "BLOCK_C": block_c, "BLOCK_R": svd.replay_block_r(block_c)}
+            options = {"num_warps": svd._REPLAY_WARPS}
+            compiled = aot.compile_kernel(jacobi_replay_kernel, args, const, options, types)
+            config = f"l={l} C={block_c} R={const['BLOCK_R']}"
+            what = {"kernel": "jacobi_replay_kernel", "config": config, "cells": [f"l = {l}"]}
+        else:
+            pointers = ("x_ptr", "info_ptr", "log_ptr", "count_ptr", "floor_ptr")
+            args = dict.fromkeys(pointers) | {"L": 0, "NPAIR": npair}
+            args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
+            args |= {"tol": 1e-5, "max_sweeps": 30}
+            types = dict.fromkeys(pointers, "*fp32") | {"count_ptr": "*i32"}
+            const = {"SWEEPS": sweeps, "BLOCK_P": block_p, "BLOCK_R": block_r}
+            compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
+            what = {"kernel": "jacobi_kernel", "config": f"l={l} P={block_p} R={block_r}", "cells": [f"l = {l}"]}
         tensor_cores = False
-        what = {"kernel": "jacobi_kernel", "config": f"l={l} P={block_p} R={block_r}", "cells": [f"l = {l}"]}
     report = aot.audit(compiled)
     from fasttrunc.kernels.lowrank_plan import ctas_per_sm
 
@@ -149,6 +182,52 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         None if report["registers"] is None else ctas_per_sm(report["registers"], report["shared_bytes"], num_warps)
     )
     return {**what, "tensor_cores": tensor_cores, "num_warps": num_warps, "ctas_per_sm": occupancy, **report}
+
+
+def _compile_cholqr(job: dict[str, Any]) -> tuple[dict[str, Any], Any, bool]:
+    """One of the four kernels of a CholeskyQR step (kernels/_cholqr_triton.py) as cholesky_qr launches it."""
+    from fasttrunc.kernels import _cholqr_triton as kernels
+    from fasttrunc.kernels import aot, svd
+
+    l, m, name = job["l"], 8192, job["kernel"]
+    if name in ("gram", "trmm"):
+        precision = "tf32x3"  # dot_precision("fp32") on sm_90
+        args: dict[str, Any] = {"q_ptr": None, "M": m, "L": l, "s_qb": m * l, "s_qm": l, "s_ql": 1}
+        if name == "gram":
+            kernel, const = kernels.gram_kernel, {"BLOCK_N": svd._GRAM_BLOCK_N, "BLOCK_K": svd._GRAM_BLOCK_K}
+            args |= {"g_ptr": None, "state_ptr": None}
+            types = {"q_ptr": "*fp32", "g_ptr": "*fp32", "state_ptr": "*i32"}
+            warps, config = svd._GRAM_WARPS, f"Q^T Q upper tiles, {precision}, bn={const['BLOCK_N']}"
+        else:
+            kernel = kernels.trmm_inplace_kernel
+            const = {"BLOCK_M": svd._TRMM_BLOCK_M, "BLOCK_N": svd._TRMM_BLOCK_N, "BLOCK_K": svd._TRMM_BLOCK_K}
+            args |= {"rinv_ptr": None, "hold_ptr": None}
+            types = {"q_ptr": "*fp32", "rinv_ptr": "*fp32", "hold_ptr": "*u8"}
+            warps = svd._TRMM_WARPS
+            config = f"Q <- Q R^-1 in place, {precision}, bm={const['BLOCK_M']} bn={const['BLOCK_N']}"
+        const["PRECISION"] = precision
+        cells = [f"{m} x {l}"]
+    elif name == "step":
+        kernel = kernels.cholqr_step_kernel
+        const = {"BLOCK_I": svd._CHOLESKY_BLOCK_I, "BLOCK_K": svd._CHOLESKY_BLOCK_K}
+        args = dict.fromkeys(("g_ptr", "state_ptr", "coef_ptr", "r_ptr", "hold_ptr", "aux_ptr"))
+        args |= {"L": l, "done_tol": 0.1}
+        types = {"g_ptr": "*fp32", "state_ptr": "*i32", "coef_ptr": "*fp64", "r_ptr": "*fp64"}
+        types |= {"hold_ptr": "*u8", "aux_ptr": "*fp64"}
+        warps, config = svd._CHOLESKY_WARPS, f"Cholesky + state, I={const['BLOCK_I']} K={const['BLOCK_K']}"
+        cells = [f"l = {l}"]
+    else:
+        kernel = kernels.upper_inverse_kernel
+        const = {"LOOSE": job["loose"], "BLOCK_J": svd._INVERSE_BLOCK_J, "BLOCK_K": svd._INVERSE_BLOCK_K}
+        pointers = ("r_ptr", "x_ptr", "rinv_ptr", "hold_ptr", "state_ptr", "aux_ptr", "sums_ptr", "tickets_ptr")
+        args = dict.fromkeys(pointers) | {"L": l, "kappa_max": 4096.0}
+        types = {"r_ptr": "*fp64", "x_ptr": "*fp64", "rinv_ptr": "*fp32", "hold_ptr": "*u8", "state_ptr": "*i32"}
+        types |= {"aux_ptr": "*fp64", "sums_ptr": "*fp32", "tickets_ptr": "*i32"}
+        warps = svd._INVERSE_WARPS
+        config = f"R^-1{', loose' if job['loose'] else ''}, J={const['BLOCK_J']} K={const['BLOCK_K']}"
+        cells = [f"l = {l}"]
+    compiled = aot.compile_kernel(kernel, args, const, {"num_warps": warps}, types)
+    return {"kernel": kernel.__name__, "config": config, "cells": cells}, compiled, name in ("gram", "trmm")
 
 
 def markdown(results: list[dict[str, Any]], torch_cells: list[dict[str, Any]], subset: bool, versions: str) -> str:

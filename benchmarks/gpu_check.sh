@@ -60,7 +60,7 @@ else
     export FASTTRUNC_TEST_NATIVE=1
     unset TRITON_INTERPRET
     t_tests=150 t_lowrank=190 t_svd=110 t_sweep=70
-    tests=(tests/test_lowrank_kernel.py tests/test_svd_kernel.py -m "not aot")
+    tests=(tests/test_lowrank_kernel.py tests/test_svd_kernel.py tests/test_cholqr_kernel.py -m "not aot")
     lowrank_flags=()
     svd_flags=()
     sweep_flags=(--layers 4 --out "$out/sweep")

@@ -3,10 +3,12 @@
 
 - :func:`bmm_kernel`: batched ``C = A @ X`` reading ``A`` as stored (fp32 / bf16 / fp16, any
   strides, so a transposed view costs nothing), ``X`` and ``C`` fp32, a matrix flagged to skip
-  getting ``A`` or ``I`` instead of its product;
+  getting ``A`` or ``I`` instead of its product; :func:`split_tf32` splits ``X`` for its 2xTF32
+  products of half-precision ``A``;
 - :func:`cholesky_kernel`: left-looking fp64 Cholesky of one small matrix per program;
 - :func:`jacobi_kernel`: one-sided (Hestenes) Jacobi SVD of one small square matrix per program,
-  every sweep inside one launch, with a per-matrix rounding floor.
+  a few sweeps a launch, with a per-matrix rounding floor, logging each round's rotations;
+- :func:`jacobi_replay_kernel`: the logged rotations applied to V, a block of V's rows a program.
 Offsets that multiply an index by a stride are int64: one matrix of a batch may pass 2^31 elements.
 """
 
@@ -14,6 +16,19 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from fasttrunc.kernels._cholqr_triton import cholesky_rows
+
+
+@triton.jit
+def split_tf32(x):
+    # x = hi + lo exactly: hi is x rounded to tf32 (10 mantissa bits, to nearest with ties away
+    # from zero, as cvt.rna.tf32.f32: add half of the dropped 13 bits' range, then clear them),
+    # lo = x - hi is exact in fp32 and |lo| <= 2^-11 |x|. A tf32 MMA reads hi exactly and lo to
+    # 11 significant bits: hi + lo to ~2^-21 relative.
+    bits = x.to(tl.int32, bitcast=True)
+    hi = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
@@ -41,9 +56,13 @@ def bmm_kernel(
     SKIP: tl.constexpr,
 ):
     # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
-    # nothing), X fp32, accumulation and C in fp32. SKIP (0: none) reads one flag per matrix: a
-    # flagged matrix gets C[b] = A[b] (SKIP == 1, the product with an identity X) or C[b] = I
-    # (SKIP == 2) without its product being computed.
+    # nothing), X fp32, accumulation and C in fp32. PRECISION is tl.dot's input precision
+    # ("ieee", "tf32", "tf32x3"), or "tf32x2": fp32-grade products of an fp16 / bf16 A, whose values
+    # tf32 holds exactly, as two tf32 MMAs of A with the split X (split_tf32) instead of 3xTF32's
+    # three; or "fp16": an fp16 A times X rounded to fp16 in registers, one fp16 MMA (twice the
+    # tf32 rate; X keeps tf32's 10 mantissa bits, in fp16's range). SKIP (0: none) reads one flag
+    # per matrix: a flagged matrix gets C[b] = A[b] (SKIP == 1, the product with an identity X)
+    # or C[b] = I (SKIP == 2) without its product being computed.
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -74,7 +93,15 @@ def bmm_kernel(
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
             x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
+            if PRECISION == "tf32x2":
+                x_hi, x_lo = split_tf32(x)
+                a32 = a.to(tl.float32)
+                acc = tl.dot(a32, x_lo, acc, input_precision="tf32")
+                acc = tl.dot(a32, x_hi, acc, input_precision="tf32")
+            elif PRECISION == "fp16":
+                acc = tl.dot(a.to(tl.float16), x.to(tl.float16), acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * s_ak
             x_ptrs += BLOCK_K * s_xk
         c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
@@ -84,44 +111,51 @@ def bmm_kernel(
 @triton.jit
 def jacobi_kernel(
     x_ptr,
-    v_ptr,
     info_ptr,
+    log_ptr,
+    count_ptr,
     L,
     NPAIR,
     STRIDE,
     tol,
     floor_ptr,
     max_sweeps,
+    SWEEPS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR.
+    # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR, up
+    # to SWEEPS sweeps a launch (the launcher repeats launches up to max_sweeps in all).
     # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced; rows
     # are STRIDE floats apart, a multiple of 32, so that the loads are 128 bits wide for any l.
     # L is the number of row entries processed: the launcher passes STRIDE (the padding is zero
-    # in x and in v and rotations keep it zero), so masks stay 128-bit aligned too.
+    # in x and rotations keep it zero), so masks stay 128-bit aligned too.
     # Round-robin ordering: each round rotates NPAIR disjoint column pairs at once; N - 1
     # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
     # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps). Pairs whose inner product is below this
     # matrix's rounding floor (eps^2 |R|_F^2, read per matrix) are left alone.
+    # Only X is rotated here: each round's (c, s) per pair goes to the log (c = 1, s = 0 for a pair
+    # left alone), and jacobi_replay_kernel applies them to V, rows of V in parallel. info holds
+    # (sweeps so far, the last sweep's largest off-diagonal ratio) across launches; count gets the
+    # sweeps this launch ran (0 once converged or out of sweeps).
     b = tl.program_id(0).to(tl.int64)
     floor = tl.load(floor_ptr + b)
     n_cols = 2 * NPAIR
     x_base = x_ptr + b * n_cols * STRIDE
-    v_base = v_ptr + b * n_cols * STRIDE
+    log_base = log_ptr + b * SWEEPS * (n_cols - 1) * 2 * NPAIR
     i = tl.arange(0, BLOCK_P)
     pmask = i < NPAIR
-    sweep = tl.program_id(0) * 0
-    off = tol * 2.0
-    while (sweep < max_sweeps) & (off > tol):
+    sweep = tl.load(info_ptr + 2 * b).to(tl.int32)
+    off = tl.load(info_ptr + 2 * b + 1)
+    here = tl.program_id(0) * 0
+    while (here < SWEEPS) & (sweep < max_sweeps) & (off > tol):
         off = tol * 0.0
         for r in range(0, n_cols - 1):
             pb = n_cols - 1 - i
             ca = tl.where(i == 0, 0, (i - 1 + r) % (n_cols - 1) + 1)
             cb = (pb - 1 + r) % (n_cols - 1) + 1
             # Elementwise sums over the row chunks, reduced across the rows once after the loop:
-            # 3 cross-row reductions a round instead of 3 a chunk (18 chunks at l = 266; sm_90:
-            # still 128 registers, no spills).
+            # 3 cross-row reductions a round instead of 3 a chunk (18 chunks at l = 266).
             alpha2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
             beta2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
             gamma2 = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
@@ -146,6 +180,9 @@ def jacobi_kernel(
             c = 1.0 / tl.sqrt(1.0 + t * t)
             s = tl.where(rotate, c * t, 0.0)
             c = tl.where(rotate, c, 1.0)
+            round_log = log_base + (here * (n_cols - 1) + r) * 2 * NPAIR
+            tl.store(round_log + i, c, mask=pmask)
+            tl.store(round_log + NPAIR + i, s, mask=pmask)
             for r0 in range(0, L, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
@@ -156,17 +193,77 @@ def jacobi_kernel(
                 xb = tl.load(pb_x, mask=m2, other=0.0)
                 tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
                 tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
-                pa_v = v_base + ca[:, None] * STRIDE + rows[None, :]
-                pb_v = v_base + cb[:, None] * STRIDE + rows[None, :]
-                va = tl.load(pa_v, mask=m2, other=0.0)
-                vb = tl.load(pb_v, mask=m2, other=0.0)
-                tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
-                tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
             # The next round reads columns other threads of this program just wrote.
             tl.debug_barrier()
         sweep += 1
+        here += 1
+    tl.store(count_ptr + b, here)
     tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
     tl.store(info_ptr + 2 * b + 1, off)
+
+
+@triton.jit
+def jacobi_replay_kernel(
+    v_ptr,
+    log_ptr,
+    count_ptr,
+    NPAIR,
+    STRIDE,
+    SWEEPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # V <- V J for the rotations jacobi_kernel logged in its last launch (count[b] sweeps of
+    # N - 1 rounds, N = 2 * NPAIR, m1 = N - 1). A rotation mixes two columns of V row by row, so
+    # the rows are independent: program (b, e) holds BLOCK_R rows of V (the buffer's entries e,
+    # all N columns: row j of the buffer is column j of V) in registers through every round, and
+    # reads V once and writes it once a launch.
+    # In round r, pair i is columns ca = (i ? (i - 1 + r) % m1 + 1 : 0), cb = (N - 2 - i + r) % m1 + 1
+    # (jacobi_kernel's order). Per column j >= 1 that inverts to d = (j - 1 - r) mod m1: j is ca of
+    # pair d + 1 when d + 1 < NPAIR, its partner cb = pa + 1 with pa = (N - 3 - d + r) mod m1; else
+    # j is cb of pair e = (m1 - j + r) mod m1, its partner ca = 0 for e = 0, else q + 1 with
+    # q = (e - 1 + r) mod m1. Column 0 is ca of pair 0, partner z + 1 with z = (N - 2 + r) mod m1.
+    # Each round moves d by -1, e and z by +1, pa and q by +2 (mod m1): kept as counters with a
+    # conditional wrap, no integer division in the loop. Column j becomes c V[:, j] -+ s V[:, partner]
+    # (- for ca); padding columns keep themselves. The next round's (c, s) are loaded before this
+    # round's update (they do not depend on it).
+    b = tl.program_id(0).to(tl.int64)
+    n_cols = 2 * NPAIR
+    m1 = n_cols - 1
+    count = tl.load(count_ptr + b)
+    if count > 0:
+        j = tl.arange(0, BLOCK_C)
+        live = j < n_cols
+        e_rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = live[:, None] & (e_rows[None, :] < STRIDE)
+        ptrs = v_ptr + b * n_cols * STRIDE + j[:, None] * STRIDE + e_rows[None, :]
+        v = tl.load(ptrs, mask=mask, other=0.0)
+        log_base = log_ptr + b * SWEEPS * m1 * 2 * NPAIR
+        # The counters at r = 0 (j >= 1 for d, e, pa, q; column 0 uses z).
+        d = (j - 1 + m1) % m1
+        e = (m1 - j % m1) % m1
+        pa = (n_cols - 3 - d + m1) % m1
+        q = (e - 1 + m1) % m1
+        z = (n_cols - 2) % m1
+        rounds = count * m1
+        for t in range(0, rounds):
+            is_a = (j == 0) | (d + 1 < NPAIR)
+            pair = tl.where(j == 0, 0, tl.where(is_a, d + 1, e))
+            partner = tl.where(j == 0, z + 1, tl.where(is_a, pa + 1, tl.where(e == 0, 0, q + 1)))
+            partner = tl.where(live, partner, j)
+            round_log = log_base + t * 2 * NPAIR
+            c = tl.load(round_log + pair, mask=live, other=1.0)
+            s = tl.load(round_log + NPAIR + pair, mask=live, other=0.0)
+            s = tl.where(is_a, -s, s)
+            other = tl.gather(v, tl.broadcast_to(partner[:, None], (BLOCK_C, BLOCK_R)), axis=0)
+            v = c[:, None] * v + s[:, None] * other
+            # The next round's counters (and a new sweep starts the pattern over: r = t + 1 mod m1).
+            d = tl.where(d == 0, m1 - 1, d - 1)
+            e = tl.where(e == m1 - 1, 0, e + 1)
+            pa = tl.where(pa + 2 >= m1, pa + 2 - m1, pa + 2)
+            q = tl.where(q + 2 >= m1, q + 2 - m1, q + 2)
+            z = tl.where(z == m1 - 1, 0, z + 1)
+        tl.store(ptrs, v, mask=mask)
 
 
 @triton.jit
@@ -179,35 +276,10 @@ def cholesky_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Left-looking Cholesky G = R^T R of one symmetric L x L fp64 matrix per program (reading its
-    # upper triangle), R upper triangular and written a row at a time: for i >= j,
-    #   c_i = G[j, i] - sum_{k<j} R[k, j] R[k, i],   R[j, i] = c_i / sqrt(c_j).
-    # The pivot c_j comes out of the row's first tile (i from j), so a row is one chain of tile
-    # loads over the rows above it; those rows were written by other threads of this program: a
-    # barrier after each row. Rows are STRIDE apart, matrices L * STRIDE. info = 1 + the first
-    # pivot that is not positive (or not finite), 0 when every one is; such a row is left zero.
-    # In-matrix offsets (at most l^2) stay int32; the batch offset is int64.
+    # Left-looking Cholesky G = R^T R of one symmetric L x L fp64 matrix per program (its upper
+    # triangle read), R upper and written a row at a time (cholesky_rows, shared with CholeskyQR's
+    # step kernel). Rows are STRIDE apart, matrices L * STRIDE. info = 1 + the first pivot that is
+    # not positive (or not finite), 0 when every one is; such a row is left zero.
     b = tl.program_id(0).to(tl.int64)
-    g_base = g_ptr + b * L * STRIDE
-    r_base = r_ptr + b * L * STRIDE
-    info = tl.program_id(0) * 0
-    for j in range(0, L):
-        scale = tl.zeros((), dtype=tl.float64)
-        for i0 in range(j, L, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            acc = tl.zeros((BLOCK_K, BLOCK_I), dtype=tl.float64)
-            for k0 in range(0, j, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                km = k < j
-                rkj = tl.load(r_base + k * STRIDE + j, mask=km, other=0.0)
-                rki = tl.load(r_base + k[:, None] * STRIDE + i[None, :], mask=km[:, None] & (i[None, :] < L), other=0.0)
-                acc += rkj[:, None] * rki
-            c = tl.load(g_base + j * STRIDE + i, mask=i < L, other=0.0) - tl.sum(acc, axis=0)
-            if i0 == j:  # the row's first tile holds its pivot
-                d = tl.sum(tl.where(i == j, c, 0.0), axis=0)
-                ok = d > 0.0  # false for NaN too
-                info = tl.where((info == 0) & (not ok), j + 1, info)
-                scale = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, d, 1.0)), 0.0)
-            tl.store(r_base + j * STRIDE + i, c * scale, mask=i < L)
-        tl.debug_barrier()
+    info, _, _, _ = cholesky_rows(g_ptr + b * L * STRIDE, r_ptr + b * L * STRIDE, 0.0, L, STRIDE, BLOCK_I, BLOCK_K)
     tl.store(info_ptr + b, info)

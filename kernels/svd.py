@@ -2,13 +2,16 @@
 
 Layers of this file (DESIGN.md section 4):
 1. Triton kernels  -- in ``_svd_triton`` (imported on the first launch): ``bmm_kernel``
-                      (batched ``A @ X`` reading ``A`` as stored, any strides, with per-matrix
-                      skip flags), ``cholesky_kernel`` (fp64 Cholesky of a small matrix, one
-                      program per matrix) and ``jacobi_kernel`` (one-sided Jacobi SVD of a small
-                      square matrix, one program per matrix, every sweep inside one launch);
-2. launchers       -- :func:`batched_matmul`, :func:`batched_cholesky`, :func:`jacobi_svd`, and
-                      the pieces built from them:
-                      :func:`cholesky_qr` and :func:`randomized_svd_triton`;
+                      (batched ``A @ X`` reading ``A`` as stored, any strides),
+                      ``cholesky_kernel`` (fp64 Cholesky of a small matrix, one program per
+                      matrix) and ``jacobi_kernel`` (one-sided Jacobi SVD of a small square
+                      matrix, one program per matrix, every sweep inside one launch); in
+                      ``_cholqr_triton``, the four kernels of a CholeskyQR step (the Gram's upper
+                      tiles, the fp64 factorization with the per-matrix state, the inverse, the
+                      in-place update);
+2. launchers       -- :func:`batched_matmul`, :func:`batched_cholesky`, :func:`jacobi_svd`,
+                      :func:`gram_upper`, :func:`cholqr_step`, :func:`update_in_place`, and the
+                      pieces built from them: :func:`cholesky_qr` and :func:`randomized_svd_triton`;
 3. torch reference -- :func:`randomized_svd_reference` (Householder QR, ``torch.linalg.svd``),
                       the oracle in tests and the CPU path; :func:`batched_matmul_reference`;
 4. no autograd: nothing here needs gradients;
@@ -23,10 +26,10 @@ precision), then take the SVD of the small ``l x n`` matrix ``Q^T W``.
 The Triton path differs only in how the small problems are solved, so that nothing loops over the
 batch (torch's batched QR, SVD and eigh loop per matrix at these sizes, benchmarks/BASELINES.md section 2):
 - orthonormalization is CholeskyQR2: Gram ``Y^T Y`` with fp32-grade products (3xTF32 on tensor
-  cores, IEEE FMA elsewhere), Cholesky of the small ``l x l`` Gram in fp64 (``batched_cholesky``),
-  ``Q = Y R^-1``; a fixed number of steps, no host sync inside; a breakdown (indefinite Gram)
-  retries with a shifted Gram (shifted CholeskyQR3), and a matrix that still fails (e.g. all
-  zeros) is flagged;
+  cores, IEEE FMA elsewhere), Cholesky and inverse of the small ``l x l`` Gram in fp64,
+  ``Q = Y R^-1`` in place; a fixed number of steps, no host sync inside, every decision taken
+  per matrix on the device; a breakdown (indefinite Gram) retries with a shifted Gram (shifted
+  CholeskyQR3), and a matrix that still fails (e.g. all zeros) is flagged;
 - the final small SVD factors ``B^T = W^T Q = Q2 R`` (CholeskyQR again) and runs a batched
   one-sided Jacobi SVD on the ``l x l`` ``R^T = U_T S V_T^T`` in Triton: ``U = Q U_T``,
   ``Vh = (Q2 V_T)^T``, both orthonormal (``Vh`` to rounding, ``U`` to the Jacobi tolerance);
@@ -62,14 +65,44 @@ from fasttrunc.kernels._backend import use_triton
 # ones do not (232-236 registers, 2 CTAs per SM). Untuned on a GPU.
 _BLOCK_M, _BLOCK_K, _BMM_WARPS = 64, 32, 4
 _BLOCK_N_NARROW, _BLOCK_N_WIDE = 64, 128
+# Wide tensor-core products without skip flags (the passes over W) take 128-row tiles over 8
+# warps (two warpgroups of 64 rows): each tile of X is then read from L2 half as often. At 4 warps
+# 128-row tiles spill on sm_90 (256-3680 bytes: 3xTF32, 2xTF32, fp16 and tf32 of a half A at
+# 128 columns); at 8 warps none does (sm_90, benchmarks/AOT_AUDIT.md: 148-201 registers, 32-96 KB
+# shared at l = 266; 3xTF32 of 128 columns, l <= 128, 255 registers). The compute-bound products
+# (3xTF32, 2xTF32, tf32 of a half A) take whichever of 64 / 128 columns pads n less (l = 266: 320
+# columns, 17% fewer MMAs than 384, for A read 5 times instead of 3); the memory-bound ones (tf32
+# of an fp32 A, fp16) keep 128. Chosen by fasttrunc.bench.svd's cost model (estimates, untuned on
+# a GPU): at 24 x 8192 x 2048 and 24 x 2048 x 8192, l = 266, 3xTF32 6.26 ms against 7.51 at
+# 64 x 128, tf32 2.82 against 3.79, 2xTF32 4.17 against 5.01, fp16 1.96 against 2.92.
+_BLOCK_M_WIDE, _BMM_WARPS_WIDE = 128, 8
+_PADDING_BOUND = ("tf32x3", "tf32x2")
 
 
 def bmm_block_n(n: int, skipping: bool = False) -> int:
-    """The N tile of :func:`batched_matmul` for ``n`` output columns (``skipping``: with skip flags)."""
+    """The N tile of CholeskyQR's products and the narrow ones (``n`` columns, ``skipping``: with skip flags)."""
     return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW or skipping else _BLOCK_N_WIDE
 
 
-_PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32")
+def bmm_tiles(n: int, precision: str, a_itemsize: int, skipping: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of one :func:`batched_matmul` launch of ``n`` columns.
+
+    ``precision`` is the kernel's (:func:`kernel_precision`), ``a_itemsize`` the bytes of one
+    element of ``a``. Skip launches (CholeskyQR), narrow products (``n <= 64``) and IEEE FMA keep
+    64 x :func:`bmm_block_n` tiles over 4 warps; the passes over W take 128-row tiles over 8 warps,
+    64 or 128 columns (see ``_BLOCK_M_WIDE``).
+    """
+    block_n = bmm_block_n(n, skipping)
+    if skipping or block_n == _BLOCK_N_NARROW or precision == "ieee":
+        return _BLOCK_M, block_n, _BMM_WARPS
+    if precision in _PADDING_BOUND or (precision == "tf32" and a_itemsize < 4):
+        if _cdiv(n, _BLOCK_N_NARROW) * _BLOCK_N_NARROW < _cdiv(n, _BLOCK_N_WIDE) * _BLOCK_N_WIDE:
+            block_n = _BLOCK_N_NARROW
+    return _BLOCK_M_WIDE, block_n, _BMM_WARPS_WIDE
+
+
+_PRECISIONS = ("ieee", "tf32", "tf32x3", "fp32", "fp16")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -87,10 +120,23 @@ def dot_precision(precision: str, device: torch.device) -> str:
     halves, 4096 x 1024, k = 256, 4 power iterations, spectra 1/i, 0.97^i, i^-0.5), every
     fp32-grade product done as 3xTF32 gives the same error ratio as IEEE to 4 digits and
     |U^T U - I| of 1.3-2.7e-7 against 0.7-2.3e-7. The interpreter computes every precision in fp32.
+    A half-precision ``a`` turns 3xTF32 into 2xTF32 in the kernel (:func:`kernel_precision`).
     """
     if precision != "fp32":
         return precision
     return "tf32x3" if device.type == "cuda" and _has_tf32(device) else "ieee"
+
+
+def kernel_precision(precision: str, a_dtype: torch.dtype, device: torch.device) -> str:
+    """``bmm_kernel``'s ``PRECISION`` for ``precision`` and an ``a`` of ``a_dtype`` on ``device``.
+
+    :func:`dot_precision`, except that 3xTF32 of an fp16 / bf16 ``a`` is ``"tf32x2"``: tf32 holds
+    those values exactly (10 mantissa bits at most, fp32's exponent range), so ``a`` needs no lo
+    half and two tf32 MMAs, ``a x_hi + a x_lo`` with ``x = x_hi + x_lo`` split in registers, give
+    the fp32-grade product of three (~2^-21 relative per element of ``x``).
+    """
+    resolved = dot_precision(precision, device)
+    return "tf32x2" if resolved == "tf32x3" and a_dtype in _HALF_DTYPES else resolved
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,8 +156,11 @@ def batched_matmul(
     """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
 
     ``precision`` is Triton's dot input precision: ``"ieee"`` (true fp32 products), ``"tf32"``
-    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy), or
-    ``"fp32"``: fp32-grade, the fastest of those two the device has (:func:`dot_precision`).
+    (tensor cores, ~1e-3 relative error), ``"tf32x3"`` (three tf32 products, ~fp32 accuracy; two
+    for an fp16 / bf16 ``a``, :func:`kernel_precision`), or ``"fp32"``: fp32-grade, the fastest of
+    those two the device has (:func:`dot_precision`); or ``"fp16"`` for an fp16 ``a`` only: ``x``
+    rounded to fp16 in registers and one fp16 MMA (fp32 accumulation), tf32's 10 mantissa bits at
+    twice its rate, for an ``x`` well inside fp16's range (entries of 6e-5 to 6e4 keep their bits).
     ``skip`` (``(B,)`` bool on the device) marks matrices whose product is known without computing
     it, read by the kernel (no host sync): their ``x`` is the identity and they get ``a``
     (``skipped="copy"``, ``K == N``), or their result is the identity (``"identity"``, ``M == N``).
@@ -126,6 +175,8 @@ def batched_matmul(
         raise ValueError(f"a and x must be on one device; got {a.device} and {x.device}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision {precision!r} is not a dot precision; allowed: {', '.join(_PRECISIONS)}")
+    if precision == "fp16" and a.dtype != torch.float16:
+        raise ValueError(f"precision 'fp16' needs a in float16; got {a.dtype}")
     batch, m, k = a.shape
     n = x.shape[2]
     mode = 0
@@ -148,8 +199,9 @@ def batched_matmul(
         return c
     if k == 0 and not mode:
         return c.zero_()
-    block_n = bmm_block_n(n, bool(mode))
-    grid = (_cdiv(m, _BLOCK_M) * _cdiv(n, block_n), batch, 1)
+    dot = kernel_precision(precision, a.dtype, a.device)
+    block_m, block_n, warps = bmm_tiles(n, dot, a.element_size(), bool(mode))
+    grid = (_cdiv(m, block_m) * _cdiv(n, block_n), batch, 1)
     with _device_guard(a.device):
         bmm_kernel[grid](
             a,
@@ -162,12 +214,12 @@ def batched_matmul(
             *a.stride(),
             *x.stride(),
             *c.stride(),
-            BLOCK_M=_BLOCK_M,
+            BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=_BLOCK_K,
-            PRECISION=dot_precision(precision, a.device),
+            PRECISION=dot,
             SKIP=mode,
-            num_warps=_BMM_WARPS,
+            num_warps=warps,
         )
     return c
 
@@ -197,6 +249,17 @@ def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Jacobi converges quadratically). A matrix that used every sweep counts as not converged.
 # Pairs whose inner product is below eps^2 |R|_F^2 of their own matrix are rounding noise.
 _JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
+# The X kernel logs each round's rotations, SWEEPS_PER_LAUNCH sweeps a launch (a log of
+# 2 x 265 x 2 x 133 floats a matrix at l = 266: 0.56 MB), and the replay kernel applies them to V,
+# a block of V's rows a program over 8 warps: 8192 fp32 values of V a program up to 512 padded
+# columns, 4096 past them (sm_90: 239 registers at l = 266, 16 rows; 182 at l = 544, 4 rows; no
+# spills, benchmarks/AOT_AUDIT.md).
+_JACOBI_SWEEPS_PER_LAUNCH, _REPLAY_WARPS = 2, 8
+
+
+def replay_block_r(block_c: int) -> int:
+    """Rows of V a replay program holds, for ``block_c`` padded columns."""
+    return max(4, min(64, (8192 if block_c <= 512 else 4096) // block_c))
 
 
 def jacobi_svd(
@@ -224,9 +287,11 @@ def jacobi_svd(
     x[:, :l, :l] = r.mT
     v = torch.zeros(batch, n_cols, stride, dtype=torch.float32, device=r.device)
     v[:, :, :n_cols] = torch.eye(n_cols, dtype=torch.float32, device=r.device)
+    # (sweeps so far, the last sweep's largest off-diagonal ratio): +inf until the first sweep.
     info = torch.zeros(batch, 2, dtype=torch.float32, device=r.device)
+    info[:, 1] = float("inf")
     if batch and l:
-        from fasttrunc.kernels._svd_triton import jacobi_kernel
+        from fasttrunc.kernels._svd_triton import jacobi_kernel, jacobi_replay_kernel
 
         tol = max(l, 16) * 2.0**-24
         # Per matrix, on the device (no host sync): a small matrix batched with a large one keeps
@@ -234,21 +299,41 @@ def jacobi_svd(
         floor = (2.0**-48 * torch.linalg.matrix_norm(r).square()).contiguous()
         block_p = _next_pow2(npair)
         block_r = max(1, min(_JACOBI_TILE // block_p, _next_pow2(l)))
+        block_c = _next_pow2(n_cols)
+        replay_rows = replay_block_r(block_c)
+        log = torch.empty(batch, _JACOBI_SWEEPS_PER_LAUNCH, n_cols - 1, 2, npair, dtype=torch.float32, device=r.device)
+        count = torch.zeros(batch, dtype=torch.int32, device=r.device)
+        # A fixed number of launch pairs (no host sync: a graph captures them all); programs of a
+        # matrix that has converged return at once.
         with _device_guard(r.device):
-            jacobi_kernel[(batch, 1, 1)](
-                x,
-                v,
-                info,
-                stride,  # rows run to the padded length: the pad is zero in x and v and stays so
-                npair,
-                stride,
-                tol,
-                floor,
-                max_sweeps,
-                BLOCK_P=block_p,
-                BLOCK_R=block_r,
-                num_warps=_JACOBI_WARPS,
-            )
+            for _ in range(_cdiv(max_sweeps, _JACOBI_SWEEPS_PER_LAUNCH)):
+                jacobi_kernel[(batch, 1, 1)](
+                    x,
+                    info,
+                    log,
+                    count,
+                    stride,  # rows run to the padded length: the pad is zero in x and stays so
+                    npair,
+                    stride,
+                    tol,
+                    floor,
+                    max_sweeps,
+                    SWEEPS=_JACOBI_SWEEPS_PER_LAUNCH,
+                    BLOCK_P=block_p,
+                    BLOCK_R=block_r,
+                    num_warps=_JACOBI_WARPS,
+                )
+                jacobi_replay_kernel[(batch, _cdiv(stride, replay_rows), 1)](
+                    v,
+                    log,
+                    count,
+                    npair,
+                    stride,
+                    SWEEPS=_JACOBI_SWEEPS_PER_LAUNCH,
+                    BLOCK_C=block_c,
+                    BLOCK_R=replay_rows,
+                    num_warps=_REPLAY_WARPS,
+                )
     rot = x[:, :l, :l].mT  # columns of r v
     vr = v[:, :l, :l].mT
     s = torch.linalg.vector_norm(rot, dim=1)
@@ -299,20 +384,9 @@ def batched_cholesky(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r, info
 
 
-def _gram(y: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """``y^T y`` with fp32-grade products, symmetrized, returned in fp64 (the identity where ``skip``)."""
-    g = batched_matmul(y.mT, y, "fp32", skip=skip, skipped="identity").double()
-    return 0.5 * (g + g.mT)
-
-
-def _upper_inverse(r: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
-    return torch.linalg.solve_triangular(r, eye, upper=True)
-
-
 # A step counts as converged when its R differs from the identity by at most this (max entry): a
 # step whose input has Q^T Q = I + E with |E| < 0.2 leaves an fp32-rounding-level error behind;
-# converged matrices take R = I in later steps (their Q no longer changes).
+# converged matrices are left alone in later steps (their Q no longer changes).
 _CHOLQR_DONE = 0.1
 # A basis that only feeds the next power-iteration product needs its span, not exact
 # orthonormality: a loose step is converged when kappa_F(R) = |R|_F |R^-1|_F <= 2^12 (measured in
@@ -326,6 +400,119 @@ _CHOLQR_LOOSE_KAPPA = 2.0**12
 # below sqrt(s) and only a plain step may accept it (measured, 0.97^i spectrum, 4096x1024,
 # l = 266: Y took all 4 steps). A matrix not converged after them is flagged.
 _CHOLQR_STEPS = 4
+# The per-matrix state of a CholeskyQR call (int32 bits, read and written by cholqr_step_kernel).
+STATE_DONE, STATE_FAILED, STATE_SHIFT = 1, 2, 4
+# Tiles: the Gram's and the update's are the 3xTF32 product tiles of 64 x 64 (the update's 64 rows
+# by 64 columns, 32 deep); the step kernel's are batched_cholesky's.
+_GRAM_BLOCK_N, _GRAM_BLOCK_K, _GRAM_WARPS = 64, 32, 4
+_TRMM_BLOCK_M, _TRMM_BLOCK_N, _TRMM_BLOCK_K, _TRMM_WARPS = 64, 64, 32, 8
+
+
+def gram_upper(q: torch.Tensor, g: torch.Tensor, state: torch.Tensor) -> None:
+    """Write ``q^T q`` (fp32-grade products) into the tiles on and above the diagonal of ``g``
+    ``(B, l, l)`` fp32, for the matrices of ``q (B, m, l)`` whose ``state`` is not settled."""
+    from fasttrunc.kernels._cholqr_triton import gram_kernel
+
+    batch, m, l = q.shape
+    tiles = _cdiv(l, _GRAM_BLOCK_N)
+    with _device_guard(q.device):
+        gram_kernel[(tiles * tiles, batch, 1)](
+            q,
+            g,
+            state,
+            m,
+            l,
+            *q.stride(),
+            BLOCK_N=_GRAM_BLOCK_N,
+            BLOCK_K=_GRAM_BLOCK_K,
+            PRECISION=dot_precision("fp32", q.device),
+            num_warps=_GRAM_WARPS,
+        )
+
+
+def update_in_place(q: torch.Tensor, rinv: torch.Tensor, hold: torch.Tensor) -> None:
+    """``q <- q rinv`` in place for ``q (B, m, l)`` fp32 and upper triangular ``rinv (B, l, l)`` fp32
+    (contiguous, zero below the diagonal), fp32-grade products; matrices with ``hold != 0`` keep ``q``."""
+    from fasttrunc.kernels._cholqr_triton import trmm_inplace_kernel
+
+    batch, m, l = q.shape
+    with _device_guard(q.device):
+        trmm_inplace_kernel[(_cdiv(m, _TRMM_BLOCK_M), batch, 1)](
+            q,
+            rinv,
+            hold,
+            m,
+            l,
+            *q.stride(),
+            BLOCK_M=_TRMM_BLOCK_M,
+            BLOCK_N=_TRMM_BLOCK_N,
+            BLOCK_K=_TRMM_BLOCK_K,
+            PRECISION=dot_precision("fp32", q.device),
+            num_warps=_TRMM_WARPS,
+        )
+
+
+class _StepBuffers:
+    """The device state of one CholeskyQR call on ``total`` matrices of ``l`` columns (its own: two
+    calls in flight never share one)."""
+
+    def __init__(self, total: int, l: int, coef: torch.Tensor, device: torch.device) -> None:
+        self.l = l
+        self.g = torch.empty(total, l, l, dtype=torch.float32, device=device)
+        self.state = torch.zeros(total, dtype=torch.int32, device=device)
+        self.coef = coef
+        self.r = torch.zeros(total, l, l, dtype=torch.float64, device=device)  # this step's R
+        self.x = torch.zeros(total, l, l, dtype=torch.float64, device=device)  # its inverse
+        self.rinv = torch.zeros(total, l, l, dtype=torch.float32, device=device)  # the inverse, for the update
+        self.hold = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.aux = torch.zeros(total, dtype=torch.float64, device=device)  # |R|_F^2 (inf: no loose test)
+        self.sums = torch.zeros(total, dtype=torch.float32, device=device)  # |R^-1|_F^2, summed over blocks
+        self.tickets = torch.zeros(total, dtype=torch.int32, device=device)
+
+
+# The inverse's column blocks: 64 columns a program (5 programs a matrix at l = 266), 64-deep steps.
+_INVERSE_BLOCK_J, _INVERSE_BLOCK_K, _INVERSE_WARPS = 64, 64, 4
+
+
+def cholqr_step(buffers: _StepBuffers, loose: bool) -> None:
+    """The small work of one CholeskyQR step of every matrix, on the device (no host sync): factor
+    the Gram in ``buffers.g`` (shifted where the state says so) and update ``state`` and ``hold``
+    (``cholqr_step_kernel``, one program a matrix), then invert the R of those not held
+    (``upper_inverse_kernel``, a block of columns a program) and, ``loose``, accept those whose R
+    is well enough conditioned."""
+    from fasttrunc.kernels._cholqr_triton import cholqr_step_kernel, upper_inverse_kernel
+
+    total, l = buffers.state.shape[0], buffers.l
+    with _device_guard(buffers.g.device):
+        cholqr_step_kernel[(total, 1, 1)](
+            buffers.g,
+            buffers.state,
+            buffers.coef,
+            buffers.r,
+            buffers.hold,
+            buffers.aux,
+            l,
+            _CHOLQR_DONE,
+            BLOCK_I=_CHOLESKY_BLOCK_I,
+            BLOCK_K=_CHOLESKY_BLOCK_K,
+            num_warps=_CHOLESKY_WARPS,
+        )
+        upper_inverse_kernel[(total, _cdiv(l, _INVERSE_BLOCK_J), 1)](
+            buffers.r,
+            buffers.x,
+            buffers.rinv,
+            buffers.hold,
+            buffers.state,
+            buffers.aux,
+            buffers.sums,
+            buffers.tickets,
+            l,
+            _CHOLQR_LOOSE_KAPPA,
+            LOOSE=loose,
+            BLOCK_J=_INVERSE_BLOCK_J,
+            BLOCK_K=_INVERSE_BLOCK_K,
+            num_warps=_INVERSE_WARPS,
+        )
 
 
 def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,28 +521,28 @@ def cholesky_qr_ex(y: torch.Tensor, loose: bool = False) -> tuple[torch.Tensor, 
     A matrix that fails (all zeros, rank deficient, not converged in the fixed steps) is flagged
     in the ``(B,)`` bool ``failed`` and gets ``q`` = the first ``l`` columns of the identity and
     ``r = 0``, so that every later step stays finite; what it computes from them is unreliable
-    (exact for an all-zero ``y``). The whole call can be captured in a CUDA graph.
+    (exact for an all-zero ``y``). The whole call can be captured in a CUDA graph. ``y`` is not
+    written.
     """
-    return _cholesky_qr_group([y], loose)[0]
+    return _cholesky_qr_group([y.clone()], loose)[0]
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _cholesky_qr_group(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`cholesky_qr_ex` of several batches ``(B_i, m_i, l)`` with one ``l`` in lock step: each
-    step's small problems of every batch share one launch (one Cholesky, one inverse), so the
-    latency-bound Cholesky kernel costs one launch a step for all of them."""
+def _cholesky_qr_group(
+    ys: list[torch.Tensor], loose: bool, need_r: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`cholesky_qr_ex` of several batches ``(B_i, m_i, l)`` with one ``l`` in lock step,
+    **overwriting** each ``y`` with its ``q``: a step is a Gram launch per batch, one
+    ``cholqr_step_kernel`` launch for every matrix of every batch (the latency-bound fp64 Cholesky
+    and inverse), and an in-place update launch per batch. Matrices that have settled cost those
+    kernels nothing (their programs read one state word) and no copy. ``need_r=False`` skips
+    accumulating R (the range finder's bases need only Q): each ``r`` is then empty, ``(B_i, 0, 0)``."""
     sizes = [y.shape[0] for y in ys]
     l, device = ys[0].shape[-1], ys[0].device
     total = sum(sizes)
-    qs = list(ys)
-    r = torch.eye(l, dtype=torch.float64, device=device).repeat(total, 1, 1)
-    done = torch.zeros(total, dtype=torch.bool, device=device)
-    failed = torch.zeros(total, dtype=torch.bool, device=device)
-    eye = torch.eye(l, dtype=torch.float64, device=device)
-    shifting = torch.zeros(total, dtype=torch.bool, device=device)
     # Shifted CholeskyQR3's s = (m l + l (l + 1)) 2^-24 trace(G) / l: the factor of trace(G) per matrix.
     coef = _cat(
         [
@@ -363,41 +550,31 @@ def _cholesky_qr_group(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.
             for y in ys
         ]
     )
+    buffers = _StepBuffers(total, l, coef, device)
+    states = buffers.state.split(sizes)
+    grams = buffers.g.split(sizes)
+    rinvs, holds = buffers.rinv.split(sizes), buffers.hold.split(sizes)
+    r = torch.eye(l, dtype=torch.float64, device=device).repeat(total, 1, 1) if need_r else None
     for _ in range(_CHOLQR_STEPS):
-        # A matrix converged (or failed) before this step keeps its q: the kernels skip its Gram
-        # (taken as I) and its update (R = I), deciding on the device (measured on the CPU, 8-9
-        # of 24 steps do work at torch's settings and 16-19 of 56 at the defaults, 4096x1024, k = 256).
-        settled = failed | done
-        g = _cat([_gram(q, part) for q, part in zip(qs, settled.split(sizes))])
-        shift = coef * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
-        # One Cholesky a step (the batched fp64 factorization is the costly small op: a Triton
-        # kernel, see batched_cholesky): of the shifted Gram G + s I only where the plain one
-        # failed in the step before.
-        rs, info = batched_cholesky(g + torch.where(shifting, shift, 0.0)[:, None, None] * eye)
-        bad = ((info != 0) | ~torch.isfinite(rs).flatten(1).all(1)) & ~settled
-        failed |= bad & (shifting | (shift <= 0))  # indefinite even shifted, or all zeros
-        shifted, shifting = shifting, bad & ~failed
-        held = settled | bad  # matrices this step leaves as they are
-        rs = torch.where(held[:, None, None], eye, rs)
-        rs_inv = _upper_inverse(rs)
-        keep = held.split(sizes)
-        qs = [batched_matmul(q, ri, "fp32", skip=k) for q, ri, k in zip(qs, rs_inv.float().split(sizes), keep)]
-        r = rs @ r
-        step_ok = (rs - eye).abs().flatten(1).amax(1) <= _CHOLQR_DONE
-        if loose:
-            # A well-conditioned R says q is nearly orthonormal only for the plain Gram: after a
-            # shifted one, q = y R^-1 can be far from it (|Q^T Q - I| of 0.94 measured, 0.97^i
-            # spectrum, 4096x1024, l = 266), and a plain step must follow.
-            kappa = torch.linalg.matrix_norm(rs) * torch.linalg.matrix_norm(rs_inv)
-            step_ok |= (kappa <= _CHOLQR_LOOSE_KAPPA) & ~shifted
-        done |= step_ok & ~failed & ~bad
-    failed |= ~done | ~_cat([torch.isfinite(q).flatten(1).all(1) for q in qs])
+        for y, g, state in zip(ys, grams, states):
+            gram_upper(y, g, state)
+        cholqr_step(buffers, loose)
+        for y, rinv, hold in zip(ys, rinvs, holds):
+            update_in_place(y, rinv, hold)
+        if r is not None:
+            r = torch.where(buffers.hold.bool()[:, None, None], r, buffers.r @ r)
+    failed = (buffers.state & STATE_DONE) == 0
+    failed |= ~_cat([torch.isfinite(y).flatten(1).all(1) for y in ys])
+    if r is None:
+        r_parts = [torch.empty(n, 0, 0, dtype=torch.float64, device=device) for n in sizes]
+    else:
+        r_parts = list(
+            torch.where(failed[:, None, None], torch.zeros((), dtype=r.dtype, device=device), r).split(sizes)
+        )
     out = []
-    for q, r_part, f in zip(qs, r.split(sizes), failed.split(sizes)):
-        stand_in = torch.eye(q.shape[1], l, dtype=torch.float32, device=device)
-        q = torch.where(f[:, None, None], stand_in, q)
-        r_part = torch.where(f[:, None, None], torch.zeros((), dtype=r.dtype, device=device), r_part)
-        out.append((q, r_part, f))
+    for y, r_part, f in zip(ys, r_parts, failed.split(sizes)):
+        stand_in = torch.eye(y.shape[1], l, dtype=torch.float32, device=device)
+        out.append((torch.where(f[:, None, None], stand_in, y, out=y), r_part, f))
     return out
 
 
@@ -430,12 +607,28 @@ RANGE_PRECISION = "tf32"
 PROJECTION_PRECISION = "fp32"
 
 
-# _cholesky_qr_group, or the repairing _cholesky_qr_flagged: (ys, loose) -> [(q, r, failed)].
-_QR = Callable[[list[torch.Tensor], bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+def _pass_precision(precision: str, w_dtype: torch.dtype) -> str:
+    """The precision of one pass over a ``w_dtype`` W: tf32 passes (the range-steering ones at the
+    defaults) over fp16 weights run as fp16 MMAs (:func:`batched_matmul`'s ``"fp16"``: x is the
+    Gaussian sketch or an orthonormal basis, far inside fp16's range, rounded to the same 10
+    mantissa bits as tf32, at twice the rate); bf16 weights keep tf32. Emulated on the CPU
+    (bf16-stored W, x rounded in the range passes, the last W Z and W^T Q in fp32; 2048x512 k = 128
+    and 4096x1024 k = 256, n_iter 2 (os 10) and 6 (os 16 / 32), spectra 1/i, i^-0.5, 0.97^i, mean
+    of 3 draws): x in tf32 or fp16 moves the error ratio by at most 1e-6, in bf16 by up to 1.5e-5
+    (1.003138 -> 1.003123, 1.016661 -> 1.016666): small but measurable, so no bf16 MMAs."""
+    return "fp16" if precision == "tf32" and w_dtype == torch.float16 else precision
 
 
-def _cholesky_qr_flagged(ys: list[torch.Tensor], loose: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`cholesky_qr` (with its Householder repair) of each batch, in :func:`_cholesky_qr_group`'s form."""
+# _cholesky_qr_group (which overwrites ys), or the repairing _cholesky_qr_flagged:
+# (ys, loose, need_r) -> [(q, r, failed)].
+_QR = Callable[[list[torch.Tensor], bool, bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def _cholesky_qr_flagged(
+    ys: list[torch.Tensor], loose: bool, need_r: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`cholesky_qr` (with its Householder repair) of each batch, in :func:`_cholesky_qr_group`'s
+    form (``need_r`` is ignored: the repair needs R's of its own)."""
     out = []
     for y in ys:
         q, r = cholesky_qr(y, loose)
@@ -495,17 +688,21 @@ def _range_and_projection(
     factorizations flagged. The batches go in lock step, their factorizations batched together."""
 
     def products(xs: list[torch.Tensor], transposed: bool, precision: str) -> list[torch.Tensor]:
-        return [batched_matmul(w.mT if transposed else w, x, precision) for w, x in zip(ws, xs)]
+        return [
+            batched_matmul(w.mT if transposed else w, x, _pass_precision(precision, w.dtype)) for w, x in zip(ws, xs)
+        ]
 
     # The last basis is U's: computed in projection precision and orthonormal to fp32 rounding.
-    qs = qr(products(gs, False, range_precision if n_iter else projection_precision), n_iter > 0)
+    qs = qr(products(gs, False, range_precision if n_iter else projection_precision), n_iter > 0, False)
     failed = [f for _, _, f in qs]
     for i in range(n_iter):
         last = i == n_iter - 1
-        zs = qr(products([q for q, _, _ in qs], True, range_precision), True)
-        qs = qr(products([z for z, _, _ in zs], False, projection_precision if last else range_precision), not last)
+        zs = qr(products([q for q, _, _ in qs], True, range_precision), True, False)
+        qs = qr(
+            products([z for z, _, _ in zs], False, projection_precision if last else range_precision), not last, False
+        )
         failed = [f | f1 | f2 for f, (_, _, f1), (_, _, f2) in zip(failed, zs, qs)]
-    q2s = qr(products([q for q, _, _ in qs], True, projection_precision), False)  # B^T = (Q^T W)^T = Q2 R
+    q2s = qr(products([q for q, _, _ in qs], True, projection_precision), False, True)  # B^T = (Q^T W)^T = Q2 R
     return [(q, q2, r, f | f3) for (q, _, _), (q2, r, f3), f in zip(qs, q2s, failed)]
 
 

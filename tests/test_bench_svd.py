@@ -90,3 +90,18 @@ def test_rsvd_cost_model_counts_the_algorithm_it_estimates():
     skipped = est[2]["cholesky_qr"]
     no_skips = {**bench.RSVD_MODEL, "loose_work_steps": 2, "strict_work_steps": 3}
     assert bench.estimate_rsvd_ms(shapes, 256, 2, 10, model=no_skips)["cholesky_qr"] > skipped
+
+
+def test_rsvd_cost_model_credits_fp16_weights():
+    """fp16 weights (itemsize 2) read half the bytes, steer the range in fp16 MMAs (twice the tf32
+    rate) and take 2xTF32 instead of 3xTF32 for the last two passes: their passes cost less."""
+    import fasttrunc.bench.svd as bench
+
+    shapes = bench.MATRIX_SETS["pythia-1.4b-mlp"]
+    for n_iter, oversample in ((2, 10), (6, 32)):
+        fp32 = bench.estimate_rsvd_ms(shapes, 256, n_iter, oversample)
+        fp16 = bench.estimate_rsvd_ms(shapes, 256, n_iter, oversample, itemsize=2)
+        assert fp16["passes"] < fp32["passes"]
+        assert fp16["cholesky_qr"] == fp32["cholesky_qr"]  # the bases are fp32 either way
+    assert bench._bmm_ms(24, 8192, 2048, 266, 2, "fp16") < bench._bmm_ms(24, 8192, 2048, 266, 2, "tf32")
+    assert bench._bmm_ms(24, 8192, 2048, 266, 2, "tf32x2") < bench._bmm_ms(24, 8192, 2048, 266, 2, "tf32x3")

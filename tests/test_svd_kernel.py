@@ -8,7 +8,10 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from fasttrunc.kernels._svd_triton import split_tf32
 from fasttrunc.kernels.svd import (
     batched_matmul,
     batched_matmul_reference,
@@ -473,24 +476,26 @@ def test_randomized_svd_ex_replays_in_a_cuda_graph():
 
 
 def _count_choleskys(monkeypatch):
-    """The batch size of every batched_cholesky launch from here on (the launches still run)."""
+    """The batch size of every cholqr_step launch (one fp64 Cholesky and inverse per matrix) from
+    here on (the launches still run)."""
     import fasttrunc.kernels.svd as svd_module
 
     factored = []
-    real_cholesky = svd_module.batched_cholesky
+    real_step = svd_module.cholqr_step
 
-    def counting_cholesky(g):
-        factored.append(g.shape[0])
-        return real_cholesky(g)
+    def counting_step(buffers, loose):
+        factored.append(buffers.state.shape[0])
+        return real_step(buffers, loose)
 
-    monkeypatch.setattr(svd_module, "batched_cholesky", counting_cholesky)
+    monkeypatch.setattr(svd_module, "cholqr_step", counting_step)
     return factored
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     """Converged matrices cost no Gram and no update in the fixed later steps: an orthonormal y is
-    settled after one step, a random one after two (CholeskyQR2), and the last two steps skip both."""
+    settled after one step, a random one after two (CholeskyQR2), and the last two steps skip both.
+    The kernels read the flags on the device; recorded here at each launch."""
     import fasttrunc.kernels.svd as svd_module
 
     dev = _device(device)
@@ -498,19 +503,24 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     orthonormal, _ = torch.linalg.qr(torch.randn(41, 13, generator=g, dtype=torch.float64))
     y = torch.stack([orthonormal.float(), torch.randn(41, 13, generator=g)]).to(dev)
     flags = []
-    real = svd_module.batched_matmul
+    real_gram, real_update = svd_module.gram_upper, svd_module.update_in_place
 
-    def recording(a, x, precision="fp32", *, skip=None, skipped="copy"):
-        flags.append((skipped, None if skip is None else skip.tolist()))
-        return real(a, x, precision, skip=skip, skipped=skipped)
+    def recording_gram(q, gram, state):
+        flags.append(("gram", ((state & 3) != 0).tolist()))
+        return real_gram(q, gram, state)
+
+    def recording_update(q, rinv, hold):
+        flags.append(("update", (hold != 0).tolist()))
+        return real_update(q, rinv, hold)
 
     factored = _count_choleskys(monkeypatch)
-    monkeypatch.setattr(svd_module, "batched_matmul", recording)
+    monkeypatch.setattr(svd_module, "gram_upper", recording_gram)
+    monkeypatch.setattr(svd_module, "update_in_place", recording_update)
     q, r, failed = svd_module.cholesky_qr_ex(y)
     monkeypatch.undo()
-    assert factored == [2, 2, 2, 2]  # one batched Cholesky a step
+    assert factored == [2, 2, 2, 2]  # one launch a step for the whole batch
     per_step = [[False, False], [True, False], [True, True], [True, True]]
-    assert flags == [(mode, step) for step in per_step for mode in ("identity", "copy")]
+    assert flags == [(kind, step) for step in per_step for kind in ("gram", "update")]
     assert not failed.any() and orthonormality(q) < 1e-5 and rel_err(q.double() @ r, y) < 1e-6
 
 
@@ -534,3 +544,135 @@ def test_batches_of_one_l_share_each_cholesky_launch(device, monkeypatch):
     )
     for a, b in zip(together[0], first[0]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _round_tf32(x):
+    """x rounded to tf32 as cvt.rna.tf32.f32 does: 10 mantissa bits, ties away from zero."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    hi, lo = split_tf32(tl.load(x_ptr + offs))
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+def test_split_tf32_is_exact_with_a_tf32_hi_half():
+    """The 2xTF32 split: hi holds tf32's bits only (the low 13 mantissa bits zero), is x rounded to
+    nearest, and hi + lo == x exactly with |lo| <= 2^-11 |x|."""
+    _device("cpu")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=gen) * torch.logspace(-30, 30, 4096).float()
+    x[:4] = torch.tensor([0.0, -0.0, 1.0 + 2.0**-11, -(1.0 + 2.0**-11)])  # exact ties round away from zero
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=4096)
+    assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
+    assert torch.equal(hi, _round_tf32(x)) and torch.equal(hi[2:4], torch.tensor([1.0 + 2.0**-10, -(1.0 + 2.0**-10)]))
+    assert torch.equal(hi + lo, x)
+    assert (lo.abs() <= 2.0**-11 * x.abs()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 37, 45, 19), (1, 70, 33, 67), (2, 130, 29, 75)])
+def test_fp32_grade_products_of_half_weights_take_2xtf32(device, dtype, shape):
+    """3xTF32 of an fp16 / bf16 A runs as two tf32 products of the split x (A is exact in tf32), to
+    fp32 accuracy: the bound is far below what x rounded to tf32 once (the hi half alone) gives."""
+    import fasttrunc.kernels.svd as svd_module
+
+    dev = _device(device)
+    assert svd_module.kernel_precision("tf32x3", dtype, dev) == "tf32x2"
+    b, m, k, n = shape
+    gen = torch.Generator().manual_seed(m)
+    a = torch.randn(b, k, m, generator=gen).to(dtype).to(dev).mT  # a transposed view, as W^T Q reads it
+    x = torch.randn(b, k, n, generator=gen).to(dev)
+    ref = batched_matmul_reference(a, x)
+    assert rel_err(batched_matmul(a, x, "tf32x3"), ref) < 1e-6
+    assert rel_err(batched_matmul_reference(a, _round_tf32(x.cpu()).to(dev)), ref) > 2e-5
+
+
+def test_kernel_precision_takes_2xtf32_for_half_weights_on_tensor_core_gpus(monkeypatch):
+    import fasttrunc.kernels.svd as svd_module
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: True)
+    assert svd_module.kernel_precision("fp32", torch.float16, cuda) == "tf32x2"
+    assert svd_module.kernel_precision("fp32", torch.bfloat16, cuda) == "tf32x2"
+    assert svd_module.kernel_precision("fp32", torch.float32, cuda) == "tf32x3"
+    assert svd_module.kernel_precision("tf32", torch.float16, cuda) == "tf32"
+    assert svd_module.kernel_precision("fp16", torch.float16, cuda) == "fp16"
+    assert svd_module.kernel_precision("fp32", torch.float16, torch.device("cpu")) == "ieee"
+    monkeypatch.setattr(svd_module, "_has_tf32", lambda device: False)
+    assert svd_module.kernel_precision("fp32", torch.float16, cuda) == "ieee"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 37, 45, 19), (1, 130, 33, 75)])
+def test_fp16_products_round_x_to_fp16(device, shape):
+    """Precision "fp16": x rounded to fp16, products of an fp16 A accumulated in fp32."""
+    dev = _device(device)
+    b, m, k, n = shape
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randn(b, m, k, generator=gen).half().to(dev)
+    x = torch.randn(b, k, n, generator=gen).to(dev)
+    out = batched_matmul(a, x, "fp16")
+    assert rel_err(out, batched_matmul_reference(a, x.half().float())) < 1e-6
+    assert 1e-5 < rel_err(out, batched_matmul_reference(a, x)) < 1e-3
+
+
+def test_fp16_products_need_fp16_weights():
+    x = torch.randn(2, 4, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"^precision 'fp16' needs a in float16; got {dtype}$"):
+            batched_matmul(torch.randn(2, 5, 4).to(dtype), x, "fp16")
+    with pytest.raises(
+        ValueError, match=r"^precision 'fp8' is not a dot precision; allowed: ieee, tf32, tf32x3, fp32, fp16$"
+    ):
+        batched_matmul(torch.randn(2, 5, 4).half(), x, "fp8")
+
+
+def test_pass_tiles_follow_precision_and_width():
+    """CholeskyQR's skip launches and narrow products keep 64 x 64 tiles over 4 warps; the passes
+    over W take 128 rows over 8 warps, 64 columns where that pads l less for the MMA-bound ones."""
+    import fasttrunc.kernels.svd as svd_module
+
+    tiles = svd_module.bmm_tiles
+    assert tiles(266, "tf32x3", 4, skipping=True) == (64, 64, 4)
+    assert tiles(266, "tf32x2", 2, skipping=True) == (64, 64, 4)
+    assert tiles(64, "tf32x3", 4) == (64, 64, 4)
+    assert tiles(266, "ieee", 4) == (64, 128, 4)
+    assert tiles(266, "tf32x3", 4) == (128, 64, 8)  # 320 columns instead of 384
+    assert tiles(266, "tf32x2", 2) == (128, 64, 8)
+    assert tiles(266, "tf32", 2) == (128, 64, 8)
+    assert tiles(266, "tf32", 4) == (128, 128, 8)  # memory-bound: A read 3 times, not 5
+    assert tiles(266, "fp16", 2) == (128, 128, 8)
+    assert tiles(74, "tf32x3", 4) == (128, 128, 8)  # both pad to 128 columns
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_of_fp16_weights_steers_the_range_in_fp16(device, monkeypatch):
+    """Range-steering passes over fp16 weights run as fp16 MMAs; the last W Z and W^T Q stay
+    fp32-grade; fp32 and bf16 weights keep tf32 range passes."""
+    import fasttrunc.kernels.svd as svd_module
+
+    dev = _device(device)
+    assert svd_module._pass_precision("tf32", torch.bfloat16) == "tf32"
+    assert svd_module._pass_precision("tf32", torch.float32) == "tf32"
+    assert svd_module._pass_precision("fp32", torch.float16) == "fp32"
+    seen = []
+    real = svd_module.batched_matmul
+
+    def recording(a, x, precision="fp32", **kwargs):
+        if a.dtype == torch.float16:
+            seen.append(precision)
+        return real(a, x, precision, **kwargs)
+
+    monkeypatch.setattr(svd_module, "batched_matmul", recording)
+    sigma = 0.7 ** torch.arange(31, dtype=torch.float64)
+    w16 = _spectrum_matrix(45, 31, sigma, 1, seed=2).half().to(dev)
+    u, s, vh = randomized_svd_triton(w16, 3, n_iter=2, oversample=4, generator=torch.Generator().manual_seed(0))
+    assert seen == ["fp16"] * 4 + ["fp32"] * 2  # sketch, 3 steering passes; the last W Z, W^T Q
+    exact = torch.linalg.svdvals(w16.double())
+    assert (s.double() - exact[:, :3]).abs().max().item() < 1e-5

@@ -129,7 +129,8 @@ def _sketch_variants(k: int, os_: int, with_defaults: bool) -> list[tuple[str, d
 
 def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str, Any]]:
     """One fasttrunc call split into its stages, on one batch of same-shape matrices."""
-    from fasttrunc.kernels.svd import _gram, batched_cholesky, batched_matmul, cholesky_qr, jacobi_svd
+    from fasttrunc.kernels import svd as svd_kernels
+    from fasttrunc.kernels.svd import batched_cholesky, batched_matmul, cholesky_qr, jacobi_svd
 
     batch, m, n = w.shape
     if m < n:
@@ -140,8 +141,21 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
     y = batched_matmul(w, g, "tf32")
     q, _ = cholesky_qr(y)
     _, r = cholesky_qr(batched_matmul(w.mT, q, "ieee"))
-    gram = _gram(q)
+    # One CholeskyQR step of Y's on its own: the Gram's upper tiles, the factorization and inverse
+    # (state reset each time, so every matrix works), the in-place update (on a copy).
+    coef = torch.full((batch,), 1e-3, dtype=torch.float64, device=w.device)
+    buffers = svd_kernels._StepBuffers(batch, l, coef, w.device)
+    svd_kernels.gram_upper(y, buffers.g, buffers.state)
+    gram = (y.double().mT @ y.double()).contiguous()
+    target = y.clone()
+    working = torch.zeros(batch, dtype=torch.uint8, device=w.device)
+
+    def factor() -> None:
+        buffers.state.zero_()
+        svd_kernels.cholqr_step(buffers, False)
+
     shape = f"{batch}x{m}x{n}"
+    step = f"CholeskyQR step of {batch}x{m}x{l}"
     stages = [
         ("one pass W @ G, tf32", lambda: batched_matmul(w, g, "tf32")),
         ("one pass W @ G, fp32", lambda: batched_matmul(w, g, "ieee")),
@@ -149,6 +163,9 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
         ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
         (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
         (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
+        (f"{step}: Gram, upper tiles", lambda: svd_kernels.gram_upper(y, buffers.g, buffers.state)),
+        (f"{step}: fp64 Cholesky + inverse", factor),
+        (f"{step}: in-place update", lambda: svd_kernels.update_in_place(target, buffers.rinv, working)),
         (f"fp64 Cholesky of {batch}x{l}x{l}, batched_cholesky", lambda: batched_cholesky(gram)),
         (f"fp64 Cholesky of {batch}x{l}x{l}, torch.linalg.cholesky_ex", lambda: torch.linalg.cholesky_ex(gram)),
         (f"Jacobi SVD of {batch}x{l}x{l}", lambda: jacobi_svd(r.float())),
@@ -224,6 +241,7 @@ RSVD_MODEL = {
     "l2_gbps": 10000.0,  # assumed aggregate L2 bandwidth (as in the low-rank model)
     "l2_gbps_per_sm": 127.0,  # assumed: 64 B per clock per SM at 1.98 GHz
     "tf32_tflops": 247.0,  # assumed: 50% of the 494 TFLOP/s dense tf32 peak
+    "fp16_tflops": 494.0,  # assumed: 50% of the 989 TFLOP/s dense fp16 peak
     "fp32_fma_tflops": 33.5,  # assumed: 50% of the 67 TFLOP/s fp32 FMA peak
     # torch's batched fp64 Cholesky, derived from a measurement: BASELINES.md 2b timed torch's
     # CholeskyQR2 of 24 x 8192 x 266 at 7.83 ms (two steps); less its two products per step at this
@@ -233,9 +251,16 @@ RSVD_MODEL = {
     "torch_cholesky_ms_per_matrix": 0.11,
     "torch_cholesky_l": 266,
     "l2_round_trip_us": 0.3,  # assumed: one dependent L2 read (about 600 cycles with the loop around it)
-    "inverse_ms": 0.1,  # assumed: one batched fp64 triangular inverse (cuBLAS trsm) of a batch
+    "fp64_tflops": 33.5,  # assumed: 50% of the 67 TFLOP/s fp64 tensor-core peak
     "launch_ms": 0.005,  # assumed: one eager launch of a small torch op or a Triton kernel
-    "jacobi_sweeps": 8,  # measured on the CPU: 5-8 sweeps for R^T at l = 74..281
+    # Jacobi on R^T at l = 266 (k = 256 + 10, 4096 x 1024, n_iter = 2), measured on the CPU: 6-9
+    # sweeps for spectra 0.97^i, 1/i, i^-0.5 and a flat one (linspace 1..0.1); the flat one, the
+    # slowest, took 9, and 62% of its pair-rounds rotated (53% for 1/i, 58% for i^-0.5).
+    "jacobi_sweeps": 9,
+    "jacobi_rotating": 0.62,
+    # assumed: one round of the replay kernel (two L1 loads of the log, a shared-memory exchange
+    # for the gather, the FMAs), a chain of dependent rounds per program
+    "replay_round_us": 0.2,
     # CholeskyQR steps that do work of a call's 4 (the rest are skipped on the device): measured
     # on the CPU, 4096x1024, k = 256, spectra 1/i and i^-0.5: one in a loose call, two in a strict one.
     "loose_work_steps": 1,
@@ -254,21 +279,25 @@ def _bmm_ms(
     skipping: bool = False,
     model: Mapping[str, float] = RSVD_MODEL,
 ) -> float:
-    """One batched_matmul launch ``(batch, m, k) @ (batch, k, n)``: the larger of its memory time
-    (HBM once, L2 re-reads per tile: ``m k n_pad (1/BN + 1/BM)`` operand loads) and its MMA time."""
+    """One batched_matmul launch ``(batch, m, k) @ (batch, k, n)`` at its tiles (``bmm_tiles``): the
+    larger of its memory time (HBM once, L2 re-reads per tile: ``m k n_pad (1/BN + 1/BM)`` operand
+    loads) and its MMA time. ``precision`` is the kernel's: ``"tf32x3"`` / ``"tf32x2"`` are three /
+    two tf32 MMAs, ``"fp16"`` one fp16 MMA (``itemsize`` 2), ``"ieee"`` FMA."""
     from fasttrunc.kernels import svd as svd_kernels
 
-    block_n = svd_kernels.bmm_block_n(n, skipping)
+    block_m, block_n, _ = svd_kernels.bmm_tiles(n, precision, itemsize, skipping)
     n_pad = -(-n // block_n) * block_n
-    m_pad = -(-m // svd_kernels._BLOCK_M) * svd_kernels._BLOCK_M
+    m_pad = -(-m // block_m) * block_m
     hbm = batch * (itemsize * m * k + 4 * (k * n + m * n))
-    l2 = batch * m_pad * k * n_pad * (itemsize / block_n + 4 / svd_kernels._BLOCK_M)
+    l2 = batch * m_pad * k * n_pad * (itemsize / block_n + 4 / block_m)
     memory = hbm / (model["hbm_gbps"] * 1e6) + l2 / (model["l2_gbps"] * 1e6)
     flops = 2 * batch * m_pad * k * n_pad
     if precision == "ieee":
         compute = flops / (model["fp32_fma_tflops"] * 1e9)
+    elif precision == "fp16":
+        compute = flops / (model["fp16_tflops"] * 1e9)
     else:
-        compute = (3 if precision == "tf32x3" else 1) * flops / (model["tf32_tflops"] * 1e9)
+        compute = {"tf32x3": 3, "tf32x2": 2}.get(precision, 1) * flops / (model["tf32_tflops"] * 1e9)
     return max(memory, compute) + model["launch_ms"]
 
 
@@ -284,6 +313,78 @@ def cholesky_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MOD
     bandwidth = min(model["l2_gbps"], min(count, model["sms"]) * model["l2_gbps_per_sm"])
     waves = -(-count // int(model["sms"]))
     return waves * max(latency, count * 8 * l**3 / 6 / (bandwidth * 1e6)) + model["launch_ms"]
+
+
+def jacobi_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
+    """Estimated time of ``jacobi_svd`` on ``count`` l x l matrices: the X kernel (one program per
+    matrix, L2-bound at the per-SM bandwidth of the programs: each round reads X for its sums and
+    reads and writes the columns of the pairs that rotate) plus the replay of the rotations on V
+    (rows of V in registers, a chain of rounds per program, in waves of one CTA per SM)."""
+    from fasttrunc.kernels import svd as svd_kernels
+
+    npair = (l + 1) // 2
+    stride = -(-2 * npair // 32) * 32
+    unit = 2 * npair * stride * 4  # X, read once
+    rounds = model["jacobi_sweeps"] * (2 * npair - 1)
+    bandwidth = min(model["l2_gbps"], count * model["l2_gbps_per_sm"])
+    x_kernel = count * rounds * unit * (1 + 2 * model["jacobi_rotating"]) / (bandwidth * 1e6)
+    block_c = svd_kernels._next_pow2(2 * npair)
+    programs = count * -(-stride // svd_kernels.replay_block_r(block_c))
+    waves = -(-programs // int(model["sms"]))
+    replay = waves * rounds * model["replay_round_us"] / 1e3
+    launches = 2 * -(-svd_kernels._JACOBI_MAX_SWEEPS // svd_kernels._JACOBI_SWEEPS_PER_LAUNCH)
+    return x_kernel + replay + launches * model["launch_ms"]
+
+
+def inverse_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
+    """Estimated time of one ``upper_inverse_kernel`` launch: a program per block of columns, the
+    last block's chain of dependent L2 reads the longest (a row's sums over the rows below it)."""
+    from fasttrunc.kernels import svd as svd_kernels
+
+    block_j, block_k = svd_kernels._INVERSE_BLOCK_J, svd_kernels._INVERSE_BLOCK_K
+    chain = sum(max(1, -(-(l - i - 1) // block_k)) for i in range(l))
+    programs = count * -(-l // block_j)
+    waves = -(-programs // (2 * int(model["sms"])))  # 2 CTAs per SM, loose (benchmarks/AOT_AUDIT.md)
+    return waves * chain * model["l2_round_trip_us"] / 1e3 + model["launch_ms"]
+
+
+def _cholqr_calls(m: int, n: int, n_iter: int) -> list[tuple[int, bool, bool]]:
+    """``(rows, strict, need_r)`` of each CholeskyQR call of the range finder, in order: the
+    sketch's, ``W^T Q`` and ``W Z`` per iteration (the last W Z strict: U's basis), then ``W^T Q``
+    for ``Q2 R`` (strict, R accumulated)."""
+    calls = [(m, n_iter == 0, False)]
+    for i in range(n_iter):
+        calls += [(n, False, False), (m, i == n_iter - 1, False)]
+    return calls + [(n, True, True)]
+
+
+def cholqr_products_ms(
+    count: int, rows: int, l: int, strict: bool, need_r: bool, model: Mapping[str, float] = RSVD_MODEL
+) -> float:
+    """The big work of one CholeskyQR call on ``count`` matrices ``rows x l``: per working step the
+    Gram's upper tiles and the in-place update (its upper triangle: ``T (T + 1) / 2`` of ``T^2``
+    tiles), both in 3xTF32; steps where every matrix has settled cost a launch each; R's fp64
+    product where ``need_r``; after the steps, the finite check and the stand-in (3 passes over Q)."""
+    from fasttrunc.kernels import svd as svd_kernels
+
+    def ms(flops: float, hbm: float, l2: float) -> float:
+        memory = hbm / (model["hbm_gbps"] * 1e6) + l2 / (model["l2_gbps"] * 1e6)
+        return max(memory, 3 * flops / (model["tf32_tflops"] * 1e9)) + model["launch_ms"]
+
+    bn = svd_kernels._GRAM_BLOCK_N
+    t = -(-l // bn)
+    gram = ms(2 * count * rows * bn * bn * t * (t + 1) / 2, 4 * count * rows * l, count * t * (t + 1) * rows * bn * 4)
+    bm, bn = svd_kernels._TRMM_BLOCK_M, svd_kernels._TRMM_BLOCK_N
+    t = -(-l // bn)
+    blocks = count * -(-rows // bm)
+    triangle = t * (t + 1) / 2
+    update = ms(2 * blocks * bm * bn * bn * triangle, 8 * count * rows * l, blocks * triangle * (bn + bm) * bn * 4)
+    work = model["strict_work_steps" if strict else "loose_work_steps"]
+    steps = svd_kernels._CHOLQR_STEPS
+    total = work * (gram + update) + (steps - work) * 2 * model["launch_ms"]
+    if need_r:
+        total += steps * (2 * count * l**3 / (model["fp64_tflops"] * 1e9) + 2 * model["launch_ms"])
+    return total + 3 * 4 * count * rows * l / (model["hbm_gbps"] * 1e6) + 2 * model["launch_ms"]
 
 
 def torch_cholesky_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
@@ -302,51 +403,48 @@ def estimate_rsvd_ms(
     """Estimated milliseconds per stage of one ``randomized_svd_triton_many`` call on an H200.
 
     ``shapes`` are ``(count, m, n)`` batches (one ``l``: their factorizations share launches); the
-    stages are the passes over W, the CholeskyQR steps (Gram and Q update in 3xTF32, skipped for
-    settled matrices; fp64 Cholesky in Triton, inverse in torch), the small Jacobi SVD
+    stages are the passes over W, the CholeskyQR steps (the Gram's upper tiles and the in-place
+    update in 3xTF32, fp64 Cholesky and inverse in Triton; a matrix that has settled costs them
+    nothing, a step where all have settled a launch each), the small Jacobi SVD
     (one program per matrix, L2-bound: each round reads and writes the padded ``l x l`` X and V),
     and the final ``U = Q U_T``, ``V = Q2 V_T``. Host syncs: none counted (one at the end).
-    ``model`` holds the ceilings and assumptions (default :data:`RSVD_MODEL`).
+    ``model`` holds the ceilings and assumptions (default :data:`RSVD_MODEL`). ``itemsize=2``
+    models fp16 weights (fp16 range passes, 2xTF32 fp32-grade ones); 4, fp32 weights.
     """
     from fasttrunc.kernels import svd as svd_kernels
 
     l = k + oversample
     total_count = sum(c for c, _, _ in shapes)
+    # The passes' kernel precisions on an H200: fp16 weights (itemsize 2, as Pythia's checkpoints
+    # store them) steer the range in fp16 MMAs and take 2xTF32 for the fp32-grade passes.
+    half = itemsize == 2
+    steer = svd_kernels._pass_precision(svd_kernels.RANGE_PRECISION, torch.float16 if half else torch.float32)
+    exact = "tf32x2" if half else "tf32x3"
     stages = dict.fromkeys(("passes", "cholesky_qr", "jacobi", "factors"), 0.0)
     for count, m0, n0 in shapes:
         m, n = max(m0, n0), min(m0, n0)
-        precisions = [svd_kernels.RANGE_PRECISION if n_iter else "tf32x3"]  # the sketch
+        precisions = [steer if n_iter else exact]  # the sketch
         for i in range(n_iter):
-            precisions += ["tf32", "tf32x3" if i == n_iter - 1 else "tf32"]
-        precisions.append("tf32x3")  # the projection W^T Q
+            precisions += [steer, exact if i == n_iter - 1 else steer]
+        precisions.append(exact)  # the projection W^T Q
         # Sides alternate: W @ (n x l) then W^T @ (m x l).
         for j, precision in enumerate(precisions):
             rows, depth = (m, n) if j % 2 == 0 else (n, m)
             stages["passes"] += _bmm_ms(count, rows, depth, l, itemsize, precision, model=model)
         # CholeskyQR calls, 4 fixed steps each: loose between iterations, strict for U's basis (the
-        # last W Z) and for Q2.
-        sides = [m] + [n, m] * n_iter + [n]
-        strict = [n_iter == 0] + [flag for i in range(n_iter) for flag in (False, i == n_iter - 1)] + [True]
-        steps = svd_kernels._CHOLQR_STEPS
-        for rows, is_strict in zip(sides, strict):
-            work = model["strict_work_steps" if is_strict else "loose_work_steps"]
-            products = _bmm_ms(count, l, rows, l, 4, "tf32x3", True, model) + _bmm_ms(
-                count, rows, l, l, 4, "tf32x3", True, model
-            )
-            copy = count * 2 * 4 * rows * l / (model["hbm_gbps"] * 1e6)  # a skipped update keeps q
-            stages["cholesky_qr"] += work * products + (steps - work) * copy
+        # last W Z) and for Q2 (whose R is accumulated).
+        for rows, is_strict, need_r in _cholqr_calls(m, n, n_iter):
+            stages["cholesky_qr"] += cholqr_products_ms(count, rows, l, is_strict, need_r, model)
         stages["factors"] += _bmm_ms(count, m, l, k, 4, "tf32x3", model=model) + _bmm_ms(
             count, n, l, k, 4, "tf32x3", model=model
         )
-    # The small ops of every step, settled matrices or not, once for all batches (one l: lock step).
-    small = cholesky_kernel_ms(total_count, l, model) + model["inverse_ms"] + 20 * model["launch_ms"]
-    stages["cholesky_qr"] += (2 + 2 * n_iter) * svd_kernels._CHOLQR_STEPS * small
-    npair = (l + 1) // 2
-    stride = -(-2 * npair // 32) * 32
-    round_bytes = 2 * 2 * 2 * npair * stride * 4  # X and V, read and written, per round
-    rounds = model["jacobi_sweeps"] * (2 * npair - 1)
-    bandwidth = min(model["l2_gbps"], total_count * model["l2_gbps_per_sm"])
-    stages["jacobi"] = total_count * rounds * round_bytes / (bandwidth * 1e6) + model["launch_ms"]
+    # The factorization and inverse of every step, once for all batches (one l: lock step): their
+    # latency-bound chains where some matrix works, a launch each where all have settled.
+    for _, is_strict, _ in _cholqr_calls(1, 1, n_iter):
+        work = model["strict_work_steps" if is_strict else "loose_work_steps"]
+        small = cholesky_kernel_ms(total_count, l, model) + inverse_kernel_ms(total_count, l, model)
+        stages["cholesky_qr"] += work * small + (svd_kernels._CHOLQR_STEPS - work) * 2 * model["launch_ms"]
+    stages["jacobi"] = jacobi_ms(total_count, l, model)
     stages["total"] = sum(stages.values())
     return stages
 
