@@ -63,17 +63,14 @@ def svd_jobs() -> list[dict[str, Any]]:
     # The passes at l = k + 10 = 266 and 74 (128-row tiles over 8 warps, 64 or 128 columns:
     # bmm_tiles) and U = Q U_T at k = 64 (64 x 64 over 4 warps), at the tiles the launcher picks.
     jobs: list[dict[str, Any]] = [
-        {"family": "bmm", "precision": p, "a_type": t, "n": n, "skip": 0}
+        {"family": "bmm", "precision": p, "a_type": t, "n": n}
         for n in (266, 74, 64)
         for t, precisions in BMM_PRECISIONS.items()
         for p in precisions
     ]
     # Strides compile as runtime values (no unit-stride specialization: the most registers any
     # strides take), so the transposed view W^T of W^T Q compiles as W does.
-    # CholeskyQR's Gram (settled matrices get I) and Q update (settled matrices keep q).
-    jobs += [{"family": "bmm", "precision": "tf32x3", "a_type": "fp32", "n": 266, "skip": mode} for mode in (1, 2)]
     jobs += [{"family": "jacobi", "l": l} for l in JACOBI_LS]
-    jobs += [{"family": "jacobi", "l": l, "replay": True} for l in JACOBI_LS]
     jobs += [{"family": "cholesky", "l": l} for l in (266, 288)]
     # A CholeskyQR step: the Gram's upper tiles, the factorization, the inverse (strict and loose),
     # the in-place update; at l = 266 over m = 8192 rows.
@@ -112,21 +109,19 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         from fasttrunc.kernels._svd_triton import bmm_kernel
 
         m, k, n = 8192, 2048, job["n"]
-        args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "skip_ptr": None, "M": m, "N": n, "K": k}
+        args = {"a_ptr": None, "x_ptr": None, "c_ptr": None, "M": m, "N": n, "K": k}
         args |= {"s_ab": m * k, "s_am": k, "s_ak": 1, "s_xb": k * n, "s_xk": n, "s_xn": 1}
         args |= {"s_cb": m * n, "s_cm": n, "s_cn": 1}
         itemsize = 4 if job["a_type"] == "fp32" else 2
-        block_m, block_n, warps = svd.bmm_tiles(n, job["precision"], itemsize, job["skip"] != 0)
+        block_m, block_n, warps = svd.bmm_tiles(n, job["precision"], itemsize)
         const = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": svd._BLOCK_K}
         const["PRECISION"] = job["precision"]
-        const["SKIP"] = job["skip"]
-        types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32", "skip_ptr": "*u8"}
+        types = {"a_ptr": "*" + job["a_type"], "x_ptr": "*fp32", "c_ptr": "*fp32"}
         compiled = aot.compile_kernel(bmm_kernel, args, const, {"num_warps": warps}, types)
         tensor_cores = job["precision"] != "ieee"
         what = {
             "kernel": "bmm_kernel",
-            "config": f"{job['precision']}, A {job['a_type']}, bm={block_m} bn={block_n} w={warps}"
-            + ("", ", skip: copy", ", skip: identity")[job["skip"]],
+            "config": f"{job['precision']}, A {job['a_type']}, bm={block_m} bn={block_n} w={warps}",
             "cells": [f"8192x2048 @ {n}"],
         }
     elif job["family"] == "cholesky":
@@ -152,27 +147,17 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         block_p = svd._next_pow2(npair)
         block_r = max(1, min(svd._JACOBI_TILE // block_p, svd._next_pow2(l)))
         stride = svd._cdiv(2 * npair, 32) * 32
-        sweeps = svd._JACOBI_SWEEPS_PER_LAUNCH
-        if job.get("replay"):
-            from fasttrunc.kernels._svd_triton import jacobi_replay_kernel
-
-            args = dict.fromkeys(("v_ptr", "log_ptr", "count_ptr")) | {"NPAIR": npair, "STRIDE": stride}
-            types = {"v_ptr": "*fp32", "log_ptr": "*fp32", "count_ptr": "*i32"}
-            block_c = svd._next_pow2(2 * npair)
-            const = {"SWEEPS": sweeps, "BLOCK_C": block_c, "BLOCK_R": svd.replay_block_r(block_c)}
-            options = {"num_warps": svd._REPLAY_WARPS}
-            compiled = aot.compile_kernel(jacobi_replay_kernel, args, const, options, types)
-            config = f"l={l} C={block_c} R={const['BLOCK_R']}"
-            what = {"kernel": "jacobi_replay_kernel", "config": config, "cells": [f"l = {l}"]}
-        else:
-            pointers = ("x_ptr", "info_ptr", "log_ptr", "count_ptr", "floor_ptr")
-            args = dict.fromkeys(pointers) | {"L": 0, "NPAIR": npair}
-            args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
-            args |= {"tol": 1e-5, "max_sweeps": 30}
-            types = dict.fromkeys(pointers, "*fp32") | {"count_ptr": "*i32"}
-            const = {"SWEEPS": sweeps, "BLOCK_P": block_p, "BLOCK_R": block_r}
-            compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
-            what = {"kernel": "jacobi_kernel", "config": f"l={l} P={block_p} R={block_r}", "cells": [f"l = {l}"]}
+        block_c = svd._next_pow2(2 * npair)
+        pointers = ("x_ptr", "v_ptr", "info_ptr", "log_ptr", "count_ptr", "floor_ptr")
+        args = dict.fromkeys(pointers) | {"batch": 48, "parity": 0, "run_x": 1, "L": 0, "NPAIR": npair}
+        args["STRIDE"] = args["L"] = stride  # as jacobi_svd launches it
+        args |= {"tol": 1e-5, "max_sweeps": 30}
+        types = dict.fromkeys(pointers, "*fp32") | {"count_ptr": "*i32"}
+        const = {"SWEEPS": svd._JACOBI_SWEEPS_PER_LAUNCH, "BLOCK_P": block_p, "BLOCK_R": block_r}
+        const |= {"BLOCK_C": block_c, "REPLAY_R": svd.replay_block_r(block_c)}
+        compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
+        config = f"l={l} P={block_p} R={block_r}, replay C={block_c} R={const['REPLAY_R']}"
+        what = {"kernel": "jacobi_kernel", "config": config, "cells": [f"l = {l}"]}
         tensor_cores = False
     report = aot.audit(compiled)
     from fasttrunc.kernels.lowrank_plan import ctas_per_sm

@@ -2,13 +2,13 @@
 """Triton kernels of the batched randomized SVD (layer 1; imported on first launch).
 
 - :func:`bmm_kernel`: batched ``C = A @ X`` reading ``A`` as stored (fp32 / bf16 / fp16, any
-  strides, so a transposed view costs nothing), ``X`` and ``C`` fp32, a matrix flagged to skip
-  getting ``A`` or ``I`` instead of its product; :func:`split_tf32` splits ``X`` for its 2xTF32
-  products of half-precision ``A``;
+  strides, so a transposed view costs nothing), ``X`` and ``C`` fp32; :func:`split_tf32` splits
+  ``X`` for its 2xTF32 products of half-precision ``A``;
 - :func:`cholesky_kernel`: left-looking fp64 Cholesky of one small matrix per program;
-- :func:`jacobi_kernel`: one-sided (Hestenes) Jacobi SVD of one small square matrix per program,
-  a few sweeps a launch, with a per-matrix rounding floor, logging each round's rotations;
-- :func:`jacobi_replay_kernel`: the logged rotations applied to V, a block of V's rows a program.
+- :func:`jacobi_kernel`: one launch of the one-sided (Hestenes) Jacobi SVD of small square
+  matrices: a program per matrix runs a few sweeps on X with a per-matrix rounding floor, logging
+  each round's rotations (:func:`jacobi_sweeps`), while the other programs apply the previous
+  launch's rotations to V, a block of V's rows each (:func:`jacobi_replay`).
 Offsets that multiply an index by a stride are int64: one matrix of a batch may pass 2^31 elements.
 """
 
@@ -36,7 +36,6 @@ def bmm_kernel(
     a_ptr,
     x_ptr,
     c_ptr,
-    skip_ptr,
     M,
     N,
     K,
@@ -53,16 +52,13 @@ def bmm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
-    SKIP: tl.constexpr,
 ):
     # C[b] = A[b] @ X[b]; A in any float dtype and any strides (a transposed view costs
     # nothing), X fp32, accumulation and C in fp32. PRECISION is tl.dot's input precision
     # ("ieee", "tf32", "tf32x3"), or "tf32x2": fp32-grade products of an fp16 / bf16 A, whose values
     # tf32 holds exactly, as two tf32 MMAs of A with the split X (split_tf32) instead of 3xTF32's
     # three; or "fp16": an fp16 A times X rounded to fp16 in registers, one fp16 MMA (twice the
-    # tf32 rate; X keeps tf32's 10 mantissa bits, in fp16's range). SKIP (0: none) reads one flag
-    # per matrix: a flagged matrix gets C[b] = A[b] (SKIP == 1, the product with an identity X)
-    # or C[b] = I (SKIP == 2) without its product being computed.
+    # tf32 rate; X keeps tf32's 10 mantissa bits, in fp16's range).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -73,58 +69,112 @@ def bmm_kernel(
     rk = tl.arange(0, BLOCK_K)
     # int64 before the stride products: m x k of one matrix may pass 2^31 elements.
     rm64, rn64, rk64 = rm.to(tl.int64), rn.to(tl.int64), rk.to(tl.int64)
-    skipped = False
-    if SKIP != 0:
-        skipped = tl.load(skip_ptr + b) != 0
-    if skipped:
-        # Output pointers are formed where they are stored: live across the K loop they cost
-        # registers (and spills, sm_90).
-        c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
-        c_mask = (rm[:, None] < M) & (rn[None, :] < N)
-        if SKIP == 1:
-            src_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rn64[None, :] * s_ak
-            tl.store(c_ptrs, tl.load(src_ptrs, mask=c_mask, other=0.0).to(tl.float32), mask=c_mask)
+    a_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rk64[None, :] * s_ak
+    x_ptrs = x_ptr + b * s_xb + rk64[:, None] * s_xk + rn64[None, :] * s_xn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+        x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        if PRECISION == "tf32x2":
+            x_hi, x_lo = split_tf32(x)
+            a32 = a.to(tl.float32)
+            acc = tl.dot(a32, x_lo, acc, input_precision="tf32")
+            acc = tl.dot(a32, x_hi, acc, input_precision="tf32")
+        elif PRECISION == "fp16":
+            acc = tl.dot(a.to(tl.float16), x.to(tl.float16), acc)
         else:
-            tl.store(c_ptrs, tl.where(rm[:, None] == rn[None, :], 1.0, 0.0), mask=c_mask)
-    else:
-        a_ptrs = a_ptr + b * s_ab + rm64[:, None] * s_am + rk64[None, :] * s_ak
-        x_ptrs = x_ptr + b * s_xb + rk64[:, None] * s_xk + rn64[None, :] * s_xn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
-            x = tl.load(x_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-            if PRECISION == "tf32x2":
-                x_hi, x_lo = split_tf32(x)
-                a32 = a.to(tl.float32)
-                acc = tl.dot(a32, x_lo, acc, input_precision="tf32")
-                acc = tl.dot(a32, x_hi, acc, input_precision="tf32")
-            elif PRECISION == "fp16":
-                acc = tl.dot(a.to(tl.float16), x.to(tl.float16), acc)
-            else:
-                acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * s_ak
-            x_ptrs += BLOCK_K * s_xk
-        c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
-        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc = tl.dot(a.to(tl.float32), x, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * s_ak
+        x_ptrs += BLOCK_K * s_xk
+    # Output pointers are formed where they are stored: live across the K loop they cost
+    # registers (and spills, sm_90).
+    c_ptrs = c_ptr + b * s_cb + rm64[:, None] * s_cm + rn64[None, :] * s_cn
+    tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
 def jacobi_kernel(
     x_ptr,
+    v_ptr,
     info_ptr,
     log_ptr,
     count_ptr,
+    floor_ptr,
+    batch,
+    parity,
+    run_x,
     L,
     NPAIR,
     STRIDE,
     tol,
+    max_sweeps,
+    SWEEPS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    REPLAY_R: tl.constexpr,
+):
+    # One launch of the batched one-sided Jacobi SVD: programs 0 .. batch - 1 run up to SWEEPS
+    # sweeps on X, one program a matrix (jacobi_sweeps, unless run_x is 0), logging their rotations
+    # in log / count half `parity`; the programs after them apply the rotations the previous launch
+    # logged (half 1 - parity) to V, a block of REPLAY_R rows of V a program (jacobi_replay). The
+    # two halves are disjoint and neither waits for the other: V's replay of sweeps s, s + 1 runs
+    # on the SMs the X programs leave idle while X runs sweeps s + 2, s + 3.
+    pid = tl.program_id(0)
+    half_log = batch.to(tl.int64) * SWEEPS * (2 * NPAIR - 1) * 2 * NPAIR
+    if pid < batch:
+        if run_x != 0:
+            jacobi_sweeps(
+                pid.to(tl.int64),
+                x_ptr,
+                info_ptr,
+                log_ptr + parity * half_log,
+                count_ptr + parity * batch,
+                floor_ptr,
+                L,
+                NPAIR,
+                STRIDE,
+                tol,
+                max_sweeps,
+                SWEEPS,
+                BLOCK_P,
+                BLOCK_R,
+            )
+    else:
+        blocks = tl.cdiv(STRIDE, REPLAY_R)
+        q = pid - batch
+        jacobi_replay(
+            (q // blocks).to(tl.int64),
+            q % blocks,
+            v_ptr,
+            log_ptr + (1 - parity) * half_log,
+            count_ptr + (1 - parity) * batch,
+            NPAIR,
+            STRIDE,
+            SWEEPS,
+            BLOCK_C,
+            REPLAY_R,
+        )
+
+
+@triton.jit
+def jacobi_sweeps(
+    b,
+    x_ptr,
+    info_ptr,
+    log_ptr,
+    count_ptr,
     floor_ptr,
+    L,
+    NPAIR,
+    STRIDE,
+    tol,
     max_sweeps,
     SWEEPS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # One-sided (Hestenes) Jacobi on the columns of one N x N matrix per program, N = 2*NPAIR, up
+    # One-sided (Hestenes) Jacobi on the columns of matrix b, an N x N matrix, N = 2*NPAIR, up
     # to SWEEPS sweeps a launch (the launcher repeats launches up to max_sweeps in all).
     # Buffers hold the transpose (row j = column j, contiguous) so a column loads coalesced; rows
     # are STRIDE floats apart, a multiple of 32, so that the loads are 128 bits wide for any l.
@@ -135,10 +185,9 @@ def jacobi_kernel(
     # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps). Pairs whose inner product is below this
     # matrix's rounding floor (eps^2 |R|_F^2, read per matrix) are left alone.
     # Only X is rotated here: each round's (c, s) per pair goes to the log (c = 1, s = 0 for a pair
-    # left alone), and jacobi_replay_kernel applies them to V, rows of V in parallel. info holds
+    # left alone), and jacobi_replay applies them to V, rows of V in parallel. info holds
     # (sweeps so far, the last sweep's largest off-diagonal ratio) across launches; count gets the
     # sweeps this launch ran (0 once converged or out of sweeps).
-    b = tl.program_id(0).to(tl.int64)
     floor = tl.load(floor_ptr + b)
     n_cols = 2 * NPAIR
     x_base = x_ptr + b * n_cols * STRIDE
@@ -147,7 +196,7 @@ def jacobi_kernel(
     pmask = i < NPAIR
     sweep = tl.load(info_ptr + 2 * b).to(tl.int32)
     off = tl.load(info_ptr + 2 * b + 1)
-    here = tl.program_id(0) * 0
+    here = sweep * 0
     while (here < SWEEPS) & (sweep < max_sweeps) & (off > tol):
         off = tol * 0.0
         for r in range(0, n_cols - 1):
@@ -203,7 +252,9 @@ def jacobi_kernel(
 
 
 @triton.jit
-def jacobi_replay_kernel(
+def jacobi_replay(
+    b,
+    block,
     v_ptr,
     log_ptr,
     count_ptr,
@@ -213,9 +264,9 @@ def jacobi_replay_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # V <- V J for the rotations jacobi_kernel logged in its last launch (count[b] sweeps of
-    # N - 1 rounds, N = 2 * NPAIR, m1 = N - 1). A rotation mixes two columns of V row by row, so
-    # the rows are independent: program (b, e) holds BLOCK_R rows of V (the buffer's entries e,
+    # V <- V J for the rotations jacobi_sweeps logged for matrix b (count[b] sweeps of N - 1
+    # rounds, N = 2 * NPAIR, m1 = N - 1). A rotation mixes two columns of V row by row, so the
+    # rows are independent: this program holds BLOCK_R rows of V (the buffer's entries of `block`,
     # all N columns: row j of the buffer is column j of V) in registers through every round, and
     # reads V once and writes it once a launch.
     # In round r, pair i is columns ca = (i ? (i - 1 + r) % m1 + 1 : 0), cb = (N - 2 - i + r) % m1 + 1
@@ -227,14 +278,13 @@ def jacobi_replay_kernel(
     # conditional wrap, no integer division in the loop. Column j becomes c V[:, j] -+ s V[:, partner]
     # (- for ca); padding columns keep themselves. The next round's (c, s) are loaded before this
     # round's update (they do not depend on it).
-    b = tl.program_id(0).to(tl.int64)
     n_cols = 2 * NPAIR
     m1 = n_cols - 1
     count = tl.load(count_ptr + b)
     if count > 0:
         j = tl.arange(0, BLOCK_C)
         live = j < n_cols
-        e_rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        e_rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = live[:, None] & (e_rows[None, :] < STRIDE)
         ptrs = v_ptr + b * n_cols * STRIDE + j[:, None] * STRIDE + e_rows[None, :]
         v = tl.load(ptrs, mask=mask, other=0.0)

@@ -60,12 +60,10 @@ from fasttrunc.kernels._backend import use_triton
 # once per N tile. 128-column tiles read A 3 times at l = 266 instead of 5 with 64 columns, for
 # 384 computed columns instead of 320, at the same 3 CTAs per SM for tf32 (sm_90, triton 3.6:
 # 168 registers, 72 KB shared, no spills; 3xTF32 246 registers, 2 CTAs; benchmarks/AOT_AUDIT.md).
-# Narrow products (l <= 64) keep 64 columns, and so do CholeskyQR's products, which read a skip
-# flag per matrix: with it, 128-column 3xTF32 tiles spill (20-128 bytes, 255 registers), 64-column
-# ones do not (232-236 registers, 2 CTAs per SM). Untuned on a GPU.
+# Narrow products (l <= 64) keep 64 columns. Untuned on a GPU.
 _BLOCK_M, _BLOCK_K, _BMM_WARPS = 64, 32, 4
 _BLOCK_N_NARROW, _BLOCK_N_WIDE = 64, 128
-# Wide tensor-core products without skip flags (the passes over W) take 128-row tiles over 8
+# Wide tensor-core products (the passes over W) take 128-row tiles over 8
 # warps (two warpgroups of 64 rows): each tile of X is then read from L2 half as often. At 4 warps
 # 128-row tiles spill on sm_90 (256-3680 bytes: 3xTF32, 2xTF32, fp16 and tf32 of a half A at
 # 128 columns); at 8 warps none does (sm_90, benchmarks/AOT_AUDIT.md: 148-201 registers, 32-96 KB
@@ -79,21 +77,21 @@ _BLOCK_M_WIDE, _BMM_WARPS_WIDE = 128, 8
 _PADDING_BOUND = ("tf32x3", "tf32x2")
 
 
-def bmm_block_n(n: int, skipping: bool = False) -> int:
-    """The N tile of CholeskyQR's products and the narrow ones (``n`` columns, ``skipping``: with skip flags)."""
-    return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW or skipping else _BLOCK_N_WIDE
+def bmm_block_n(n: int) -> int:
+    """The widest N tile of :func:`batched_matmul` for ``n`` columns."""
+    return _BLOCK_N_NARROW if n <= _BLOCK_N_NARROW else _BLOCK_N_WIDE
 
 
-def bmm_tiles(n: int, precision: str, a_itemsize: int, skipping: bool = False) -> tuple[int, int, int]:
+def bmm_tiles(n: int, precision: str, a_itemsize: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)`` of one :func:`batched_matmul` launch of ``n`` columns.
 
     ``precision`` is the kernel's (:func:`kernel_precision`), ``a_itemsize`` the bytes of one
-    element of ``a``. Skip launches (CholeskyQR), narrow products (``n <= 64``) and IEEE FMA keep
+    element of ``a``. Narrow products (``n <= 64``) and IEEE FMA keep
     64 x :func:`bmm_block_n` tiles over 4 warps; the passes over W take 128-row tiles over 8 warps,
     64 or 128 columns (see ``_BLOCK_M_WIDE``).
     """
-    block_n = bmm_block_n(n, skipping)
-    if skipping or block_n == _BLOCK_N_NARROW or precision == "ieee":
+    block_n = bmm_block_n(n)
+    if block_n == _BLOCK_N_NARROW or precision == "ieee":
         return _BLOCK_M, block_n, _BMM_WARPS
     if precision in _PADDING_BOUND or (precision == "tf32" and a_itemsize < 4):
         if _cdiv(n, _BLOCK_N_NARROW) * _BLOCK_N_NARROW < _cdiv(n, _BLOCK_N_WIDE) * _BLOCK_N_WIDE:
@@ -142,16 +140,10 @@ def kernel_precision(precision: str, a_dtype: torch.dtype, device: torch.device)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_SKIP_MODES = {"copy": 1, "identity": 2}
-
-
 def batched_matmul(
     a: torch.Tensor,
     x: torch.Tensor,
     precision: str = "fp32",
-    *,
-    skip: torch.Tensor | None = None,
-    skipped: str = "copy",
 ) -> torch.Tensor:
     """``a @ x`` for ``a (B, M, K)`` in fp32/bf16/fp16 (any strides) and ``x (B, K, N)`` fp32, in fp32.
 
@@ -161,9 +153,6 @@ def batched_matmul(
     those two the device has (:func:`dot_precision`); or ``"fp16"`` for an fp16 ``a`` only: ``x``
     rounded to fp16 in registers and one fp16 MMA (fp32 accumulation), tf32's 10 mantissa bits at
     twice its rate, for an ``x`` well inside fp16's range (entries of 6e-5 to 6e4 keep their bits).
-    ``skip`` (``(B,)`` bool on the device) marks matrices whose product is known without computing
-    it, read by the kernel (no host sync): their ``x`` is the identity and they get ``a``
-    (``skipped="copy"``, ``K == N``), or their result is the identity (``"identity"``, ``M == N``).
     """
     if a.dim() != 3 or x.dim() != 3 or a.shape[0] != x.shape[0] or a.shape[2] != x.shape[1]:
         raise ValueError(f"batched_matmul needs a (B, M, K) and x (B, K, N); got {tuple(a.shape)} and {tuple(x.shape)}")
@@ -179,35 +168,21 @@ def batched_matmul(
         raise ValueError(f"precision 'fp16' needs a in float16; got {a.dtype}")
     batch, m, k = a.shape
     n = x.shape[2]
-    mode = 0
-    if skip is not None:
-        if skipped not in _SKIP_MODES:
-            raise ValueError(f"skipped {skipped!r} is not a skip mode; allowed: {', '.join(_SKIP_MODES)}")
-        if skip.shape != (batch,) or skip.dtype != torch.bool or skip.device != a.device:
-            raise ValueError(
-                f"skip must be a ({batch},) bool tensor on {a.device}; got {tuple(skip.shape)} {skip.dtype} on {skip.device}"
-            )
-        copy = skipped == "copy"
-        if (k if copy else m) != n:
-            side = "K == N" if copy else "M == N"
-            raise ValueError(f"skipped={skipped!r} needs {side}; got a {tuple(a.shape)} and x {tuple(x.shape)}")
-        mode = _SKIP_MODES[skipped]
     from fasttrunc.kernels._svd_triton import bmm_kernel
 
     c = torch.empty(batch, m, n, dtype=torch.float32, device=a.device)
     if c.numel() == 0:
         return c
-    if k == 0 and not mode:
+    if k == 0:
         return c.zero_()
     dot = kernel_precision(precision, a.dtype, a.device)
-    block_m, block_n, warps = bmm_tiles(n, dot, a.element_size(), bool(mode))
+    block_m, block_n, warps = bmm_tiles(n, dot, a.element_size())
     grid = (_cdiv(m, block_m) * _cdiv(n, block_n), batch, 1)
     with _device_guard(a.device):
         bmm_kernel[grid](
             a,
             x,
             c,
-            c if skip is None else skip.view(torch.uint8),  # never read without SKIP
             m,
             n,
             k,
@@ -218,7 +193,6 @@ def batched_matmul(
             BLOCK_N=block_n,
             BLOCK_K=_BLOCK_K,
             PRECISION=dot,
-            SKIP=mode,
             num_warps=warps,
         )
     return c
@@ -254,7 +228,7 @@ _JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
 # a block of V's rows a program over 8 warps: 8192 fp32 values of V a program up to 512 padded
 # columns, 4096 past them (sm_90: 239 registers at l = 266, 16 rows; 182 at l = 544, 4 rows; no
 # spills, benchmarks/AOT_AUDIT.md).
-_JACOBI_SWEEPS_PER_LAUNCH, _REPLAY_WARPS = 2, 8
+_JACOBI_SWEEPS_PER_LAUNCH = 2
 
 
 def replay_block_r(block_c: int) -> int:
@@ -291,7 +265,7 @@ def jacobi_svd(
     info = torch.zeros(batch, 2, dtype=torch.float32, device=r.device)
     info[:, 1] = float("inf")
     if batch and l:
-        from fasttrunc.kernels._svd_triton import jacobi_kernel, jacobi_replay_kernel
+        from fasttrunc.kernels._svd_triton import jacobi_kernel
 
         tol = max(l, 16) * 2.0**-24
         # Per matrix, on the device (no host sync): a small matrix batched with a large one keeps
@@ -301,38 +275,38 @@ def jacobi_svd(
         block_r = max(1, min(_JACOBI_TILE // block_p, _next_pow2(l)))
         block_c = _next_pow2(n_cols)
         replay_rows = replay_block_r(block_c)
-        log = torch.empty(batch, _JACOBI_SWEEPS_PER_LAUNCH, n_cols - 1, 2, npair, dtype=torch.float32, device=r.device)
-        count = torch.zeros(batch, dtype=torch.int32, device=r.device)
-        # A fixed number of launch pairs (no host sync: a graph captures them all); programs of a
-        # matrix that has converged return at once.
+        # Two halves of the log and of the sweep counts: a launch's X programs write one while its
+        # replay programs read the other (the previous launch's).
+        sweeps = _JACOBI_SWEEPS_PER_LAUNCH
+        log = torch.empty(2, batch, sweeps, n_cols - 1, 2, npair, dtype=torch.float32, device=r.device)
+        count = torch.zeros(2, batch, dtype=torch.int32, device=r.device)
+        grid = (batch * (1 + _cdiv(stride, replay_rows)), 1, 1)
+        launches = _cdiv(max_sweeps, sweeps)
+        # A fixed number of launches (no host sync: a graph captures them all), the last one only
+        # replaying; the X programs of a matrix that has converged return at once.
         with _device_guard(r.device):
-            for _ in range(_cdiv(max_sweeps, _JACOBI_SWEEPS_PER_LAUNCH)):
-                jacobi_kernel[(batch, 1, 1)](
+            for t in range(launches + 1):
+                jacobi_kernel[grid](
                     x,
+                    v,
                     info,
                     log,
                     count,
+                    floor,
+                    batch,
+                    t % 2,
+                    int(t < launches),
                     stride,  # rows run to the padded length: the pad is zero in x and stays so
                     npair,
                     stride,
                     tol,
-                    floor,
                     max_sweeps,
-                    SWEEPS=_JACOBI_SWEEPS_PER_LAUNCH,
+                    SWEEPS=sweeps,
                     BLOCK_P=block_p,
                     BLOCK_R=block_r,
-                    num_warps=_JACOBI_WARPS,
-                )
-                jacobi_replay_kernel[(batch, _cdiv(stride, replay_rows), 1)](
-                    v,
-                    log,
-                    count,
-                    npair,
-                    stride,
-                    SWEEPS=_JACOBI_SWEEPS_PER_LAUNCH,
                     BLOCK_C=block_c,
-                    BLOCK_R=replay_rows,
-                    num_warps=_REPLAY_WARPS,
+                    REPLAY_R=replay_rows,
+                    num_warps=_JACOBI_WARPS,
                 )
     rot = x[:, :l, :l].mT  # columns of r v
     vr = v[:, :l, :l].mT

@@ -67,26 +67,6 @@ def test_batched_matmul_reads_half_weights_as_stored_through_a_transposed_view(d
     assert rel_err(out, batched_matmul_reference(w.mT, x)) < bound
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_batched_matmul_skips_flagged_matrices_on_the_device(device):
-    """A flagged matrix gets ``a`` (copy: its x is the identity) or I, never its product; the rest
-    are computed as without a skip."""
-    dev = _device(device)
-    a = torch.randn(3, 37, 37, device=dev)
-    x = torch.randn(3, 37, 37, device=dev)
-    skip = torch.tensor([True, False, True], device=dev)
-    copied = batched_matmul(a, x, "ieee", skip=skip)
-    assert torch.equal(copied[0], a[0]) and torch.equal(copied[2], a[2])
-    assert torch.equal(copied[1], batched_matmul(a, x, "ieee")[1])
-    ident = batched_matmul(a, x, "ieee", skip=skip, skipped="identity")
-    eye = torch.eye(37, device=dev)
-    assert torch.equal(ident[0], eye) and torch.equal(ident[2], eye)
-    assert rel_err(ident[1], batched_matmul_reference(a, x)[1]) < 1e-6
-    tall = torch.randn(2, 70, 5, device=dev)  # copy needs K == N only: 70 x 5 @ 5 x 5
-    out = batched_matmul(tall, torch.randn(2, 5, 5, device=dev), skip=torch.tensor([True, True], device=dev))
-    assert torch.equal(out, tall)
-
-
 def test_batched_matmul_rejects_bad_operands():
     a, x = torch.randn(2, 5, 4), torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="needs a"):
@@ -95,17 +75,6 @@ def test_batched_matmul_rejects_bad_operands():
         batched_matmul(a, x.double())
     with pytest.raises(ValueError, match="precision 'fp8'"):
         batched_matmul(a, x, "fp8")
-    flags = torch.zeros(2, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"^skipped 'zero' is not a skip mode; allowed: copy, identity$"):
-        batched_matmul(a, x, skip=flags, skipped="zero")
-    with pytest.raises(ValueError, match=r"^skip must be a \(2,\) bool tensor on cpu; got \(3,\) torch.bool on cpu$"):
-        batched_matmul(a, x, skip=torch.zeros(3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"^skip must be a \(2,\) bool tensor on cpu; got \(2,\) torch.int64"):
-        batched_matmul(a, x, skip=torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"^skipped='copy' needs K == N; got a \(2, 5, 4\) and x \(2, 4, 3\)$"):
-        batched_matmul(a, x, skip=flags)
-    with pytest.raises(ValueError, match=r"^skipped='identity' needs M == N"):
-        batched_matmul(a, x, skip=flags, skipped="identity")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -157,6 +126,29 @@ def test_jacobi_svd_matches_torch(device, l):
     recon = u.double() @ torch.diag_embed(s.double()) @ v.double().mT
     assert rel_err(recon, r) < 1e-5
     assert sweeps.max().item() < 30, "Jacobi did not converge within its sweep limit"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_sweeps", [3, 30])
+def test_jacobi_replays_each_matrix_own_sweeps_on_v(device, max_sweeps):
+    """The Jacobi kernel logs rotations two sweeps a launch and the replay applies them to V: a
+    batch whose matrices stop after different sweep counts (a diagonal one after one, an odd
+    max_sweeps cutting a launch short) still gets V = the product of its own rotations: R V = U S
+    with V orthonormal to rounding, as with one kernel doing both."""
+    dev = _device(device)
+    gen = torch.Generator().manual_seed(6)
+    l = 21
+    r = torch.stack([torch.diag(torch.linspace(3.0, 1.0, l)), torch.randn(l, l, generator=gen)]).to(dev)
+    u, s, v, sweeps = jacobi_svd(r, max_sweeps=max_sweeps)
+    assert sweeps[0].item() == 1 and sweeps[1].item() == min(max_sweeps, sweeps[1].item()) > 1
+    eye = torch.eye(l, dtype=torch.float64, device=dev)
+    assert (v.double().mT @ v.double() - eye).abs().max().item() < 1e-5
+    for i in range(2):
+        rv = r[i].double() @ v[i].double()
+        assert (rv - u[i].double() * s[i].double()).abs().max().item() < 1e-5 * s[i].max().item()
+    if max_sweeps == 30:
+        ref = torch.linalg.svdvals(r.double())
+        assert (s.double() - ref).abs().max().item() < 1e-5 * ref.max().item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -634,13 +626,11 @@ def test_fp16_products_need_fp16_weights():
 
 
 def test_pass_tiles_follow_precision_and_width():
-    """CholeskyQR's skip launches and narrow products keep 64 x 64 tiles over 4 warps; the passes
-    over W take 128 rows over 8 warps, 64 columns where that pads l less for the MMA-bound ones."""
+    """Narrow products keep 64 x 64 tiles over 4 warps; the passes over W take 128 rows over 8
+    warps, 64 columns where that pads l less for the MMA-bound ones."""
     import fasttrunc.kernels.svd as svd_module
 
     tiles = svd_module.bmm_tiles
-    assert tiles(266, "tf32x3", 4, skipping=True) == (64, 64, 4)
-    assert tiles(266, "tf32x2", 2, skipping=True) == (64, 64, 4)
     assert tiles(64, "tf32x3", 4) == (64, 64, 4)
     assert tiles(266, "ieee", 4) == (64, 128, 4)
     assert tiles(266, "tf32x3", 4) == (128, 64, 8)  # 320 columns instead of 384

@@ -276,7 +276,6 @@ def _bmm_ms(
     n: int,
     itemsize: int,
     precision: str,
-    skipping: bool = False,
     model: Mapping[str, float] = RSVD_MODEL,
 ) -> float:
     """One batched_matmul launch ``(batch, m, k) @ (batch, k, n)`` at its tiles (``bmm_tiles``): the
@@ -285,7 +284,7 @@ def _bmm_ms(
     two tf32 MMAs, ``"fp16"`` one fp16 MMA (``itemsize`` 2), ``"ieee"`` FMA."""
     from fasttrunc.kernels import svd as svd_kernels
 
-    block_m, block_n, _ = svd_kernels.bmm_tiles(n, precision, itemsize, skipping)
+    block_m, block_n, _ = svd_kernels.bmm_tiles(n, precision, itemsize)
     n_pad = -(-n // block_n) * block_n
     m_pad = -(-m // block_m) * block_m
     hbm = batch * (itemsize * m * k + 4 * (k * n + m * n))
@@ -316,24 +315,34 @@ def cholesky_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MOD
 
 
 def jacobi_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
-    """Estimated time of ``jacobi_svd`` on ``count`` l x l matrices: the X kernel (one program per
-    matrix, L2-bound at the per-SM bandwidth of the programs: each round reads X for its sums and
-    reads and writes the columns of the pairs that rotate) plus the replay of the rotations on V
-    (rows of V in registers, a chain of rounds per program, in waves of one CTA per SM)."""
+    """Estimated time of ``jacobi_svd`` on ``count`` l x l matrices, launch by launch: the X
+    programs (one per matrix, L2-bound at the per-SM bandwidth of the programs: each round reads X
+    for its sums and reads and writes the columns of the pairs that rotate) beside the replay of
+    the previous launch's rotations on V (rows of V in registers, a chain of rounds per program, in
+    waves of one CTA per SM on the SMs the X programs leave free); a launch lasts the longer of
+    the two, and a last launch replays on every SM."""
     from fasttrunc.kernels import svd as svd_kernels
 
     npair = (l + 1) // 2
     stride = -(-2 * npair // 32) * 32
     unit = 2 * npair * stride * 4  # X, read once
-    rounds = model["jacobi_sweeps"] * (2 * npair - 1)
+    rounds = 2 * npair - 1  # a sweep
     bandwidth = min(model["l2_gbps"], count * model["l2_gbps_per_sm"])
-    x_kernel = count * rounds * unit * (1 + 2 * model["jacobi_rotating"]) / (bandwidth * 1e6)
-    block_c = svd_kernels._next_pow2(2 * npair)
-    programs = count * -(-stride // svd_kernels.replay_block_r(block_c))
-    waves = -(-programs // int(model["sms"]))
-    replay = waves * rounds * model["replay_round_us"] / 1e3
-    launches = 2 * -(-svd_kernels._JACOBI_MAX_SWEEPS // svd_kernels._JACOBI_SWEEPS_PER_LAUNCH)
-    return x_kernel + replay + launches * model["launch_ms"]
+    x_sweep = count * rounds * unit * (1 + 2 * model["jacobi_rotating"]) / (bandwidth * 1e6)
+    programs = count * -(-stride // svd_kernels.replay_block_r(svd_kernels._next_pow2(2 * npair)))
+    sms = int(model["sms"])
+    free = max(1, sms - min(count, sms))
+
+    def replay(sweeps: int, on_sms: int) -> float:
+        return -(-programs // on_sms) * sweeps * rounds * model["replay_round_us"] / 1e3
+
+    per_launch = svd_kernels._JACOBI_SWEEPS_PER_LAUNCH
+    total, left, previous = 0.0, int(model["jacobi_sweeps"]), 0
+    for _ in range(-(-svd_kernels._JACOBI_MAX_SWEEPS // per_launch)):
+        here = min(per_launch, left)
+        total += max(here * x_sweep, replay(previous, free)) + model["launch_ms"]
+        left, previous = left - here, here
+    return total + replay(previous, sms) + model["launch_ms"]
 
 
 def inverse_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
