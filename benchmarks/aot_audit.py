@@ -155,8 +155,11 @@ def _compile(job: dict[str, Any]) -> dict[str, Any]:
         types = dict.fromkeys(pointers, "*fp32") | {"count_ptr": "*i32"}
         const = {"SWEEPS": svd._JACOBI_SWEEPS_PER_LAUNCH, "BLOCK_P": block_p, "BLOCK_R": block_r}
         const |= {"BLOCK_C": block_c, "REPLAY_R": svd.replay_block_r(block_c)}
+        const["REPLAY"] = block_c <= svd._REPLAY_MAX_COLUMNS
         compiled = aot.compile_kernel(jacobi_kernel, args, const, {"num_warps": svd._JACOBI_WARPS}, types)
-        config = f"l={l} P={block_p} R={block_r}, replay C={block_c} R={const['REPLAY_R']}"
+        config = f"l={l} P={block_p} R={block_r}, " + (
+            f"replay C={block_c} R={const['REPLAY_R']}" if const["REPLAY"] else "V rotated in place, no replay"
+        )
         what = {"kernel": "jacobi_kernel", "config": config, "cells": [f"l = {l}"]}
         tensor_cores = False
     report = aot.audit(compiled)

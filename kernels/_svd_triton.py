@@ -113,13 +113,16 @@ def jacobi_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     REPLAY_R: tl.constexpr,
+    REPLAY: tl.constexpr,
 ):
     # One launch of the batched one-sided Jacobi SVD: programs 0 .. batch - 1 run up to SWEEPS
     # sweeps on X, one program a matrix (jacobi_sweeps, unless run_x is 0), logging their rotations
     # in log / count half `parity`; the programs after them apply the rotations the previous launch
     # logged (half 1 - parity) to V, a block of REPLAY_R rows of V a program (jacobi_replay). The
     # two halves are disjoint and neither waits for the other: V's replay of sweeps s, s + 1 runs
-    # on the SMs the X programs leave idle while X runs sweeps s + 2, s + 3.
+    # on the SMs the X programs leave idle while X runs sweeps s + 2, s + 3. REPLAY False (more
+    # than 512 padded columns, where the replay's register tile spills under triton 3.6): the X
+    # programs rotate V's columns beside X's, and the grid holds them only.
     pid = tl.program_id(0)
     half_log = batch.to(tl.int64) * SWEEPS * (2 * NPAIR - 1) * 2 * NPAIR
     if pid < batch:
@@ -127,6 +130,7 @@ def jacobi_kernel(
             jacobi_sweeps(
                 pid.to(tl.int64),
                 x_ptr,
+                v_ptr,
                 info_ptr,
                 log_ptr + parity * half_log,
                 count_ptr + parity * batch,
@@ -139,8 +143,9 @@ def jacobi_kernel(
                 SWEEPS,
                 BLOCK_P,
                 BLOCK_R,
+                REPLAY,
             )
-    else:
+    elif REPLAY:
         blocks = tl.cdiv(STRIDE, REPLAY_R)
         q = pid - batch
         jacobi_replay(
@@ -161,6 +166,7 @@ def jacobi_kernel(
 def jacobi_sweeps(
     b,
     x_ptr,
+    v_ptr,
     info_ptr,
     log_ptr,
     count_ptr,
@@ -173,6 +179,7 @@ def jacobi_sweeps(
     SWEEPS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     # One-sided (Hestenes) Jacobi on the columns of matrix b, an N x N matrix, N = 2*NPAIR, up
     # to SWEEPS sweeps a launch (the launcher repeats launches up to max_sweeps in all).
@@ -184,13 +191,15 @@ def jacobi_sweeps(
     # rounds make a sweep in which every pair meets once. Sweeps repeat until no pair has
     # |a_p . a_q| > tol * |a_p| |a_q| (or max_sweeps). Pairs whose inner product is below this
     # matrix's rounding floor (eps^2 |R|_F^2, read per matrix) are left alone.
-    # Only X is rotated here: each round's (c, s) per pair goes to the log (c = 1, s = 0 for a pair
-    # left alone), and jacobi_replay applies them to V, rows of V in parallel. info holds
+    # LOG: only X is rotated here: each round's (c, s) per pair goes to the log (c = 1, s = 0 for a
+    # pair left alone), and jacobi_replay applies them to V, rows of V in parallel; else V's
+    # columns are rotated here beside X's (count still says how many sweeps ran). info holds
     # (sweeps so far, the last sweep's largest off-diagonal ratio) across launches; count gets the
     # sweeps this launch ran (0 once converged or out of sweeps).
     floor = tl.load(floor_ptr + b)
     n_cols = 2 * NPAIR
     x_base = x_ptr + b * n_cols * STRIDE
+    v_base = v_ptr + b * n_cols * STRIDE
     log_base = log_ptr + b * SWEEPS * (n_cols - 1) * 2 * NPAIR
     i = tl.arange(0, BLOCK_P)
     pmask = i < NPAIR
@@ -229,9 +238,10 @@ def jacobi_sweeps(
             c = 1.0 / tl.sqrt(1.0 + t * t)
             s = tl.where(rotate, c * t, 0.0)
             c = tl.where(rotate, c, 1.0)
-            round_log = log_base + (here * (n_cols - 1) + r) * 2 * NPAIR
-            tl.store(round_log + i, c, mask=pmask)
-            tl.store(round_log + NPAIR + i, s, mask=pmask)
+            if LOG:
+                round_log = log_base + (here * (n_cols - 1) + r) * 2 * NPAIR
+                tl.store(round_log + i, c, mask=pmask)
+                tl.store(round_log + NPAIR + i, s, mask=pmask)
             for r0 in range(0, L, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
@@ -242,6 +252,13 @@ def jacobi_sweeps(
                 xb = tl.load(pb_x, mask=m2, other=0.0)
                 tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
                 tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
+                if not LOG:  # V's columns here, not in the replay
+                    pa_v = v_base + ca[:, None] * STRIDE + rows[None, :]
+                    pb_v = v_base + cb[:, None] * STRIDE + rows[None, :]
+                    va = tl.load(pa_v, mask=m2, other=0.0)
+                    vb = tl.load(pb_v, mask=m2, other=0.0)
+                    tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
+                    tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
             # The next round reads columns other threads of this program just wrote.
             tl.debug_barrier()
         sweep += 1

@@ -86,13 +86,13 @@ def bmm_tiles(n: int, precision: str, a_itemsize: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)`` of one :func:`batched_matmul` launch of ``n`` columns.
 
     ``precision`` is the kernel's (:func:`kernel_precision`), ``a_itemsize`` the bytes of one
-    element of ``a``. Narrow products (``n <= 64``) and IEEE FMA keep
-    64 x :func:`bmm_block_n` tiles over 4 warps; the passes over W take 128-row tiles over 8 warps,
-    64 or 128 columns (see ``_BLOCK_M_WIDE``).
+    element of ``a``. Narrow products (``n <= 64``) and IEEE FMA keep 64 x 64 tiles over 4 warps
+    (IEEE's 64 x 128 spilled 80 bytes under triton 3.6, sm_90); the passes over W take 128-row
+    tiles over 8 warps, 64 or 128 columns (see ``_BLOCK_M_WIDE``).
     """
     block_n = bmm_block_n(n)
     if block_n == _BLOCK_N_NARROW or precision == "ieee":
-        return _BLOCK_M, block_n, _BMM_WARPS
+        return _BLOCK_M, _BLOCK_N_NARROW, _BMM_WARPS
     if precision in _PADDING_BOUND or (precision == "tf32" and a_itemsize < 4):
         if _cdiv(n, _BLOCK_N_NARROW) * _BLOCK_N_NARROW < _cdiv(n, _BLOCK_N_WIDE) * _BLOCK_N_WIDE:
             block_n = _BLOCK_N_NARROW
@@ -223,17 +223,19 @@ def batched_matmul_reference(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Jacobi converges quadratically). A matrix that used every sweep counts as not converged.
 # Pairs whose inner product is below eps^2 |R|_F^2 of their own matrix are rounding noise.
 _JACOBI_TILE, _JACOBI_WARPS, _JACOBI_MAX_SWEEPS = 4096, 8, 30
-# The X kernel logs each round's rotations, SWEEPS_PER_LAUNCH sweeps a launch (a log of
-# 2 x 265 x 2 x 133 floats a matrix at l = 266: 0.56 MB), and the replay kernel applies them to V,
-# a block of V's rows a program over 8 warps: 8192 fp32 values of V a program up to 512 padded
-# columns, 4096 past them (sm_90: 239 registers at l = 266, 16 rows; 182 at l = 544, 4 rows; no
-# spills, benchmarks/AOT_AUDIT.md).
-_JACOBI_SWEEPS_PER_LAUNCH = 2
+# The X programs log each round's rotations, SWEEPS_PER_LAUNCH sweeps a launch (a log of
+# 2 x 265 x 2 x 133 floats a matrix at l = 266: 0.56 MB, twice: the halves alternate), and the
+# replay programs apply them to V, a block of V's rows each: 8192 fp32 values of V a program, for
+# up to 512 padded columns (sm_90, the merged kernel: 224 registers at l = 266 under triton 3.9,
+# 232 under 3.6, no spills; benchmarks/AOT_AUDIT.md). Past 512 columns the replay's tile spills
+# under triton 3.6 (64-80 bytes at 1024 columns, whatever its rows), so there the X programs
+# rotate V themselves, as one kernel did before the replay.
+_JACOBI_SWEEPS_PER_LAUNCH, _REPLAY_MAX_COLUMNS = 2, 512
 
 
 def replay_block_r(block_c: int) -> int:
     """Rows of V a replay program holds, for ``block_c`` padded columns."""
-    return max(4, min(64, (8192 if block_c <= 512 else 4096) // block_c))
+    return max(4, min(64, 8192 // block_c))
 
 
 def jacobi_svd(
@@ -278,14 +280,16 @@ def jacobi_svd(
         # Two halves of the log and of the sweep counts: a launch's X programs write one while its
         # replay programs read the other (the previous launch's).
         sweeps = _JACOBI_SWEEPS_PER_LAUNCH
-        log = torch.empty(2, batch, sweeps, n_cols - 1, 2, npair, dtype=torch.float32, device=r.device)
+        replay = block_c <= _REPLAY_MAX_COLUMNS
+        log_shape = (2, batch, sweeps, n_cols - 1, 2, npair) if replay else (1,)  # never written without it
+        log = torch.empty(log_shape, dtype=torch.float32, device=r.device)
         count = torch.zeros(2, batch, dtype=torch.int32, device=r.device)
-        grid = (batch * (1 + _cdiv(stride, replay_rows)), 1, 1)
+        grid = (batch * (1 + _cdiv(stride, replay_rows)) if replay else batch, 1, 1)
         launches = _cdiv(max_sweeps, sweeps)
         # A fixed number of launches (no host sync: a graph captures them all), the last one only
         # replaying; the X programs of a matrix that has converged return at once.
         with _device_guard(r.device):
-            for t in range(launches + 1):
+            for t in range(launches + int(replay)):
                 jacobi_kernel[grid](
                     x,
                     v,
@@ -306,6 +310,7 @@ def jacobi_svd(
                     BLOCK_R=block_r,
                     BLOCK_C=block_c,
                     REPLAY_R=replay_rows,
+                    REPLAY=replay,
                     num_warps=_JACOBI_WARPS,
                 )
     rot = x[:, :l, :l].mT  # columns of r v

@@ -130,17 +130,24 @@ def test_jacobi_svd_matches_torch(device, l):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("max_sweeps", [3, 30])
-def test_jacobi_replays_each_matrix_own_sweeps_on_v(device, max_sweeps):
+@pytest.mark.parametrize("replay", [True, False])
+def test_jacobi_replays_each_matrix_own_sweeps_on_v(device, max_sweeps, replay, monkeypatch):
     """The Jacobi kernel logs rotations two sweeps a launch and the replay applies them to V: a
     batch whose matrices stop after different sweep counts (a diagonal one after one, an odd
     max_sweeps cutting a launch short) still gets V = the product of its own rotations: R V = U S
-    with V orthonormal to rounding, as with one kernel doing both."""
+    with V orthonormal to rounding, as with one kernel doing both. Without the replay (the path
+    past 512 padded columns, forced here by lowering the bound) the X programs rotate V."""
+    import fasttrunc.kernels.svd as svd_module
+
+    if not replay:
+        monkeypatch.setattr(svd_module, "_REPLAY_MAX_COLUMNS", 16)
     dev = _device(device)
     gen = torch.Generator().manual_seed(6)
     l = 21
     r = torch.stack([torch.diag(torch.linspace(3.0, 1.0, l)), torch.randn(l, l, generator=gen)]).to(dev)
     u, s, v, sweeps = jacobi_svd(r, max_sweeps=max_sweeps)
-    assert sweeps[0].item() == 1 and sweeps[1].item() == min(max_sweeps, sweeps[1].item()) > 1
+    assert sweeps[0].item() == 1
+    assert sweeps[1].item() == 3 if max_sweeps == 3 else 3 < sweeps[1].item() < max_sweeps
     eye = torch.eye(l, dtype=torch.float64, device=dev)
     assert (v.double().mT @ v.double() - eye).abs().max().item() < 1e-5
     for i in range(2):
@@ -632,7 +639,7 @@ def test_pass_tiles_follow_precision_and_width():
 
     tiles = svd_module.bmm_tiles
     assert tiles(64, "tf32x3", 4) == (64, 64, 4)
-    assert tiles(266, "ieee", 4) == (64, 128, 4)
+    assert tiles(266, "ieee", 4) == (64, 64, 4)  # 64 x 128 spilled under triton 3.6
     assert tiles(266, "tf32x3", 4) == (128, 64, 8)  # 320 columns instead of 384
     assert tiles(266, "tf32x2", 2) == (128, 64, 8)
     assert tiles(266, "tf32", 2) == (128, 64, 8)

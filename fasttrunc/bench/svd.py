@@ -320,7 +320,8 @@ def jacobi_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> fl
     for its sums and reads and writes the columns of the pairs that rotate) beside the replay of
     the previous launch's rotations on V (rows of V in registers, a chain of rounds per program, in
     waves of one CTA per SM on the SMs the X programs leave free); a launch lasts the longer of
-    the two, and a last launch replays on every SM."""
+    the two, and a last launch replays on every SM. Past the replay's column bound the X programs
+    rotate V's columns too, and there is no replay."""
     from fasttrunc.kernels import svd as svd_kernels
 
     npair = (l + 1) // 2
@@ -328,8 +329,11 @@ def jacobi_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> fl
     unit = 2 * npair * stride * 4  # X, read once
     rounds = 2 * npair - 1  # a sweep
     bandwidth = min(model["l2_gbps"], count * model["l2_gbps_per_sm"])
-    x_sweep = count * rounds * unit * (1 + 2 * model["jacobi_rotating"]) / (bandwidth * 1e6)
-    programs = count * -(-stride // svd_kernels.replay_block_r(svd_kernels._next_pow2(2 * npair)))
+    block_c = svd_kernels._next_pow2(2 * npair)
+    replayed = block_c <= svd_kernels._REPLAY_MAX_COLUMNS  # else the X programs rotate V too
+    moved = (2 if replayed else 4) * model["jacobi_rotating"]
+    x_sweep = count * rounds * unit * (1 + moved) / (bandwidth * 1e6)
+    programs = count * -(-stride // svd_kernels.replay_block_r(block_c)) if replayed else 0
     sms = int(model["sms"])
     free = max(1, sms - min(count, sms))
 
@@ -342,7 +346,7 @@ def jacobi_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> fl
         here = min(per_launch, left)
         total += max(here * x_sweep, replay(previous, free)) + model["launch_ms"]
         left, previous = left - here, here
-    return total + replay(previous, sms) + model["launch_ms"]
+    return total + (replay(previous, sms) + model["launch_ms"] if replayed else 0.0)
 
 
 def inverse_kernel_ms(count: int, l: int, model: Mapping[str, float] = RSVD_MODEL) -> float:
