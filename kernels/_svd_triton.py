@@ -246,19 +246,9 @@ def jacobi_sweeps(
                 rows = r0 + tl.arange(0, BLOCK_R)
                 # Pairs that do not rotate (most of them in the last sweeps) move no bytes.
                 m2 = rotate[:, None] & (rows[None, :] < L)
-                pa_x = x_base + ca[:, None] * STRIDE + rows[None, :]
-                pb_x = x_base + cb[:, None] * STRIDE + rows[None, :]
-                xa = tl.load(pa_x, mask=m2, other=0.0)
-                xb = tl.load(pb_x, mask=m2, other=0.0)
-                tl.store(pa_x, c[:, None] * xa - s[:, None] * xb, mask=m2)
-                tl.store(pb_x, s[:, None] * xa + c[:, None] * xb, mask=m2)
+                rotate_rows(x_base, ca, cb, rows, STRIDE, c, s, m2)
                 if not LOG:  # V's columns here, not in the replay
-                    pa_v = v_base + ca[:, None] * STRIDE + rows[None, :]
-                    pb_v = v_base + cb[:, None] * STRIDE + rows[None, :]
-                    va = tl.load(pa_v, mask=m2, other=0.0)
-                    vb = tl.load(pb_v, mask=m2, other=0.0)
-                    tl.store(pa_v, c[:, None] * va - s[:, None] * vb, mask=m2)
-                    tl.store(pb_v, s[:, None] * va + c[:, None] * vb, mask=m2)
+                    rotate_rows(v_base, ca, cb, rows, STRIDE, c, s, m2)
             # The next round reads columns other threads of this program just wrote.
             tl.debug_barrier()
         sweep += 1
@@ -266,6 +256,17 @@ def jacobi_sweeps(
     tl.store(count_ptr + b, here)
     tl.store(info_ptr + 2 * b, sweep.to(tl.float32))
     tl.store(info_ptr + 2 * b + 1, off)
+
+
+@triton.jit
+def rotate_rows(base, ca, cb, rows, STRIDE, c, s, mask):
+    # Columns (ca, cb) of each pair -> (c a - s b, s a + c b), on these rows (buffer rows STRIDE apart).
+    pa = base + ca[:, None] * STRIDE + rows[None, :]
+    pb = base + cb[:, None] * STRIDE + rows[None, :]
+    a = tl.load(pa, mask=mask, other=0.0)
+    b = tl.load(pb, mask=mask, other=0.0)
+    tl.store(pa, c[:, None] * a - s[:, None] * b, mask=mask)
+    tl.store(pb, s[:, None] * a + c[:, None] * b, mask=mask)
 
 
 @triton.jit
