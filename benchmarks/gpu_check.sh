@@ -12,7 +12,8 @@
 #                                # (tests/test_bench_gpu_check.py runs every stage this way)
 #
 # OUT/env.txt (commit, versions, device), OUT/tests.txt, OUT/lowrank.json + lowrank.txt (markdown
-# table for benchmarks/RESULTS.md), OUT/svd/results.json + svd.txt, OUT/sweep/results.json + sweep.txt,
+# table for benchmarks/RESULTS.md), OUT/calibration.json + calibration.txt (the planner's cost
+# model fitted to the low-rank times), OUT/svd/results.json + svd.txt, OUT/sweep/results.json + sweep.txt,
 # OUT/recall/results.json + recall.txt (stage paper), OUT/status.txt (one line per stage). Runs
 # from the working tree; PYTHON overrides the interpreter.
 set -uo pipefail
@@ -96,6 +97,10 @@ fi
 if wants lowrank; then
     stage lowrank "$t_lowrank" "$py" benchmarks/bench_lowrank.py "${lowrank_flags[@]}" --json "$out/lowrank.json.tmp" \
         >"$out/lowrank.txt" 2>"$out/lowrank.err" && mv "$out/lowrank.json.tmp" "$out/lowrank.json" || failed=1
+    if [ -f "$out/lowrank.json" ]; then  # the planner's cost model fitted to these times (CPU, seconds)
+        stage calibrate 60 "$py" benchmarks/calibrate_lowrank.py "$out/lowrank.json" --json "$out/calibration.json" \
+            >"$out/calibration.txt" 2>"$out/calibration.err" || failed=1
+    fi
 fi
 if wants svd; then
     COLUMNS=200 stage svd "$t_svd" "$py" benchmarks/bench_svd.py "${svd_flags[@]}" --out "$out/svd" \

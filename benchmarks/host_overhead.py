@@ -3,7 +3,8 @@
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--calls N] [--json PATH]
 
 Measures the Python path a decode step pays per layer, up to the compiled kernel's runner, which
-is replaced by a no-op (so no device time is counted): for a repeated call signature the bound
+is replaced by a no-op (so no device time is counted; for the torch scheme the two GEMMs are
+the no-op, so the row is what fasttrunc adds in front of cuBLAS): for a repeated call signature the bound
 launch (signature lookup, backend rule, output / workspace allocation, the runners called
 directly), with one visible GPU (no device guard) and with several (the guard, stubbed to a
 no-op here); and, timed in the same run for the ratio, the full path every first call takes
@@ -51,7 +52,7 @@ def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
     saved_env = os.environ.get("FASTTRUNC_BACKEND")
     os.environ["FASTTRUNC_BACKEND"] = "triton"
     saved = _lowrank_launch.is_cuda, _lowrank_launch.device_guard, _lowrank_launch.cuda_device_count
-    saved_bound = _lowrank_launch.BOUND
+    saved_bound, saved_gemms = _lowrank_launch.BOUND, _lowrank_launch.two_gemms
     # The CUDA path of the launcher on CPU tensors: a reusable no-op guard, and every step's
     # runner a no-op (set after the first call, which goes through the interpreter).
     _lowrank_launch.is_cuda = lambda device: True
@@ -59,7 +60,10 @@ def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         with torch.no_grad():
-            for scheme, m in (("splitk", 1), ("tiled", 512)):
+            # The torch scheme (the cost planner's choice for most cells) with its GEMMs stubbed:
+            # what fasttrunc adds in front of cuBLAS's own launches.
+            _lowrank_launch.two_gemms = lambda x, a, b, bias: x
+            for scheme, m in (("splitk", 1), ("tiled", 512), ("torch", 1)):
                 tunables = LowrankTunables(force_scheme=scheme)
                 x = torch.randn(m, 2048)
                 a, b = torch.randn(128, 2048), torch.randn(8192, 128)
@@ -85,7 +89,7 @@ def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
                     }
     finally:
         _lowrank_launch.is_cuda, _lowrank_launch.device_guard, _lowrank_launch.cuda_device_count = saved
-        _lowrank_launch.BOUND = saved_bound
+        _lowrank_launch.BOUND, _lowrank_launch.two_gemms = saved_bound, saved_gemms
         if saved_env is None:
             os.environ.pop("FASTTRUNC_BACKEND", None)
         else:

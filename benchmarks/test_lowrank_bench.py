@@ -1,5 +1,6 @@
-"""pytest-benchmark comparisons: fasttrunc's fused low-rank linear vs dense F.linear vs torch's
-two GEMMs, bf16, on Pythia MLP shapes (CUDA only; skipped without it).
+"""pytest-benchmark comparisons: fasttrunc's low-rank linear (as planned, and with the fused kernels
+the rules choose) vs dense F.linear vs torch's two GEMMs, bf16, on Pythia MLP shapes (CUDA only;
+skipped without it).
 
     python -m pytest benchmarks/test_lowrank_bench.py --benchmark-group-by=param:case
 
@@ -42,7 +43,12 @@ def _variant(name, x, a, b):
     import fasttrunc
 
     if name == "fasttrunc":
-        return lambda: fasttrunc.lowrank_linear(x, a, b)
+        return lambda: fasttrunc.lowrank_linear(x, a, b)  # the cost planner's choice (cuBLAS where it wins)
+    if name == "fused_kernels":
+        from fasttrunc.kernels.lowrank_plan import LowrankTunables
+
+        rules = LowrankTunables(cost_model=None)  # the Triton kernels wherever the rules allow them
+        return lambda: fasttrunc.lowrank_linear(x, a, b, tunables=rules)
     if name == "dense":
         w = (b.float() @ a.float()).bfloat16()
         return lambda: F.linear(x, w)
@@ -50,7 +56,7 @@ def _variant(name, x, a, b):
     return lambda: (x @ at) @ bt
 
 
-@pytest.mark.parametrize("variant", ["fasttrunc", "dense", "two_gemms"])
+@pytest.mark.parametrize("variant", ["fasttrunc", "fused_kernels", "dense", "two_gemms"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_lowrank_linear(benchmark, case, variant):
     x, a, b = _operands(*CASES[case])

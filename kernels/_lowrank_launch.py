@@ -20,7 +20,8 @@ which a bound launch skips when only one CUDA device is visible (it is then alwa
 Bound launches (:class:`BoundLaunch`, :func:`run_bound`): an eager inference call whose
 :func:`signature` was seen before skips the functional's checks, the prepared-launch key, the
 stride and reshape work, and calls the steps' runners directly when every operand is 16-byte
-aligned. Signatures that needed a copy of an operand are never bound.
+aligned; a signature the planner gives to torch's two GEMMs calls them directly. Signatures that
+needed a copy of an operand are never bound.
 """
 
 from __future__ import annotations
@@ -167,6 +168,23 @@ def _sms(device: torch.device, tunables: LowrankTunables) -> int:
     return device_sms(device) if device.type == "cuda" else tunables.interpreter_sms
 
 
+def plan_for(
+    m: int,
+    k: int,
+    n: int,
+    r: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    tunables: LowrankTunables,
+    occupancy: tuple[int, ...] | None = None,
+) -> LowrankPlan:
+    """The plan a call on ``device`` takes: the device's SM count; off CUDA (the interpreter) the
+    rules instead of the cost model, which estimates GPU time and would route the small test
+    shapes to torch, away from the kernels the interpreter exists to run."""
+    planning = tunables if device.type == "cuda" else tunables.rules_only()
+    return plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), planning, occupancy)
+
+
 def build_steps(
     plan: LowrankPlan, dtype: torch.dtype, has_bias: bool, ints: dict[str, int], pdl: bool = False
 ) -> tuple[KernelStep, ...]:
@@ -254,7 +272,8 @@ def signature(
 class BoundLaunch:
     """An eager call signature with every decision made: checks passed, plan and steps chosen,
     no operand needing a copy or a reshape. A later call with the same :func:`signature` only
-    allocates its output (and split-K workspace) and launches (:func:`run_bound`)."""
+    allocates its output (and split-K workspace) and launches (:func:`run_bound`); with no steps
+    (the ``"torch"`` scheme) it runs the two GEMMs."""
 
     __slots__ = (
         "tunables",
@@ -296,6 +315,8 @@ def run_bound(
     bound: BoundLaunch, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Allocate and launch a bound call; ``x`` is passed whole (its rows are evenly strided)."""
+    if not bound.steps:
+        return two_gemms(x, a, b, bias)  # the "torch" scheme: cuBLAS's GEMMs allocate for themselves
     device = bound.device
     # x.new_empty with unpacked sizes: x has the bound's dtype and device (the signature says so),
     # and this form is the cheapest allocation call (about 0.8 us against 1.5 us for
@@ -376,7 +397,7 @@ _NO_GUARD = contextlib.nullcontext()
 
 def prepare(key: tuple[Any, ...], occupancy: tuple[int, ...] | None = None) -> PreparedLaunch:
     m, k, n, r, dtype, device, has_bias, sx, sa, sb, tunables = key
-    plan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables, occupancy)
+    plan = plan_for(m, k, n, r, dtype, device, tunables, occupancy)
     steps: tuple[KernelStep, ...] = ()
     if plan.triton:
         ints = {"m": m, "k": k, "n": n, "r": r, "sx": sx, "sa": sa, "sb": sb}
@@ -406,24 +427,30 @@ def size_from_occupancy(key: tuple[Any, ...], prepared: PreparedLaunch) -> Prepa
         for n_regs, smem, step in zip(regs, shared, prepared.steps)
     )
     m, k, n, r, dtype, device, *_, tunables = key
-    if plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables, occupancy) == prepared.plan:
+    if plan_for(m, k, n, r, dtype, device, tunables, occupancy) == prepared.plan:
         prepared.sized = True
         return prepared
     return prepare(key, occupancy)
 
 
-def _two_gemms(x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _two_gemms(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The ``"torch"`` scheme (and ``"dense"`` when the launcher is called directly): cuBLAS's two GEMMs.
 
-    bf16 keeps torch's bf16 intermediate (fp32's exponent range, the fused kernel's cast too);
-    fp16 and fp32 compute in fp32, so an fp16 intermediate cannot overflow.
+    ``x`` of shape ``(..., in)``. bf16 keeps torch's bf16 intermediate (fp32's exponent range, the
+    fused kernel's cast too): ``F.linear`` without a bias is ``x @ a.T`` without building the
+    transposed view. fp16 and fp32 compute in fp32, so an fp16 intermediate cannot overflow.
     """
-    if x2.dtype == torch.bfloat16:
-        y = (x2 @ a.T) @ b.T
+    if x.dtype == torch.bfloat16:
+        y = _linear(_linear(x, a), b)
         return y if bias is None else y + bias
     from fasttrunc.kernels.lowrank_reference import lowrank_linear_reference
 
-    return lowrank_linear_reference(x2, a, b, bias)
+    return lowrank_linear_reference(x, a, b, bias)
+
+
+_linear = torch.nn.functional.linear
+# The torch scheme's call: a module name, so that the host-overhead measurement can stub the GEMMs.
+two_gemms = _two_gemms
 
 
 def lowrank_linear_triton(
@@ -474,7 +501,7 @@ def lowrank_linear_triton(
     prepared = _PREPARED.get(key) or prepare(key)
     steps = prepared.steps
     if not steps:
-        y = _two_gemms(x2, a, b, bias)
+        y = two_gemms(x2, a, b, bias)
     elif is_cuda(device):
         with device_guard(device):
             y = _launch(prepared, x2, a, b, bias, m, n, device, True)
@@ -482,7 +509,9 @@ def lowrank_linear_triton(
         y = _launch(prepared, x2, a, b, bias, m, n, device, False)
     if not prepared.sized:
         prepared = size_from_occupancy(key, prepared)
-    if prepared.steps and prepared.sized and sig is not None and sig not in BOUND:
+    # Triton plans bind once sized; the torch scheme binds at once (a repeated call then skips
+    # the checks and the plan lookup on its way to cuBLAS, as the kernels' calls do).
+    if (prepared.steps or prepared.plan.scheme == "torch") and prepared.sized and sig is not None and sig not in BOUND:
         if len(BOUND) >= BOUND_MAX:
             BOUND.clear()
         BOUND[sig] = BoundLaunch(tunables, prepared, x, n)

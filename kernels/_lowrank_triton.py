@@ -1,10 +1,10 @@
 # mypy: allow-untyped-defs
 """Triton kernels of the low-rank linear ``y = (x @ a.T) @ b.T + bias`` (layer 1; imported on first launch).
 
-- :func:`lowrank_tiled_kernel` (M > decode_max_m): each program keeps its ``BLOCK_M x R`` tile of
+- :func:`lowrank_tiled_kernel` (by the rules, M > decode_max_m): each program keeps its ``BLOCK_M x R`` tile of
   ``h = x @ a.T`` in fp32 registers over the whole ``in`` loop, casts it once and loops over its
   share of the ``out`` tiles; ``h`` never leaves the chip and ``x`` is read once.
-- split-K (decode, M <= decode_max_m), two launches with nothing shared between launches:
+- split-K (by the rules, M <= decode_max_m), two launches with nothing shared between launches:
   :func:`lowrank_shrink_kernel` programs each reduce one ``in`` chunk of ``x @ a.T`` for one M
   tile into an fp32 partial of a workspace allocated for this launch; then
   :func:`lowrank_expand_kernel` programs sum every split's partial in a fixed order (deterministic),

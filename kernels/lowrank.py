@@ -4,7 +4,8 @@ The five layers of DESIGN.md section 4, one module each:
 1. ``_lowrank_triton``   -- the ``@triton.jit`` kernels (tiled; split-K shrink + expand), imported
                            on the first launch only;
 2. ``lowrank_plan``      -- the planner, a pure function of shapes, dtype, SM count and a frozen
-                           :class:`LowrankTunables`, with its cost model;
+                           :class:`LowrankTunables`;
+   ``lowrank_cost``      -- the cost model the planner chooses by on CUDA, and its fit;
    ``_lowrank_launch``   -- prepared launches per call key, per-launch workspace, the light eager
                            launch path, the device guard;
 3. ``lowrank_reference`` -- input checks, the torch reference (test oracle, CPU path), the backward;
@@ -19,8 +20,10 @@ kernels yet, so the thresholds are a design, checked by ``benchmarks/gpu_check.s
   every M. Inference keeps ``W`` beside ``a`` (recomputed when ``a`` or ``b`` change in place or
   are replaced; freed with ``a``), at the memory cost of one dense weight per such layer;
   with gradients ``W`` is formed in the autograd graph each call.
-- decode (``M <= 256``): split-K, two launches (shrink, then expand) that share only a workspace
-  allocated for that call; large M: one tiled launch; ranks above 1024: torch's two GEMMs.
+- otherwise, on CUDA, the scheme with the lowest cost-model estimate: split-K (two launches,
+  shrink then expand, sharing only a workspace allocated for that call), the tiled kernel (one
+  launch), or torch's two GEMMs; by the rules (the interpreter, or ``cost_model=None``) split-K
+  for ``M <= 256`` and tiled above; ranks above 1024: torch's two GEMMs always.
 - a repeated eager inference call (same ``_lowrank_launch.signature``) takes the bound launch:
   no checks, no planning, the compiled runners called directly (``_lowrank_launch.run_bound``).
 """

@@ -18,9 +18,14 @@ win on both counts and the choice is between the fused kernel and torch's two GE
   registers; past R_PAD = 1024 the tiles shrink to 16 x 16 with one pipeline stage (the sweep
   benchmark reached rank 1843) and cuBLAS's two GEMMs, which tile r freely, are the better
   kernel: ``"torch"``;
-- ``M <= decode_max_m``: ``"splitk"`` (two launches, see :mod:`fasttrunc.kernels._lowrank_triton`);
-- otherwise ``"tiled"``, up to R_PAD = ``max_tiled_rank`` (256); beyond it ``"torch"``: those
-  tiles reach no wgmma (benchmarks/AOT_AUDIT.md) and cuBLAS's two GEMMs are estimated 3x faster.
+- with a cost model (``tunables.cost_model``, the default on CUDA): the scheme with the lowest
+  estimate of :func:`scheme_estimates` (:mod:`fasttrunc.kernels.lowrank_cost`: ``"splitk"``,
+  ``"tiled"`` or ``"torch"``), a Triton scheme only when its estimate times the model's margin
+  is below the two GEMMs';
+- by the rules (``cost_model=None``, and always in the interpreter): ``M <= decode_max_m`` takes
+  ``"splitk"`` (two launches, see :mod:`fasttrunc.kernels._lowrank_triton`); otherwise ``"tiled"``,
+  up to R_PAD = ``max_tiled_rank`` (256); beyond it ``"torch"``: those tiles reach no wgmma
+  (benchmarks/AOT_AUDIT.md).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import math
 import torch
 
 from fasttrunc import checks
+from fasttrunc.kernels.lowrank_cost import DEFAULT_COST_MODEL, LowrankCostModel, fused_us, two_gemms_us
 
 SCHEMES = ("dense", "torch", "splitk", "tiled")
 
@@ -64,6 +70,11 @@ class LowrankTunables:
     # SM count the interpreter plans for (there is no GPU to ask): small, so that CPU tests
     # exercise multi-split, multi-group grids with few programs.
     interpreter_sms: int = 4
+    # How a call with no forced scheme chooses between the Triton schemes and torch's two GEMMs:
+    # a cost model (kernels/lowrank_cost.py) takes the scheme with the lowest estimate; None
+    # takes the rules alone (decode_max_m, max_tiled_rank). The interpreter always plans by the
+    # rules: it has no GPU time to model and exists to run the kernels (_lowrank_launch.plan_for).
+    cost_model: LowrankCostModel | None = DEFAULT_COST_MODEL
     # Programmatic dependent launch of the split-K expand grid on sm_90+ (CUDA 12.3+ drivers): its
     # launch overlaps the shrink grid's tail (BASELINES.md: about 2 us per kernel boundary under
     # graph replay, an estimate of what it hides). False launches the two grids plainly.
@@ -80,11 +91,25 @@ class LowrankTunables:
         checks.integer("max_tiled_rank", self.max_tiled_rank, 1, 1024)
         checks.positive("interpreter_sms", self.interpreter_sms)
         checks.boolean("pdl", self.pdl)
+        if self.cost_model is not None and not isinstance(self.cost_model, LowrankCostModel):
+            raise TypeError(f"cost_model {self.cost_model!r} is not a LowrankCostModel (or None for the rules)")
         # Hashed once: the eager path's signature hashes the tunables on every call.
         object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[no-any-return,attr-defined]
+
+    def rules_only(self) -> LowrankTunables:
+        """These tunables planning by the rules (no cost model); one shared object per tunables."""
+        if self.cost_model is None:
+            return self
+        ruled = _RULES_ONLY.get(self)
+        if ruled is None:
+            ruled = _RULES_ONLY[self] = dataclasses.replace(self, cost_model=None)
+        return ruled
+
+
+_RULES_ONLY: dict[LowrankTunables, LowrankTunables] = {}
 
 
 DEFAULT_TUNABLES = LowrankTunables()
@@ -209,6 +234,12 @@ def plan_lowrank(
         return LowrankPlan("dense")
     if forced == "torch" or (forced is None and r > t.max_fused_rank) or r > 1024:
         return LowrankPlan("torch")
+    if forced is None and t.cost_model is not None:
+        estimates = scheme_estimates(m, k, n, r, dtype, sms, t)
+        fused = min(("splitk", "tiled"), key=estimates.__getitem__)
+        if estimates[fused] * t.cost_model.margin >= estimates["torch"]:
+            return LowrankPlan("torch")
+        return plan_lowrank(m, k, n, r, dtype, sms, dataclasses.replace(t, force_scheme=fused), occupancy)
     # tl.dot needs every dimension >= 16 and tl.arange a power of two.
     r_pad = max(16, _next_pow2(r))
     itemsize = 4 if dtype == torch.float32 else 2
@@ -283,6 +314,25 @@ def plan_lowrank(
     )
 
 
+def scheme_estimates(
+    m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int, tunables: LowrankTunables = DEFAULT_TUNABLES
+) -> dict[str, float]:
+    """The cost model's graph-replay microseconds for each scheme the planner weighs (``r <= 1024``).
+
+    ``"splitk"`` and ``"tiled"``: the plan each scheme would take, forced, at the assumed
+    programs per SM (the choice never depends on occupancy, so re-sizing a grid after the first
+    launch cannot change the scheme); ``"torch"``: cuBLAS's two GEMMs. The model is
+    ``tunables.cost_model`` (the default model where it is None).
+    """
+    model = tunables.cost_model if tunables.cost_model is not None else DEFAULT_COST_MODEL
+    out = {}
+    for scheme in ("splitk", "tiled"):
+        plan = plan_lowrank(m, k, n, r, dtype, sms, dataclasses.replace(tunables, force_scheme=scheme))
+        out[scheme] = fused_us(plan, m, k, n, r, dtype, sms, model)
+    out["torch"] = two_gemms_us(m, k, n, r, dtype, model)
+    return out
+
+
 __all__ = [
     "DEFAULT_TUNABLES",
     "H100_LIMITS",
@@ -296,4 +346,5 @@ __all__ = [
     "device_sms",
     "device_supports_pdl",
     "plan_lowrank",
+    "scheme_estimates",
 ]

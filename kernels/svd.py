@@ -10,7 +10,7 @@ Layers of this file (DESIGN.md section 4):
                       tiles, the fp64 factorization with the per-matrix state, the inverse, the
                       in-place update);
 2. launchers       -- :func:`batched_matmul`, :func:`batched_cholesky`, :func:`jacobi_svd`,
-                      :func:`gram_upper`, :func:`cholqr_step`, :func:`update_in_place`, and the
+                      :func:`_gram_upper`, :func:`_cholqr_step`, :func:`_update_in_place`, and the
                       pieces built from them: :func:`cholesky_qr` and :func:`randomized_svd_triton`;
 3. torch reference -- :func:`randomized_svd_reference` (Householder QR, ``torch.linalg.svd``),
                       the oracle in tests and the CPU path; :func:`batched_matmul_reference`;
@@ -387,7 +387,7 @@ _GRAM_BLOCK_N, _GRAM_BLOCK_K, _GRAM_WARPS = 64, 32, 4
 _TRMM_BLOCK_M, _TRMM_BLOCK_N, _TRMM_BLOCK_K, _TRMM_WARPS = 64, 64, 32, 8
 
 
-def gram_upper(q: torch.Tensor, g: torch.Tensor, state: torch.Tensor) -> None:
+def _gram_upper(q: torch.Tensor, g: torch.Tensor, state: torch.Tensor) -> None:
     """Write ``q^T q`` (fp32-grade products) into the tiles on and above the diagonal of ``g``
     ``(B, l, l)`` fp32, for the matrices of ``q (B, m, l)`` whose ``state`` is not settled."""
     from fasttrunc.kernels._cholqr_triton import gram_kernel
@@ -409,7 +409,7 @@ def gram_upper(q: torch.Tensor, g: torch.Tensor, state: torch.Tensor) -> None:
         )
 
 
-def update_in_place(q: torch.Tensor, rinv: torch.Tensor, hold: torch.Tensor) -> None:
+def _update_in_place(q: torch.Tensor, rinv: torch.Tensor, hold: torch.Tensor) -> None:
     """``q <- q rinv`` in place for ``q (B, m, l)`` fp32 and upper triangular ``rinv (B, l, l)`` fp32
     (contiguous, zero below the diagonal), fp32-grade products; matrices with ``hold != 0`` keep ``q``."""
     from fasttrunc.kernels._cholqr_triton import trmm_inplace_kernel
@@ -453,7 +453,7 @@ class _StepBuffers:
 _INVERSE_BLOCK_J, _INVERSE_BLOCK_K, _INVERSE_WARPS = 64, 64, 4
 
 
-def cholqr_step(buffers: _StepBuffers, loose: bool) -> None:
+def _cholqr_step(buffers: _StepBuffers, loose: bool) -> None:
     """The small work of one CholeskyQR step of every matrix, on the device (no host sync): factor
     the Gram in ``buffers.g`` (shifted where the state says so) and update ``state`` and ``hold``
     (``cholqr_step_kernel``, one program a matrix), then invert the R of those not held
@@ -536,10 +536,10 @@ def _cholesky_qr_group(
     r = torch.eye(l, dtype=torch.float64, device=device).repeat(total, 1, 1) if need_r else None
     for _ in range(_CHOLQR_STEPS):
         for y, g, state in zip(ys, grams, states):
-            gram_upper(y, g, state)
-        cholqr_step(buffers, loose)
+            _gram_upper(y, g, state)
+        _cholqr_step(buffers, loose)
         for y, rinv, hold in zip(ys, rinvs, holds):
-            update_in_place(y, rinv, hold)
+            _update_in_place(y, rinv, hold)
         if r is not None:
             r = torch.where(buffers.hold.bool()[:, None, None], r, buffers.r @ r)
     failed = (buffers.state & STATE_DONE) == 0

@@ -36,13 +36,18 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     status = (out / "status.txt").read_text() if (out / "status.txt").exists() else ""
     assert proc.returncode == 0, (status, proc.stdout[-2000:], proc.stderr[-2000:])
     stages = [line.split()[0] for line in status.splitlines()]
-    assert stages == ALL_STAGES.split(","), status
+    # The cost model's calibration runs right after the low-rank table.
+    assert stages == ["tests", "lowrank", "calibrate", "svd", "sweep", "paper"], status
     assert all(" exit 0 " in line for line in status.splitlines()), status
     env_txt = (out / "env.txt").read_text()
     assert "triton" in env_txt and "cpu (Triton interpreter)" in env_txt
     lowrank = json.loads((out / "lowrank.json").read_text())
     assert lowrank["rows"] and all(row["correct"] for row in lowrank["rows"])
     assert "| shape |" in (out / "lowrank.txt").read_text()
+    # The interpreter times no graph replay: nothing to fit, the current model printed back.
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["points"] == 0 and calibration["fitted"] == calibration["start"]
+    assert "fitted: LowrankCostModel(" in (out / "calibration.txt").read_text()
     svd = json.loads((out / "svd" / "results.json").read_text())
     assert svd["rows"] and all(row["error_ratio"] < 1.5 for row in svd["rows"] if row["k"] is not None)
     assert "passed" in (out / "tests.txt").read_text()

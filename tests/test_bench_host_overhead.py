@@ -24,12 +24,13 @@ def test_host_overhead_measures_the_stubbed_cuda_path():
             _lowrank_launch.device_guard,
             _lowrank_launch.cuda_device_count,
             _lowrank_launch.BOUND,
+            _lowrank_launch.two_gemms,
             os.environ.get("FASTTRUNC_BACKEND"),
         )
 
     before = state()
     data = module.measure(calls=50, repeats=1)
-    assert set(data["us_per_call"]) == {"splitk", "tiled"}
+    assert set(data["us_per_call"]) == {"splitk", "tiled", "torch"}
     for variants in data["us_per_call"].values():
         assert set(variants) == {"bound", "bound_guarded", "full_path"}
         for us in variants.values():

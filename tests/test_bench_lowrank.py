@@ -38,6 +38,10 @@ def test_bench_harness_runs_a_tiny_grid():
     assert all(row["correct"] and row["rel_err"] < LOWRANK_RTOL[torch.float32] for row in result.rows)
     assert all(row["fused_eager_us"] > 0 and row["two_gemms_eager_us"] > 0 for row in result.rows)
     assert all(row["scheme"] == "splitk" and len(row["grid"]) == 2 for row in result.rows)
+    # The cost model's estimate of every scheme rides along, for calibrate_lowrank.py.
+    assert all(set(row["estimate_us"]) == {"splitk", "tiled", "torch"} for row in result.rows)
+    assert all(v > 0 for row in result.rows for v in row["estimate_us"].values())
+    assert result.sms == (torch.cuda.get_device_properties(0).multi_processor_count if NATIVE else 4)
     columns, rows = bench.table_rows(result)
     assert len(rows) == 2 and all(len(r) == len(columns) for r in rows)
     assert result.summary["cells"] == 2 and result.summary["incorrect_cells"] == 0
@@ -103,8 +107,10 @@ def test_cli_bench_lowrank_errors_in_one_line(args, message):
 def test_cost_model_estimates_the_triton_plans_only():
     from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, plan_lowrank
 
+    rules = DEFAULT_TUNABLES.rules_only()  # Triton plans wherever the rules allow them
+
     def est(m, k, n, r):
-        return bench.estimate_fused_us(plan_lowrank(m, k, n, r, torch.bfloat16, 132, DEFAULT_TUNABLES), m, k, n, r, 2)
+        return bench.estimate_fused_us(plan_lowrank(m, k, n, r, torch.bfloat16, 132, rules), m, k, n, r, 2)
 
     assert est(4096, 2048, 8192, 512) is None  # torch's two GEMMs serve it
     decode, prefill = est(1, 2048, 8192, 128), est(4096, 2048, 8192, 128)

@@ -39,7 +39,7 @@ def test_gram_writes_the_upper_tiles_of_unsettled_matrices(device, m, l):
     q = torch.randn(3, m, l, generator=gen).to(dev)
     state = torch.tensor([0, STATE_DONE, STATE_SHIFT], dtype=torch.int32, device=dev)
     g = torch.full((3, l, l), 7.0, device=dev)
-    svd.gram_upper(q, g, state)
+    svd._gram_upper(q, g, state)
     ref = q.double().mT @ q.double()
     upper = torch.ones(l, l, dtype=torch.bool, device=dev).triu()
     for i in (0, 2):
@@ -62,7 +62,7 @@ def test_step_factors_inverts_and_flags_as_torch_would(device, l):
     g = torch.stack([y.T @ y, basis.T @ basis, indefinite, torch.eye(l, dtype=torch.float64)]).float()
     state = torch.tensor([0, 0, 0, STATE_DONE], dtype=torch.int32)
     buffers = _buffers(g.to(dev), state=state.to(dev))
-    svd.cholqr_step(buffers, loose=False)
+    svd._cholqr_step(buffers, loose=False)
     ref = torch.linalg.cholesky(g[0].double(), upper=True)
     assert ((buffers.r[0].cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-12
     eye = torch.eye(l, dtype=torch.float64)
@@ -83,10 +83,10 @@ def test_step_shifts_once_then_fails_and_fails_zero_and_nan(device):
     nan[2, 5] = float("nan")
     g = torch.stack([indefinite, torch.zeros(l, l), nan]).to(dev)
     buffers = _buffers(g)
-    svd.cholqr_step(buffers, loose=False)
+    svd._cholqr_step(buffers, loose=False)
     # indefinite: shift next; zero: no positive trace, failed; NaN: a NaN trace, shift next.
     assert buffers.state.tolist() == [STATE_SHIFT, STATE_FAILED, STATE_SHIFT]
-    svd.cholqr_step(buffers, loose=False)  # the shift (1e-3 trace) does not rescue a -1 pivot, nor NaN
+    svd._cholqr_step(buffers, loose=False)  # the shift (1e-3 trace) does not rescue a -1 pivot, nor NaN
     assert buffers.state.tolist() == [STATE_FAILED, STATE_FAILED, STATE_FAILED]
     assert buffers.hold.tolist() == [1, 1, 1]
 
@@ -101,7 +101,7 @@ def test_a_shifted_step_is_not_accepted_loosely(device):
     g = (y.T @ y).float().expand(2, 9, 9).contiguous().to(dev)
     state = torch.tensor([STATE_SHIFT, 0], dtype=torch.int32, device=dev)
     buffers = _buffers(g, state=state)
-    svd.cholqr_step(buffers, loose=True)
+    svd._cholqr_step(buffers, loose=True)
     assert buffers.hold.tolist() == [0, 0]
     assert buffers.state.tolist() == [0, STATE_DONE]
     shift = 1e-3 * torch.trace(y.T @ y)
@@ -119,7 +119,7 @@ def test_in_place_update_matches_the_product_and_holds(device, m, l):
     rinv = torch.randn(2, l, l, generator=gen).triu().to(dev)
     ref = (q.double() @ rinv.double()).float()
     held = q[1].clone()
-    svd.update_in_place(q, rinv, torch.tensor([0, 1], dtype=torch.uint8, device=dev))
+    svd._update_in_place(q, rinv, torch.tensor([0, 1], dtype=torch.uint8, device=dev))
     assert ((q[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item() < 1e-6
     assert torch.equal(q[1], held)
 
@@ -148,7 +148,7 @@ def test_loose_test_sums_the_inverse_over_its_column_blocks(device):
     g = torch.stack([mild.T @ mild, ill.T @ ill]).float().to(dev)
     for loose, expect in ((True, [STATE_DONE, 0]), (False, [0, 0])):
         buffers = _buffers(g)
-        svd.cholqr_step(buffers, loose=loose)
+        svd._cholqr_step(buffers, loose=loose)
         r = buffers.r.cpu()
         kappa = torch.linalg.matrix_norm(r) * torch.linalg.matrix_norm(torch.linalg.inv(r))
         assert kappa[0] < 2.0**12 < kappa[1]

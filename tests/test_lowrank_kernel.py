@@ -93,24 +93,28 @@ def test_wide_rank_and_many_rows(scheme, dtype):
     assert _rel_err(fasttrunc.lowrank_linear(x, a, b, bias, tunables=scheme), x, a, b, bias) < RTOL[dtype]
 
 
+# The planner by its rules alone (what the interpreter plans with): no cost model.
+RULES = DEFAULT_TUNABLES.rules_only()
+
+
 def test_default_threshold_routes_by_rows():
-    t = DEFAULT_TUNABLES
+    t = RULES
     assert _plan(t.decode_max_m, 64, 64, 8, torch.float16, t).scheme == "splitk"
     assert _plan(t.decode_max_m + 1, 64, 64, 8, torch.float16, t).scheme == "tiled"
 
 
 def test_planner_is_a_pure_function_of_its_arguments():
     """Tunables are frozen and part of the arguments: two tunables, two plans, nothing global moves."""
-    wide = LowrankTunables(decode_max_m=1024)
+    wide = LowrankTunables(decode_max_m=1024, cost_model=None)
     assert plan_lowrank(512, 64, 64, 8, torch.float16, 132, wide).scheme == "splitk"
-    assert plan_lowrank(512, 64, 64, 8, torch.float16, 132, DEFAULT_TUNABLES).scheme == "tiled"
+    assert plan_lowrank(512, 64, 64, 8, torch.float16, 132, RULES).scheme == "tiled"
     with pytest.raises(AttributeError):
         wide.decode_max_m = 1  # frozen
     # More SMs, more programs: the SM count is an argument, not probed.
-    few = plan_lowrank(1, 4096, 4096, 64, torch.bfloat16, 8, DEFAULT_TUNABLES)
-    many = plan_lowrank(1, 4096, 4096, 64, torch.bfloat16, 132, DEFAULT_TUNABLES)
+    few = plan_lowrank(1, 4096, 4096, 64, torch.bfloat16, 8, RULES)
+    many = plan_lowrank(1, 4096, 4096, 64, torch.bfloat16, 132, RULES)
     assert sum(g[0] for g in few.grids) < sum(g[0] for g in many.grids)
-    for plan in (few, many, plan_lowrank(4096, 2048, 8192, 128, torch.bfloat16, 132)):
+    for plan in (few, many, plan_lowrank(4096, 2048, 8192, 128, torch.bfloat16, 132, RULES)):
         assert plan.grids and all(len(g) == 3 and g[1:] == (1, 1) for g in plan.grids)
 
 
@@ -131,18 +135,18 @@ def test_ctas_per_sm_counts_registers_shared_memory_and_threads():
 def test_occupancy_caps_the_grids_not_the_tiles():
     """A launch gets at most its compiled kernel's CTAs per SM (one wave); tiles, warps and stages stay."""
     # 2048 -> 8192 at r = 512, M = 256: 48 shrink programs, 264 expand programs (2 per SM) assumed.
-    assumed = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES)
-    one = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (1, 1))
+    assumed = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, RULES)
+    one = plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, RULES, (1, 1))
     assert assumed.scheme == one.scheme == "splitk"
     same = ("block_m", "block_k", "block_n", "r_pad", "num_warps", "num_stages", "split_block")
     assert all(getattr(one, f) == getattr(assumed, f) for f in same)
     assert assumed.grids[1][0] > 132 >= one.grids[1][0]  # expand: one wave of one CTA per SM
     assert one.grids[0] == assumed.grids[0]  # shrink: 48 programs fit either way
     # Each launch has its own count; more room than programs_per_sm asks for changes nothing.
-    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (1, 2)) == assumed
-    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, DEFAULT_TUNABLES, (8, 8)) == assumed
-    shrink_bound = plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8, DEFAULT_TUNABLES, (1, 2))
-    assert shrink_bound.grids[0][0] <= 8 < plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8).grids[0][0]
+    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, RULES, (1, 2)) == assumed
+    assert plan_lowrank(256, 2048, 8192, 512, torch.bfloat16, 132, RULES, (8, 8)) == assumed
+    shrink_bound = plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8, RULES, (1, 2))
+    assert shrink_bound.grids[0][0] <= 8 < plan_lowrank(1, 8192, 2048, 128, torch.bfloat16, 8, RULES).grids[0][0]
 
 
 @pytest.mark.parametrize(
@@ -166,7 +170,19 @@ def test_expand_grid_uses_programmatic_dependent_launch_on_sm90(monkeypatch, sup
     assert list(expand.constexprs)[-1] == "GDC"  # the runner takes constexprs positionally, GDC last
     assert expand.options.get("launch_pdl", False) is expected and "launch_pdl" not in shrink.options
     # The tiled kernel is one launch: nothing to overlap.
-    tiled_key = (4096, 2048, 8192, 128, torch.bfloat16, cuda, False, 2048, 2048, 128, LowrankTunables(pdl=pdl))
+    tiled_key = (
+        4096,
+        2048,
+        8192,
+        128,
+        torch.bfloat16,
+        cuda,
+        False,
+        2048,
+        2048,
+        128,
+        LowrankTunables(pdl=pdl, cost_model=None),
+    )
     try:
         (tiled,) = _lowrank_launch.prepare(tiled_key).steps
     finally:
@@ -506,14 +522,13 @@ def test_dense_weights_leave_with_their_factors():
 
 
 def test_large_m_at_wide_ranks_goes_to_torch():
-    """Cost model: tiled tiles at R_PAD 512 reach no wgmma; large M there runs cuBLAS's two GEMMs."""
-    t = DEFAULT_TUNABLES
+    """Rules: tiled tiles at R_PAD 512 reach no wgmma; large M there runs cuBLAS's two GEMMs."""
+    t = RULES
     assert plan_lowrank(4096, 2048, 8192, 512, torch.bfloat16, 132, t).scheme == "torch"
     assert plan_lowrank(4096, 2048, 8192, 256, torch.bfloat16, 132, t).scheme == "tiled"
     assert plan_lowrank(16, 2048, 8192, 512, torch.bfloat16, 132, t).scheme == "splitk"
-    assert (
-        plan_lowrank(4096, 2048, 8192, 512, torch.bfloat16, 132, LowrankTunables(max_tiled_rank=512)).scheme == "tiled"
-    )
+    wide = LowrankTunables(max_tiled_rank=512, cost_model=None)
+    assert plan_lowrank(4096, 2048, 8192, 512, torch.bfloat16, 132, wide).scheme == "tiled"
 
 
 def test_ranks_past_the_fused_limit_run_two_torch_gemms():
@@ -734,9 +749,11 @@ native_only = pytest.mark.skipif(not NATIVE, reason="compiled kernels: run with 
 @pytest.mark.parametrize("r", [32, 128, 512, 1024])
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
 def test_pythia_shapes_bf16(k, n, r, m):
-    """The benchmark grid, bf16, with the shipped tunables."""
+    """The benchmark grid, bf16: with the shipped tunables (mostly cuBLAS by the cost model), and by
+    the rules, which put the fused kernels on every cell up to R_PAD 256 and every decode cell."""
     x, a, b, bias = (t.cuda() for t in _operands(m, k, n, r, torch.bfloat16))
     assert _rel_err(fasttrunc.lowrank_linear(x, a, b, bias), x, a, b, bias) < RTOL[torch.bfloat16]
+    assert _rel_err(fasttrunc.lowrank_linear(x, a, b, bias, tunables=RULES), x, a, b, bias) < RTOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -745,11 +762,12 @@ def test_pythia_shapes_bf16(k, n, r, m):
 def test_cuda_graph_replay(m):
     """Captured once, replayed on new inputs: correct every time (the workspace is the graph's own)."""
     x, a, b, bias = (t.cuda() for t in _operands(m, 2048, 8192, 128, torch.bfloat16))
-    fasttrunc.lowrank_linear(x, a, b, bias)  # compiles outside the capture
+    # The rules: split-K up to M = 256, tiled at 4096 (the cost model would pick cuBLAS for some).
+    fasttrunc.lowrank_linear(x, a, b, bias, tunables=RULES)  # compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = fasttrunc.lowrank_linear(x, a, b, bias)
+        y = fasttrunc.lowrank_linear(x, a, b, bias, tunables=RULES)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
@@ -763,17 +781,18 @@ def test_splitk_on_two_streams_at_once():
     """Two split-K launches in flight on two streams (and eager work beside a graph replay) stay correct."""
     x, a, b, bias = (t.cuda() for t in _operands(16, 8192, 2048, 128, torch.bfloat16))
     x2 = torch.randn_like(x)
-    fasttrunc.lowrank_linear(x, a, b, bias)
+    t = LowrankTunables(force_scheme="splitk")
+    fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = fasttrunc.lowrank_linear(x, a, b, bias)
+        yg = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     for _ in range(5):
         with torch.cuda.stream(s1):
             graph.replay()
         with torch.cuda.stream(s2):
-            y2 = fasttrunc.lowrank_linear(x2, a, b, bias)
+            y2 = fasttrunc.lowrank_linear(x2, a, b, bias, tunables=t)
         torch.cuda.synchronize()
         assert _rel_err(yg, x, a, b, bias) < RTOL[torch.bfloat16]
         assert _rel_err(y2, x2, a, b, bias) < RTOL[torch.bfloat16]
@@ -784,9 +803,30 @@ def test_splitk_on_two_streams_at_once():
 @pytest.mark.parametrize("m", [16, 4096])
 def test_fast_launch_path_matches_first_launch(m):
     x, a, b, bias = (t.cuda() for t in _operands(m, 2048, 8192, 128, torch.bfloat16))
-    first = fasttrunc.lowrank_linear(x, a, b, bias)
+    first = fasttrunc.lowrank_linear(x, a, b, bias, tunables=RULES)
     for _ in range(3):
-        assert torch.equal(fasttrunc.lowrank_linear(x, a, b, bias), first)
-    key = (m, 2048, 8192, 128, torch.bfloat16, x.device, True, 2048, 2048, 128, DEFAULT_TUNABLES)
+        assert torch.equal(fasttrunc.lowrank_linear(x, a, b, bias, tunables=RULES), first)
+    key = (m, 2048, 8192, 128, torch.bfloat16, x.device, True, 2048, 2048, 128, RULES)
     steps = _lowrank_launch._PREPARED[key].steps
     assert steps and all(step.fast and step.runners for step in steps), "the light launch path turned itself off"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_scheme_calls_are_bound_too(dtype, monkeypatch):
+    """A signature the planner gives to torch's two GEMMs binds as the kernels' do: a repeated call
+    skips the checks and the plan lookup, and gives the same bits as the first."""
+    t = LowrankTunables(force_scheme="torch")
+    x, a, b, bias = _operands(5, 40, 33, 7, dtype, lead=(2,))
+    with torch.no_grad():
+        first = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
+        bound = _bound_for(x, a, b, bias, t)
+        assert bound is not None and bound.steps == ()
+        checked = []
+        monkeypatch.setattr(lk, "check_lowrank_inputs", lambda *args: checked.append(1))
+        assert torch.equal(fasttrunc.lowrank_linear(x, a, b, bias, tunables=t), first) and not checked
+        # bf16 keeps torch's bf16 intermediate; fp32 is the fp32 reference.
+        if dtype == torch.bfloat16:
+            expected = (x @ a.T) @ b.T + bias
+        else:
+            expected = lk.lowrank_linear_reference(x, a, b, bias)
+        assert torch.equal(first, expected)

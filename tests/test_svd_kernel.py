@@ -475,18 +475,18 @@ def test_randomized_svd_ex_replays_in_a_cuda_graph():
 
 
 def _count_choleskys(monkeypatch):
-    """The batch size of every cholqr_step launch (one fp64 Cholesky and inverse per matrix) from
+    """The batch size of every _cholqr_step launch (one fp64 Cholesky and inverse per matrix) from
     here on (the launches still run)."""
     import fasttrunc.kernels.svd as svd_module
 
     factored = []
-    real_step = svd_module.cholqr_step
+    real_step = svd_module._cholqr_step
 
     def counting_step(buffers, loose):
         factored.append(buffers.state.shape[0])
         return real_step(buffers, loose)
 
-    monkeypatch.setattr(svd_module, "cholqr_step", counting_step)
+    monkeypatch.setattr(svd_module, "_cholqr_step", counting_step)
     return factored
 
 
@@ -502,7 +502,7 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
     orthonormal, _ = torch.linalg.qr(torch.randn(41, 13, generator=g, dtype=torch.float64))
     y = torch.stack([orthonormal.float(), torch.randn(41, 13, generator=g)]).to(dev)
     flags = []
-    real_gram, real_update = svd_module.gram_upper, svd_module.update_in_place
+    real_gram, real_update = svd_module._gram_upper, svd_module._update_in_place
 
     def recording_gram(q, gram, state):
         flags.append(("gram", ((state & 3) != 0).tolist()))
@@ -513,8 +513,8 @@ def test_cholesky_qr_skips_the_work_of_settled_matrices(device, monkeypatch):
         return real_update(q, rinv, hold)
 
     factored = _count_choleskys(monkeypatch)
-    monkeypatch.setattr(svd_module, "gram_upper", recording_gram)
-    monkeypatch.setattr(svd_module, "update_in_place", recording_update)
+    monkeypatch.setattr(svd_module, "_gram_upper", recording_gram)
+    monkeypatch.setattr(svd_module, "_update_in_place", recording_update)
     q, r, failed = svd_module.cholesky_qr_ex(y)
     monkeypatch.undo()
     assert factored == [2, 2, 2, 2]  # one launch a step for the whole batch

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fasttrunc import checks
+from fasttrunc.kernels import lowrank_cost
 from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, LowrankPlan, LowrankTunables
 from fasttrunc.runs import DTYPES, Progress, ResultMixin, parse_dtype, report, synchronize
 
@@ -116,6 +117,7 @@ class LowrankBenchResult(ResultMixin):
     ceilings: dict[str, float]  # copy GB/s (read + written) and matmul TFLOP/s, measured here
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    sms: int = 0  # the SM count the planner planned for (the interpreter's stand-in off CUDA)
 
 
 def _eager_us(fn: Callable[[], Any], calls: int, reps: int, device: torch.device) -> float:
@@ -213,59 +215,16 @@ def _floor_us(m: int, k: int, n: int, r: int, itemsize: int, ceilings: dict[str,
     return 1e6 * max(bytes_moved / (ceilings["copy_gbps"] * 1e9), flops / (ceilings["matmul_tflops"] * 1e12))
 
 
-# An H200 latency model of the fused kernels (estimates: no GPU has timed them). Bandwidth and peak
-# are the ceilings of benchmarks/BASELINES.md; the rest are assumptions, named so they can be
-# checked against the first gpu_check.sh run.
-_HBM_GBPS = 4220.0  # device copy, bytes read + written (BASELINES.md)
-_L2_GBPS = 10000.0  # assumed L2 bandwidth for re-read tiles and split partials
-_MMA_TFLOPS = {"wgmma": 343.0, "mma.sync": 170.0}  # assumed: 50% / 25% of the 686 TFLOP/s bf16 peak
-_LAUNCH_US = 2.0  # assumed cost of one kernel boundary under graph replay (drain + ramp)
-_ROUND_TRIP_US = 0.8  # assumed latency of one dependent global-memory round trip, pipelined loop step
-_SMS = 132
+def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsize: int, sms: int = 132) -> float | None:
+    """The cost model's graph-replay estimate (us) of a Triton plan on an H200; None for the torch schemes.
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def estimate_fused_us(plan: LowrankPlan, m: int, k: int, n: int, r: int, itemsize: int) -> float | None:
-    """Estimated graph-replay time (us) of the Triton plan on an H200 (None for the torch schemes).
-
-    Per launch: max(bytes / bandwidth scaled by how many SMs the grid fills, FLOPs / MMA rate,
-    dependent loop steps x round-trip latency) + one kernel boundary. wgmma is assumed where the
-    AOT audit finds it (M tiles of 64 rows), mma.sync otherwise.
+    :func:`fasttrunc.kernels.lowrank_cost.fused_us` with the default model; ``itemsize`` 2 is
+    bf16, 4 fp32.
     """
     if not plan.triton:
         return None
-    rate = _MMA_TFLOPS["wgmma" if plan.block_m >= 64 else "mma.sync"] * 1e6  # FLOP per us
-    total = 0.0
-    if plan.scheme == "splitk":
-        n_m = -(-m // plan.block_m)
-        programs = (plan.grids[0][0], plan.grids[1][0])
-        fill = [min(1.0, p / _SMS) for p in programs]
-        partials = 4 * n_m * plan.n_split * plan.ws_rows * plan.r_pad  # written and re-read rows
-        shrink_bytes = itemsize * (m * k + r * k) + partials
-        shrink_steps = -(-plan.k_chunk // plan.block_k)
-        total += max(shrink_bytes / (_HBM_GBPS * 1e3 * fill[0]), shrink_steps * _ROUND_TRIP_US)
-        expand_bytes = itemsize * (r * n + m * n)
-        reread = partials * plan.n_groups
-        out_tiles = _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
-        expand_steps = -(-plan.n_split // plan.split_block) + out_tiles
-        total += max(
-            expand_bytes / (_HBM_GBPS * 1e3 * fill[1]) + reread / (_L2_GBPS * 1e3), expand_steps * _ROUND_TRIP_US
-        )
-        total += 2 * _LAUNCH_US
-        total += 2 * m * r * (k + n) / rate
-    else:
-        n_m = -(-m // plan.block_m)
-        occupancy = min(1.0, plan.grids[0][0] / _SMS)
-        hbm = itemsize * (m * k + r * (k + n) + m * n)
-        l2 = itemsize * (n_m * plan.n_groups * r * k + n_m * r * n)  # a and b re-read per M tile
-        steps = _cdiv(k, plan.block_k) + _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
-        waves = -(-plan.grids[0][0] // (2 * _SMS))
-        memory = hbm / (_HBM_GBPS * 1e3 * occupancy) + l2 / (_L2_GBPS * 1e3)
-        total += max(memory, 2 * m * r * (k + n) / rate, waves * steps * _ROUND_TRIP_US / 4) + _LAUNCH_US
-    return total
+    dtype = torch.float32 if itemsize == 4 else torch.bfloat16
+    return lowrank_cost.fused_us(plan, m, k, n, r, dtype, sms, lowrank_cost.DEFAULT_COST_MODEL)
 
 
 def _geomean(values: list[float]) -> float | None:
@@ -337,8 +296,9 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
     import torch.nn.functional as F
 
     from fasttrunc.kernels._backend import use_triton
-    from fasttrunc.kernels._lowrank_launch import _sms
-    from fasttrunc.kernels.lowrank import lowrank_linear, lowrank_linear_reference, plan_lowrank
+    from fasttrunc.kernels._lowrank_launch import _sms, plan_for
+    from fasttrunc.kernels.lowrank import lowrank_linear, lowrank_linear_reference
+    from fasttrunc.kernels.lowrank_plan import scheme_estimates
     from fasttrunc.kernels.tolerances import lowrank_rtol
     from fasttrunc.runs import resolve_device
 
@@ -355,6 +315,7 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
     report(progress, "bench lowrank", 0, len(cells) + 1, "ceilings")
     ceilings = _ceilings(dtype, device)
     labels = {shape: label for label, shape in PYTHIA_SHAPES.items()}
+    sms = _sms(device, tunables)
     rows: list[dict[str, Any]] = []
 
     def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -368,7 +329,8 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
             x, a, b = operands[0]
             ref = lowrank_linear_reference(x, a, b).float()
             rel_err = ((fused(x, a, b).float() - ref).norm() / ref.norm()).item()
-            plan: LowrankPlan = plan_lowrank(m, k, n, r, dtype, _sms(device, tunables), tunables)
+            plan: LowrankPlan = plan_for(m, k, n, r, dtype, device, tunables)
+            estimates = scheme_estimates(m, k, n, r, dtype, sms, tunables) if r <= 1024 else {}
             row: dict[str, Any] = {
                 "shape": labels.get((k, n), f"{k}->{n}"),
                 "in": k,
@@ -377,6 +339,8 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
                 "m": m,
                 "scheme": plan.scheme,
                 "grid": [list(g) for g in plan.grids],
+                # The cost model's graph-replay estimates (us) per scheme, beside what was measured.
+                "estimate_us": estimates,
                 "rel_err": rel_err,
                 "correct": math.isfinite(rel_err) and rel_err < rtol,
             }
@@ -408,7 +372,7 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
             del operands, dense, variants, x, a, b, ref
     report(progress, "bench lowrank", len(cells) + 1, len(cells) + 1, "done")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    return LowrankBenchResult(config, name, ceilings, rows, _summary(rows))
+    return LowrankBenchResult(config, name, ceilings, rows, _summary(rows), sms)
 
 
 def table_rows(result: LowrankBenchResult) -> tuple[list[str], list[list[str]]]:
@@ -485,3 +449,99 @@ def summary_lines(result: LowrankBenchResult) -> list[str]:
         f"M = 4096, worst share of the floor: {fmt(s['floor_pct_at_4096_min'], '%')} (target >= 75%, "
         f"{met[s['met']['floor_pct_at_4096']]})",
     ]
+
+
+# --- calibration of the planner's cost model from a benchmark run --------------------------------
+
+
+def measured_points(data: dict[str, Any]) -> list[lowrank_cost.Measured]:
+    """The graph-replay times of a benchmark result (its ``to_dict()`` form, as the JSON holds it).
+
+    Per correct cell: the two GEMMs as ``"torch"``, and each forced Triton scheme that was timed,
+    with the plan it takes at the assumed programs per SM (the plan the planner's estimates use).
+    """
+    from fasttrunc.kernels.lowrank_plan import plan_lowrank
+
+    config = data.get("config")
+    if not isinstance(config, dict) or "rows" not in data:
+        raise ValueError("the benchmark JSON has no config or rows; pass the file bench_lowrank.py --json wrote")
+    sms = int(data.get("sms") or 0)
+    if sms < 1:
+        raise ValueError(
+            f"the benchmark JSON's sms {data.get('sms')!r} is not a positive SM count (a run before calibration existed?)"
+        )
+    dtype = parse_dtype(config["dtype"])
+    saved = dict(config.get("tunables") or {})
+    saved.pop("cost_model", None)
+    saved.pop("force_scheme", None)
+    base = LowrankTunables(**saved, cost_model=None)
+    points = []
+    for row in data["rows"]:
+        if not row.get("correct"):
+            continue
+        m, k, n, r = row["m"], row["in"], row["out"], row["r"]
+        for scheme, field in (
+            ("torch", "two_gemms_graph_us"),
+            ("splitk", "splitk_graph_us"),
+            ("tiled", "tiled_graph_us"),
+        ):
+            us = row.get(field)
+            if us is None:
+                continue
+            plan = plan_lowrank(m, k, n, r, dtype, sms, dataclasses.replace(base, force_scheme=scheme))
+            points.append(lowrank_cost.Measured(scheme, plan, m, k, n, r, dtype, sms, float(us)))
+    return points
+
+
+def calibrate(
+    data: dict[str, Any], start: lowrank_cost.LowrankCostModel = lowrank_cost.DEFAULT_COST_MODEL
+) -> dict[str, Any]:
+    """Fit the cost model to a benchmark result and say what the fitted model would route where.
+
+    Returns the fitted constants, the RMS log error of the start and the fitted model on the
+    measured points, and per cell the scheme each model picks with the measured time of that
+    scheme (where it was timed): the data to decide whether the new constants go into
+    ``DEFAULT_COST_MODEL``.
+    """
+    from fasttrunc.kernels.lowrank_plan import plan_lowrank
+
+    points = measured_points(data)
+    fitted = lowrank_cost.fit(points, start)
+    by_cell: dict[tuple[int, int, int, int], dict[str, float]] = {}
+    for p in points:
+        by_cell.setdefault((p.m, p.k, p.n, p.r), {})[p.scheme] = p.us
+    dtype = parse_dtype(data["config"]["dtype"])
+    sms = int(data["sms"])
+    cells = []
+    for (m, k, n, r), times in sorted(
+        by_cell.items(), key=lambda item: (item[0][1], item[0][2], item[0][3], item[0][0])
+    ):
+        row: dict[str, Any] = {"m": m, "in": k, "out": n, "r": r, "measured_us": times}
+        for name, model in (("start", start), ("fitted", fitted)):
+            scheme = plan_lowrank(m, k, n, r, dtype, sms, LowrankTunables(cost_model=model)).scheme
+            row[f"{name}_scheme"] = scheme
+            row[f"{name}_speedup"] = times["torch"] / times[scheme] if scheme in times and "torch" in times else None
+        best = min(times, key=times.__getitem__)
+        row["best_measured"] = best
+        cells.append(row)
+
+    def geomean(key: str) -> float | None:
+        return _geomean([c[key] for c in cells if c[key] is not None])
+
+    return {
+        "points": len(points),
+        "start": start.to_dict(),
+        "fitted": fitted.to_dict(),
+        "rms_log_error": {
+            "start": {
+                s: lowrank_cost.log_error(start, [p for p in points if p.scheme == s])
+                for s in ("torch", "splitk", "tiled")
+            },
+            "fitted": {
+                s: lowrank_cost.log_error(fitted, [p for p in points if p.scheme == s])
+                for s in ("torch", "splitk", "tiled")
+            },
+        },
+        "cells": cells,
+        "graph_geomean": {"start": geomean("start_speedup"), "fitted": geomean("fitted_speedup")},
+    }

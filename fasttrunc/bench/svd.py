@@ -145,14 +145,14 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
     # (state reset each time, so every matrix works), the in-place update (on a copy).
     coef = torch.full((batch,), 1e-3, dtype=torch.float64, device=w.device)
     buffers = svd_kernels._StepBuffers(batch, l, coef, w.device)
-    svd_kernels.gram_upper(y, buffers.g, buffers.state)
+    svd_kernels._gram_upper(y, buffers.g, buffers.state)
     gram = (y.double().mT @ y.double()).contiguous()
     target = y.clone()
     working = torch.zeros(batch, dtype=torch.uint8, device=w.device)
 
     def factor() -> None:
         buffers.state.zero_()
-        svd_kernels.cholqr_step(buffers, False)
+        svd_kernels._cholqr_step(buffers, False)
 
     shape = f"{batch}x{m}x{n}"
     step = f"CholeskyQR step of {batch}x{m}x{l}"
@@ -163,9 +163,9 @@ def _stage_times(w: torch.Tensor, k: int, os_: int, reps: int) -> list[dict[str,
         ("one pass W @ G, torch bmm fp32", lambda: torch.bmm(w, g)),
         (f"CholeskyQR of {batch}x{m}x{l}", lambda: cholesky_qr(y)),
         (f"Householder linalg.qr of {batch}x{m}x{l}", lambda: torch.linalg.qr(y)),
-        (f"{step}: Gram, upper tiles", lambda: svd_kernels.gram_upper(y, buffers.g, buffers.state)),
+        (f"{step}: Gram, upper tiles", lambda: svd_kernels._gram_upper(y, buffers.g, buffers.state)),
         (f"{step}: fp64 Cholesky + inverse", factor),
-        (f"{step}: in-place update", lambda: svd_kernels.update_in_place(target, buffers.rinv, working)),
+        (f"{step}: in-place update", lambda: svd_kernels._update_in_place(target, buffers.rinv, working)),
         (f"fp64 Cholesky of {batch}x{l}x{l}, batched_cholesky", lambda: batched_cholesky(gram)),
         (f"fp64 Cholesky of {batch}x{l}x{l}, torch.linalg.cholesky_ex", lambda: torch.linalg.cholesky_ex(gram)),
         (f"Jacobi SVD of {batch}x{l}x{l}", lambda: jacobi_svd(r.float())),
