@@ -11,6 +11,7 @@ from fasttrunc import checks
 from fasttrunc.checks import show
 from fasttrunc.families import kind_names, module_kind
 from fasttrunc.kernels.lowrank import lowrank_linear
+from fasttrunc.kernels.lowrank_plan import LowrankTunables
 from fasttrunc.ranks import Rank, resolve_rank
 from fasttrunc.runs import compute_dtype
 from fasttrunc.svd import check_matrix, check_method, truncated_svd
@@ -88,6 +89,9 @@ class TruncatedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.method: str | None = None
+        # The low-rank kernels' planner settings for this layer's calls (None: the defaults), e.g.
+        # LowrankTunables(cost_model=load_cost_model("calibration.json")) on a calibrated GPU.
+        self.tunables: LowrankTunables | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,7 +119,7 @@ class TruncatedLinear(nn.Module):
         return (self.b.to(compute) @ self.a.to(compute)).to(self.a.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(x, self.a, self.b, self.bias)
+        return lowrank_linear(x, self.a, self.b, self.bias, tunables=self.tunables)
 
     def extra_repr(self) -> str:
         return (

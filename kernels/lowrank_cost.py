@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,6 +76,7 @@ class LowrankCostModel:
                 checks.real(name, value, 0.0)  # a time or a size that may be zero
             else:
                 checks.real(name, value, 0.0, low_open=True)  # a rate or the margin
+            object.__setattr__(self, name, float(value))  # JSON's integers kept as floats
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -86,10 +88,27 @@ class LowrankCostModel:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"cost model keys {unknown} are not constants; allowed: {', '.join(sorted(names))}")
-        return cls(**{key: float(value) for key, value in data.items()})
+        return cls(**data)
 
 
 DEFAULT_COST_MODEL = LowrankCostModel()
+
+
+def load_cost_model(path: str | Path) -> LowrankCostModel:
+    """The model in a JSON file: ``calibrate_lowrank.py --json``'s output (its ``"fitted"``
+    constants) or a plain object of constants; a one-line error for anything else."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cost model file {str(path)!r} cannot be read as JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("fitted"), dict):
+        data = data["fitted"]
+    if not isinstance(data, dict):
+        raise ValueError(f"cost model file {str(path)!r} holds no object of constants")
+    return LowrankCostModel.from_dict(data)
+
 
 # Constants fit() adjusts, grouped by which measurements determine them.
 GEMM_CONSTANTS = ("gemm_fixed_us", "gemm_bandwidth", "gemm_half_rate_dim")
@@ -197,7 +216,7 @@ class Measured:
     """One measured time: ``scheme`` (``"torch"``, ``"splitk"`` or ``"tiled"``) of a cell, in microseconds."""
 
     scheme: str
-    plan: Any  # the LowrankPlan that ran (torch: a plan of scheme "torch")
+    plan: LowrankPlan  # the plan that ran (torch: a plan of scheme "torch")
     m: int
     k: int
     n: int
@@ -304,6 +323,7 @@ __all__ = [
     "Measured",
     "fit",
     "fused_us",
+    "load_cost_model",
     "log_error",
     "plan_us",
     "two_gemms_us",

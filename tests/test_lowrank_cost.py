@@ -216,3 +216,45 @@ def test_calibrate_script_prints_the_fitted_model(tmp_path, capsys):
     assert _script().main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no config or rows" in err
+
+
+def test_load_cost_model_reads_a_calibration_or_plain_constants(tmp_path):
+    fitted = dataclasses.replace(lc.DEFAULT_COST_MODEL, launch_us=3.0)
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"points": 3, "fitted": fitted.to_dict()}))
+    assert lc.load_cost_model(calibration) == fitted
+    plain = tmp_path / "model.json"
+    plain.write_text(json.dumps({"launch_us": 1, "hbm_gbps": 3350}))  # integers are fine
+    model = lc.load_cost_model(plain)
+    assert model.launch_us == 1.0 and isinstance(model.hbm_gbps, float)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"holds no object of constants"):
+        lc.load_cost_model(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot be read as JSON"):
+        lc.load_cost_model(bad)
+    bad.write_text(json.dumps({"launch_us": "fast"}))
+    with pytest.raises(ValueError, match=r"launch_us 'fast' is not a finite number"):
+        lc.load_cost_model(bad)
+
+
+def test_truncated_linear_plans_with_its_own_tunables(monkeypatch):
+    """A layer's ``tunables`` reach the planner: here a forced tiled scheme in the interpreter."""
+    from fasttrunc.linear import TruncatedLinear
+
+    monkeypatch.setenv("FASTTRUNC_BACKEND", "triton")
+    layer = TruncatedLinear(40, 30, 6)
+    assert layer.tunables is None
+    layer.tunables = LowrankTunables(force_scheme="tiled", min_k_chunk=16)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        y = layer(x)
+    assert any(
+        key[-1] is layer.tunables and prepared.plan.scheme == "tiled"
+        for key, prepared in _lowrank_launch._PREPARED.items()
+    )
+    torch.testing.assert_close(y, x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+    layer.tunables = "fast"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"tunables 'fast' is not a LowrankTunables"):
+        layer(x)

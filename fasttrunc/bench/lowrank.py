@@ -6,7 +6,8 @@ For every cell (in -> out, rank r, rows M) of the grid, in one run on one card:
 2. three ways of computing ``y``, each timed twice:
    - ``dense``: ``F.linear(x, W)`` with the full ``W = b @ a``;
    - ``two GEMMs``: torch ``(x @ A) @ B`` with ``A = a.T``, ``B = b.T`` (two cuBLAS launches);
-   - ``fused``: ``fasttrunc.lowrank_linear(x, a, b)`` (the public functional, checks included);
+   - ``fused``: ``fasttrunc.lowrank_linear(x, a, b)`` (the public functional, checks included,
+     with the scheme its planner picks: on CUDA the cost model's, cuBLAS's two GEMMs included);
    ``graph``: kernel time under CUDA-graph replay (``triton.testing.do_bench_cudagraph``, median);
    ``eager``: wall-clock per call of back-to-back calls with no sync in between, what a
    ``generate()`` loop sees (host launch cost and GPU time overlap; median of ``reps`` loops);
@@ -392,11 +393,11 @@ def table_rows(result: LowrankBenchResult) -> tuple[list[str], list[list[str]]]:
         "err",
         "dense eager",
         "2-GEMM eager",
-        "fused eager",
+        "planned eager",
         "eager x",
         "dense graph",
         "2-GEMM graph",
-        "fused graph",
+        "planned graph",
         "graph x",
         "floor",
         "% floor",
