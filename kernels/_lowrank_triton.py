@@ -182,8 +182,8 @@ def lowrank_shrink_kernel(
     GDC: tl.constexpr = False,
 ):
     # Program (m_tile, split) writes the fp32 partial x[rows, chunk] @ a[:, chunk].T into the
-    # workspace laid out [n_m, N_SPLIT, BLOCK_M, R_PAD]: its first WS_ROWS rows (1 for M = 1,
-    # else all, rows past M as zeros), the rows the expand kernel sums.
+    # workspace laid out [n_m, N_SPLIT, WS_ROWS, R_PAD]: its first WS_ROWS rows (1 for M = 1,
+    # else all BLOCK_M, rows past M as zeros), the rows the expand kernel sums.
     pid = tl.program_id(0)
     m_tile = pid // N_SPLIT
     split = pid % N_SPLIT
@@ -195,7 +195,7 @@ def lowrank_shrink_kernel(
         # The expand grid (launched with programmatic dependent launch) may start being scheduled
         # now; its gdc_wait still waits for this whole grid and its stores.
         tl.extra.cuda.gdc_launch_dependents()
-    slot = ws_ptr + pid.to(tl.int64) * (BLOCK_M * R_PAD)
+    slot = ws_ptr + pid.to(tl.int64) * (WS_ROWS * R_PAD)
     local = tl.arange(0, BLOCK_M)[:, None]
     offsets = slot + local * R_PAD + tl.arange(0, R_PAD)[None, :]
     if WS_ROWS == BLOCK_M:
@@ -236,7 +236,7 @@ def lowrank_expand_kernel(
     m_tile = pid // N_GROUPS
     group = pid % N_GROUPS
     offs_s = tl.arange(0, SPLIT_BLOCK)
-    base = ws_ptr + m_tile.to(tl.int64) * N_SPLIT * (BLOCK_M * R_PAD)
+    base = ws_ptr + m_tile.to(tl.int64) * N_SPLIT * (WS_ROWS * R_PAD)
     # The WS_ROWS written rows of each partial (1 for M = 1, else the whole tile), SPLIT_BLOCK
     # partials in one load: independent L2 reads in flight together.
     tile = tl.arange(0, WS_ROWS)[:, None] * R_PAD + tl.arange(0, R_PAD)[None, :]
@@ -244,7 +244,7 @@ def lowrank_expand_kernel(
     for s0 in range(0, N_SPLIT, SPLIT_BLOCK):
         splits = s0 + offs_s
         parts = tl.load(
-            base + splits[:, None, None] * (BLOCK_M * R_PAD) + tile[None, :, :],
+            base + splits[:, None, None] * (WS_ROWS * R_PAD) + tile[None, :, :],
             mask=(splits < N_SPLIT)[:, None, None],
             other=0.0,
         )

@@ -276,7 +276,7 @@ def plan_lowrank(
         split_block = max(1, min(_next_pow2(n_split), 8192 // (ws_rows * r_pad)))
         grids: tuple[tuple[int, int, int], ...] = ((n_m * n_split, 1, 1), (n_m * n_groups, 1, 1))
         scheme = "splitk"
-        ws_numel = n_m * n_split * block_m * r_pad
+        ws_numel = n_m * n_split * ws_rows * r_pad  # one row per partial at M = 1: 1/16 of a tile
     else:
         # Larger M tiles re-read `a` (from L2) fewer times; cap the fp32 h tile at 16K elements.
         block_m = min(64, max(16, 16384 // r_pad))

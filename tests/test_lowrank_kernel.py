@@ -288,6 +288,32 @@ def test_one_row_splitk_writes_and_sums_only_its_row():
     assert _rel_err(y2, torch.cat([x, x]), a, b, bias) < RTOL[torch.float32]
 
 
+def test_one_row_workspace_holds_one_row_per_partial(monkeypatch):
+    """At M = 1 the workspace is [N_SPLIT, R_PAD], not [N_SPLIT, BLOCK_M, R_PAD] (16x the bytes):
+    the shrink writes each partial's row contiguously, and their sum is x @ a.T."""
+    t = LowrankTunables(min_k_chunk=16, force_scheme="splitk", programs_per_sm=2, interpreter_sms=64)
+    x, a, b, bias = _operands(1, 2000, 70, 400, torch.float32)
+    plan = _plan(1, 2000, 70, 400, torch.float32, t)
+    assert plan.ws_numel == plan.n_split * plan.r_pad
+    seen = []
+    real_call = _lowrank_launch.KernelStep.__call__
+
+    def recording(step, tensors, aligned):
+        real_call(step, tensors, aligned)
+        if step.kernel.__name__ == "lowrank_shrink_kernel":
+            seen.append(tensors[-1].clone())
+
+    monkeypatch.setattr(_lowrank_launch.KernelStep, "__call__", recording)
+    y = fasttrunc.lowrank_linear(x, a, b, bias, tunables=t)
+    assert _rel_err(y, x, a, b, bias) < RTOL[torch.float32]
+    (ws,) = seen
+    assert ws.numel() == plan.ws_numel
+    parts = ws.view(plan.n_split, plan.r_pad)
+    r = a.shape[0]  # 400, padded to 512
+    torch.testing.assert_close(parts[:, :r].sum(0), (x.double() @ a.double().T)[0].float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(parts[:, r:], torch.zeros_like(parts[:, r:]))  # the padded rank columns
+
+
 def test_splitk_launches_in_flight_never_share_state(monkeypatch):
     """Hazard: one workspace (partials + counters) per device let two launches in flight mix their
     state. Each launch must own its workspace: while one launch's buffers are alive (in flight),
