@@ -14,15 +14,8 @@ import math
 
 import torch
 
-from fasttrunc.bench.lowrank import DEFAULT_MS, DEFAULT_RANKS, PYTHIA_SHAPES
+from fasttrunc.bench.lowrank import DEFAULT_MS, DEFAULT_RANKS, H200_TWO_GEMMS_GRAPH_US, PYTHIA_SHAPES
 from fasttrunc.kernels.lowrank_plan import DEFAULT_TUNABLES, plan_lowrank, scheme_estimates
-
-# BASELINES.md section 1b: torch's two GEMMs under graph replay (us), H200.
-TWO_GEMMS_GRAPH = {
-    (2048, 8192, 128, 1): 7.3, (2048, 8192, 128, 256): 9.0, (2048, 8192, 128, 4096): 36.2, (8192, 2048, 128, 1): 8.5,
-    (8192, 2048, 128, 4096): 33.5, (5120, 20480, 128, 1): 9.3, (5120, 20480, 128, 4096): 81.0,
-    (2048, 8192, 32, 1): 7.0, (2048, 8192, 32, 4096): 34.8,
-}  # fmt: skip
 
 
 def rows() -> list[list[str]]:
@@ -40,7 +33,7 @@ def rows() -> list[list[str]]:
                 est = scheme_estimates(m, k, n, r, torch.bfloat16, 132, DEFAULT_TUNABLES)
                 chosen = est[plan.scheme]
                 floor = 1e6 * max(2 * (m * k + k * r + r * n + m * n) / 4.22e12, 2 * m * r * (k + n) / 686e12)
-                graph = TWO_GEMMS_GRAPH.get((k, n, r, m))
+                graph = H200_TWO_GEMMS_GRAPH_US.get((k, n, r, m))
                 ratio = est["torch"] / chosen
                 ratios.append(ratio)
                 # A torch cell runs the two GEMMs themselves: 1.0x by construction, not by the model.

@@ -199,13 +199,11 @@ def two_gemms_us(m: int, k: int, n: int, r: int, dtype: torch.dtype, model: Lowr
 def plan_us(
     plan: LowrankPlan, m: int, k: int, n: int, r: int, dtype: torch.dtype, sms: int, model: LowrankCostModel
 ) -> float:
-    """Estimate of any plan: the Triton schemes by :func:`fused_us`, ``"torch"`` by :func:`two_gemms_us`,
-    ``"dense"`` as one GEMM against the rank-r weight."""
-    if plan.triton:
-        return fused_us(plan, m, k, n, r, dtype, sms, model)
+    """Estimate of a plan the fit measures: the Triton schemes by :func:`fused_us`, ``"torch"`` by
+    :func:`two_gemms_us` (``"dense"`` is never weighed: the element count decides it)."""
     if plan.scheme == "torch":
         return two_gemms_us(m, k, n, r, dtype, model)
-    return _gemm_us(m, k, n, _itemsize(dtype), _peak_tflops(dtype, model), model)
+    return fused_us(plan, m, k, n, r, dtype, sms, model)
 
 
 # --- fitting ------------------------------------------------------------------------------------

@@ -101,15 +101,12 @@ class LowrankTunables:
 
     def rules_only(self) -> LowrankTunables:
         """These tunables planning by the rules (no cost model); one shared object per tunables."""
-        if self.cost_model is None:
-            return self
-        ruled = _RULES_ONLY.get(self)
-        if ruled is None:
-            ruled = _RULES_ONLY[self] = dataclasses.replace(self, cost_model=None)
-        return ruled
+        return self if self.cost_model is None else _rules_only(self)
 
 
-_RULES_ONLY: dict[LowrankTunables, LowrankTunables] = {}
+@functools.cache
+def _rules_only(tunables: LowrankTunables) -> LowrankTunables:
+    return dataclasses.replace(tunables, cost_model=None)
 
 
 DEFAULT_TUNABLES = LowrankTunables()

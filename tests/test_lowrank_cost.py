@@ -21,14 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = [(k, n, r, m) for k, n in bench.PYTHIA_SHAPES.values() for r in bench.DEFAULT_RANKS for m in bench.DEFAULT_MS]
 BF16 = torch.bfloat16
 
-# benchmarks/BASELINES.md 1b: torch's two GEMMs under CUDA-graph replay, H200, (in, out, r, M) -> us;
-# and section 1's M = 4096 rows (eager, where launch cost is a few percent of the time).
-MEASURED_TWO_GEMMS = {
-    (2048, 8192, 128, 1): 7.3, (2048, 8192, 128, 256): 9.0, (2048, 8192, 128, 4096): 36.2,
-    (8192, 2048, 128, 1): 8.5, (8192, 2048, 128, 4096): 33.5, (5120, 20480, 128, 1): 9.3,
-    (5120, 20480, 128, 4096): 81.0, (2048, 8192, 32, 1): 7.0, (2048, 8192, 32, 4096): 34.8,
-    (2048, 8192, 512, 4096): 75.4, (8192, 2048, 512, 4096): 71.5, (5120, 20480, 512, 4096): 186.2,
-}  # fmt: skip
+# benchmarks/BASELINES.md: torch's two GEMMs on the H200, (in, out, r, M) -> us (1b and 1's M = 4096 rows).
+MEASURED_TWO_GEMMS = {**bench.H200_TWO_GEMMS_GRAPH_US, **bench.H200_TWO_GEMMS_LARGE_EAGER_US}
 
 
 def test_two_gemm_constants_match_the_measured_baselines():

@@ -48,6 +48,19 @@ PYTHIA_SHAPES = {
 }
 DEFAULT_RANKS = (32, 128, 512)
 DEFAULT_MS = (1, 16, 256, 4096)
+# benchmarks/BASELINES.md, H200, bf16: torch's two GEMMs, (in, out, r, M) -> us. Section 1b under
+# CUDA-graph replay; and section 1's r = 512, M = 4096 rows, eager, where launch cost is a few
+# percent of the time. The two-GEMM constants of the cost model are fitted to both.
+H200_TWO_GEMMS_GRAPH_US = {
+    (2048, 8192, 128, 1): 7.3, (2048, 8192, 128, 256): 9.0, (2048, 8192, 128, 4096): 36.2, (8192, 2048, 128, 1): 8.5,
+    (8192, 2048, 128, 4096): 33.5, (5120, 20480, 128, 1): 9.3, (5120, 20480, 128, 4096): 81.0,
+    (2048, 8192, 32, 1): 7.0, (2048, 8192, 32, 4096): 34.8,
+}  # fmt: skip
+H200_TWO_GEMMS_LARGE_EAGER_US = {
+    (2048, 8192, 512, 4096): 75.4,
+    (8192, 2048, 512, 4096): 71.5,
+    (5120, 20480, 512, 4096): 186.2,
+}
 TARGETS = {"graph_geomean": 1.5, "graph_min": 1.0, "eager_geomean": 1.3, "floor_pct_at_4096": 75.0}
 
 
@@ -331,7 +344,7 @@ def run(config: LowrankBenchConfig, progress: Progress = None) -> LowrankBenchRe
             ref = lowrank_linear_reference(x, a, b).float()
             rel_err = ((fused(x, a, b).float() - ref).norm() / ref.norm()).item()
             plan: LowrankPlan = plan_for(m, k, n, r, dtype, device, tunables)
-            estimates = scheme_estimates(m, k, n, r, dtype, sms, tunables) if r <= 1024 else {}
+            estimates = scheme_estimates(m, k, n, r, dtype, sms, tunables)  # the config holds r <= 1024
             row: dict[str, Any] = {
                 "shape": labels.get((k, n), f"{k}->{n}"),
                 "in": k,
@@ -455,14 +468,8 @@ def summary_lines(result: LowrankBenchResult) -> list[str]:
 # --- calibration of the planner's cost model from a benchmark run --------------------------------
 
 
-def measured_points(data: dict[str, Any]) -> list[lowrank_cost.Measured]:
-    """The graph-replay times of a benchmark result (its ``to_dict()`` form, as the JSON holds it).
-
-    Per correct cell: the two GEMMs as ``"torch"``, and each forced Triton scheme that was timed,
-    with the plan it takes at the assumed programs per SM (the plan the planner's estimates use).
-    """
-    from fasttrunc.kernels.lowrank_plan import plan_lowrank
-
+def _run_context(data: dict[str, Any]) -> tuple[torch.dtype, int, LowrankTunables]:
+    """(dtype, SM count, the run's tunables planning by the rules) of a benchmark JSON; one-line errors."""
     config = data.get("config")
     if not isinstance(config, dict) or "rows" not in data:
         raise ValueError("the benchmark JSON has no config or rows; pass the file bench_lowrank.py --json wrote")
@@ -471,11 +478,21 @@ def measured_points(data: dict[str, Any]) -> list[lowrank_cost.Measured]:
         raise ValueError(
             f"the benchmark JSON's sms {data.get('sms')!r} is not a positive SM count (a run before calibration existed?)"
         )
-    dtype = parse_dtype(config["dtype"])
     saved = dict(config.get("tunables") or {})
     saved.pop("cost_model", None)
     saved.pop("force_scheme", None)
-    base = LowrankTunables(**saved, cost_model=None)
+    return parse_dtype(config["dtype"]), sms, LowrankTunables(**saved, cost_model=None)
+
+
+def measured_points(data: dict[str, Any]) -> list[lowrank_cost.Measured]:
+    """The graph-replay times of a benchmark result (its ``to_dict()`` form, as the JSON holds it).
+
+    Per correct cell: the two GEMMs as ``"torch"``, and each forced Triton scheme that was timed,
+    with the plan it takes at the assumed programs per SM (the plan the planner's estimates use).
+    """
+    from fasttrunc.kernels.lowrank_plan import plan_lowrank
+
+    dtype, sms, base = _run_context(data)
     points = []
     for row in data["rows"]:
         if not row.get("correct"):
@@ -506,20 +523,22 @@ def calibrate(
     """
     from fasttrunc.kernels.lowrank_plan import plan_lowrank
 
+    dtype, sms, base = _run_context(data)
     points = measured_points(data)
     fitted = lowrank_cost.fit(points, start)
     by_cell: dict[tuple[int, int, int, int], dict[str, float]] = {}
+    by_scheme: dict[str, list[lowrank_cost.Measured]] = {"torch": [], "splitk": [], "tiled": []}
     for p in points:
         by_cell.setdefault((p.m, p.k, p.n, p.r), {})[p.scheme] = p.us
-    dtype = parse_dtype(data["config"]["dtype"])
-    sms = int(data["sms"])
+        by_scheme[p.scheme].append(p)
     cells = []
     for (m, k, n, r), times in sorted(
         by_cell.items(), key=lambda item: (item[0][1], item[0][2], item[0][3], item[0][0])
     ):
         row: dict[str, Any] = {"m": m, "in": k, "out": n, "r": r, "measured_us": times}
         for name, model in (("start", start), ("fitted", fitted)):
-            scheme = plan_lowrank(m, k, n, r, dtype, sms, LowrankTunables(cost_model=model)).scheme
+            # The run's own tunables (min_k_chunk, ...), planning by this model.
+            scheme = plan_lowrank(m, k, n, r, dtype, sms, dataclasses.replace(base, cost_model=model)).scheme
             row[f"{name}_scheme"] = scheme
             row[f"{name}_speedup"] = times["torch"] / times[scheme] if scheme in times and "torch" in times else None
         best = min(times, key=times.__getitem__)
@@ -534,14 +553,8 @@ def calibrate(
         "start": start.to_dict(),
         "fitted": fitted.to_dict(),
         "rms_log_error": {
-            "start": {
-                s: lowrank_cost.log_error(start, [p for p in points if p.scheme == s])
-                for s in ("torch", "splitk", "tiled")
-            },
-            "fitted": {
-                s: lowrank_cost.log_error(fitted, [p for p in points if p.scheme == s])
-                for s in ("torch", "splitk", "tiled")
-            },
+            name: {s: lowrank_cost.log_error(model, group) for s, group in by_scheme.items()}
+            for name, model in (("start", start), ("fitted", fitted))
         },
         "cells": cells,
         "graph_geomean": {"start": geomean("start_speedup"), "fitted": geomean("fitted_speedup")},
