@@ -326,7 +326,8 @@ def run_bound(
     steps = bound.steps
     if not bound.on_cuda:
         aligned = None
-    elif (x.data_ptr() | a.data_ptr() | b.data_ptr() | bias_arg.data_ptr()) & 15 == 0:
+    elif (x.data_ptr() | a.data_ptr() | b.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15 == 0:
+        # (y, the bias slot without a bias, is a fresh allocation: always aligned.)
         aligned = ALL_ALIGNED
         direct = bound.direct
         if direct is None:
@@ -334,13 +335,11 @@ def run_bound(
         if direct:
             # Every pointer 16-byte aligned and each step's compiled runner known: call them as they are.
             try:
-                with device_guard(device) if bound.guarded else _NO_GUARD:
-                    if len(direct) == 1:
-                        direct[0](x, a, b, bias_arg, y, *steps[0].tail)
-                    else:
-                        ws = bound.ws_like.new_empty(bound.ws_numel)
-                        direct[0](x, a, ws, *steps[0].tail)
-                        direct[1](ws, b, bias_arg, y, *steps[1].tail)
+                if bound.guarded:
+                    with device_guard(device):
+                        _call_direct(direct, steps, bound, x, a, b, bias_arg, y)
+                else:  # one visible device, always the current one: no guard (not even a null one) to enter
+                    _call_direct(direct, steps, bound, x, a, b, bias_arg, y)
                 return y
             except Exception:  # noqa: BLE001 - an unknown Triton launch API: the steps' ordinary launches
                 for step in steps:
@@ -351,6 +350,24 @@ def run_bound(
     with device_guard(device) if bound.guarded else _NO_GUARD:
         _launch_steps(steps, x, a, b, bias_arg, y, bound.ws_numel, device, aligned)
     return y
+
+
+def _call_direct(
+    direct: tuple[Callable[..., Any], ...],
+    steps: tuple[KernelStep, ...],
+    bound: BoundLaunch,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias_arg: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    if len(direct) == 1:
+        direct[0](x, a, b, bias_arg, y, *steps[0].tail)
+    else:
+        ws = bound.ws_like.new_empty(bound.ws_numel)
+        direct[0](x, a, ws, *steps[0].tail)
+        direct[1](ws, b, bias_arg, y, *steps[1].tail)
 
 
 def _alignment(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_arg: torch.Tensor) -> tuple[bool, ...]:

@@ -9,6 +9,7 @@ tunables explicitly: nothing here changes module state.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import pytest
@@ -472,6 +473,38 @@ def test_bound_path_is_never_taken_for_what_it_did_not_check(scheme, monkeypatch
             x, a, b, bias, tunables=LowrankTunables(min_k_chunk=16, force_scheme=scheme.force_scheme)
         )
     assert taken == [1]
+
+
+@pytest.mark.parametrize(
+    "off,has_bias", [(None, True), (None, False), ("x", True), ("x", False), ("a", False), ("b", False), ("bias", True)]
+)
+def test_bound_path_calls_runners_directly_only_when_every_operand_is_aligned(scheme, monkeypatch, off, has_bias):
+    """The bound launch calls the all-aligned runners only when x, a, b and the bias all sit on 16
+    bytes; one operand off it (a view 2 bytes in) takes the steps with its alignment pattern."""
+    monkeypatch.setattr(_lowrank_launch, "is_cuda", lambda device: True)
+    monkeypatch.setattr(_lowrank_launch, "cuda_device_count", lambda: 1)
+    m, k, n, r = 4, 40, 33, 7
+    shapes = {"x": (m, k), "a": (r, k), "b": (n, r), "bias": (n,)}
+    ops = {}
+    for name, shape in shapes.items():
+        flat = torch.randn(math.prod(shape) + 1, dtype=torch.float16)  # fp16: [1:] is 2 bytes in
+        ops[name] = (flat[1:] if name == off else flat[:-1]).view(shape)
+        assert (ops[name].data_ptr() % 16 == 0) is (name != off)
+    bias = ops["bias"] if has_bias else None
+    key = (m, k, n, r, torch.float16, ops["x"].device, has_bias, k, k, r, scheme)
+    prepared = _lowrank_launch.prepare(key)
+    bound = _lowrank_launch.BoundLaunch(scheme, prepared, ops["x"], n)
+    direct, stepped = [], []
+    for i, step in enumerate(prepared.steps):
+        step.runners = {_lowrank_launch.ALL_ALIGNED: lambda *args, i=i: direct.append(i)}
+    monkeypatch.setattr(_lowrank_launch, "_launch_steps", lambda *args: stepped.append(args[-1]))
+    y = _lowrank_launch.run_bound(bound, ops["x"], ops["a"], ops["b"], bias)
+    assert y.shape == (m, n)
+    if off is None:
+        assert direct == list(range(len(prepared.steps))) and not stepped
+    else:
+        names = ("x", "a", "b", "bias")
+        assert not direct and stepped == [tuple(name != off for name in names)]
 
 
 def test_strided_operands_are_computed_and_not_bound(scheme):
