@@ -7,7 +7,8 @@ host cost) for each way of computing ``y = (x @ a.T) @ b.T``:
   largest of: its HBM bytes at the copy bandwidth scaled by the share of SMs its grid fills, plus
   L2 re-reads; its FLOPs at the MMA rate its tiles reach (wgmma for 64-row M tiles of 16-bit
   operands, mma.sync below, FMA for fp32's IEEE products); its chain of dependent loop steps at
-  one global-memory round trip each. Plus one kernel boundary per launch.
+  one global-memory round trip each. Plus one kernel boundary per launch (split-K's expand grid
+  its own constant: on sm_90+ it runs under programmatic dependent launch).
 - :func:`two_gemms_us`: torch's ``(x @ a.T) @ b.T`` (cuBLAS), per GEMM a fixed cost plus the
   larger of its bytes at a share of the copy bandwidth and its FLOPs at the measured matmul peak
   scaled by ``s / (s + gemm_half_rate_dim)`` for its smallest dimension ``s`` (a K = 128 GEMM
@@ -17,7 +18,7 @@ host cost) for each way of computing ``y = (x @ a.T) @ b.T``:
 The defaults are the H200 of benchmarks/BASELINES.md: its measured copy bandwidth and matmul
 peaks; the two-GEMM constants are a least-squares fit (in log time) to its 1b graph-replay times
 and its M = 4096 times (within 10%); the fused kernels' constants (L2 bandwidth, MMA
-efficiencies, boundary cost, round trip) are ASSUMPTIONS, since no GPU has timed the kernels.
+efficiencies, boundary costs, round trip) are ASSUMPTIONS, since no GPU has timed the kernels.
 :func:`fit` re-fits every constant from a benchmark's measured cells (``fasttrunc bench lowrank``
 times both Triton schemes forced and the two GEMMs in every cell), so one GPU run calibrates it:
 ``python benchmarks/calibrate_lowrank.py OUT/lowrank.json``.
@@ -57,6 +58,11 @@ class LowrankCostModel:
     fma_efficiency: float = 0.5
     # Assumed: one kernel boundary under graph replay (the drain of one grid, the ramp of the next).
     launch_us: float = 2.0
+    # Assumed: the split-K expand grid's own boundary as the launcher runs it. On sm_90+ that grid
+    # goes under programmatic dependent launch, which may hide part of it behind the shrink's tail;
+    # no GPU has measured how much, so it is taken equal to launch_us (no credit) until a run's
+    # split-K times fit it apart from the tiled kernel's one boundary.
+    expand_launch_us: float = 2.0
     # Assumed: one dependent global-memory round trip per pipelined loop step.
     round_trip_us: float = 0.8
     # Fitted to BASELINES.md 1b and the M = 4096 rows of 1 (torch's two GEMMs, bf16).
@@ -114,6 +120,7 @@ def load_cost_model(path: str | Path) -> LowrankCostModel:
 GEMM_CONSTANTS = ("gemm_fixed_us", "gemm_bandwidth", "gemm_half_rate_dim")
 FUSED_CONSTANTS = (
     "launch_us",
+    "expand_launch_us",
     "round_trip_us",
     "l2_gbps",
     "wgmma_efficiency",
@@ -160,7 +167,7 @@ def fused_us(
         out_tiles = _cdiv(_cdiv(n, plan.block_n), plan.n_groups)
         expand_steps = _cdiv(plan.n_split, plan.split_block) + out_tiles
         expand = max(expand_bytes / (hbm * fill[1]) + reread / l2, expand_steps * model.round_trip_us)
-        return shrink + expand + 2 * model.launch_us + flops_us
+        return shrink + expand + model.launch_us + model.expand_launch_us + flops_us
     programs = plan.grids[0][0]
     occupancy = min(1.0, programs / sms)
     hbm_bytes = itemsize * (m * k + r * (k + n) + m * n)
@@ -243,6 +250,7 @@ _BOUNDS = {
     "gemm_bandwidth": (0.05, 1.0),
     "gemm_half_rate_dim": (0.0, 4096.0),
     "launch_us": (0.0, 50.0),
+    "expand_launch_us": (0.0, 50.0),
     "round_trip_us": (0.01, 20.0),
     "l2_gbps": (500.0, 100000.0),
     "wgmma_efficiency": (0.01, 1.0),
@@ -277,13 +285,61 @@ def _descend(
     return best
 
 
+def _residuals(model: LowrankCostModel, points: Sequence[Measured]) -> list[float]:
+    return [math.log(plan_us(p.plan, p.m, p.k, p.n, p.r, p.dtype, p.sms, model) / p.us) for p in points]
+
+
+def _refine(model: LowrankCostModel, names: Iterable[str], points: Sequence[Measured]) -> LowrankCostModel:
+    """Levenberg-Marquardt in log space over the non-zero ``names``, from ``model``: it follows the
+    narrow valleys that coordinate steps cross slowly (two boundary costs trading against each
+    other). A step is taken only when it lowers the error; the bounds clamp every step."""
+    names = tuple(name for name in names if getattr(model, name) > 0)
+    if not names or not points:
+        return model
+    best, best_res = model, _residuals(model, points)
+    best_loss = sum(v * v for v in best_res)
+    damping, h = 1e-3, 1e-5
+    for _ in range(60):
+        columns = []
+        for name in names:  # one-sided differences in ln(constant), backward at an upper bound
+            value = getattr(best, name)
+            step = h if value * math.exp(h) <= _BOUNDS[name][1] else -h
+            moved = dataclasses.replace(best, **{name: value * math.exp(step)})
+            columns.append([(a - b) / step for a, b in zip(_residuals(moved, points), best_res)])
+        jac = torch.tensor(columns, dtype=torch.float64).T  # points x names
+        res = torch.tensor(best_res, dtype=torch.float64)
+        normal, grad = jac.T @ jac, jac.T @ res
+        taken = False
+        while damping < 1e8 and not taken:
+            system = normal + damping * torch.diag(torch.diagonal(normal)) + 1e-12 * torch.eye(len(names))
+            delta = torch.linalg.solve(system, -grad).tolist()
+            changes = {}
+            for name, d in zip(names, delta):
+                low, high = _BOUNDS[name]
+                changes[name] = min(high, max(low, getattr(best, name) * math.exp(max(-2.0, min(2.0, d)))))
+            trial = dataclasses.replace(best, **changes)
+            trial_res = _residuals(trial, points)
+            trial_loss = sum(v * v for v in trial_res)
+            if trial_loss < best_loss - 1e-15:
+                gain = best_loss - trial_loss
+                best, best_res, best_loss, taken = trial, trial_res, trial_loss, True
+                damping = max(1e-9, damping / 3)
+                if gain < 1e-14:
+                    return best
+            else:
+                damping *= 4
+        if not taken:
+            break
+    return best
+
+
 def fit(points: Sequence[Measured], start: LowrankCostModel = DEFAULT_COST_MODEL) -> LowrankCostModel:
     """The model whose estimates best match ``points`` (least squares in log time).
 
     The two-GEMM constants are fitted to the ``"torch"`` points, the fused kernels' to the
     Triton points; the measured ceilings (bandwidth, peaks) and the margin stay as in ``start``.
     A group with no points keeps ``start``'s values. Deterministic (coordinate descent from
-    ``start``), and never worse than ``start`` on the points.
+    ``start``, then Levenberg-Marquardt steps from there), and never worse than ``start`` on the points.
     """
     gemm = [p for p in points if p.scheme == "torch"]
     fused = [p for p in points if p.scheme in ("splitk", "tiled")]
@@ -296,14 +352,18 @@ def fit(points: Sequence[Measured], start: LowrankCostModel = DEFAULT_COST_MODEL
     model = start
     if gemm:
         model = _descend(model, GEMM_CONSTANTS, lambda mdl: log_error(mdl, gemm))
+        model = _refine(model, GEMM_CONSTANTS, gemm)
     if fused:
         used = [name for name in FUSED_CONSTANTS if _used(name, fused)]
         model = _descend(model, used, lambda mdl: log_error(mdl, fused))
+        model = _refine(model, used, fused)
     return model
 
 
 def _used(name: str, points: Sequence[Measured]) -> bool:
     """Whether a fused constant can affect any point (an efficiency of tiles no point ran is left alone)."""
+    if name == "expand_launch_us":
+        return any(p.scheme == "splitk" for p in points)
     if name == "fma_efficiency":
         return any(p.dtype == torch.float32 for p in points)
     if name == "wgmma_efficiency":

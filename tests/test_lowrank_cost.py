@@ -125,6 +125,7 @@ def test_cost_model_round_trips_and_names_unknown_keys():
 TRUE = dataclasses.replace(
     lc.DEFAULT_COST_MODEL,
     launch_us=3.1,
+    expand_launch_us=0.9,  # the expand grid's boundary mostly hidden (as PDL might): fitted apart
     round_trip_us=0.55,
     l2_gbps=7000.0,
     wgmma_efficiency=0.6,
@@ -155,11 +156,13 @@ def test_fit_recovers_the_model_behind_the_times():
     points = bench.measured_points(data)
     assert len(points) == 3 * len(GRID)
     fitted = lc.fit(points)
-    assert lc.log_error(fitted, points) < 0.02 < lc.log_error(lc.DEFAULT_COST_MODEL, points)
+    assert lc.log_error(fitted, points) < 1e-4 and lc.log_error(lc.DEFAULT_COST_MODEL, points) > 0.1
     # The measured ceilings are not fitted.
     assert (fitted.hbm_gbps, fitted.matmul_tflops_16, fitted.margin) == (4220.0, 686.0, 1.0)
-    for name in ("launch_us", "gemm_fixed_us", "gemm_bandwidth"):
-        assert abs(getattr(fitted, name) / getattr(TRUE, name) - 1) < 0.1, name
+    # Every constant the times depend on comes back, the two boundary costs apart (coordinate
+    # steps alone stopped 15% and 41% off them, in the valley where they trade).
+    for name in (*lc.FUSED_CONSTANTS, *lc.GEMM_CONSTANTS):
+        assert abs(getattr(fitted, name) / getattr(TRUE, name) - 1) < 0.01, name
 
 
 def test_fit_is_never_worse_than_its_start_and_rejects_bad_points():
