@@ -1,6 +1,7 @@
 """Host time per eager call of the low-rank linear with the GPU launch stubbed, on this CPU.
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--calls N] [--json PATH]
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py --against REV   # run_bound, A/B in one process
 
 Measures the Python path a decode step pays per layer, up to the compiled kernel's runner, which
 is replaced by a no-op (so no device time is counted; for the torch scheme the two GEMMs are
@@ -97,14 +98,84 @@ def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
     return {"us_per_call": results, "calls": calls, "repeats": repeats}
 
 
+def compare_bound(rev: str, calls: int = 20000, rounds: int = 9) -> dict[str, dict[str, float]]:
+    """``run_bound`` alone, this tree's ``_lowrank_launch`` against the one at git revision ``rev``,
+    in one process, interleaved round by round (machine load moves both alike): median
+    microseconds per call of each, per scheme, the steps' runners stubbed, one visible device."""
+    import functools
+    import importlib.util
+    import subprocess
+    import tempfile
+    import timeit
+
+    import torch
+
+    from fasttrunc.kernels import _lowrank_launch as current
+    from fasttrunc.kernels.lowrank_plan import LowrankTunables
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:kernels/_lowrank_launch.py"], cwd=root, capture_output=True, text=True
+    )
+    if source.returncode != 0:
+        raise ValueError(f"revision {rev!r} has no kernels/_lowrank_launch.py: {source.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "_lowrank_launch_then.py"
+        path.write_text(source.stdout)
+        spec = importlib.util.spec_from_file_location("fasttrunc.kernels._lowrank_launch_then", path)
+        assert spec is not None and spec.loader is not None
+        then = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(then)
+    modules = {"current": current, rev: then}
+    saved = {name: (mod.is_cuda, mod.cuda_device_count) for name, mod in modules.items()}
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for mod in modules.values():
+            mod.is_cuda, mod.cuda_device_count = (lambda device: True), (lambda: 1)
+        for scheme, m in (("splitk", 1), ("tiled", 512)):
+            tunables = LowrankTunables(force_scheme=scheme)
+            x, a, b = torch.randn(m, 2048), torch.randn(128, 2048), torch.randn(8192, 128)
+            key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
+            bounds = {}
+            for name, mod in modules.items():
+                prepared = mod.prepare(key)
+                for step in prepared.steps:
+                    step.runners = {mod.ALL_ALIGNED: lambda *args: None}
+                bounds[name] = (mod, mod.BoundLaunch(tunables, prepared, x, 8192))
+            times: dict[str, list[float]] = {name: [] for name in modules}
+            for i in range(rounds):
+                for name in modules if i % 2 else reversed(list(modules)):
+                    mod, bound = bounds[name]
+                    call = functools.partial(mod.run_bound, bound, x, a, b, None)
+                    best = min(timeit.repeat(call, number=calls, repeat=3))
+                    times[name].append(1e6 * best / calls)
+            results[scheme] = {name: statistics.median(v) for name, v in times.items()}
+    finally:
+        for name, mod in modules.items():
+            mod.is_cuda, mod.cuda_device_count = saved[name]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--against", metavar="REV", default=None, help="time run_bound alone against the one at git revision REV"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("host_overhead.py needs TRITON_INTERPRET=1 (CPU tensors stand in for CUDA ones)", file=sys.stderr)
         return 2
+    if args.against is not None:
+        try:
+            compared = compare_bound(args.against, args.calls)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        for scheme, us in compared.items():
+            print(f"{scheme} run_bound: " + ", ".join(f"{name} {v:.2f} us" for name, v in us.items()))
+        return 0
     data = measure(args.calls)
     if args.json:
         args.json.write_text(json.dumps(data, indent=1) + "\n")

@@ -38,3 +38,20 @@ def test_host_overhead_measures_the_stubbed_cuda_path():
             # of host time on the GPU machine's CPU; the interpreter's launch here costs milliseconds).
             assert 0 < us["cpu_us"] < 1000 and 0 < us["wall_us"]
     assert state() == before
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_host_overhead_compares_run_bound_with_a_git_revision():
+    spec = importlib.util.spec_from_file_location("host_overhead", ROOT / "benchmarks" / "host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from fasttrunc.kernels import _lowrank_launch
+
+    before = (_lowrank_launch.is_cuda, _lowrank_launch.cuda_device_count)
+    data = module.compare_bound("HEAD", calls=20, rounds=2)
+    assert set(data) == {"splitk", "tiled"}
+    for us in data.values():
+        assert set(us) == {"current", "HEAD"} and all(0 < v < 1000 for v in us.values())
+    assert (_lowrank_launch.is_cuda, _lowrank_launch.cuda_device_count) == before
+    with pytest.raises(ValueError, match="revision 'no-such-rev' has no kernels/_lowrank_launch.py"):
+        module.compare_bound("no-such-rev", calls=1, rounds=1)
