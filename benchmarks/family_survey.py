@@ -1,0 +1,172 @@
+"""How fasttrunc reads every causal-LM type of the installed transformers (CPU, tiny random models).
+
+    python benchmarks/family_survey.py [--types llama,bert,...] [--json PATH] [--timeout S]
+
+For each ``model_type`` in transformers' causal-LM mapping (or the listed ones): a model built
+from its default config shrunk to tiny sizes (2 layers, width 64), then how fasttrunc reads it:
+
+- ``row``: a family row lists its ``model_type``; ``module names``: its blocks read by their
+  linears' names; either way ``targets`` counts the last layer's matrices (``matrices="all"``) and
+  ``full_rank_error`` is the largest relative logit change with those truncated at full rank
+  (rounding only; it must be ~1e-6);
+- ``attention only``: the MLP is fused experts, so only the attention aliases apply;
+- ``no family``: fasttrunc refuses it with the reason it gives (select by regex instead);
+- ``not built`` / ``timeout``: the tiny config does not make a working model (the survey's
+  shrinking, not fasttrunc), or building and running took longer than ``--timeout``.
+
+Prints one line per type and a summary; ``--json`` keeps every record. Reads no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+# Tiny sizes, set where the config has the field (names differ across families).
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+    "head_dim": 16,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "d_model": 64,
+    "num_layers": 2,
+    "ffn_dim": 128,
+    "n_positions": 64,
+    "moe_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+}
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _tiny_model(model_type: str) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    for name, value in TINY.items():
+        if hasattr(config, name):
+            try:
+                setattr(config, name, value)
+            except (AttributeError, TypeError, ValueError):
+                pass
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def survey_one(model_type: str) -> dict[str, Any]:
+    """The record of one model type (see the module docstring for its ``status``)."""
+    import torch
+
+    import fasttrunc
+    from fasttrunc.families import find_family
+    from fasttrunc.truncation import Targets, resolve_targets
+
+    try:
+        model = _tiny_model(model_type)
+    except _Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the survey's own shrinking
+        return {"status": "not built", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    try:
+        match = find_family(model)
+    except ValueError as exc:
+        return {"status": "no family", "reason": str(exc)}
+    record: dict[str, Any] = {
+        "status": "attention only" if match.family.unsupported else match.matched_by,
+        "family": match.family.name,
+        "layers": match.n_layers,
+    }
+    if record["status"] == "model_type":
+        record["status"] = "row"
+    targets = Targets(layers=[-1], matrices="attn" if match.family.unsupported else "all")
+    record["targets"] = len(resolve_targets(model, targets))
+    ids = torch.randint(0, 100, (1, 8))
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+            with fasttrunc.truncate_(model, targets, rank=1.0):
+                out = model(input_ids=ids).logits
+    except _Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tiny model's own forward
+        record["forward"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return record
+    record["full_rank_error"] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return record
+
+
+def survey(types: list[str] | None = None, timeout: int = 60) -> dict[str, dict[str, Any]]:
+    """Every record, by model type; each type bounded by ``timeout`` seconds (SIGALRM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if types is not None:
+        unknown = [t for t in types if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+        if unknown:
+            raise ValueError(f"model types {unknown} are not causal-LM types of this transformers")
+        known = types
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        for model_type in known:
+            signal.alarm(timeout)
+            try:
+                records[model_type] = survey_one(model_type)
+            except _Timeout:
+                records[model_type] = {"status": "timeout"}
+            finally:
+                signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default=None, help="comma-separated model types (default: every causal-LM type)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per model type")
+    args = parser.parse_args(argv)
+    try:
+        records = survey(None if args.types is None else args.types.split(","), args.timeout)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    counts: dict[str, int] = {}
+    for model_type, record in records.items():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        detail = {k: v for k, v in record.items() if k != "status"}
+        if "reason" in detail:  # the informative part: why its blocks cannot be read
+            reason = detail["reason"]
+            start = reason.find("cannot be read by module names")
+            detail["reason"] = reason[start if start >= 0 else 0 :][:200]
+        print(f"{model_type}: {record['status']} {json.dumps(detail)}")
+    print("summary: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + f" of {len(records)}")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
