@@ -491,16 +491,60 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
-    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently)."""
+    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently).
+
+    One difference is read: dense MLP blocks beside blocks of fused experts (the first layers of
+    many mixtures of experts are dense) with the same attention. The row is then attention only,
+    as for an all-experts model, its reason naming the dense layers (selectable by regex).
+    """
     first = _matrices_by_name(layers[0])
+    readings = [first]
     for index in range(1, len(layers)):
         try:
-            other = _matrices_by_name(layers[index])
+            readings.append(_matrices_by_name(layers[index]))
         except _NoRow as exc:
             raise _NoRow(f"{path}.{index}: {exc}") from None
-        if other != first:
-            raise _NoRow(f"its blocks differ: {path}.0 and {path}.{index} do not hold the same linears")
-    return first
+    differing = next((i for i, reading in enumerate(readings) if reading != first), None)
+    if differing is None:
+        return first
+    mixed = _dense_beside_experts(path, readings)
+    if mixed is None:
+        raise _NoRow(f"its blocks differ: {path}.0 and {path}.{differing} do not hold the same linears")
+    return mixed
+
+
+def _attention_part(reading: _Reading) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    matrices, fused, _ = reading
+    return (
+        {alias: rels for alias, rels in matrices.items() if alias.startswith("attn")},
+        {alias: whole for alias, whole in fused.items() if alias.startswith("attn")},
+    )
+
+
+def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | None:
+    """The attention-only row of blocks that share their attention and are either dense or
+    fused experts (both kinds present); None for any other difference."""
+    experts = [i for i, (_, _, unsupported) in enumerate(readings) if unsupported]
+    dense = [i for i in range(len(readings)) if i not in experts]
+    if not experts or not dense or any(_attention_part(r) != _attention_part(readings[0]) for r in readings):
+        return None
+    if any(readings[i] != readings[dense[0]] for i in dense) or any(
+        readings[i] != readings[experts[0]] for i in experts
+    ):
+        return None
+    matrices, fused = _attention_part(readings[0])
+    dense_mlp = sorted(
+        {rel for alias, rels in readings[dense[0]][0].items() if alias.startswith("mlp") for rel in rels}
+    )
+    layers = f"{dense[0]}" if len(dense) == 1 else f"{dense[0]}-{dense[-1]}"
+    if dense != list(range(dense[0], dense[-1] + 1)):
+        layers = ", ".join(map(str, dense))
+    reason = next(iter(readings[experts[0]][2].values()))
+    reason += (
+        f"; layers {layers} have a dense MLP instead ({', '.join(dense_mlp)}): select those by regex, "
+        f"e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
+    )
+    return matrices, fused, {alias: reason for alias in MATRIX_GROUPS["mlp"]}
 
 
 def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:

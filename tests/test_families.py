@@ -630,6 +630,51 @@ def test_blocks_that_read_differently_are_ambiguous():
         find_family(nn.ModuleDict({"layers_": blocks}))
 
 
+class DenseOrExpertsBlock(nn.Module):
+    """One attention over either a dense gated MLP or experts fused into 3-D parameters."""
+
+    def __init__(self, dense: bool, d: int = 4):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(d, d))
+        self.mlp = nn.Module()
+        if dense:
+            self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 8), nn.Linear(d, 8), nn.Linear(8, d)
+        else:
+            self.mlp.experts = nn.Module()
+            self.mlp.experts.gate_up_proj = nn.Parameter(torch.randn(3, d, 16))
+            self.mlp.experts.down_proj = nn.Parameter(torch.randn(3, 8, d))
+
+
+def test_dense_layers_before_experts_read_as_attention_only_naming_the_dense_layers():
+    """The first layers of many mixtures of experts are dense (glm4_moe, ernie4_5_moe, ...): the
+    blocks differ only there, so the row is attention only and the refusal says where the dense
+    MLPs are and how to select them."""
+    model = nn.ModuleDict({"layers": nn.ModuleList(DenseOrExpertsBlock(i < 2) for i in range(4))})
+    match = find_family(model)
+    assert (match.matched_by, match.n_layers) == ("module names", 4)
+    assert resolve_targets(model, Targets(layers=[0, -1], matrices="attn")) == [
+        f"layers.{i}.self_attn.{p}" for i in (0, 3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ]
+    before = state_hash(model)
+    with pytest.raises(ValueError) as info:
+        truncate_(model, Targets(layers=0, matrices="mlp_in"), 0.5)
+    message = str(info.value)
+    assert "\n" not in message and "fused 3-D parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)" in message
+    assert "layers 0-1 have a dense MLP instead (mlp.down_proj, mlp.gate_proj, mlp.up_proj)" in message
+    pattern = re.search(r"e\.g\. r'([^']+)'", message).group(1)
+    assert [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)] == ["layers.0.mlp.down_proj"]
+    assert no_truncated(model) and state_hash(model) == before
+    # Any other difference (here block 3's attention loses a projection) is still refused.
+    model["layers"][3].self_attn.o_proj = nn.Identity()
+    with pytest.raises(ValueError, match=r"layers\.3: no linear is known by name as attn_out"):
+        find_family(model)
+    model["layers"][3] = DenseOrExpertsBlock(True)  # dense, dense, experts, dense: layers listed one by one
+    with pytest.raises(ValueError, match=r"layers 0, 1, 3 have a dense MLP"):
+        truncate_(model, Targets(layers=0, matrices="mlp_out"), 0.5)
+
+
 def test_the_toy_row_lists_no_model_type_and_is_found_by_its_layout():
     block = nn.Module()
     block.attn, block.ff = nn.Module(), nn.Module()
