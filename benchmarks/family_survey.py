@@ -31,7 +31,7 @@ TINY = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_key_value_heads": 4,
     "intermediate_size": 128,
     "vocab_size": 128,
     "max_position_embeddings": 64,
@@ -48,6 +48,15 @@ TINY = {
     "num_local_experts": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,  # a dense first layer beside experts, where a family has both
+    # multi-head latent attention
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
 }
 
 
@@ -59,9 +68,15 @@ def _tiny_model(model_type: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type)
-    for name, value in TINY.items():
-        if hasattr(config, name):
+    defaults = AutoConfig.for_model(model_type)
+    sizes = {name: value for name, value in TINY.items() if hasattr(defaults, name)}
+    if "qk_rope_head_dim" in sizes:
+        sizes.pop("head_dim", None)  # latent attention: derived from the rotary part
+    try:  # through the constructor, so that derived sizes (head_dim of latent attention, ...) follow
+        config = AutoConfig.for_model(model_type, **sizes)
+    except (TypeError, ValueError):
+        config = defaults
+        for name, value in sizes.items():
             try:
                 setattr(config, name, value)
             except (AttributeError, TypeError, ValueError):
@@ -89,13 +104,13 @@ def survey_one(model_type: str) -> dict[str, Any]:
     except ValueError as exc:
         return {"status": "no family", "reason": str(exc)}
     record: dict[str, Any] = {
-        "status": "attention only" if match.family.unsupported else match.matched_by,
+        "status": "attention only" if "mlp_in" in match.family.unsupported else match.matched_by,
         "family": match.family.name,
         "layers": match.n_layers,
     }
     if record["status"] == "model_type":
         record["status"] = "row"
-    targets = Targets(layers=[-1], matrices="attn" if match.family.unsupported else "all")
+    targets = Targets(layers=[-1], matrices="attn" if "mlp_in" in match.family.unsupported else "all")
     record["targets"] = len(resolve_targets(model, targets))
     ids = torch.randint(0, 100, (1, 8))
     try:

@@ -374,7 +374,18 @@ _ROLE_BY_LEAF: dict[str, str] = {
     **dict.fromkeys(("up_proj", "w3"), "mlp_up"),
     **dict.fromkeys(("down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"), "mlp_out"),
     "gate_up_proj": "gate_up",
+    # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): a low-rank query (q_a then q_b, or
+    # one q_proj) and a shared latent for keys and values (kv_a then kv_b).
+    "q_a_proj": "q_a",
+    "q_b_proj": "q_b",
+    "kv_a_proj_with_mqa": "kv_a",
+    "kv_b_proj": "kv_b",
 }
+_LATENT_KV = (
+    "its attention is multi-head latent attention: keys and values both come from {kv} (a shared "
+    "latent), so neither has matrices of its own; truncate them with 'attn_qkv' (which holds {kv} "
+    "beside the query's) or select one of them by regex"
+)
 # Leaf names that are an output projection of whichever sub-module holds them (attention or MLP).
 _OUTPUT_LEAVES = ("dense", "c_proj", "wo", "proj", "out")
 _ATTENTION_WORDS = ("attn", "attention")
@@ -441,8 +452,20 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
         one["mlp_in"] = one.pop("mlp_up")  # an ungated MLP named up/down: its up projection is its input
     matrices: dict[str, tuple[str, ...]] = {}
     fused: dict[str, str] = {}
+    unsupported: dict[str, str] = {}
     parts = [one[a] for a in QKV_PARTS if a in one]
-    if "qkv" in one:
+    latent = [one[r] for r in ("q_a", "q_b", "kv_a", "kv_b") if r in one]
+    if latent:
+        query = [one[r] for r in ("q_a", "q_b") if r in one] or [one[a] for a in ("attn_q",) if a in one]
+        kv = [one[r] for r in ("kv_a", "kv_b") if r in one]
+        if len(kv) != 2 or len(query) not in (1, 2) or ("q_a" in one) != ("q_b" in one):
+            raise _NoRow(f"only part of a latent attention is known by name ({', '.join(latent)})")
+        if "qkv" in one or "attn_k" in one or "attn_v" in one:
+            raise _NoRow(f"a latent attention ({', '.join(latent)}) beside separate key or value projections")
+        matrices["attn_q"] = tuple(query)
+        matrices["attn_qkv"] = (*query, *kv)
+        unsupported = dict.fromkeys(("attn_k", "attn_v"), _LATENT_KV.format(kv=" and ".join(kv)))
+    elif "qkv" in one:
         if parts:
             raise _NoRow(f"both a fused query-key-value ({one['qkv']}) and separate projections ({', '.join(parts)})")
         matrices["attn_qkv"] = (one["qkv"],)
@@ -458,13 +481,13 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
         matrices["mlp_in"] = (one["gate_up"],)
         fused["mlp_up"] = "mlp_in"
     matrices.update({alias: (one[alias],) for alias in ("mlp_in", "mlp_up", "mlp_out", "attn_out") if alias in one})
-    unsupported: dict[str, str] = {}
     experts = _fused_experts(block)
     if experts:  # a linear MLP beside fused experts (a shared expert) is not the block's MLP
-        unsupported = _experts_unsupported(", ".join(experts))
-        matrices = {alias: rels for alias, rels in matrices.items() if alias not in unsupported}
-        fused = {alias: whole for alias, whole in fused.items() if alias not in unsupported}
-    wanted = ("attn_qkv", "attn_out") + (() if unsupported else ("mlp_in", "mlp_out"))
+        refused = _experts_unsupported(", ".join(experts))
+        matrices = {alias: rels for alias, rels in matrices.items() if alias not in refused}
+        fused = {alias: whole for alias, whole in fused.items() if alias not in refused}
+        unsupported.update(refused)
+    wanted = ("attn_qkv", "attn_out") + (() if experts else ("mlp_in", "mlp_out"))
     missing = [alias for alias in wanted if alias not in matrices]
     if missing:
         raise _NoRow(f"no linear is known by name as {', '.join(missing)}")
@@ -513,18 +536,16 @@ def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
     return mixed
 
 
-def _attention_part(reading: _Reading) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
-    matrices, fused, _ = reading
-    return (
-        {alias: rels for alias, rels in matrices.items() if alias.startswith("attn")},
-        {alias: whole for alias, whole in fused.items() if alias.startswith("attn")},
+def _attention_part(reading: _Reading) -> _Reading:
+    return tuple(  # type: ignore[return-value]
+        {alias: value for alias, value in part.items() if alias.startswith("attn")} for part in reading
     )
 
 
 def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | None:
     """The attention-only row of blocks that share their attention and are either dense or
     fused experts (both kinds present); None for any other difference."""
-    experts = [i for i, (_, _, unsupported) in enumerate(readings) if unsupported]
+    experts = [i for i, (_, _, unsupported) in enumerate(readings) if "mlp_in" in unsupported]
     dense = [i for i in range(len(readings)) if i not in experts]
     if not experts or not dense or any(_attention_part(r) != _attention_part(readings[0]) for r in readings):
         return None
@@ -532,19 +553,20 @@ def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | Non
         readings[i] != readings[experts[0]] for i in experts
     ):
         return None
-    matrices, fused = _attention_part(readings[0])
+    matrices, fused, refused = _attention_part(readings[0])
     dense_mlp = sorted(
         {rel for alias, rels in readings[dense[0]][0].items() if alias.startswith("mlp") for rel in rels}
     )
     layers = f"{dense[0]}" if len(dense) == 1 else f"{dense[0]}-{dense[-1]}"
     if dense != list(range(dense[0], dense[-1] + 1)):
         layers = ", ".join(map(str, dense))
-    reason = next(iter(readings[experts[0]][2].values()))
+    reason = readings[experts[0]][2]["mlp_in"]
     reason += (
-        f"; layers {layers} have a dense MLP instead ({', '.join(dense_mlp)}): select those by regex, "
+        f"; {'layer' if len(dense) == 1 else 'layers'} {layers} {'has' if len(dense) == 1 else 'have'} a dense "
+        f"MLP instead ({', '.join(dense_mlp)}): select those by regex, "
         f"e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
     )
-    return matrices, fused, {alias: reason for alias in MATRIX_GROUPS["mlp"]}
+    return matrices, fused, {**refused, **dict.fromkeys(MATRIX_GROUPS["mlp"], reason)}
 
 
 def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:

@@ -675,6 +675,63 @@ def test_dense_layers_before_experts_read_as_attention_only_naming_the_dense_lay
         truncate_(model, Targets(layers=0, matrices="mlp_out"), 0.5)
 
 
+class LatentAttentionBlock(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3's names) over a dense gated MLP."""
+
+    def __init__(self, low_rank_query: bool = True, d: int = 8):
+        super().__init__()
+        attn = self.self_attn = nn.Module()
+        if low_rank_query:
+            attn.q_a_proj, attn.q_b_proj = nn.Linear(d, 4), nn.Linear(4, d)
+        else:
+            attn.q_proj = nn.Linear(d, d)
+        attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj = nn.Linear(d, 6), nn.Linear(4, 2 * d), nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 16), nn.Linear(d, 16), nn.Linear(16, d)
+
+
+@pytest.mark.parametrize("low_rank_query", [True, False], ids=["q_a-q_b", "q_proj"])
+def test_latent_attention_reads_its_query_and_refuses_keys_and_values_alone(low_rank_query):
+    model = nn.ModuleDict({"layers": nn.ModuleList(LatentAttentionBlock(low_rank_query) for _ in range(2))})
+    match = find_family(model)
+    assert match.matched_by == "module names" and "mlp_in" not in match.family.unsupported
+    query = ["q_a_proj", "q_b_proj"] if low_rank_query else ["q_proj"]
+    attn = [f"layers.1.self_attn.{p}" for p in query]
+    assert resolve_targets(model, Targets(layers=-1, matrices="attn_q")) == attn
+    assert resolve_targets(model, Targets(layers=-1, matrices="attn")) == [
+        *attn,
+        "layers.1.self_attn.kv_a_proj_with_mqa",
+        "layers.1.self_attn.kv_b_proj",
+        "layers.1.self_attn.o_proj",
+    ]
+    assert resolve_targets(model, Targets(layers=-1, matrices="mlp_out")) == ["layers.1.mlp.down_proj"]
+    for alias in ("attn_k", "attn_v"):
+        with pytest.raises(ValueError, match=rf"matrix '{alias}' cannot be truncated in .*multi-head latent attention"):
+            resolve_targets(model, Targets(layers=-1, matrices=alias))
+    del model["layers"][1].self_attn.kv_b_proj  # half a latent key-value path: not read
+    with pytest.raises(ValueError, match=r"layers\.1: only part of a latent attention is known by name"):
+        find_family(model)
+
+
+def test_deepseek_v3_reads_latent_attention_over_a_dense_layer_and_experts():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB)
+    sizes |= dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2)
+    sizes |= dict(n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8)
+    sizes |= dict(qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3", **sizes)).float().eval()
+    match = find_family(model)
+    assert (match.matched_by, match.n_layers) == ("module names", 3)
+    assert resolve_targets(model, Targets(layers=0, matrices="attn_qkv")) == [
+        f"model.layers.0.self_attn.{p}" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    ]
+    with pytest.raises(ValueError, match=r"layer 0 has a dense MLP instead \(mlp\.down_proj, mlp\.gate_proj"):
+        resolve_targets(model, Targets(layers=0, matrices="mlp_in"))
+    assert_exact_at_full_rank(model)
+
+
 def test_the_toy_row_lists_no_model_type_and_is_found_by_its_layout():
     block = nn.Module()
     block.attn, block.ff = nn.Module(), nn.Module()
