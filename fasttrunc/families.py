@@ -411,6 +411,10 @@ def _role(rel: str) -> str | None:
     leaf = rel.rsplit(".", 1)[-1].lower()
     context = _context(rel)
     if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
+        if context is None and leaf == "dense":
+            # BERT's layer (RoBERTa, ELECTRA, ...): intermediate.dense then output.dense is the MLP
+            # (the attention's own output is attention.output.dense).
+            return {"intermediate.dense": "mlp_in", "output.dense": "mlp_out"}.get(rel.lower())
         return {"attn": "attn_out", "mlp": "mlp_out", None: None}[context]
     role = _ROLE_BY_LEAF.get(leaf)
     if role is None or context is None:

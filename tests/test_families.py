@@ -390,6 +390,25 @@ def test_a_renamed_llama_is_read_by_module_names():
     assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(LLAMA_LAST)
 
 
+BERT_SIZES = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 32,
+    "is_decoder": True,
+    **IDS,
+}
+BERT_LAST = (
+    "roberta.encoder.layer.1.intermediate.dense",
+    "roberta.encoder.layer.1.output.dense",
+    "roberta.encoder.layer.1.attention.self.query",
+    "roberta.encoder.layer.1.attention.self.key",
+    "roberta.encoder.layer.1.attention.self.value",
+    "roberta.encoder.layer.1.attention.output.dense",
+)
+
 UNROWED = {
     "gemma3_text": ({**LLAMA_SIZES, "head_dim": 8}, LLAMA_LAST),
     "stablelm": (LLAMA_SIZES, LLAMA_LAST),
@@ -399,6 +418,8 @@ UNROWED = {
     ),
     "gpt_bigcode": (ROWS["gpt2"].config, ROWS["gpt2"].last),  # GPT-2's names, in nn.Linear rather than Conv1D
     "olmoe": ({**MOE_SIZES, "num_experts": 4}, MOE_LAST),  # fused experts: attention only
+    # BERT's layer, here RoBERTa's decoder (LASER truncated RoBERTa's intermediate.dense / output.dense)
+    "roberta": (BERT_SIZES, BERT_LAST),
 }
 
 
@@ -413,6 +434,18 @@ def test_types_without_a_row_are_read_by_module_names(model_type):
     assert (match.family.name, match.matched_by, match.n_layers) == (model_type, "module names", 2)
     assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(last)
     assert bool(match.family.unsupported) == (model_type == "olmoe")
+    assert_exact_at_full_rank(model)
+
+
+def test_a_masked_roberta_reads_like_its_decoder():
+    """LASER's RoBERTa is the masked LM: its encoder layers read the same way, MLP and attention."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(RobertaConfig(**{**BERT_SIZES, "is_decoder": False})).eval()
+    match = find_family(model)
+    assert (match.matched_by, match.path, match.n_layers) == ("module names", "roberta.encoder.layer", 2)
+    assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(BERT_LAST)
     assert_exact_at_full_rank(model)
 
 
