@@ -43,6 +43,12 @@ TINY = {
     "num_layers": 2,
     "ffn_dim": 128,
     "n_positions": 64,
+    "decoder_layers": 2,  # seq2seq decoders
+    "encoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "encoder_ffn_dim": 128,
     "moe_intermediate_size": 32,
     "num_experts": 4,
     "num_local_experts": 4,

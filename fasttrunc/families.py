@@ -389,6 +389,9 @@ _LATENT_KV = (
 # Leaf names that are an output projection of whichever sub-module holds them (attention or MLP).
 _OUTPUT_LEAVES = ("dense", "c_proj", "wo", "proj", "out")
 _ATTENTION_WORDS = ("attn", "attention")
+# Sub-modules of a decoder block that attend to an encoder's states (BART-style decoders): their
+# linears play no alias, so the attention aliases name the block's self-attention.
+_CROSS_ATTENTION = ("encoder_attn", "crossattention", "cross_attn")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
 
 
@@ -409,6 +412,8 @@ def _role(rel: str) -> str | None:
     ``key`` inside the MLP) says nothing.
     """
     leaf = rel.rsplit(".", 1)[-1].lower()
+    if any(p in _CROSS_ATTENTION for p in rel.lower().split(".")[:-1]):
+        return None  # cross-attention: selectable by regex, never by an alias
     context = _context(rel)
     if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
         if context is None and leaf == "dense":

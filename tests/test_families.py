@@ -409,6 +409,20 @@ BERT_LAST = (
     "roberta.encoder.layer.1.attention.output.dense",
 )
 
+BART_SIZES = {
+    "vocab_size": VOCAB,
+    "d_model": 32,
+    "decoder_layers": 2,
+    "encoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_ffn_dim": 48,
+    "encoder_ffn_dim": 48,
+    "max_position_embeddings": 32,
+    **IDS,
+}
+BART_LAST = ROWS["opt"].last  # OPT's decoder names: fc1, fc2 and self_attn's four projections
+
 UNROWED = {
     "gemma3_text": ({**LLAMA_SIZES, "head_dim": 8}, LLAMA_LAST),
     "stablelm": (LLAMA_SIZES, LLAMA_LAST),
@@ -420,6 +434,8 @@ UNROWED = {
     "olmoe": ({**MOE_SIZES, "num_experts": 4}, MOE_LAST),  # fused experts: attention only
     # BERT's layer, here RoBERTa's decoder (LASER truncated RoBERTa's intermediate.dense / output.dense)
     "roberta": (BERT_SIZES, BERT_LAST),
+    # A seq2seq decoder: the aliases name its self-attention, its encoder_attn is left to regexes
+    "bart": (BART_SIZES, BART_LAST),
 }
 
 
@@ -435,6 +451,18 @@ def test_types_without_a_row_are_read_by_module_names(model_type):
     assert resolve_targets(model, Targets(layers=[-1], matrices="all")) == list(last)
     assert bool(match.family.unsupported) == (model_type == "olmoe")
     assert_exact_at_full_rank(model)
+
+
+def test_cross_attention_plays_no_alias_and_stays_selectable_by_regex():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("bart", **BART_SIZES)).eval()
+    names = resolve_targets(model, Targets(matrices="all"))
+    assert names and not any("encoder_attn" in n for n in names)
+    cross = r"model\.decoder\.layers\.1\.encoder_attn\.q_proj"
+    with truncate_(model, cross, 4) as truncation:
+        assert list(truncation) == ["model.decoder.layers.1.encoder_attn.q_proj"]
 
 
 def test_a_masked_roberta_reads_like_its_decoder():
@@ -557,12 +585,13 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class CrossBlock(nn.Module):
-    """Two attentions, each with a q_proj: which one is attn_q cannot be told by name."""
+    """Two attentions, each with a q_proj: which one is attn_q cannot be told by name (a
+    sub-module named as a cross-attention, encoder_attn or cross_attn, would be left out)."""
 
     def __init__(self, d: int = 8):
         super().__init__()
-        self.self_attn, self.cross_attn = nn.Module(), nn.Module()
-        for attn in (self.self_attn, self.cross_attn):
+        self.self_attn, self.local_attn = nn.Module(), nn.Module()
+        for attn in (self.self_attn, self.local_attn):
             attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (nn.Linear(d, d) for _ in range(4))
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
@@ -573,7 +602,7 @@ class CrossBlock(nn.Module):
     [
         (
             nn.ModuleDict({"blocks_": nn.ModuleList([CrossBlock(), CrossBlock()])}),
-            r"2 linears look like attn_q \(self_attn\.q_proj, cross_attn\.q_proj\)",
+            r"2 linears look like attn_q \(self_attn\.q_proj, local_attn\.q_proj\)",
             r"blocks_\.<i>\.\{self_attn\.q_proj, self_attn\.k_proj, .*, mlp\.fc2\}",
         ),
         (
