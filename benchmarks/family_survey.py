@@ -109,14 +109,13 @@ def survey_one(model_type: str) -> dict[str, Any]:
         match = find_family(model)
     except ValueError as exc:
         return {"status": "no family", "reason": str(exc)}
+    by = {"model_type": "row"}.get(match.matched_by, match.matched_by)
     record: dict[str, Any] = {
-        "status": "attention only" if "mlp_in" in match.family.unsupported else match.matched_by,
+        "status": "attention only" if "mlp_in" in match.family.unsupported else by,
         "family": match.family.name,
         "layers": match.n_layers,
     }
-    if record["status"] == "model_type":
-        record["status"] = "row"
-    targets = Targets(layers=[-1], matrices="attn" if "mlp_in" in match.family.unsupported else "all")
+    targets = Targets(layers=[-1], matrices="all")  # the members the row has: attention only where so
     record["targets"] = len(resolve_targets(model, targets))
     ids = torch.randint(0, 100, (1, 8))
     try:

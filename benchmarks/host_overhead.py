@@ -42,13 +42,28 @@ VARIANTS = (
 )
 
 
+def _cell(scheme: str, m: int) -> tuple[Any, Any, Any, Any, tuple[Any, ...]]:
+    """One timed cell, 2048 -> 8192 at rank 128 in fp32: its tunables, x, a, b and launch key."""
+    import torch
+
+    from fasttrunc.kernels.lowrank_plan import LowrankTunables
+
+    tunables = LowrankTunables(force_scheme=scheme)
+    x, a, b = torch.randn(m, 2048), torch.randn(128, 2048), torch.randn(8192, 128)
+    return tunables, x, a, b, (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
+
+
+def _stub_runners(steps: Any, all_aligned: tuple[bool, ...]) -> None:
+    for step in steps:
+        step.runners = {all_aligned: lambda *args: None}
+
+
 def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
     """Median microseconds per call (CPU and wall), per scheme and variant, with the runner stubbed."""
     import torch
 
     from fasttrunc.kernels import _lowrank_launch
     from fasttrunc.kernels.lowrank import lowrank_linear
-    from fasttrunc.kernels.lowrank_plan import LowrankTunables
 
     saved_env = os.environ.get("FASTTRUNC_BACKEND")
     os.environ["FASTTRUNC_BACKEND"] = "triton"
@@ -65,17 +80,13 @@ def measure(calls: int = 20000, repeats: int = 7) -> dict[str, Any]:
             # what fasttrunc adds in front of cuBLAS's own launches.
             _lowrank_launch.two_gemms = lambda x, a, b, bias: x
             for scheme, m in (("splitk", 1), ("tiled", 512), ("torch", 1)):
-                tunables = LowrankTunables(force_scheme=scheme)
-                x = torch.randn(m, 2048)
-                a, b = torch.randn(128, 2048), torch.randn(8192, 128)
+                tunables, x, a, b, key = _cell(scheme, m)
                 results[scheme] = {}
                 for name, devices, binds in VARIANTS:
                     _lowrank_launch.cuda_device_count = lambda devices=devices: devices
                     _lowrank_launch.BOUND = {} if binds else _NeverBinds()
                     lowrank_linear(x, a, b, tunables=tunables)
-                    key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
-                    for step in _lowrank_launch._PREPARED[key].steps:
-                        step.runners = {_lowrank_launch.ALL_ALIGNED: lambda *args: None}
+                    _stub_runners(_lowrank_launch._PREPARED[key].steps, _lowrank_launch.ALL_ALIGNED)
                     wall, cpu = [], []
                     for _ in range(repeats):
                         start, start_cpu = time.perf_counter(), time.process_time()
@@ -108,10 +119,7 @@ def compare_bound(rev: str, calls: int = 20000, rounds: int = 9) -> dict[str, di
     import tempfile
     import timeit
 
-    import torch
-
     from fasttrunc.kernels import _lowrank_launch as current
-    from fasttrunc.kernels.lowrank_plan import LowrankTunables
 
     root = Path(__file__).resolve().parents[1]
     source = subprocess.run(
@@ -133,14 +141,11 @@ def compare_bound(rev: str, calls: int = 20000, rounds: int = 9) -> dict[str, di
         for mod in modules.values():
             mod.is_cuda, mod.cuda_device_count = (lambda device: True), (lambda: 1)
         for scheme, m in (("splitk", 1), ("tiled", 512)):
-            tunables = LowrankTunables(force_scheme=scheme)
-            x, a, b = torch.randn(m, 2048), torch.randn(128, 2048), torch.randn(8192, 128)
-            key = (m, 2048, 8192, 128, torch.float32, x.device, False, 2048, 2048, 128, tunables)
+            tunables, x, a, b, key = _cell(scheme, m)
             bounds = {}
             for name, mod in modules.items():
                 prepared = mod.prepare(key)
-                for step in prepared.steps:
-                    step.runners = {mod.ALL_ALIGNED: lambda *args: None}
+                _stub_runners(prepared.steps, mod.ALL_ALIGNED)
                 bounds[name] = (mod, mod.BoundLaunch(tunables, prepared, x, 8192))
             times: dict[str, list[float]] = {name: [] for name in modules}
             for i in range(rounds):

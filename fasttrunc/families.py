@@ -411,15 +411,16 @@ def _role(rel: str) -> str | None:
     A name the surrounding sub-module contradicts (a ``gate_proj`` inside the attention, a
     ``key`` inside the MLP) says nothing.
     """
-    leaf = rel.rsplit(".", 1)[-1].lower()
-    if any(p in _CROSS_ATTENTION for p in rel.lower().split(".")[:-1]):
+    lowered = rel.lower()
+    *parents, leaf = lowered.split(".")
+    if any(p in _CROSS_ATTENTION for p in parents):
         return None  # cross-attention: selectable by regex, never by an alias
     context = _context(rel)
     if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
         if context is None and leaf == "dense":
             # BERT's layer (RoBERTa, ELECTRA, ...): intermediate.dense then output.dense is the MLP
             # (the attention's own output is attention.output.dense).
-            return {"intermediate.dense": "mlp_in", "output.dense": "mlp_out"}.get(rel.lower())
+            return {"intermediate.dense": "mlp_in", "output.dense": "mlp_out"}.get(lowered)
         return {"attn": "attn_out", "mlp": "mlp_out", None: None}[context]
     role = _ROLE_BY_LEAF.get(leaf)
     if role is None or context is None:
@@ -465,7 +466,7 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
     parts = [one[a] for a in QKV_PARTS if a in one]
     latent = [one[r] for r in ("q_a", "q_b", "kv_a", "kv_b") if r in one]
     if latent:
-        query = [one[r] for r in ("q_a", "q_b") if r in one] or [one[a] for a in ("attn_q",) if a in one]
+        query = [one[r] for r in ("q_a", "q_b") if r in one] or ([one["attn_q"]] if "attn_q" in one else [])
         kv = [one[r] for r in ("kv_a", "kv_b") if r in one]
         if len(kv) != 2 or len(query) not in (1, 2) or ("q_a" in one) != ("q_b" in one):
             raise _NoRow(f"only part of a latent attention is known by name ({', '.join(latent)})")

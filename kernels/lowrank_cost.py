@@ -235,11 +235,12 @@ def log_error(model: LowrankCostModel, points: Sequence[Measured]) -> float:
     """Root-mean-square of ``ln(estimate / measured)`` over the points (0.1 ~ 10% typical error)."""
     if not points:
         return 0.0
-    total = 0.0
-    for p in points:
-        est = plan_us(p.plan, p.m, p.k, p.n, p.r, p.dtype, p.sms, model)
-        total += math.log(est / p.us) ** 2
-    return math.sqrt(total / len(points))
+    return math.sqrt(sum(v * v for v in _residuals(model, points)) / len(points))
+
+
+def _residuals(model: LowrankCostModel, points: Sequence[Measured]) -> list[float]:
+    """``ln(estimate / measured)`` per point."""
+    return [math.log(plan_us(p.plan, p.m, p.k, p.n, p.r, p.dtype, p.sms, model) / p.us) for p in points]
 
 
 # Multiplicative steps tried per constant and pass, coarse to fine.
@@ -283,10 +284,6 @@ def _descend(
                         best, best_loss, improved = trial, trial_loss, True
                         value = candidate
     return best
-
-
-def _residuals(model: LowrankCostModel, points: Sequence[Measured]) -> list[float]:
-    return [math.log(plan_us(p.plan, p.m, p.k, p.n, p.r, p.dtype, p.sms, model) / p.us) for p in points]
 
 
 def _refine(model: LowrankCostModel, names: Iterable[str], points: Sequence[Measured]) -> LowrankCostModel:
