@@ -10,6 +10,9 @@ from its default config shrunk to tiny sizes (2 layers, width 64), then how fast
   ``full_rank_error`` is the largest relative logit change with those truncated at full rank
   (rounding only; it must be ~1e-6);
 - ``attention only``: the MLP is fused experts, so only the attention aliases apply;
+- ``MLP only``: the blocks mix tokens otherwise than by attention (Mamba, a convolution, a
+  recurrence) in some or all of them, so only the MLP aliases apply (at 2 layers a hybrid's
+  attention layers are often cut away);
 - ``no family``: fasttrunc refuses it with the reason it gives (select by regex instead);
 - ``not built`` / ``timeout``: the tiny config does not make a working model (the survey's
   shrinking, not fasttrunc), or building and running took longer than ``--timeout``.
@@ -65,6 +68,14 @@ TINY = {
     "v_head_dim": 16,
 }
 
+# Hybrids: the second of the two layers an attention, the first the type's other token mixer (their
+# defaults put attention at indices a 2-layer model does not have, and transformers' forward then fails).
+HYBRID_LAYERS = {
+    "bamba": {"attn_layer_indices": [1]},
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+}
+
 
 class _Timeout(Exception):
     pass
@@ -76,6 +87,7 @@ def _tiny_model(model_type: str) -> Any:
 
     defaults = AutoConfig.for_model(model_type)
     sizes = {name: value for name, value in TINY.items() if hasattr(defaults, name)}
+    sizes.update(HYBRID_LAYERS.get(model_type, {}))
     if "qk_rope_head_dim" in sizes:
         sizes.pop("head_dim", None)  # latent attention: derived from the rotary part
     try:  # through the constructor, so that derived sizes (head_dim of latent attention, ...) follow
@@ -111,11 +123,17 @@ def survey_one(model_type: str) -> dict[str, Any]:
         return {"status": "no family", "reason": str(exc)}
     by = {"model_type": "row"}.get(match.matched_by, match.matched_by)
     record: dict[str, Any] = {
-        "status": "attention only" if "mlp_in" in match.family.unsupported else by,
+        "status": (
+            "attention only"
+            if "mlp_in" in match.family.unsupported
+            else "MLP only"
+            if "attn_qkv" in match.family.unsupported
+            else by
+        ),
         "family": match.family.name,
         "layers": match.n_layers,
     }
-    targets = Targets(layers=[-1], matrices="all")  # the members the row has: attention only where so
+    targets = Targets(layers=[-1], matrices="all")  # the members the row has: attention or MLP only where so
     record["targets"] = len(resolve_targets(model, targets))
     ids = torch.randint(0, 100, (1, 8))
     try:

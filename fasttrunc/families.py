@@ -392,6 +392,10 @@ _ATTENTION_WORDS = ("attn", "attention")
 # Sub-modules of a decoder block that attend to an encoder's states (BART-style decoders): their
 # linears play no alias, so the attention aliases name the block's self-attention.
 _CROSS_ATTENTION = ("encoder_attn", "crossattention", "cross_attn")
+# Sub-modules that mix tokens without softmax attention (state-space, linear-attention and
+# recurrent mixers: Mamba's, Gated DeltaNet's, ...): their linears (in_proj, out_proj, ...) play no
+# alias either, so a hybrid block's attention aliases name only its attention.
+_OTHER_MIXERS = ("mamba", "ssm", "linear_attn", "rwkv")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
 
 
@@ -415,6 +419,8 @@ def _role(rel: str) -> str | None:
     *parents, leaf = lowered.split(".")
     if any(p in _CROSS_ATTENTION for p in parents):
         return None  # cross-attention: selectable by regex, never by an alias
+    if any(word in p for p in parents for word in _OTHER_MIXERS):
+        return None  # a state-space or linear-attention mixer: selectable by regex only
     context = _context(rel)
     if leaf in _OUTPUT_LEAVES and leaf not in _ROLE_BY_LEAF:
         if context is None and leaf == "dense":
@@ -441,16 +447,25 @@ def _block_linears(block: nn.Module) -> list[str]:
 
 
 def _fused_experts(block: nn.Module) -> list[str]:
-    """Names of parameters with three or more dimensions: experts fused into one tensor."""
-    return [name for name, p in block.named_parameters() if p.dim() >= 3]
+    """Names of parameters with three or more dimensions in the block's MLP or experts: experts
+    fused into one tensor. A convolution's kernel (Mamba's conv1d) or a recurrent mixer's gates
+    (RecurrentGemma's RG-LRU) elsewhere in the block are 3-D too, and are not experts."""
+    return [
+        name
+        for name, p in block.named_parameters()
+        if p.dim() >= 3 and (any(word in name.lower() for word in ("expert", "moe")) or _context(name) == "mlp")
+    ]
 
 
-def _matrices_by_name(block: nn.Module) -> _Reading:
-    """``(matrices, fused, unsupported)`` of a row read from one block's linear names, or _NoRow."""
+def _claims(block: nn.Module, part: str | None = None) -> dict[str, str]:
+    """Role -> the one linear of ``block`` that plays it by name, or _NoRow when two do.
+
+    ``part`` ("attn" or "mlp") keeps only the roles of that part of the block.
+    """
     claims: dict[str, list[str]] = {}
     for rel in _block_linears(block):
         role = _role(rel)
-        if role is not None:
+        if role is not None and (part is None or _part_of(role) == part):
             claims.setdefault(role, []).append(rel)
     doubled = {role: rels for role, rels in claims.items() if len(rels) > 1}
     if doubled:
@@ -460,6 +475,16 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
     one = {role: rels[0] for role, rels in claims.items()}
     if "mlp_up" in one and "mlp_in" not in one and "gate_up" not in one:
         one["mlp_in"] = one.pop("mlp_up")  # an ungated MLP named up/down: its up projection is its input
+    return one
+
+
+def _part_of(role: str) -> str:
+    """The part of a block a role belongs to: "mlp" or "attn"."""
+    return "mlp" if role.startswith("mlp") or role == "gate_up" else "attn"
+
+
+def _attention_reading(one: dict[str, str]) -> _Reading:
+    """The attention aliases of a block's claims (any MLP roles ignored), or _NoRow."""
     matrices: dict[str, tuple[str, ...]] = {}
     fused: dict[str, str] = {}
     unsupported: dict[str, str] = {}
@@ -485,22 +510,51 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
         matrices["attn_qkv"] = tuple(parts)
     elif parts:
         raise _NoRow(f"only some of the query, key and value projections are known by name ({', '.join(parts)})")
+    if "attn_out" in one:
+        matrices["attn_out"] = (one["attn_out"],)
+    return matrices, fused, unsupported
+
+
+def _mlp_reading(one: dict[str, str], experts: list[str]) -> _Reading:
+    """The MLP aliases of a block's claims (any attention roles ignored), or _NoRow; with fused
+    ``experts`` (3-D parameters) every MLP alias is refused, naming them."""
+    if experts:  # a linear MLP beside fused experts (a shared expert) is not the block's MLP
+        return {}, {}, _experts_unsupported(", ".join(experts))
+    matrices: dict[str, tuple[str, ...]] = {}
+    fused: dict[str, str] = {}
     if "gate_up" in one:
         if "mlp_in" in one or "mlp_up" in one:
             raise _NoRow(f"both a fused gate-up ({one['gate_up']}) and separate gate or up projections")
         matrices["mlp_in"] = (one["gate_up"],)
         fused["mlp_up"] = "mlp_in"
-    matrices.update({alias: (one[alias],) for alias in ("mlp_in", "mlp_up", "mlp_out", "attn_out") if alias in one})
-    experts = _fused_experts(block)
-    if experts:  # a linear MLP beside fused experts (a shared expert) is not the block's MLP
-        refused = _experts_unsupported(", ".join(experts))
-        matrices = {alias: rels for alias, rels in matrices.items() if alias not in refused}
-        fused = {alias: whole for alias, whole in fused.items() if alias not in refused}
-        unsupported.update(refused)
-    wanted = ("attn_qkv", "attn_out") + (() if experts else ("mlp_in", "mlp_out"))
-    missing = [alias for alias in wanted if alias not in matrices]
+    matrices.update({alias: (one[alias],) for alias in ("mlp_in", "mlp_up", "mlp_out") if alias in one})
+    return matrices, fused, {}
+
+
+def _missing(reading: _Reading, wanted: tuple[str, ...]) -> None:
+    missing = [alias for alias in wanted if alias not in reading[0] and alias not in reading[2]]
     if missing:
         raise _NoRow(f"no linear is known by name as {', '.join(missing)}")
+
+
+def _matrices_by_name(block: nn.Module) -> _Reading:
+    """``(matrices, fused, unsupported)`` of a row read from one block's linear names, or _NoRow."""
+    one = _claims(block)
+    attention = _attention_reading(one)
+    mlp = _mlp_reading(one, _fused_experts(block))
+    reading = _merged(attention, mlp)
+    _missing(reading, ("attn_qkv", "attn_out", "mlp_in", "mlp_out"))
+    return reading
+
+
+def _merged(*readings: _Reading) -> _Reading:
+    matrices: dict[str, tuple[str, ...]] = {}
+    fused: dict[str, str] = {}
+    unsupported: dict[str, str] = {}
+    for part_matrices, part_fused, part_unsupported in readings:
+        matrices.update(part_matrices)
+        fused.update(part_fused)
+        unsupported.update(part_unsupported)
     return matrices, fused, unsupported
 
 
@@ -526,24 +580,103 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
     """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently).
 
-    One difference is read: dense MLP blocks beside blocks of fused experts (the first layers of
-    many mixtures of experts are dense) with the same attention. The row is then attention only,
-    as for an all-experts model, its reason naming the dense layers (selectable by regex).
+    Two differences are read. Dense MLP blocks beside blocks of fused experts (the first layers
+    of many mixtures of experts are dense) with the same attention: the row is then attention
+    only, as for an all-experts model, its reason naming the dense layers (selectable by regex).
+    And hybrid blocks, one linear MLP after attention in some blocks and another token mixer
+    (state-space, convolution, recurrence) in the others: the row is then MLP only
+    (:func:`_mlp_beside_mixers`).
     """
-    first = _matrices_by_name(layers[0])
-    readings = [first]
-    for index in range(1, len(layers)):
+    readings: list[_Reading] = []
+    failure = None
+    for index, block in enumerate(layers):
         try:
-            readings.append(_matrices_by_name(layers[index]))
+            readings.append(_matrices_by_name(block))
         except _NoRow as exc:
-            raise _NoRow(f"{path}.{index}: {exc}") from None
-    differing = next((i for i, reading in enumerate(readings) if reading != first), None)
-    if differing is None:
-        return first
-    mixed = _dense_beside_experts(path, readings)
-    if mixed is None:
-        raise _NoRow(f"its blocks differ: {path}.0 and {path}.{differing} do not hold the same linears")
-    return mixed
+            failure = _NoRow(f"{path}.{index}: {exc}")
+            break
+    if failure is None:
+        differing = next((i for i, reading in enumerate(readings) if reading != readings[0]), None)
+        if differing is None:
+            return readings[0]
+        failure = _NoRow(f"its blocks differ: {path}.0 and {path}.{differing} do not hold the same linears")
+        mixed = _dense_beside_experts(path, readings)
+        if mixed is not None:
+            return mixed
+    hybrid = _mlp_beside_mixers(path, layers)
+    if hybrid is None:
+        raise failure
+    return hybrid
+
+
+def _layer_list(indices: list[int]) -> str:
+    """``layer 3``, ``layers 0-2`` (a run) or ``layers 0, 1, 3``."""
+    if len(indices) == 1:
+        return f"layer {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"layers {indices[0]}-{indices[-1]}"
+    return f"layers {', '.join(map(str, indices))}"
+
+
+def _mlp_beside_mixers(path: str, layers: nn.ModuleList) -> _Reading | None:
+    """The MLP-only row of hybrid blocks (Bamba, LFM2, RecurrentGemma, ...): every block holds the
+    same linear MLP, and its token mixer is a softmax attention read by name in some blocks and
+    linears without a query, key or value name (a state-space, convolution or recurrent mixer)
+    in the others.
+
+    None when the MLPs differ or are fused experts, when every block's attention reads alike (the
+    difference is elsewhere), or when a block's attention is only partly known by name (two
+    query projections, a query without a key, ...: ambiguous, still refused, with that block's
+    reason). The attention aliases are refused, saying which layers hold which other linears,
+    with a regex for one.
+    """
+    mlps: list[_Reading] = []
+    attentions: list[_Reading | None] = []
+    unclear: _NoRow | None = None  # the first block whose attention is only partly known by name
+    for index, block in enumerate(layers):
+        try:
+            mlp = _mlp_reading(_claims(block, "mlp"), _fused_experts(block))
+            _missing(mlp, ("mlp_in", "mlp_out"))
+        except _NoRow:
+            return None
+        if mlp[2]:  # fused experts: no linear MLP to read
+            return None
+        mlps.append(mlp)
+        attention = None
+        try:
+            claims = _claims(block, "attn")
+            # No query, key or value by name (at most an out_proj, as LFM2's convolution has):
+            # another token mixer, not an attention.
+            if set(claims) - {"attn_out"}:
+                attention = _attention_reading(claims)
+                _missing(attention, ("attn_qkv", "attn_out"))
+        except _NoRow as exc:
+            unclear = unclear or _NoRow(f"{path}.{index}: {exc}")
+        attentions.append(attention)
+    if any(mlp != mlps[0] for mlp in mlps) or all(a is not None and a == attentions[0] for a in attentions):
+        return None
+    if unclear is not None:  # one MLP throughout, but a block's attention is ambiguous: say which
+        raise unclear
+    mlp_names = {rel for rels in mlps[0][0].values() for rel in rels}
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, block in enumerate(layers):
+        others = tuple(rel for rel in _block_linears(block) if rel not in mlp_names)
+        groups.setdefault(others, []).append(index)
+    held = "; ".join(
+        f"{_layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
+        for rels, indices in groups.items()
+    )
+    if any(attention is not None for attention in attentions):
+        reason = f"its blocks mix tokens differently, attention in some and not in others ({held})"
+    else:
+        reason = f"its blocks hold no attention known by name ({held})"
+    # The regex example names an attention where a block has one (the aliases refused are its).
+    shown = [i for i, attention in enumerate(attentions) if attention is not None] or list(range(len(layers)))
+    example = next(((rels[0], indices[0]) for rels, indices in groups.items() if rels and indices[0] in shown), None)
+    if example is not None:
+        reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
+    matrices, fused, _ = mlps[0]
+    return matrices, fused, dict.fromkeys(MATRIX_ALIASES[3:], reason)
 
 
 def _attention_part(reading: _Reading) -> _Reading:

@@ -17,12 +17,14 @@ def _module():
     return module
 
 
-def test_survey_reads_a_row_a_mixture_of_experts_and_a_refused_type(capsys):
+def test_survey_reads_a_row_a_mixture_of_experts_a_hybrid_and_a_refused_type(capsys):
     module = _module()
-    records = module.survey(["llama", "qwen2_moe", "mamba"])
+    records = module.survey(["llama", "qwen2_moe", "lfm2", "mamba"])
     assert records["llama"]["status"] == "row" and records["llama"]["targets"] == 7
     assert records["llama"]["full_rank_error"] < 1e-5
     assert records["qwen2_moe"]["status"] == "attention only" and records["qwen2_moe"]["targets"] == 4
+    assert records["lfm2"]["status"] == "MLP only" and records["lfm2"]["targets"] == 3
+    assert records["lfm2"]["full_rank_error"] < 1e-5
     assert records["mamba"]["status"] == "no family" and "cannot be read by module names" in records["mamba"]["reason"]
     assert module.main(["--types", "llama"]) == 0
     assert "summary: row 1 of 1" in capsys.readouterr().out

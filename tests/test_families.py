@@ -453,6 +453,122 @@ def test_types_without_a_row_are_read_by_module_names(model_type):
     assert_exact_at_full_rank(model)
 
 
+# Hybrid models: one linear MLP per block after attention in some blocks and another token mixer
+# (Mamba-2, a short convolution, an RG-LRU recurrence) in the others; layer 2 is the attention.
+HYBRID_SIZES = {**LLAMA_SIZES, "num_hidden_layers": 4, "head_dim": 8}
+HYBRIDS = {
+    "bamba": (
+        {**HYBRID_SIZES, "attn_layer_indices": [2], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8},
+        "feed_forward",
+        ("gate_proj", "up_proj", "down_proj"),
+        "layers 0, 1, 3 hold mamba.in_proj, mamba.out_proj; layer 2 holds self_attn.q_proj",
+    ),
+    "lfm2": (
+        {**HYBRID_SIZES, "layer_types": ["conv", "conv", "full_attention", "conv"]},
+        "feed_forward",
+        ("w1", "w3", "w2"),
+        "layers 0, 1, 3 hold conv.in_proj, conv.out_proj; layer 2 holds self_attn.q_proj",
+    ),
+    "recurrent_gemma": (
+        {**HYBRID_SIZES, "block_types": ["recurrent", "recurrent", "attention"], "lru_width": 32},
+        "mlp_block",
+        ("gate_proj", "up_proj", "down_proj"),
+        "layers 0, 1, 3 hold temporal_block.linear_y, temporal_block.linear_x, temporal_block.linear_out; layer 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(HYBRIDS))
+def test_hybrid_blocks_read_as_mlp_only_and_the_refusal_says_where_the_attention_is(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes, mlp, names, held = HYBRIDS[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).float().eval()
+    match = find_family(model)
+    assert (match.matched_by, match.n_layers) == ("module names", 4)
+    assert set(match.family.unsupported) == {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"}
+    assert resolve_targets(model, Targets(layers=[1, 2], matrices="all")) == [
+        f"model.layers.{i}.{mlp}.{name}" for i in (1, 2) for name in names
+    ]
+    before = state_hash(model)
+    with pytest.raises(ValueError) as info:
+        truncate_(model, Targets(layers=2, matrices="attn_q"), 0.5)
+    message = str(info.value)
+    assert "\n" not in message and "attention in some and not in others" in message and held in message, message
+    pattern = re.search(r"e\.g\. r'([^']+)'", message).group(1)
+    assert [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)] == [
+        f"model.layers.2.{'temporal_block' if model_type == 'recurrent_gemma' else 'self_attn'}.q_proj"
+    ]
+    assert no_truncated(model) and state_hash(model) == before
+    assert_exact_at_full_rank(model)
+
+
+def test_falcon_h1_reads_its_attention_and_mlp_beside_the_parallel_mamba():
+    """Falcon-H1 runs Mamba-2 beside attention in every block: Mamba's in_proj / out_proj play no
+    alias (they stay selectable by regex), so the block reads as a full row."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {
+        **LLAMA_SIZES,
+        "head_dim": 8,
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_ssm": 64,
+        "mamba_d_state": 8,
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("falcon_h1", **sizes)).float().eval()
+    match = find_family(model)
+    assert (match.matched_by, dict(match.family.unsupported)) == ("module names", {})
+    assert resolve_targets(model, Targets(layers=-1, matrices="all")) == [
+        *(f"model.layers.1.feed_forward.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+        *(f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ]
+    with truncate_(model, r"model\.layers\.1\.mamba\.out_proj", 4) as truncation:
+        assert list(truncation) == ["model.layers.1.mamba.out_proj"]
+    assert_exact_at_full_rank(model)
+
+
+class MixerBlock(nn.Module):
+    """A gated MLP after either an attention (q, k, v, o) or another mixer (in_proj, a conv, out_proj)."""
+
+    def __init__(self, attention: bool, d: int = 4):
+        super().__init__()
+        if attention:
+            self.self_attn = nn.Module()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(self.self_attn, name, nn.Linear(d, d))
+        else:
+            self.mixer = nn.Module()
+            self.mixer.in_proj, self.mixer.out_proj = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            self.mixer.conv1d = nn.Conv1d(2 * d, 2 * d, 3, groups=2 * d)  # a 3-D weight, not experts
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 8), nn.Linear(d, 8), nn.Linear(8, d)
+
+
+def test_hybrid_reading_needs_one_mlp_and_a_whole_attention():
+    model = nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(i % 2 == 1) for i in range(4))})
+    match = find_family(model)
+    assert sorted(match.family.matrices) == ["mlp_in", "mlp_out", "mlp_up"]
+    with pytest.raises(ValueError, match=r"layers 0, 2 hold mixer\.in_proj, mixer\.out_proj; layers 1, 3 hold"):
+        resolve_targets(model, Targets(layers=0, matrices="attn"))
+    # Without any attention the blocks still read (MLP only), saying so.
+    plain = nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(False) for _ in range(2))})
+    with pytest.raises(
+        ValueError, match=r"its blocks hold no attention known by name \(layers 0-1 hold mixer\.in_proj"
+    ):
+        resolve_targets(plain, Targets(layers=0, matrices="attn_out"))
+    # An attention only partly known by name stays refused, with the block's own reason.
+    del model["layers"][3].self_attn.k_proj
+    with pytest.raises(ValueError, match=r"layers\.3: only some of the query, key and value projections"):
+        find_family(model)
+    model["layers"][3] = MixerBlock(True)
+    model["layers"][3].mlp.up_proj = nn.Identity()  # the MLPs differ: refused
+    with pytest.raises(ValueError, match=r"matches no known model family"):
+        find_family(model)
+
+
 def test_cross_attention_plays_no_alias_and_stays_selectable_by_regex():
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -652,6 +768,8 @@ def test_an_ambiguous_model_lists_its_linears_and_says_how_to_select_them(model,
         ("self_attn.gate_proj", None),  # an attention output gate is not the MLP's gate
         ("feed_forward.key", None),  # RWKV's channel mix: a "key" inside the MLP is no attention key
         ("mlp.router", None),
+        ("mamba.out_proj", None),  # a state-space mixer's projections play no alias
+        ("linear_attn.out_proj", None),  # nor do a linear attention's (Qwen3-Next's Gated DeltaNet)
     ],
 )
 def test_linears_are_classified_by_name_and_the_sub_module_around_them(rel, role):
