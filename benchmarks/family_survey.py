@@ -74,6 +74,9 @@ HYBRID_LAYERS = {
     "bamba": {"attn_layer_indices": [1]},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},  # Qwen3.5's text_config
+    "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention"]},
 }
 
 
@@ -81,24 +84,58 @@ class _Timeout(Exception):
     pass
 
 
+def _sizes(defaults: Any, model_type: str | None = None) -> dict[str, Any]:
+    """The TINY sizes a config has (as settable fields, not derived properties), with token ids
+    moved inside the tiny vocabulary and, for a composite config (a multimodal model's), each
+    sub-config (``text_config``, ``vision_config``, ...) shrunk the same way, as a dict."""
+    settable = [
+        name
+        for name in TINY
+        if hasattr(defaults, name) and not isinstance(getattr(type(defaults), name, None), property)
+    ]
+    sizes = {name: TINY[name] for name in settable}
+    for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        value = getattr(defaults, name, None)
+        if isinstance(value, int) and value >= TINY["vocab_size"]:
+            sizes[name] = tiny_id
+    sizes.update(HYBRID_LAYERS.get(model_type or defaults.model_type, {}))
+    if "qk_rope_head_dim" in sizes:
+        sizes.pop("head_dim", None)  # latent attention: derived from the rotary part
+    for name, value in vars(defaults).items():
+        if hasattr(value, "to_dict") and isinstance(getattr(value, "model_type", None), str):
+            layers = getattr(value, "num_hidden_layers", None)
+            kept = {  # per-layer lists (layer_types, ...) are derived again for the tiny depth
+                key: item
+                for key, item in value.to_dict().items()
+                if not (isinstance(item, list) and layers and len(item) == layers)
+            }
+            sizes[name] = {**kept, **_sizes(value)}
+    return sizes
+
+
+def _set_sizes(config: Any, sizes: dict[str, Any]) -> None:
+    """Set what a config takes of ``sizes`` one by one (sub-configs' included), skipping refusals."""
+    for name, value in sizes.items():
+        try:
+            if isinstance(value, dict):
+                _set_sizes(getattr(config, name), _sizes(getattr(config, name)))
+            else:
+                setattr(config, name, value)
+        except Exception:  # noqa: BLE001 - a size this config refuses
+            pass
+
+
 def _tiny_model(model_type: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     defaults = AutoConfig.for_model(model_type)
-    sizes = {name: value for name, value in TINY.items() if hasattr(defaults, name)}
-    sizes.update(HYBRID_LAYERS.get(model_type, {}))
-    if "qk_rope_head_dim" in sizes:
-        sizes.pop("head_dim", None)  # latent attention: derived from the rotary part
+    sizes = _sizes(defaults, model_type)
     try:  # through the constructor, so that derived sizes (head_dim of latent attention, ...) follow
         config = AutoConfig.for_model(model_type, **sizes)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a config that refuses some size: set those it takes one by one
         config = defaults
-        for name, value in sizes.items():
-            try:
-                setattr(config, name, value)
-            except (AttributeError, TypeError, ValueError):
-                pass
+        _set_sizes(config, sizes)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 

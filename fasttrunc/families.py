@@ -561,7 +561,9 @@ def _merged(*readings: _Reading) -> _Reading:
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The outermost ModuleLists whose items share one class and hold linears, longest first.
 
-    A list inside an item of another (experts inside a layer) is not a list of blocks.
+    A list inside an item of another (experts inside a layer) is not a list of blocks. A list
+    inside a vision, audio or speech tower (a multimodal model's) is not the language model's:
+    it is left out while another list remains (and stays selectable by regex).
     """
     found = [
         (name, m)
@@ -574,7 +576,12 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     outer = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found if other)]
     if any(name == "" for name, _ in found):
         outer = [(name, m) for name, m in found if name == ""]
-    return sorted(outer, key=lambda item: -len(item[1]))
+    text = [(name, m) for name, m in outer if not any(word in name.lower() for word in _OTHER_TOWERS)]
+    return sorted(text or outer, key=lambda item: -len(item[1]))
+
+
+# Words in the path of a multimodal model's non-text towers (vision_tower, visual, audio_tower, ...).
+_OTHER_TOWERS = ("vision", "visual", "audio", "image", "speech")
 
 
 def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:

@@ -569,6 +569,21 @@ def test_hybrid_reading_needs_one_mlp_and_a_whole_attention():
         find_family(model)
 
 
+def test_a_multimodal_model_reads_its_language_blocks_not_its_vision_tower():
+    """A vision (or audio) tower's list of blocks is not the language model's, even when it is as
+    long or longer; it stays selectable by regex."""
+    model = nn.Module()
+    model.vision_tower = nn.Module()
+    model.vision_tower.layers = nn.ModuleList(UpDownBlock() for _ in range(3))
+    model.language_model = nn.Module()
+    model.language_model.layers = nn.ModuleList(UpDownBlock() for _ in range(2))
+    match = find_family(model)
+    assert (match.path, match.n_layers) == ("language_model.layers", 2)
+    assert resolve_targets(model, r"vision_tower\.layers\.0\.mlp\.up_proj") == ["vision_tower.layers.0.mlp.up_proj"]
+    del model.language_model  # a tower alone is still read
+    assert find_family(model).path == "vision_tower.layers"
+
+
 def test_cross_attention_plays_no_alias_and_stays_selectable_by_regex():
     from transformers import AutoConfig, AutoModelForCausalLM
 
