@@ -417,6 +417,8 @@ def _role(rel: str) -> str | None:
     """
     lowered = rel.lower()
     *parents, leaf = lowered.split(".")
+    if leaf == "linear" and parents:  # a wrapper's one linear (Moshi's q_proj.linear): named by the wrapper
+        *parents, leaf = parents
     if any(p in _CROSS_ATTENTION for p in parents):
         return None  # cross-attention: selectable by regex, never by an alias
     if any(word in p for p in parents for word in _OTHER_MIXERS):
@@ -730,7 +732,7 @@ def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, 
         try:
             rows.append((path, layers, _read_blocks(path, layers)))
         except _NoRow as exc:
-            reasons.append(str(exc) if str(exc).startswith(f"{path}.") else f"{path}.0: {exc}")
+            reasons.append(str(exc))  # every reason names the block (or blocks) it is about
     if len(rows) > 1:
         raise _NoRow(f"{len(rows)} lists of {len(longest[0][1])} blocks fit: {', '.join(p for p, _, _ in rows)}")
     if not rows:

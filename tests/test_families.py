@@ -478,13 +478,17 @@ HYBRIDS = {
 }
 
 
-@pytest.mark.parametrize("model_type", list(HYBRIDS))
-def test_hybrid_blocks_read_as_mlp_only_and_the_refusal_says_where_the_attention_is(model_type):
+def hybrid_tiny(model_type: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sizes, mlp, names, held = HYBRIDS[model_type]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).float().eval()
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **HYBRIDS[model_type][0])).float().eval()
+
+
+@pytest.mark.parametrize("model_type", list(HYBRIDS))
+def test_hybrid_blocks_read_as_mlp_only_and_the_refusal_says_where_the_attention_is(model_type):
+    _, mlp, names, held = HYBRIDS[model_type]
+    model = hybrid_tiny(model_type)
     match = find_family(model)
     assert (match.matched_by, match.n_layers) == ("module names", 4)
     assert set(match.family.unsupported) == {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"}
@@ -785,6 +789,8 @@ def test_an_ambiguous_model_lists_its_linears_and_says_how_to_select_them(model,
         ("mlp.router", None),
         ("mamba.out_proj", None),  # a state-space mixer's projections play no alias
         ("linear_attn.out_proj", None),  # nor do a linear attention's (Qwen3-Next's Gated DeltaNet)
+        ("self_attn.q_proj.linear", "attn_q"),  # a wrapper's one linear is named by the wrapper (Moshi)
+        ("mlp.fc1.linear", "mlp_in"),
     ],
 )
 def test_linears_are_classified_by_name_and_the_sub_module_around_them(rel, role):

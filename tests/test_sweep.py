@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_families import HYBRIDS, hybrid_tiny
 from test_families import TYPES as FAMILY_TYPES
 from test_families import tiny as family_tiny
 
@@ -285,6 +286,25 @@ def test_prefix_reuse_equals_the_plain_forward_for_every_row(metrics_close, mode
             assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
             metrics_close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
     assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
+
+
+@pytest.mark.parametrize("model_type", list(HYBRIDS))
+def test_prefix_reuse_equals_the_plain_forward_on_hybrids(metrics_close, model_type):
+    """Hybrid blocks (a Mamba, convolution or RG-LRU mixer before the MLP; attention in layer 2):
+    the cached blocks' outputs carry no recurrent state the later blocks need."""
+    model = hybrid_tiny(model_type)
+    enc = _prompts(model.get_output_embeddings().out_features)
+    batch = 3
+    cache = PrefixCache.for_model(model, batch)
+    layers = [1, 2, 3]  # after a mixer, the attention layer, after the attention
+    cache.capture([enc], layers)
+    assert _last_mlp_widths(model, cache, enc) == {1}, model_type
+    for layer in layers:
+        with truncate_(model, Targets(layers=layer, matrices="mlp_out"), 2):
+            reference = _plain_logits(model, enc)
+            got = _cached_logits(cache, enc, layer, batch)
+            assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
+            metrics_close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
 
 
 def test_screen_study_builds_random_models_of_other_families(tmp_path):
