@@ -10,6 +10,7 @@ from test_families import tiny as family_tiny
 
 from fasttrunc.experiments import sweep
 from fasttrunc.experiments.prefix import PrefixCache
+from fasttrunc.families import detect_family
 from fasttrunc.models import tiny_neox
 from fasttrunc.tasks.metrics import EncodedPrompts, aggregate, score
 from fasttrunc.truncation import Targets, resolve_targets, truncate_
@@ -264,28 +265,31 @@ def test_sweep_benchmark_reports_floor_baselines_and_screening():
     assert isinstance(screened.best_matches_exhaustive, bool)
 
 
-@pytest.mark.parametrize("model_type", FAMILY_TYPES)
-def test_prefix_reuse_equals_the_plain_forward_for_every_row(metrics_close, model_type):
-    """Every family row of tests/test_families.py: first, middle and last layer, with attn_out cut."""
-    from fasttrunc.families import detect_family
-
-    model = family_tiny(model_type)
-    _, blocks, n_layers = detect_family(model)
+def _assert_prefix_reuse_exact(metrics_close, model, layers, matrices):
+    """Cached-prefix logits and metrics of ``model`` equal the plain forward's, ``matrices`` of
+    each of ``layers`` truncated to rank 2; the last block's MLP runs at the last position only."""
+    family, blocks, _ = detect_family(model)
     enc = _prompts(model.get_output_embeddings().out_features)
     batch = 3
     cache = PrefixCache.for_model(model, batch)
-    layers = sorted({0, n_layers // 2, n_layers - 1})
     cache.capture([enc], layers)
-    family, _, _ = detect_family(model)
-    if family.mlp_module() is not None:  # the last block's MLP sees the last position only
-        assert _last_mlp_widths(model, cache, enc) == {1}, model_type
+    if family.mlp_module() is not None:
+        assert _last_mlp_widths(model, cache, enc) == {1}, family.name
     for layer in layers:
-        with truncate_(model, Targets(layers=layer, matrices="attn_out"), 2):
+        with truncate_(model, Targets(layers=layer, matrices=matrices), 2):
             reference = _plain_logits(model, enc)
             got = _cached_logits(cache, enc, layer, batch)
-            assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
+            assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (family.name, layer)
             metrics_close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
     assert all(type(b).__name__ != "CachedBlock" for b in model.get_submodule(blocks))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_prefix_reuse_equals_the_plain_forward_for_every_row(metrics_close, model_type):
+    """Every family row of tests/test_families.py: first, middle and last layer, with attn_out cut."""
+    model = family_tiny(model_type)
+    n_layers = detect_family(model)[2]
+    _assert_prefix_reuse_exact(metrics_close, model, sorted({0, n_layers // 2, n_layers - 1}), "attn_out")
 
 
 @pytest.mark.parametrize("model_type", list(HYBRIDS))
@@ -293,18 +297,8 @@ def test_prefix_reuse_equals_the_plain_forward_on_hybrids(metrics_close, model_t
     """Hybrid blocks (a Mamba, convolution or RG-LRU mixer before the MLP; attention in layer 2):
     the cached blocks' outputs carry no recurrent state the later blocks need."""
     model = hybrid_tiny(model_type)
-    enc = _prompts(model.get_output_embeddings().out_features)
-    batch = 3
-    cache = PrefixCache.for_model(model, batch)
-    layers = [1, 2, 3]  # after a mixer, the attention layer, after the attention
-    cache.capture([enc], layers)
-    assert _last_mlp_widths(model, cache, enc) == {1}, model_type
-    for layer in layers:
-        with truncate_(model, Targets(layers=layer, matrices="mlp_out"), 2):
-            reference = _plain_logits(model, enc)
-            got = _cached_logits(cache, enc, layer, batch)
-            assert ((got - reference).norm() / reference.norm()).item() < 1e-5, (model_type, layer)
-            metrics_close(aggregate(cache.score(layer, [enc])[0]), aggregate(score(model, enc, batch)))
+    assert detect_family(model)[0].mlp_module() is not None  # so the last-position MLP is checked
+    _assert_prefix_reuse_exact(metrics_close, model, [1, 2, 3], "mlp_out")  # after a mixer, attention, after it
 
 
 def test_screen_study_builds_random_models_of_other_families(tmp_path):
