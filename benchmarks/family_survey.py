@@ -66,6 +66,9 @@ TINY = {
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
+    # Gemma 3n / 4's per-layer inputs (an embedding of the whole vocabulary per layer)
+    "vocab_size_per_layer_input": 128,
+    "hidden_size_per_layer_input": 16,
 }
 
 # Hybrids: the second of the two layers an attention, the first the type's other token mixer (their
@@ -90,10 +93,12 @@ def _sizes(defaults: Any, model_type: str | None = None) -> dict[str, Any]:
     """The TINY sizes a config has (as settable fields, not derived properties), with token ids
     moved inside the tiny vocabulary and, for a composite config (a multimodal model's), each
     sub-config (``text_config``, ``vision_config``, ...) shrunk the same way, as a dict."""
+    # (A config's own fields: hasattr would read per-layer fields, which heterogeneous configs refuse.)
     settable = [
         name
         for name in TINY
-        if hasattr(defaults, name) and not isinstance(getattr(type(defaults), name, None), property)
+        if (name in vars(defaults) or hasattr(type(defaults), name))
+        and not isinstance(getattr(type(defaults), name, None), property)
     ]
     sizes = {name: TINY[name] for name in settable}
     for name, tiny_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
@@ -101,6 +106,8 @@ def _sizes(defaults: Any, model_type: str | None = None) -> dict[str, Any]:
         if isinstance(value, int) and value >= TINY["vocab_size"]:
             sizes[name] = tiny_id
     sizes.update(HYBRID_LAYERS.get(model_type or defaults.model_type, {}))
+    if isinstance(getattr(defaults, "per_layer_config", None), dict):
+        sizes["per_layer_config"] = {}  # overrides keyed by layer indices the tiny depth does not have
     if "qk_rope_head_dim" in sizes:
         sizes.pop("head_dim", None)  # latent attention: derived from the rotary part
     for name, value in vars(defaults).items():

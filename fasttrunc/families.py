@@ -685,7 +685,7 @@ def _mlp_beside_mixers(path: str, layers: nn.ModuleList) -> _Reading | None:
     if example is not None:
         reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
     matrices, fused, _ = mlps[0]
-    return matrices, fused, dict.fromkeys(MATRIX_ALIASES[3:], reason)
+    return matrices, fused, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)
 
 
 def _attention_part(reading: _Reading) -> _Reading:
@@ -709,14 +709,10 @@ def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | Non
     dense_mlp = sorted(
         {rel for alias, rels in readings[dense[0]][0].items() if alias.startswith("mlp") for rel in rels}
     )
-    layers = f"{dense[0]}" if len(dense) == 1 else f"{dense[0]}-{dense[-1]}"
-    if dense != list(range(dense[0], dense[-1] + 1)):
-        layers = ", ".join(map(str, dense))
     reason = readings[experts[0]][2]["mlp_in"]
     reason += (
-        f"; {'layer' if len(dense) == 1 else 'layers'} {layers} {'has' if len(dense) == 1 else 'have'} a dense "
-        f"MLP instead ({', '.join(dense_mlp)}): select those by regex, "
-        f"e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
+        f"; {_layer_list(dense)} {'has' if len(dense) == 1 else 'have'} a dense MLP instead "
+        f"({', '.join(dense_mlp)}): select those by regex, e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
     )
     return matrices, fused, {**refused, **dict.fromkeys(MATRIX_GROUPS["mlp"], reason)}
 
