@@ -10,9 +10,11 @@ from its default config shrunk to tiny sizes (2 layers, width 64), then how fast
   ``full_rank_error`` is the largest relative logit change with those truncated at full rank
   (rounding only; it must be ~1e-6);
 - ``attention only``: the MLP is fused experts, so only the attention aliases apply;
-- ``MLP only``: the blocks mix tokens otherwise than by attention (Mamba, a convolution, a
-  recurrence) in some or all of them, so only the MLP aliases apply (at 2 layers a hybrid's
-  attention layers are often cut away);
+- ``hybrid``: attention in some blocks and another token mixer (Mamba, a convolution, a
+  recurrence, a linear attention) in the others, so the attention aliases are in some layers
+  only (the MLP aliases in every layer, unless the MLP is fused experts: then ``attention only``);
+- ``MLP only``: no attention known by name in any block, or attentions that differ between
+  blocks, so only the MLP aliases apply;
 - ``no family``: fasttrunc refuses it with the reason it gives (select by regex instead);
 - ``not built`` / ``timeout``: the tiny config does not make a working model (the survey's
   shrinking, not fasttrunc), or building and running took longer than ``--timeout``.
@@ -174,6 +176,8 @@ def survey_one(model_type: str) -> dict[str, Any]:
             if "mlp_in" in match.family.unsupported
             else "MLP only"
             if "attn_qkv" in match.family.unsupported
+            else "hybrid"
+            if match.family.only_in
             else by
         ),
         "family": match.family.name,

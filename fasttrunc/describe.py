@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fasttrunc.families import MATRIX_ALIASES, expand_matrices, find_family, module_kind
+from fasttrunc.families import MATRIX_ALIASES, find_family, layer_aliases, layer_list, module_kind
 from fasttrunc.truncation import Targets, resolve_targets
 
 
@@ -46,6 +46,7 @@ class TargetsDescription:
     aliases: tuple[str, ...]  # every alias this family has
     fused: Mapping[str, str]  # alias -> the fused alias that holds it
     unsupported: Mapping[str, str]  # alias -> why this family cannot truncate it
+    only_in: Mapping[str, tuple[int, ...]]  # alias -> the layers that hold it, where not every layer does
     layers: tuple[LayerTargets, ...]
 
     def names(self) -> list[str]:
@@ -65,6 +66,7 @@ class TargetsDescription:
             "aliases": list(self.aliases),
             "fused": dict(self.fused),
             "unsupported": dict(self.unsupported),
+            "only_in": {alias: list(layers) for alias, layers in self.only_in.items()},
             "layers": [
                 {
                     "index": layer.index,
@@ -93,6 +95,10 @@ class TargetsDescription:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
         lines.extend(f"{alias}: part of {whole}" for alias, whole in self.fused.items())
+        held: dict[tuple[int, ...], list[str]] = {}
+        for alias, layers in self.only_in.items():
+            held.setdefault(layers, []).append(alias)
+        lines.extend(f"{', '.join(aliases)}: only in {layer_list(layers)}" for layers, aliases in held.items())
         reasons: dict[str, list[str]] = {}
         for alias, why in self.unsupported.items():
             reasons.setdefault(why, []).append(alias)
@@ -145,7 +151,7 @@ def describe_targets(
     resolve_targets(model, targets)  # every check truncate_ would make, with the same messages
     match = find_family(model)
     family = match.family
-    aliases = expand_matrices(targets.matrices, family)
+    order = _layer_order(targets.layers, match.n_layers)
     described = [
         LayerTargets(
             index,
@@ -157,7 +163,7 @@ def describe_targets(
                 for alias in aliases
             },
         )
-        for index in _layer_order(targets.layers, match.n_layers)
+        for index, aliases in layer_aliases(family, targets.matrices, order, every_layer=targets.layers is None)
     ]
     return TargetsDescription(
         family=family.name,
@@ -169,6 +175,7 @@ def describe_targets(
         aliases=family.aliases(),
         fused={a: family.fused[a] for a in MATRIX_ALIASES if a in family.fused},
         unsupported={a: family.unsupported[a] for a in MATRIX_ALIASES if a in family.unsupported},
+        only_in={a: family.only_in[a][0] for a in MATRIX_ALIASES if a in family.only_in},
         layers=tuple(described),
     )
 

@@ -119,6 +119,8 @@ class Family:
     ``matrices`` maps an alias to module names relative to one block. ``fused`` maps an alias
     that is part of a fused matrix to the alias that names the fused one (GPT-NeoX's ``attn_q``
     lives in ``attn_qkv``); ``unsupported`` maps an alias to why this family cannot truncate it.
+    ``only_in`` maps an alias that only some blocks hold (a hybrid model's attention) to those
+    blocks' layer indices and what the other layers hold instead; any other alias is in every layer.
     """
 
     name: str
@@ -128,9 +130,23 @@ class Family:
     fused: Mapping[str, str] = field(default_factory=dict)
     unsupported: Mapping[str, str] = field(default_factory=dict)
     example: str = ""  # a hub id of this family, for the documentation
+    only_in: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
 
     def aliases(self) -> tuple[str, ...]:
         return tuple(a for a in MATRIX_ALIASES if a in self.matrices)
+
+    def in_layer(self, alias: str, layer: int) -> bool:
+        """Whether block ``layer`` holds ``alias`` (one the family has), counting from 0."""
+        return alias not in self.only_in or layer in self.only_in[alias][0]
+
+    def not_in_layer(self, alias: str, layer: int) -> ValueError:
+        """The one-line error for ``alias`` asked of a block ``layer`` that does not hold it."""
+        layers, others = self.only_in[alias]
+        return ValueError(
+            f"matrix {alias!r} is only in {layer_list(layers)} of {self.name}, not in layer {layer} "
+            f"({others}); select those layers, e.g. Targets(layers={list(layers)}, matrices={alias!r}) "
+            f"(on the command line --layer {','.join(map(str, layers))}, in a sweep --layers {','.join(map(str, layers))})"
+        )
 
     def mlp_module(self) -> str | None:
         """The block's MLP module (relative to one block) when the row names one that holds both
@@ -586,15 +602,19 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 _OTHER_TOWERS = ("vision", "visual", "audio", "image", "speech")
 
 
-def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
+# alias -> (the layers that hold it, what the others hold instead): see Family.only_in
+_OnlyIn = dict[str, tuple[tuple[int, ...], str]]
+
+
+def _read_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn]:
     """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently).
 
     Two differences are read. Dense MLP blocks beside blocks of fused experts (the first layers
     of many mixtures of experts are dense) with the same attention: the row is then attention
     only, as for an all-experts model, its reason naming the dense layers (selectable by regex).
-    And hybrid blocks, one linear MLP after attention in some blocks and another token mixer
-    (state-space, convolution, recurrence) in the others: the row is then MLP only
-    (:func:`_mlp_beside_mixers`).
+    And hybrid blocks, one MLP throughout, after attention in some blocks and another token
+    mixer (state-space, convolution, recurrence) in the others (:func:`_hybrid_blocks`): the
+    attention aliases are then in those layers only.
     """
     readings: list[_Reading] = []
     failure = None
@@ -607,19 +627,20 @@ def _read_blocks(path: str, layers: nn.ModuleList) -> _Reading:
     if failure is None:
         differing = next((i for i, reading in enumerate(readings) if reading != readings[0]), None)
         if differing is None:
-            return readings[0]
+            return readings[0], {}
         failure = _NoRow(f"its blocks differ: {path}.0 and {path}.{differing} do not hold the same linears")
         mixed = _dense_beside_experts(path, readings)
         if mixed is not None:
-            return mixed
-    hybrid = _mlp_beside_mixers(path, layers)
+            return mixed, {}
+    hybrid = _hybrid_blocks(path, layers)
     if hybrid is None:
         raise failure
     return hybrid
 
 
-def _layer_list(indices: list[int]) -> str:
+def layer_list(indices: Sequence[int]) -> str:
     """``layer 3``, ``layers 0-2`` (a run) or ``layers 0, 1, 3``."""
+    indices = list(indices)
     if len(indices) == 1:
         return f"layer {indices[0]}"
     if indices == list(range(indices[0], indices[-1] + 1)):
@@ -627,17 +648,19 @@ def _layer_list(indices: list[int]) -> str:
     return f"layers {', '.join(map(str, indices))}"
 
 
-def _mlp_beside_mixers(path: str, layers: nn.ModuleList) -> _Reading | None:
-    """The MLP-only row of hybrid blocks (Bamba, LFM2, RecurrentGemma, ...): every block holds the
-    same linear MLP, and its token mixer is a softmax attention read by name in some blocks and
-    linears without a query, key or value name (a state-space, convolution or recurrent mixer)
-    in the others.
+def _hybrid_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn] | None:
+    """The row of hybrid blocks (Bamba, LFM2, RecurrentGemma, Qwen3.5, Qwen3-Next, ...): every
+    block holds the same MLP (linear, or fused experts), and its token mixer is an attention read
+    by name in some blocks and linears without a query, key or value name (a state-space,
+    convolution or recurrent mixer) in the others.
 
-    None when the MLPs differ or are fused experts, when every block's attention reads alike (the
-    difference is elsewhere), or when a block's attention is only partly known by name (two
-    query projections, a query without a key, ...: ambiguous, still refused, with that block's
-    reason). The attention aliases are refused, saying which layers hold which other linears,
-    with a regex for one.
+    When every attention block reads alike, the attention aliases are in those layers only
+    (``Family.only_in``, whose reason says what the other layers hold). When none reads, or they
+    differ among themselves, the attention aliases are refused, saying which layers hold which
+    linears, with a regex for one, and the row is MLP only. None when the MLPs differ, when
+    nothing would be readable, or when every block's attention reads alike (the difference is
+    elsewhere); a block whose attention is only partly known by name (two query projections, a
+    query without a key, ...) is ambiguous: _NoRow with that block's reason.
     """
     mlps: list[_Reading] = []
     attentions: list[_Reading | None] = []
@@ -645,10 +668,8 @@ def _mlp_beside_mixers(path: str, layers: nn.ModuleList) -> _Reading | None:
     for index, block in enumerate(layers):
         try:
             mlp = _mlp_reading(_claims(block, "mlp"), _fused_experts(block))
-            _missing(mlp, ("mlp_in", "mlp_out"))
+            _missing(mlp, ("mlp_in", "mlp_out"))  # (refused as fused experts counts as read)
         except _NoRow:
-            return None
-        if mlp[2]:  # fused experts: no linear MLP to read
             return None
         mlps.append(mlp)
         attention = None
@@ -671,21 +692,36 @@ def _mlp_beside_mixers(path: str, layers: nn.ModuleList) -> _Reading | None:
     for index, block in enumerate(layers):
         others = tuple(rel for rel in _block_linears(block) if rel not in mlp_names)
         groups.setdefault(others, []).append(index)
+    with_attention = [i for i, attention in enumerate(attentions) if attention is not None]
+    readable = [attentions[i] for i in with_attention]
+    if readable and all(attention == readable[0] for attention in readable):
+        attention = readable[0]
+        assert attention is not None
+        attention_names = {rel for rels in attention[0].values() for rel in rels}
+        instead = "; ".join(
+            f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
+            for rels, indices in groups.items()
+            if not attention_names & set(rels)
+        )
+        only_in = dict.fromkeys(attention[0], (tuple(with_attention), f"{instead} instead"))
+        return _merged(mlps[0], attention), only_in
+    if not mlps[0][0]:
+        return None  # fused experts and no attention read alike: no alias applies to any block
     held = "; ".join(
-        f"{_layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
+        f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
         for rels, indices in groups.items()
     )
-    if any(attention is not None for attention in attentions):
-        reason = f"its blocks mix tokens differently, attention in some and not in others ({held})"
+    if readable:
+        reason = f"its blocks hold attentions that differ ({held})"
     else:
         reason = f"its blocks hold no attention known by name ({held})"
     # The regex example names an attention where a block has one (the aliases refused are its).
-    shown = [i for i, attention in enumerate(attentions) if attention is not None] or list(range(len(layers)))
+    shown = with_attention or list(range(len(layers)))
     example = next(((rels[0], indices[0]) for rels, indices in groups.items() if rels and indices[0] in shown), None)
     if example is not None:
         reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
     matrices, fused, _ = mlps[0]
-    return matrices, fused, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)
+    return (matrices, fused, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)), {}
 
 
 def _attention_part(reading: _Reading) -> _Reading:
@@ -711,7 +747,7 @@ def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | Non
     )
     reason = readings[experts[0]][2]["mlp_in"]
     reason += (
-        f"; {_layer_list(dense)} {'has' if len(dense) == 1 else 'have'} a dense MLP instead "
+        f"; {layer_list(dense)} {'has' if len(dense) == 1 else 'have'} a dense MLP instead "
         f"({', '.join(dense_mlp)}): select those by regex, e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
     )
     return matrices, fused, {**refused, **dict.fromkeys(MATRIX_GROUPS["mlp"], reason)}
@@ -733,7 +769,7 @@ def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, 
         raise _NoRow(f"{len(rows)} lists of {len(longest[0][1])} blocks fit: {', '.join(p for p, _, _ in rows)}")
     if not rows:
         raise _NoRow("; ".join(reasons))
-    path, layers, (matrices, fused, unsupported) = rows[0]
+    path, layers, ((matrices, fused, unsupported), only_in) = rows[0]
     family = Family(
         name=model_type or type(layers[0]).__name__,
         model_types=() if model_type is None else (model_type,),
@@ -741,6 +777,7 @@ def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, 
         matrices=matrices,
         fused=fused,
         unsupported=unsupported,
+        only_in=only_in,
     )
     return family, path, len(layers)
 
@@ -823,6 +860,34 @@ def detect_family(model: nn.Module) -> tuple[Family, str, int]:
     """
     match = find_family(model)
     return match.family, match.path, match.n_layers
+
+
+def layer_aliases(
+    family: Family, matrices: str | Sequence[str], layers: Sequence[int], every_layer: bool = False
+) -> list[tuple[int, list[str]]]:
+    """Per layer of ``layers`` (indices from 0), the aliases of ``matrices`` its block holds.
+
+    Where a family's alias is only in some layers (``Family.only_in``): an alias named by itself
+    must be in every layer asked for, and a group gives each layer the members it holds; a layer
+    that holds none is an error, unless ``every_layer`` (the layers were not chosen one by one:
+    ``Targets(layers=None)``), where it is left out. Errors are one-line ValueErrors naming the
+    layers that hold the alias.
+    """
+    aliases = expand_matrices(matrices, family)
+    named = {m for m in ([matrices] if isinstance(matrices, str) else matrices) if m not in MATRIX_GROUPS}
+    out: list[tuple[int, list[str]]] = []
+    for layer in layers:
+        here = []
+        for alias in aliases:
+            if family.in_layer(alias, layer):
+                here.append(alias)
+            elif alias in named:
+                raise family.not_in_layer(alias, layer)
+        if here:
+            out.append((layer, here))
+        elif not every_layer:
+            raise family.not_in_layer(aliases[0], layer)
+    return out
 
 
 def expand_matrices(matrices: str | Sequence[str], family: Family | None = None) -> list[str]:

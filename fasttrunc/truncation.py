@@ -19,7 +19,7 @@ from torch import nn
 
 from fasttrunc import checks
 from fasttrunc.checks import show
-from fasttrunc.families import detect_family, expand_matrices, module_kind, truncatable_names
+from fasttrunc.families import detect_family, layer_aliases, module_kind, truncatable_names
 from fasttrunc.linear import TruncatedLinear
 from fasttrunc.ranks import Rank, resolve_rank, validate_rank_spec
 from fasttrunc.svd import Triplets, check_method, group_matrices, truncated_svd
@@ -115,9 +115,9 @@ def resolve_targets(model: nn.Module, targets: TargetSpec) -> list[str]:
     linears = truncatable_names(model)
     if isinstance(targets, Targets):
         family, path, n_layers = detect_family(model)
-        aliases = expand_matrices(targets.matrices, family)
+        layers = _expand_layers(targets.layers, n_layers)
         wanted: list[str] = []
-        for layer in _expand_layers(targets.layers, n_layers):
+        for layer, aliases in layer_aliases(family, targets.matrices, layers, every_layer=targets.layers is None):
             for alias in aliases:
                 wanted.extend(f"{path}.{layer}.{rel}" for rel in family.names_for(alias))
         wanted = list(dict.fromkeys(wanted))

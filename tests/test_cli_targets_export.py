@@ -152,6 +152,28 @@ def test_targets_without_a_family_or_a_config(tmp_path):
     assert "does not exist" in line
 
 
+def test_targets_of_a_hybrid_show_where_its_attention_is(tmp_path):
+    """LFM2's convolution blocks beside one attention block, read from the config alone."""
+    from transformers import AutoConfig
+
+    kinds = ["conv", "conv", "full_attention", "conv"]
+    config = AutoConfig.for_model("lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=4, layer_types=kinds)
+    config.save_pretrained(tmp_path)
+    result = invoke(["targets", "--model", str(tmp_path), "--matrix", "attn", "--json"])
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.output)
+    assert [layer["index"] for layer in described["layers"]] == [2]  # every layer: the attention where it is
+    assert described["only_in"] == dict.fromkeys(["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"], [2])
+    result = invoke(["targets", "--model", str(tmp_path), "--layer", "1-2"])
+    assert result.exit_code == 0 and "model.layers.2.self_attn.q_proj" in result.output
+    assert "model.layers.1.feed_forward.w1" in result.output and "only in layer 2" in result.output
+    line = one_line_error(invoke(["targets", "--model", str(tmp_path), "--matrix", "attn_q", "--layer", "1"]))
+    assert (
+        "matrix 'attn_q' is only in layer 2 of lfm2, not in layer 1" in line
+        and "--layer 2, in a sweep --layers 2" in line
+    )
+
+
 def test_targets_offline_hub_id_is_the_hub_error(offline):
     start = time.perf_counter()
     line = one_line_error(invoke(["targets", "--model", "EleutherAI/pythia-no-such-model"]))

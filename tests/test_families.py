@@ -457,23 +457,27 @@ def test_types_without_a_row_are_read_by_module_names(model_type):
 # (Mamba-2, a short convolution, an RG-LRU recurrence) in the others; layer 2 is the attention.
 HYBRID_SIZES = {**LLAMA_SIZES, "num_hidden_layers": 4, "head_dim": 8}
 HYBRIDS = {
+    # model type: (sizes, the MLP module, its linears, the attention module, the linears of the other mixer)
     "bamba": (
         {**HYBRID_SIZES, "attn_layer_indices": [2], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8},
         "feed_forward",
         ("gate_proj", "up_proj", "down_proj"),
-        "layers 0, 1, 3 hold mamba.in_proj, mamba.out_proj; layer 2 holds self_attn.q_proj",
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "mamba.in_proj, mamba.out_proj",
     ),
     "lfm2": (
         {**HYBRID_SIZES, "layer_types": ["conv", "conv", "full_attention", "conv"]},
         "feed_forward",
         ("w1", "w3", "w2"),
-        "layers 0, 1, 3 hold conv.in_proj, conv.out_proj; layer 2 holds self_attn.q_proj",
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "out_proj")),
+        "conv.in_proj, conv.out_proj",
     ),
     "recurrent_gemma": (
         {**HYBRID_SIZES, "block_types": ["recurrent", "recurrent", "attention"], "lru_width": 32},
         "mlp_block",
         ("gate_proj", "up_proj", "down_proj"),
-        "layers 0, 1, 3 hold temporal_block.linear_y, temporal_block.linear_x, temporal_block.linear_out; layer 2",
+        ("temporal_block", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "temporal_block.linear_y, temporal_block.linear_x, temporal_block.linear_out",
     ),
 }
 
@@ -486,24 +490,35 @@ def hybrid_tiny(model_type: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("model_type", list(HYBRIDS))
-def test_hybrid_blocks_read_as_mlp_only_and_the_refusal_says_where_the_attention_is(model_type):
-    _, mlp, names, held = HYBRIDS[model_type]
+def test_hybrid_blocks_read_the_mlp_everywhere_and_the_attention_where_it_is(model_type):
+    """One MLP in every block, attention in layer 2 and another token mixer in the others: the
+    MLP aliases name every layer's MLP, the attention aliases layer 2's attention only."""
+    _, mlp, names, (attn, attn_names), other = HYBRIDS[model_type]
     model = hybrid_tiny(model_type)
     match = find_family(model)
-    assert (match.matched_by, match.n_layers) == ("module names", 4)
-    assert set(match.family.unsupported) == {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"}
+    assert (match.matched_by, match.n_layers, dict(match.family.unsupported)) == ("module names", 4, {})
+    assert {alias: layers for alias, (layers, _) in match.family.only_in.items()} == dict.fromkeys(
+        ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out"), (2,)
+    )
+    attention = [f"model.layers.2.{attn}.{name}" for name in attn_names]
     assert resolve_targets(model, Targets(layers=[1, 2], matrices="all")) == [
-        f"model.layers.{i}.{mlp}.{name}" for i in (1, 2) for name in names
+        *(f"model.layers.1.{mlp}.{name}" for name in names),
+        *(f"model.layers.2.{mlp}.{name}" for name in names),
+        *attention,
     ]
+    assert resolve_targets(model, Targets(matrices="attn")) == attention  # every layer: where it is
+    assert resolve_targets(model, Targets(layers=2, matrices="attn_q")) == attention[:1]
     before = state_hash(model)
-    with pytest.raises(ValueError) as info:
-        truncate_(model, Targets(layers=2, matrices="attn_q"), 0.5)
-    message = str(info.value)
-    assert "\n" not in message and "attention in some and not in others" in message and held in message, message
-    pattern = re.search(r"e\.g\. r'([^']+)'", message).group(1)
-    assert [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)] == [
-        f"model.layers.2.{'temporal_block' if model_type == 'recurrent_gemma' else 'self_attn'}.q_proj"
-    ]
+    for targets in (Targets(matrices="attn_q"), Targets(layers=[2, 3], matrices="attn")):
+        with pytest.raises(ValueError) as info:
+            truncate_(model, targets, 0.5)
+        message = str(info.value)
+        assert "\n" not in message and f"of {model_type}, not in layer " in message, message
+        assert f"is only in layer 2 of {model_type}" in message and f"layers 0, 1, 3 hold {other} instead" in message
+        assert (
+            "e.g. Targets(layers=[2], matrices=" in message
+            and "on the command line --layer 2, in a sweep --layers 2" in message
+        )
     assert no_truncated(model) and state_hash(model) == before
     assert_exact_at_full_rank(model)
 
@@ -535,35 +550,59 @@ def test_falcon_h1_reads_its_attention_and_mlp_beside_the_parallel_mamba():
 
 
 class MixerBlock(nn.Module):
-    """A gated MLP after either an attention (q, k, v, o) or another mixer (in_proj, a conv, out_proj)."""
+    """An MLP (gated, or fused experts) after an attention (q, k, v, o; or q, k, v, wo) or another
+    mixer (in_proj, a conv, out_proj)."""
 
-    def __init__(self, attention: bool, d: int = 4):
+    def __init__(self, attention: bool, d: int = 4, experts: bool = False, out: str = "o_proj"):
         super().__init__()
         if attention:
             self.self_attn = nn.Module()
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for name in ("q_proj", "k_proj", "v_proj", out):
                 setattr(self.self_attn, name, nn.Linear(d, d))
         else:
             self.mixer = nn.Module()
             self.mixer.in_proj, self.mixer.out_proj = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
             self.mixer.conv1d = nn.Conv1d(2 * d, 2 * d, 3, groups=2 * d)  # a 3-D weight, not experts
         self.mlp = nn.Module()
-        self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 8), nn.Linear(d, 8), nn.Linear(8, d)
+        if experts:
+            self.mlp.experts = nn.Module()
+            self.mlp.experts.gate_up_proj = nn.Parameter(torch.randn(3, d, 16))
+            self.mlp.experts.down_proj = nn.Parameter(torch.randn(3, 8, d))
+        else:
+            self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = nn.Linear(d, 8), nn.Linear(d, 8), nn.Linear(8, d)
 
 
-def test_hybrid_reading_needs_one_mlp_and_a_whole_attention():
-    model = nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(i % 2 == 1) for i in range(4))})
+def hybrid(*attention: bool, **kinds) -> nn.Module:
+    return nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(a, **kinds) for a in attention)})
+
+
+def test_hybrid_reading_needs_one_mlp_and_one_whole_attention():
+    match = find_family(hybrid(False, True, False, True))
+    assert sorted(match.family.matrices) == sorted(GATED) and match.family.only_in["attn_out"][0] == (1, 3)
+    # Experts in every block (Qwen3-Next, Jamba's kin): the attention where it is, the MLP refused.
+    model = hybrid(False, True, False, True, experts=True)
     match = find_family(model)
-    assert sorted(match.family.matrices) == ["mlp_in", "mlp_out", "mlp_up"]
-    with pytest.raises(ValueError, match=r"layers 0, 2 hold mixer\.in_proj, mixer\.out_proj; layers 1, 3 hold"):
-        resolve_targets(model, Targets(layers=0, matrices="attn"))
+    assert sorted(match.family.matrices) == ["attn_k", "attn_out", "attn_q", "attn_qkv", "attn_v"]
+    assert resolve_targets(model, Targets(matrices="all")) == [
+        f"layers.{i}.self_attn.{p}" for i in (1, 3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ]
+    with pytest.raises(ValueError, match=r"matrix 'mlp_in' cannot be truncated in .*fused 3-D parameters"):
+        resolve_targets(model, Targets(layers=1, matrices="mlp_in"))
     # Without any attention the blocks still read (MLP only), saying so.
-    plain = nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(False) for _ in range(2))})
     with pytest.raises(
         ValueError, match=r"its blocks hold no attention known by name \(layers 0-1 hold mixer\.in_proj"
     ):
-        resolve_targets(plain, Targets(layers=0, matrices="attn_out"))
+        resolve_targets(hybrid(False, False), Targets(layers=0, matrices="attn_out"))
+    with pytest.raises(ValueError, match=r"matches no known model family"):  # ... and with experts, nothing reads
+        find_family(hybrid(False, False, experts=True))
+    # Attentions that differ among themselves (o_proj in one, wo in another): MLP only, naming both.
+    model = hybrid(False, True, True)
+    model["layers"][2] = MixerBlock(True, out="wo")
+    with pytest.raises(ValueError, match=r"its blocks hold attentions that differ \(layer 0 holds mixer\.in_proj"):
+        resolve_targets(model, Targets(layers=1, matrices="attn_q"))
+    assert resolve_targets(model, Targets(layers=2, matrices="mlp_out")) == ["layers.2.mlp.down_proj"]
     # An attention only partly known by name stays refused, with the block's own reason.
+    model = hybrid(False, True, False, True)
     del model["layers"][3].self_attn.k_proj
     with pytest.raises(ValueError, match=r"layers\.3: only some of the query, key and value projections"):
         find_family(model)

@@ -105,6 +105,34 @@ def test_cache_budget_too_small_exits_2(model_dir):
     assert result.exit_code == 2 and "holds less than one batch of one layer" in result.output
 
 
+def test_a_hybrid_sweeps_its_mlp_everywhere_and_its_attention_where_it_is(tmp_path):
+    """LFM2 with convolution blocks and one attention block (layer 2), the tiny tokenizer's vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_neox.build_tiny_tokenizer(tiny_neox.TinyNeoxConfig().names)
+    kinds = ["conv", "conv", "full_attention", "conv"]
+    sizes = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("lfm2", vocab_size=len(tok), layer_types=kinds, **sizes, **ids)
+    ).save_pretrained(tmp_path / "lfm2")
+    tok.save_pretrained(tmp_path / "lfm2")
+    args = _args(tmp_path / "lfm2", ranks="0.5")
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "mlp")]).exit_code == 0  # mlp_in, mlp_out: every layer
+    assert len((tmp_path / "mlp" / "cells.jsonl").read_text().splitlines()) == 4 * 2
+    result = runner.invoke(app, [*args, "--matrices", "attn_q"])
+    assert result.exit_code == 2 and "matrix 'attn_q' is only in layer 2 of lfm2, not in layer 0" in result.output
+    result = runner.invoke(
+        app, [*args, "--matrices", "attn_q,mlp_out", "--layers", "2", "--out", str(tmp_path / "attn")]
+    )
+    assert result.exit_code == 0, result.output
+    cells = [json.loads(line) for line in (tmp_path / "attn" / "cells.jsonl").read_text().splitlines()]
+    assert sorted((c["cell"]["layer"], c["cell"]["matrix"]) for c in cells) == [(2, "attn_q"), (2, "mlp_out")]
+
+
 def single_and_sharded(args: list[str], single: Path, sharded: Path, port: int) -> subprocess.CompletedProcess:
     """``args`` run in this process (one thread, as torchrun's ranks run) into ``single``, then under
     torchrun with two gloo ranks into ``sharded``; returns the torchrun run (checked to succeed)."""
