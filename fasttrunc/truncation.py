@@ -30,6 +30,9 @@ class Targets:
     """Layers (indices, negative from the end; None = every layer) x matrix aliases or groups.
 
     Types are checked here; ranges and aliases against the model when the targets are resolved.
+    Where only some layers hold an alias (a hybrid model's attention), a group gives each layer
+    the members it holds (over every layer, skipping those with none), and an alias named alone
+    must be in every layer selected (see :func:`fasttrunc.families.layer_aliases`).
     """
 
     layers: int | Sequence[int] | None = None
