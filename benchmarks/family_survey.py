@@ -6,13 +6,14 @@ For each ``model_type`` in transformers' causal-LM mapping (or the listed ones):
 from its default config shrunk to tiny sizes (2 layers, width 64), then how fasttrunc reads it:
 
 - ``row``: a family row lists its ``model_type``; ``module names``: its blocks read by their
-  linears' names; either way ``targets`` counts the last layer's matrices (``matrices="all"``) and
+  linears' names; either way ``targets`` counts the matrices of both layers (``matrices="all"``) and
   ``full_rank_error`` is the largest relative logit change with those truncated at full rank
   (rounding only; it must be ~1e-6);
-- ``attention only``: the MLP is fused experts, so only the attention aliases apply;
-- ``hybrid``: attention in some blocks and another token mixer (Mamba, a convolution, a
-  recurrence, a linear attention) in the others, so the attention aliases are in some layers
-  only (the MLP aliases in every layer, unless the MLP is fused experts: then ``attention only``);
+- ``attention only``: the MLP is fused experts in every layer, so only the attention aliases apply
+  (in the layers that hold them);
+- ``per layer``: some aliases are in some layers only: a hybrid's attention (beside Mamba, a
+  convolution, a recurrence, a linear attention in the other layers), or the MLP of the dense
+  layers beside fused experts;
 - ``MLP only``: no attention known by name in any block, or attentions that differ between
   blocks, so only the MLP aliases apply;
 - ``no family``: fasttrunc refuses it with the reason it gives (select by regex instead);
@@ -82,6 +83,8 @@ HYBRID_LAYERS = {
     "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
     "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},  # Qwen3.5's text_config
     "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "kimi_linear": {"layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"]},
     "bailing_hybrid": {"layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"]},
 }
@@ -176,14 +179,14 @@ def survey_one(model_type: str) -> dict[str, Any]:
             if "mlp_in" in match.family.unsupported
             else "MLP only"
             if "attn_qkv" in match.family.unsupported
-            else "hybrid"
+            else "per layer"
             if match.family.only_in
             else by
         ),
         "family": match.family.name,
         "layers": match.n_layers,
     }
-    targets = Targets(layers=[-1], matrices="all")  # the members the row has: attention or MLP only where so
+    targets = Targets(matrices="all")  # every layer, each with the members it holds
     record["targets"] = len(resolve_targets(model, targets))
     ids = torch.randint(0, 100, (1, 8))
     try:

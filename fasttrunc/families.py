@@ -577,7 +577,9 @@ def _merged(*readings: _Reading) -> _Reading:
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The outermost ModuleLists whose items share one class and hold linears, longest first.
+    """The outermost ModuleLists whose items share one class and hold linears, longest first; or
+    whose items are of several classes (Jamba's attention and Mamba layers), none of them a
+    linear itself, and each holding linears.
 
     A list inside an item of another (experts inside a layer) is not a list of blocks. A list
     inside a vision, audio or speech tower (a multimodal model's) is not the language model's:
@@ -588,8 +590,11 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList)
         and len(m) > 0
-        and len({type(item) for item in m}) == 1
         and any(_is_slot(x) for x in m.modules())
+        and (
+            len({type(item) for item in m}) == 1
+            or all(not _is_slot(item) and any(_is_slot(x) for x in item.modules()) for item in m)
+        )
     ]
     outer = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found if other)]
     if any(name == "" for name, _ in found):
@@ -607,15 +612,8 @@ _OnlyIn = dict[str, tuple[tuple[int, ...], str]]
 
 
 def _read_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn]:
-    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently).
-
-    Two differences are read. Dense MLP blocks beside blocks of fused experts (the first layers
-    of many mixtures of experts are dense) with the same attention: the row is then attention
-    only, as for an all-experts model, its reason naming the dense layers (selectable by regex).
-    And hybrid blocks, one MLP throughout, after attention in some blocks and another token
-    mixer (state-space, convolution, recurrence) in the others (:func:`_hybrid_blocks`): the
-    attention aliases are then in those layers only.
-    """
+    """The row every block of ``layers`` reads as, or _NoRow (also when two blocks read differently
+    in a way :func:`_mixed_blocks` does not read: see there)."""
     readings: list[_Reading] = []
     failure = None
     for index, block in enumerate(layers):
@@ -629,13 +627,10 @@ def _read_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn]:
         if differing is None:
             return readings[0], {}
         failure = _NoRow(f"its blocks differ: {path}.0 and {path}.{differing} do not hold the same linears")
-        mixed = _dense_beside_experts(path, readings)
-        if mixed is not None:
-            return mixed, {}
-    hybrid = _hybrid_blocks(path, layers)
-    if hybrid is None:
+    mixed = _mixed_blocks(path, layers)
+    if mixed is None:
         raise failure
-    return hybrid
+    return mixed
 
 
 def layer_list(indices: Sequence[int]) -> str:
@@ -648,30 +643,47 @@ def layer_list(indices: Sequence[int]) -> str:
     return f"layers {', '.join(map(str, indices))}"
 
 
-def _hybrid_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn] | None:
-    """The row of hybrid blocks (Bamba, LFM2, RecurrentGemma, Qwen3.5, Qwen3-Next, ...): every
-    block holds the same MLP (linear, or fused experts), and its token mixer is an attention read
-    by name in some blocks and linears without a query, key or value name (a state-space,
-    convolution or recurrent mixer) in the others.
+def _holding(groups: Mapping[tuple[str, ...], list[int]]) -> str:
+    """``layers 0, 1, 3 hold conv.in_proj, conv.out_proj; layer 2 holds ...`` for groups of blocks."""
+    return "; ".join(
+        f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
+        for rels, indices in groups.items()
+    )
 
-    When every attention block reads alike, the attention aliases are in those layers only
-    (``Family.only_in``, whose reason says what the other layers hold). When none reads, or they
-    differ among themselves, the attention aliases are refused, saying which layers hold which
-    linears, with a regex for one, and the row is MLP only. None when the MLPs differ, when
-    nothing would be readable, or when every block's attention reads alike (the difference is
-    elsewhere); a block whose attention is only partly known by name (two query projections, a
-    query without a key, ...) is ambiguous: _NoRow with that block's reason.
+
+def _mixed_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn] | None:
+    """The row of blocks whose attention or MLP is not in every block, each alias in the layers
+    that hold it (``Family.only_in``, whose reason says what the other layers hold instead).
+
+    A block's token mixer is an attention read by name, or linears without a query, key or value
+    name (a state-space, convolution or recurrent mixer: Bamba, LFM2, RecurrentGemma, Qwen3.5,
+    ...); its MLP is a linear MLP read by name, or fused experts (the dense first layers of many
+    mixtures of experts, Jamba's alternation). Every attention that reads must read alike, and
+    every linear MLP: then the attention aliases are in the layers with that attention and the
+    MLP aliases in those with that MLP. Where no block's MLP is linear, the MLP aliases are
+    refused as fused experts. Where no block's attention reads, or the attentions differ among
+    themselves, the attention aliases are refused, naming what each layer holds, with a regex.
+
+    None when a block has neither a linear MLP nor fused experts, when the linear MLPs differ,
+    or when nothing would be readable; a block whose attention is only partly known by name (two
+    query projections, a query without a key, ...) is ambiguous: _NoRow with that block's reason.
     """
-    mlps: list[_Reading] = []
-    attentions: list[_Reading | None] = []
+    mlps: list[_Reading | None] = []  # None: fused experts
+    attentions: list[_Reading | None] = []  # None: another token mixer
+    experts_of: dict[int, list[str]] = {}
     unclear: _NoRow | None = None  # the first block whose attention is only partly known by name
     for index, block in enumerate(layers):
-        try:
-            mlp = _mlp_reading(_claims(block, "mlp"), _fused_experts(block))
-            _missing(mlp, ("mlp_in", "mlp_out"))  # (refused as fused experts counts as read)
-        except _NoRow:
-            return None
-        mlps.append(mlp)
+        experts = _fused_experts(block)
+        if experts:
+            experts_of[index] = experts
+            mlps.append(None)
+        else:
+            try:
+                mlp = _mlp_reading(_claims(block, "mlp"), [])
+                _missing(mlp, ("mlp_in", "mlp_out"))
+            except _NoRow:
+                return None
+            mlps.append(mlp)
         attention = None
         try:
             claims = _claims(block, "attn")
@@ -683,74 +695,51 @@ def _hybrid_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn]
         except _NoRow as exc:
             unclear = unclear or _NoRow(f"{path}.{index}: {exc}")
         attentions.append(attention)
-    if any(mlp != mlps[0] for mlp in mlps) or all(a is not None and a == attentions[0] for a in attentions):
+    linear = [mlp for mlp in mlps if mlp is not None]
+    if any(mlp != linear[0] for mlp in linear):
         return None
-    if unclear is not None:  # one MLP throughout, but a block's attention is ambiguous: say which
+    readable = [attention for attention in attentions if attention is not None]
+    if not linear and not readable:
+        return None
+    if unclear is not None:  # the rest reads, but a block's attention is ambiguous: say which
         raise unclear
-    mlp_names = {rel for rels in mlps[0][0].values() for rel in rels}
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for index, block in enumerate(layers):
-        others = tuple(rel for rel in _block_linears(block) if rel not in mlp_names)
-        groups.setdefault(others, []).append(index)
-    with_attention = [i for i, attention in enumerate(attentions) if attention is not None]
-    readable = [attentions[i] for i in with_attention]
-    if readable and all(attention == readable[0] for attention in readable):
-        attention = readable[0]
-        assert attention is not None
-        attention_names = {rel for rels in attention[0].values() for rel in rels}
-        instead = "; ".join(
-            f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
-            for rels, indices in groups.items()
-            if not attention_names & set(rels)
-        )
-        only_in = dict.fromkeys(attention[0], (tuple(with_attention), f"{instead} instead"))
-        return _merged(mlps[0], attention), only_in
-    if not mlps[0][0]:
-        return None  # fused experts and no attention read alike: no alias applies to any block
-    held = "; ".join(
-        f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
-        for rels, indices in groups.items()
-    )
-    if readable:
-        reason = f"its blocks hold attentions that differ ({held})"
+    parts: list[_Reading] = []
+    only_in: _OnlyIn = {}
+    if not linear:  # fused experts in every block (named as the first block's)
+        parts.append(({}, {}, _experts_unsupported(", ".join(next(iter(experts_of.values()))))))
     else:
-        reason = f"its blocks hold no attention known by name ({held})"
-    # The regex example names an attention where a block has one (the aliases refused are its).
-    shown = with_attention or list(range(len(layers)))
-    example = next(((rels[0], indices[0]) for rels, indices in groups.items() if rels and indices[0] in shown), None)
-    if example is not None:
-        reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
-    matrices, fused, _ = mlps[0]
-    return (matrices, fused, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)), {}
-
-
-def _attention_part(reading: _Reading) -> _Reading:
-    return tuple(  # type: ignore[return-value]
-        {alias: value for alias, value in part.items() if alias.startswith("attn")} for part in reading
-    )
-
-
-def _dense_beside_experts(path: str, readings: list[_Reading]) -> _Reading | None:
-    """The attention-only row of blocks that share their attention and are either dense or
-    fused experts (both kinds present); None for any other difference."""
-    experts = [i for i, (_, _, unsupported) in enumerate(readings) if "mlp_in" in unsupported]
-    dense = [i for i in range(len(readings)) if i not in experts]
-    if not experts or not dense or any(_attention_part(r) != _attention_part(readings[0]) for r in readings):
-        return None
-    if any(readings[i] != readings[dense[0]] for i in dense) or any(
-        readings[i] != readings[experts[0]] for i in experts
-    ):
-        return None
-    matrices, fused, refused = _attention_part(readings[0])
-    dense_mlp = sorted(
-        {rel for alias, rels in readings[dense[0]][0].items() if alias.startswith("mlp") for rel in rels}
-    )
-    reason = readings[experts[0]][2]["mlp_in"]
-    reason += (
-        f"; {layer_list(dense)} {'has' if len(dense) == 1 else 'have'} a dense MLP instead "
-        f"({', '.join(dense_mlp)}): select those by regex, e.g. r'{re.escape(path)}\\.{dense[0]}\\.{re.escape(dense_mlp[0])}'"
-    )
-    return matrices, fused, {**refused, **dict.fromkeys(MATRIX_GROUPS["mlp"], reason)}
+        parts.append(linear[0])
+        if experts_of:
+            by_names: dict[tuple[str, ...], list[int]] = {}
+            for index, experts in experts_of.items():
+                by_names.setdefault(tuple(experts), []).append(index)
+            instead = "; ".join(
+                f"{layer_list(ix)} {'hold' if len(ix) > 1 else 'holds'} fused experts ({', '.join(rels)})"
+                for rels, ix in by_names.items()
+            )
+            dense = tuple(i for i, mlp in enumerate(mlps) if mlp is not None)
+            only_in.update(dict.fromkeys(linear[0][0], (dense, f"{instead} instead")))
+    mlp_names = {rel for mlp in linear[:1] for rels in mlp[0].values() for rel in rels}
+    groups: dict[tuple[str, ...], list[int]] = {}  # blocks by their linears outside the MLP
+    for index, block in enumerate(layers):
+        groups.setdefault(tuple(rel for rel in _block_linears(block) if rel not in mlp_names), []).append(index)
+    with_attention = [i for i, attention in enumerate(attentions) if attention is not None]
+    if readable and all(attention == readable[0] for attention in readable):
+        parts.append(readable[0])
+        if len(with_attention) < len(layers):
+            attention_names = {rel for rels in readable[0][0].values() for rel in rels}
+            others = {rels: indices for rels, indices in groups.items() if not attention_names & set(rels)}
+            only_in.update(dict.fromkeys(readable[0][0], (tuple(with_attention), f"{_holding(others)} instead")))
+    else:
+        what = "hold attentions that differ" if readable else "hold no attention known by name"
+        reason = f"its blocks {what} ({_holding(groups)})"
+        # The regex example names an attention where a block has one (the aliases refused are its).
+        shown = with_attention or list(range(len(layers)))
+        example = next(((rels[0], ix[0]) for rels, ix in groups.items() if rels and ix[0] in shown), None)
+        if example is not None:
+            reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
+        parts.append(({}, {}, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)))
+    return _merged(*parts), only_in
 
 
 def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:

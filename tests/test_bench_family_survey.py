@@ -20,10 +20,12 @@ def _module():
 def test_survey_reads_a_row_a_mixture_of_experts_a_hybrid_and_a_refused_type(capsys):
     module = _module()
     records = module.survey(["llama", "qwen2_moe", "lfm2", "mamba"])
-    assert records["llama"]["status"] == "row" and records["llama"]["targets"] == 7
+    assert records["llama"]["status"] == "row" and records["llama"]["targets"] == 14
     assert records["llama"]["full_rank_error"] < 1e-5
-    assert records["qwen2_moe"]["status"] == "attention only" and records["qwen2_moe"]["targets"] == 4
-    assert records["lfm2"]["status"] == "hybrid" and records["lfm2"]["targets"] == 7  # its last layer attends
+    assert records["qwen2_moe"]["status"] == "attention only" and records["qwen2_moe"]["targets"] == 8
+    assert (
+        records["lfm2"]["status"] == "per layer" and records["lfm2"]["targets"] == 3 + 7
+    )  # the MLP, then the MLP and the attention
     assert records["lfm2"]["full_rank_error"] < 1e-5
     assert records["mamba"]["status"] == "no family" and "cannot be read by module names" in records["mamba"]["reason"]
     assert module.main(["--types", "llama"]) == 0

@@ -523,6 +523,36 @@ def test_hybrid_blocks_read_the_mlp_everywhere_and_the_attention_where_it_is(mod
     assert_exact_at_full_rank(model)
 
 
+def jamba_tiny() -> nn.Module:
+    """4 layers: attention in layer 2, Mamba in the others; a dense MLP in layers 0 and 2, experts in 1 and 3."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {**HYBRID_SIZES, "attn_layer_period": 4, "attn_layer_offset": 2, "num_experts": 4}
+    sizes |= {"expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 8, "mamba_dt_rank": 4}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("jamba", **sizes)).float().eval()
+
+
+def test_jamba_reads_its_attention_and_dense_mlps_where_they_are():
+    """Jamba: attention layers and Mamba layers are two classes in one list of blocks, and fused
+    experts replace the MLP every other layer; each alias names the layers that hold it."""
+    model = jamba_tiny()
+    assert len({type(block) for block in model.model.layers}) == 2
+    match = find_family(model)
+    assert (match.matched_by, match.n_layers, dict(match.family.unsupported)) == ("module names", 4, {})
+    only_in = {alias: layers for alias, (layers, _) in match.family.only_in.items()}
+    assert only_in == {**dict.fromkeys(("mlp_in", "mlp_up", "mlp_out"), (0, 2)), **dict.fromkeys(GATED[3:], (2,))}
+    mlp = [f"model.layers.{i}.feed_forward.{p}" for i in (0, 2) for p in ("gate_proj", "up_proj", "down_proj")]
+    attention = [f"model.layers.2.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert resolve_targets(model, Targets(matrices="attn")) == attention
+    assert resolve_targets(model, Targets(layers=[0, 2], matrices="all")) == [*mlp, *attention]
+    with pytest.raises(
+        ValueError, match=r"'mlp_in' is only in layers 0, 2 of jamba, not in layer 1 \(layers 1, 3 hold fused"
+    ):
+        resolve_targets(model, Targets(layers=1, matrices="all"))  # a chosen layer that holds none of the group
+    assert_exact_at_full_rank(model)
+
+
 def test_falcon_h1_reads_its_attention_and_mlp_beside_the_parallel_mamba():
     """Falcon-H1 runs Mamba-2 beside attention in every block: Mamba's in_proj / out_proj play no
     alias (they stay selectable by regex), so the block reads as a full row."""
@@ -588,6 +618,18 @@ def test_hybrid_reading_needs_one_mlp_and_one_whole_attention():
     ]
     with pytest.raises(ValueError, match=r"matrix 'mlp_in' cannot be truncated in .*fused 3-D parameters"):
         resolve_targets(model, Targets(layers=1, matrices="mlp_in"))
+    # Jamba's kind: attention in some blocks, experts in others, independently: each where it is.
+    model = nn.ModuleDict({"layers": nn.ModuleList(MixerBlock(i == 2, experts=i % 2 == 1) for i in range(4))})
+    only_in = {alias: layers for alias, (layers, _) in find_family(model).family.only_in.items()}
+    assert only_in == {**dict.fromkeys(("mlp_in", "mlp_up", "mlp_out"), (0, 2)), **dict.fromkeys(GATED[3:], (2,))}
+    assert resolve_targets(model, Targets(layers=2, matrices="all")) == [
+        *(f"layers.2.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+        *(f"layers.2.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ]
+    with pytest.raises(
+        ValueError, match=r"'attn_out' is only in layer 2 .*, not in layer 0 \(layers 0, 1, 3 hold mixer"
+    ):
+        resolve_targets(model, Targets(layers=0, matrices="attn_out"))
     # Without any attention the blocks still read (MLP only), saying so.
     with pytest.raises(
         ValueError, match=r"its blocks hold no attention known by name \(layers 0-1 hold mixer\.in_proj"
@@ -887,32 +929,42 @@ class DenseOrExpertsBlock(nn.Module):
             self.mlp.experts.down_proj = nn.Parameter(torch.randn(3, 8, d))
 
 
-def test_dense_layers_before_experts_read_as_attention_only_naming_the_dense_layers():
+def test_dense_layers_before_experts_read_their_mlp_there_only():
     """The first layers of many mixtures of experts are dense (glm4_moe, ernie4_5_moe, ...): the
-    blocks differ only there, so the row is attention only and the refusal says where the dense
-    MLPs are and how to select them."""
+    attention aliases are in every layer, the MLP aliases in the dense layers only, and asking
+    one of an experts layer says where they are."""
     model = nn.ModuleDict({"layers": nn.ModuleList(DenseOrExpertsBlock(i < 2) for i in range(4))})
     match = find_family(model)
-    assert (match.matched_by, match.n_layers) == ("module names", 4)
-    assert resolve_targets(model, Targets(layers=[0, -1], matrices="attn")) == [
-        f"layers.{i}.self_attn.{p}" for i in (0, 3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (match.matched_by, match.n_layers, dict(match.family.unsupported)) == ("module names", 4, {})
+    assert {alias: layers for alias, (layers, _) in match.family.only_in.items()} == dict.fromkeys(
+        ("mlp_in", "mlp_up", "mlp_out"), (0, 1)
+    )
+    assert resolve_targets(model, Targets(layers=[0, -1], matrices="all")) == [
+        *(f"layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+        *(f"layers.{i}.self_attn.{p}" for i in (0, 3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
     ]
+    assert resolve_targets(model, Targets(matrices="mlp")) == [  # a group over every layer: where it is
+        f"layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    with pytest.raises(ValueError, match=r"'mlp_out' is only in layers 0-1 .*, not in layer 2"):
+        resolve_targets(model, Targets(matrices="mlp_out"))  # named alone: every layer must hold it
     before = state_hash(model)
     with pytest.raises(ValueError) as info:
-        truncate_(model, Targets(layers=0, matrices="mlp_in"), 0.5)
+        truncate_(model, Targets(layers=2, matrices="mlp_in"), 0.5)
     message = str(info.value)
-    assert "\n" not in message and "fused 3-D parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)" in message
-    assert "layers 0-1 have a dense MLP instead (mlp.down_proj, mlp.gate_proj, mlp.up_proj)" in message
-    pattern = re.search(r"e\.g\. r'([^']+)'", message).group(1)
-    assert [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)] == ["layers.0.mlp.down_proj"]
+    assert (
+        "\n" not in message
+        and "matrix 'mlp_in' is only in layers 0-1 of DenseOrExpertsBlock, not in layer 2" in message
+    )
+    assert "layers 2-3 hold fused experts (mlp.experts.gate_up_proj, mlp.experts.down_proj) instead" in message
     assert no_truncated(model) and state_hash(model) == before
     # Any other difference (here block 3's attention loses a projection) is still refused.
     model["layers"][3].self_attn.o_proj = nn.Identity()
     with pytest.raises(ValueError, match=r"layers\.3: no linear is known by name as attn_out"):
         find_family(model)
     model["layers"][3] = DenseOrExpertsBlock(True)  # dense, dense, experts, dense: layers listed one by one
-    with pytest.raises(ValueError, match=r"layers 0, 1, 3 have a dense MLP"):
-        truncate_(model, Targets(layers=0, matrices="mlp_out"), 0.5)
+    with pytest.raises(ValueError, match=r"is only in layers 0, 1, 3 of .*layer 2 holds fused experts"):
+        truncate_(model, Targets(layers=2, matrices="mlp_out"), 0.5)
 
 
 class LatentAttentionBlock(nn.Module):
@@ -967,8 +1019,11 @@ def test_deepseek_v3_reads_latent_attention_over_a_dense_layer_and_experts():
     assert resolve_targets(model, Targets(layers=0, matrices="attn_qkv")) == [
         f"model.layers.0.self_attn.{p}" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
     ]
-    with pytest.raises(ValueError, match=r"layer 0 has a dense MLP instead \(mlp\.down_proj, mlp\.gate_proj"):
-        resolve_targets(model, Targets(layers=0, matrices="mlp_in"))
+    assert resolve_targets(model, Targets(layers=0, matrices="mlp_in")) == ["model.layers.0.mlp.gate_proj"]
+    with pytest.raises(
+        ValueError, match=r"'mlp_in' is only in layer 0 of deepseek_v3, not in layer 1 \(layers 1-2 hold fused"
+    ):
+        resolve_targets(model, Targets(layers=1, matrices="mlp_in"))
     assert_exact_at_full_rank(model)
 
 

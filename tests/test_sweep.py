@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_families import HYBRIDS, hybrid_tiny
+from test_families import HYBRIDS, hybrid_tiny, jamba_tiny
 from test_families import TYPES as FAMILY_TYPES
 from test_families import tiny as family_tiny
 
@@ -268,12 +268,12 @@ def test_sweep_benchmark_reports_floor_baselines_and_screening():
 def _assert_prefix_reuse_exact(metrics_close, model, layers, matrices):
     """Cached-prefix logits and metrics of ``model`` equal the plain forward's, ``matrices`` of
     each of ``layers`` truncated to rank 2; the last block's MLP runs at the last position only."""
-    family, blocks, _ = detect_family(model)
+    family, blocks, n_layers = detect_family(model)
     enc = _prompts(model.get_output_embeddings().out_features)
     batch = 3
     cache = PrefixCache.for_model(model, batch)
     cache.capture([enc], layers)
-    if family.mlp_module() is not None:
+    if family.mlp_module() is not None and family.in_layer("mlp_in", n_layers - 1):
         assert _last_mlp_widths(model, cache, enc) == {1}, family.name
     for layer in layers:
         with truncate_(model, Targets(layers=layer, matrices=matrices), 2):
@@ -299,6 +299,11 @@ def test_prefix_reuse_equals_the_plain_forward_on_hybrids(metrics_close, model_t
     model = hybrid_tiny(model_type)
     assert detect_family(model)[0].mlp_module() is not None  # so the last-position MLP is checked
     _assert_prefix_reuse_exact(metrics_close, model, [1, 2, 3], "mlp_out")  # after a mixer, attention, after it
+
+
+def test_prefix_reuse_equals_the_plain_forward_on_jamba(metrics_close):
+    """Jamba's two block classes and its experts layers: layer 0 (a Mamba and a dense MLP) and 2 (attention)."""
+    _assert_prefix_reuse_exact(metrics_close, jamba_tiny(), [0, 2], "all")
 
 
 def test_screen_study_builds_random_models_of_other_families(tmp_path):
