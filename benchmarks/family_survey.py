@@ -187,7 +187,11 @@ def survey_one(model_type: str) -> dict[str, Any]:
         "layers": match.n_layers,
     }
     targets = Targets(matrices="all")  # every layer, each with the members it holds
-    record["targets"] = len(resolve_targets(model, targets))
+    try:
+        record["targets"] = len(resolve_targets(model, targets))
+    except ValueError as exc:  # a row whose aliases select nothing: a finding, not a crash of the survey
+        record["targets_error"] = str(exc)
+        return record
     ids = torch.randint(0, 100, (1, 8))
     try:
         with torch.no_grad():

@@ -739,7 +739,8 @@ def _mixed_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn] 
         if example is not None:
             reason += f": select those by regex, e.g. r'{re.escape(path)}\\.{example[1]}\\.{re.escape(example[0])}'"
         parts.append(({}, {}, dict.fromkeys((a for a in MATRIX_ALIASES if _part_of(a) == "attn"), reason)))
-    return _merged(*parts), only_in
+    reading = _merged(*parts)
+    return (reading, only_in) if reading[0] else None  # no alias would apply (experts, attentions that differ)
 
 
 def _family_by_names(model: nn.Module, model_type: str | None) -> tuple[Family, str, int]:

@@ -637,6 +637,10 @@ def test_hybrid_reading_needs_one_mlp_and_one_whole_attention():
         resolve_targets(hybrid(False, False), Targets(layers=0, matrices="attn_out"))
     with pytest.raises(ValueError, match=r"matches no known model family"):  # ... and with experts, nothing reads
         find_family(hybrid(False, False, experts=True))
+    model = hybrid(True, True, experts=True)  # experts, and two attentions that differ (MiniMax): nothing reads
+    model["layers"][1] = MixerBlock(True, experts=True, out="wo")
+    with pytest.raises(ValueError, match=r"matches no known model family"):
+        find_family(model)
     # Attentions that differ among themselves (o_proj in one, wo in another): MLP only, naming both.
     model = hybrid(False, True, True)
     model["layers"][2] = MixerBlock(True, out="wo")
