@@ -8,7 +8,7 @@ from its default config shrunk to tiny sizes (2 layers, width 64), then how fast
 - ``row``: a family row lists its ``model_type``; ``module names``: its blocks read by their
   linears' names; either way ``targets`` counts the matrices of both layers (``matrices="all"``) and
   ``full_rank_error`` is the largest relative logit change with those truncated at full rank
-  (rounding only; it must be ~1e-6);
+  (fp32 rounding only: 1e-6 to a few 1e-5);
 - ``attention only``: the MLP is fused experts in every layer, so only the attention aliases apply
   (in the layers that hold them);
 - ``per layer``: some aliases are in some layers only: a hybrid's attention (beside Mamba, a
