@@ -154,6 +154,15 @@ def _tiny_model(model_type: str) -> Any:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def _status(family: Any, matched_by: str) -> str:
+    """The record's status of a readable type (see the module docstring)."""
+    if "mlp_in" in family.unsupported:
+        return "attention only"
+    if "attn_qkv" in family.unsupported:
+        return "MLP only"
+    return "per layer" if family.only_in else matched_by
+
+
 def survey_one(model_type: str) -> dict[str, Any]:
     """The record of one model type (see the module docstring for its ``status``)."""
     import torch
@@ -174,15 +183,7 @@ def survey_one(model_type: str) -> dict[str, Any]:
         return {"status": "no family", "reason": str(exc)}
     by = {"model_type": "row"}.get(match.matched_by, match.matched_by)
     record: dict[str, Any] = {
-        "status": (
-            "attention only"
-            if "mlp_in" in match.family.unsupported
-            else "MLP only"
-            if "attn_qkv" in match.family.unsupported
-            else "per layer"
-            if match.family.only_in
-            else by
-        ),
+        "status": _status(match.family, by),
         "family": match.family.name,
         "layers": match.n_layers,
     }

@@ -119,8 +119,9 @@ class Family:
     ``matrices`` maps an alias to module names relative to one block. ``fused`` maps an alias
     that is part of a fused matrix to the alias that names the fused one (GPT-NeoX's ``attn_q``
     lives in ``attn_qkv``); ``unsupported`` maps an alias to why this family cannot truncate it.
-    ``only_in`` maps an alias that only some blocks hold (a hybrid model's attention) to those
-    blocks' layer indices and what the other layers hold instead; any other alias is in every layer.
+    ``only_in`` maps an alias that only some blocks hold (a hybrid model's attention, the MLP of
+    the dense layers beside fused experts) to those blocks' layer indices and what the other
+    layers hold instead; any other alias is in every layer.
     """
 
     name: str
@@ -566,6 +567,7 @@ def _matrices_by_name(block: nn.Module) -> _Reading:
 
 
 def _merged(*readings: _Reading) -> _Reading:
+    """One reading of a block's parts (its attention's and its MLP's)."""
     matrices: dict[str, tuple[str, ...]] = {}
     fused: dict[str, str] = {}
     unsupported: dict[str, str] = {}
