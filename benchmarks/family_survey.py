@@ -72,6 +72,7 @@ TINY = {
     # Gemma 3n / 4's per-layer inputs (an embedding of the whole vocabulary per layer)
     "vocab_size_per_layer_input": 128,
     "hidden_size_per_layer_input": 16,
+    "num_kv_shared_layers": 0,  # Gemma 3n's key-value sharing needs more layers than 2
 }
 
 # Hybrids: the second of the two layers an attention, the first the type's other token mixer (their

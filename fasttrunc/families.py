@@ -580,8 +580,8 @@ def _merged(*readings: _Reading) -> _Reading:
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The outermost ModuleLists whose items share one class and hold linears, longest first; or
-    whose items are of several classes (Jamba's attention and Mamba layers), none of them a
-    linear itself, and each holding linears.
+    whose items are of several classes (Jamba's attention and Mamba layers), each holding
+    linears. No item may be a linear itself.
 
     A list inside an item of another (experts inside a layer) is not a list of blocks. A list
     inside a vision, audio or speech tower (a multimodal model's) is not the language model's:
@@ -592,11 +592,11 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList)
         and len(m) > 0
+        and not any(
+            _is_slot(item) for item in m
+        )  # a list of linears (Gemma 3n's AltUp projections) is no list of blocks
         and any(_is_slot(x) for x in m.modules())
-        and (
-            len({type(item) for item in m}) == 1
-            or all(not _is_slot(item) and any(_is_slot(x) for x in item.modules()) for item in m)
-        )
+        and (len({type(item) for item in m}) == 1 or all(any(_is_slot(x) for x in item.modules()) for item in m))
     ]
     outer = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found if other)]
     if any(name == "" for name, _ in found):
@@ -794,7 +794,7 @@ class FamilyMatch:
 
 def _no_family(model: nn.Module, model_type: str | None, reason: str) -> ValueError:
     known = ", ".join(f.name for f in FAMILIES)
-    lists = _block_lists(model)
+    lists = [(path, layers) for path, layers in _block_lists(model) if _block_linears(layers[0])]
     if lists:
         path, layers = lists[0]
         rels = _block_linears(layers[0])

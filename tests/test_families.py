@@ -673,6 +673,18 @@ def test_a_multimodal_model_reads_its_language_blocks_not_its_vision_tower():
     assert find_family(model).path == "vision_tower.layers"
 
 
+def test_a_list_of_linears_is_no_list_of_blocks_and_an_empty_first_block_is_a_clean_refusal():
+    """Gemma 3n keeps its AltUp projections in a ModuleList of linears, longer than its blocks."""
+    model = nn.Module()
+    model.layers = nn.ModuleList(UpDownBlock() for _ in range(2))
+    model.projections = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    assert find_family(model).path == "layers"
+    blocks = nn.ModuleList(UpDownBlock() for _ in range(2))
+    blocks[0].attn, blocks[0].mlp = nn.Module(), nn.Module()  # block 0 holds no linear at all
+    with pytest.raises(ValueError, match=r"matches no known model family .*its linears: layers_\.1\.attn\.q_proj"):
+        find_family(nn.ModuleDict({"layers_": blocks}))
+
+
 def test_cross_attention_plays_no_alias_and_stays_selectable_by_regex():
     from transformers import AutoConfig, AutoModelForCausalLM
 
