@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -143,10 +143,11 @@ class Family:
     def not_in_layer(self, alias: str, layer: int) -> ValueError:
         """The one-line error for ``alias`` asked of a block ``layer`` that does not hold it."""
         layers, others = self.only_in[alias]
+        listed = ",".join(map(str, layers))
         return ValueError(
             f"matrix {alias!r} is only in {layer_list(layers)} of {self.name}, not in layer {layer} "
             f"({others}); select those layers, e.g. Targets(layers={list(layers)}, matrices={alias!r}) "
-            f"(on the command line --layer {','.join(map(str, layers))}, in a sweep --layers {','.join(map(str, layers))})"
+            f"(on the command line --layer {listed}, in a sweep --layers {listed})"
         )
 
     def mlp_module(self) -> str | None:
@@ -592,9 +593,8 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList)
         and len(m) > 0
-        and not any(
-            _is_slot(item) for item in m
-        )  # a list of linears (Gemma 3n's AltUp projections) is no list of blocks
+        # (a list of linears, as Gemma 3n's AltUp projections, is no list of blocks)
+        and not any(_is_slot(item) for item in m)
         and any(_is_slot(x) for x in m.modules())
         and (len({type(item) for item in m}) == 1 or all(any(_is_slot(x) for x in item.modules()) for item in m))
     ]
@@ -645,10 +645,20 @@ def layer_list(indices: Sequence[int]) -> str:
     return f"layers {', '.join(map(str, indices))}"
 
 
-def _holding(groups: Mapping[tuple[str, ...], list[int]]) -> str:
-    """``layers 0, 1, 3 hold conv.in_proj, conv.out_proj; layer 2 holds ...`` for groups of blocks."""
+def _grouped(keyed: Iterable[tuple[tuple[str, ...], int]]) -> dict[tuple[str, ...], list[int]]:
+    """Block indices grouped by a key (the names they hold), in first-seen order."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for key, index in keyed:
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
+def _holding(groups: Mapping[tuple[str, ...], list[int]], what: str = "{}") -> str:
+    """``layers 0, 1, 3 hold conv.in_proj, conv.out_proj; layer 2 holds ...`` for groups of blocks
+    (each group's names put in ``what``)."""
     return "; ".join(
-        f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} {', '.join(rels) or 'no other linear'}"
+        f"{layer_list(indices)} {'hold' if len(indices) > 1 else 'holds'} "
+        f"{what.format(', '.join(rels)) if rels else 'no other linear'}"
         for rels, indices in groups.items()
     )
 
@@ -712,19 +722,14 @@ def _mixed_blocks(path: str, layers: nn.ModuleList) -> tuple[_Reading, _OnlyIn] 
     else:
         parts.append(linear[0])
         if experts_of:
-            by_names: dict[tuple[str, ...], list[int]] = {}
-            for index, experts in experts_of.items():
-                by_names.setdefault(tuple(experts), []).append(index)
-            instead = "; ".join(
-                f"{layer_list(ix)} {'hold' if len(ix) > 1 else 'holds'} fused experts ({', '.join(rels)})"
-                for rels, ix in by_names.items()
-            )
+            instead = _holding(_grouped((tuple(e), i) for i, e in experts_of.items()), "fused experts ({})")
             dense = tuple(i for i, mlp in enumerate(mlps) if mlp is not None)
             only_in.update(dict.fromkeys(linear[0][0], (dense, f"{instead} instead")))
     mlp_names = {rel for mlp in linear[:1] for rels in mlp[0].values() for rel in rels}
-    groups: dict[tuple[str, ...], list[int]] = {}  # blocks by their linears outside the MLP
-    for index, block in enumerate(layers):
-        groups.setdefault(tuple(rel for rel in _block_linears(block) if rel not in mlp_names), []).append(index)
+    groups = _grouped(  # blocks by their linears outside the MLP
+        (tuple(rel for rel in _block_linears(block) if rel not in mlp_names), index)
+        for index, block in enumerate(layers)
+    )
     with_attention = [i for i, attention in enumerate(attentions) if attention is not None]
     if readable and all(attention == readable[0] for attention in readable):
         parts.append(readable[0])
